@@ -1,0 +1,187 @@
+"""Checkpoints that appear whole or not at all: save, list, load (falling back past corrupt ones), prune.
+
+A checkpoint is a folder `step-00001234/` holding
+    model.safetensors   the trained network's weights
+    optimizer.pt        optimizer and LR-scheduler state (tensors and numbers; loaded weights_only)
+    rng.pt              torch / numpy / python RNG states
+    state.json          step, data position, validation PSNR, MLflow run id ... (written last)
+It is written under a temporary name and renamed into place, so a kill at any moment leaves either the
+previous checkpoints or the new one complete, never a half-written folder under a final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from golf_dist.errors import DataError
+
+_NAME = re.compile(r"^step-(\d{8})$")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write a safetensors file atomically (temporary name, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors weights file; a missing or corrupt file is a DataError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"weights file {path} does not exist")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise DataError(f"weights file {path} is not a readable safetensors file: {err}") from None
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_rest": torch.tensor([np_state[2], np_state[3]], dtype=torch.int64),
+        "numpy_gauss": torch.tensor([np_state[4]], dtype=torch.float64),
+        "python": torch.tensor(random.getstate()[1], dtype=torch.int64),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    rest = state["numpy_rest"].tolist()
+    np.random.set_state(
+        ("MT19937", state["numpy_keys"].numpy().astype(np.uint32), rest[0], rest[1], float(state["numpy_gauss"][0]))
+    )
+    random.setstate((3, tuple(state["python"].tolist()), None))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    state: dict[str, Any],
+) -> Path:
+    """Write checkpoint `root/step-<step>` atomically and return its path."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+    torch.save(optimizer_state, tmp / "optimizer.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2, sort_keys=True))
+    for name in ("model.safetensors", "optimizer.pt", "rng.pt", "state.json"):
+        _fsync_file(tmp / name)
+    if final.exists():  # the same step saved again (after a resume): swap, never delete first
+        old = root / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under root, oldest first (temporary folders are ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(path) / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"checkpoint {path}: state.json is unreadable: {err}") from None
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load one checkpoint folder; any unreadable part is a DataError naming the file."""
+    path = Path(path)
+    state = read_state(path)
+    model = load_weights(path / "model.safetensors")
+    loaded = {}
+    for name in ("optimizer", "rng"):
+        file = path / f"{name}.pt"
+        try:
+            loaded[name] = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types for a damaged pickle/zip
+            raise DataError(f"checkpoint file {file} is unreadable: {err}") from None
+    return {"model": model, "optimizer": loaded["optimizer"], "rng": loaded["rng"], "state": state}
+
+
+def load_latest(root: Path) -> dict[str, Any] | None:
+    """The newest checkpoint that loads; a corrupt newer one is reported and skipped, not trusted."""
+    for path in reversed(list_checkpoints(root)):
+        try:
+            ckpt = load_checkpoint(path)
+        except DataError as err:
+            warnings.warn(f"{err}; falling back to the previous checkpoint", stacklevel=2)
+            continue
+        ckpt["path"] = path
+        return ckpt
+    return None
+
+
+def best_checkpoint(root: Path, key: str = "val_psnr") -> Path | None:
+    """The checkpoint with the highest `key` in its state.json (None when none records it)."""
+    scored = [(read_state(p).get(key), p) for p in list_checkpoints(root)]
+    scored = [(s, p) for s, p in scored if s is not None]
+    return max(scored, key=lambda sp: sp[0])[1] if scored else None
+
+
+def prune(root: Path, keep_last: int, key: str = "val_psnr") -> list[Path]:
+    """Delete all but the newest `keep_last` checkpoints and the best by `key`; return what went."""
+    all_ckpts = list_checkpoints(root)
+    keep = set(all_ckpts[-keep_last:])
+    best = best_checkpoint(root, key)
+    if best is not None:
+        keep.add(best)
+    removed = [p for p in all_ckpts if p not in keep]
+    for path in removed:
+        shutil.rmtree(path)
+    return removed

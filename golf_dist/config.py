@@ -1,0 +1,284 @@
+"""The typed config: YAML files, per-stage sections, dotted command-line overrides, validation.
+
+A config file holds the keys below (every one optional; defaults are the paper's recipe) plus two
+optional sections `f:` and `g:` whose keys apply only to that stage, e.g. `g: {train: {steps: 200000}}`.
+Command-line overrides (`train.lr=5e-4`) apply last. Every key is checked against this schema before
+any work starts: an unknown key, a wrong type or an impossible value raises ConfigError (exit 2)
+naming the key. Values are parsed with `yaml.safe_load` and coerced by the field's declared type;
+nothing is ever evaluated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from golf_dist.errors import ConfigError
+
+STAGES = ("f", "g")
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "gopro.yaml"
+
+
+@dataclass
+class DataConfig:
+    shards: str = "GOPRO_shards"  # a folder with manifest.json, made by data_prep/shard_gopro.py
+    train_split: str = "train"
+    val_split: str = "test"
+    crop: int = 256  # side of the square training window, the same for blur and sharp
+    flips: bool = True  # random horizontal and vertical flips, the same for blur and sharp
+    batch_size: int = 4  # global: summed over ranks and accumulation steps
+    num_workers: int = 2  # loader processes per rank
+    loader: str = "auto"  # auto | torch
+
+
+@dataclass
+class LossConfig:
+    perceptual_weight: float = 5e-6  # lambda of L = Lc + lambda * Lp; 0 turns the VGG term off
+    vgg_weights: Optional[str] = None  # vgg11_bn-6002323d.pth; default: the PyTorch hub cache
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 500_000  # optimizer steps of the stage
+    lr: float = 1e-3
+    lr_gamma: float = 0.3  # exponential decay: lr * gamma ** (lr_decays * step / steps)
+    lr_decays: float = 11.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    unroll: int = 5  # N, the unrolled G steps of Eq. 4 (stage g)
+    gradient_checkpointing: bool = True  # checkpoint each unrolled G step (stage g)
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    log_every: int = 100
+    val_every: int = 5000
+    checkpoint_every: int = 5000
+    keep_last: int = 3  # checkpoints kept besides the best by validation PSNR
+    f_weights: Optional[str] = None  # stage g: trained F; default OUTPUT_DIR/f.safetensors
+
+
+@dataclass
+class ValConfig:
+    max_pairs: int = 32  # validation during training: the first pairs of the val split
+    sample_images: int = 2  # (blur | output | sharp) triplets logged at each validation
+
+
+@dataclass
+class EvalConfig:
+    iterations: int = 3  # G iterations at test time (paper: 3)
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = None  # MLFLOW_TRACKING_URI wins; default sqlite:///mlflow.db (cwd)
+    experiment: str = "golf-optimizer"
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    output_dir: str = "runs/gopro"
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    val: ValConfig = field(default_factory=ValConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# ---------------------------------------------------------------------------------- building
+
+
+def load_config(path: str | Path | None, stage: str | None = None, overrides: list[str] = ()) -> Config:
+    """Read `path` (default: the paper recipe), merge the `stage` section, apply overrides, validate."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (see configs/ for examples)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(raw).__name__}")
+    if stage is not None and stage not in STAGES:
+        raise ConfigError(f"stage must be one of {', '.join(STAGES)}, not {stage!r}")
+    sections = {s: raw.pop(s, None) or {} for s in STAGES}
+    for s, section in sections.items():
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: section '{s}' must be a mapping of keys")
+        _build(Config, section, prefix=f"{s}.")  # unknown keys in either stage section are errors
+    merged = _deep_merge(raw, sections[stage]) if stage else raw
+    for item in overrides:
+        _apply_override(merged, item)
+    cfg = _build(Config, merged, prefix="")
+    validate(cfg, stage)
+    return cfg
+
+
+def parse_overrides(items: list[str]) -> list[str]:
+    """Check the `key=value` shape early so a stray argument is reported as such."""
+    for item in items:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=5e-4)")
+    return list(items)
+
+
+def _apply_override(tree: dict, item: str) -> None:
+    key, _, text = item.partition("=")
+    key = key.strip()
+    _field_type(key)  # raises for an unknown key, naming it
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[parts[-1]] = value
+
+
+def _field_type(dotted: str) -> Any:
+    cls: Any = Config
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            raise ConfigError(_unknown_key(".".join(parts[: i + 1]), hints))
+        cls = hints[part]
+        if i < len(parts) - 1 and not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"config key '{'.'.join(parts[: i + 1])}' has no sub-keys")
+    return cls
+
+
+def _unknown_key(dotted: str, hints: dict) -> str:
+    leaf = dotted.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(leaf, list(hints), n=1)
+    hint = f" (did you mean '{dotted[: -len(leaf)]}{close[0]}'?)" if close else ""
+    return f"unknown config key '{dotted}'{hint}"
+
+
+def _build(cls: Any, values: Any, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.')}' must be a mapping, not {values!r}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in hints:
+            raise ConfigError(_unknown_key(dotted, hints))
+        kwargs[key] = _coerce(hints[key], value, dotted)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, dotted: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, f"{dotted}.")
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        return _coerce(args[0], value, dotted)
+    wrong = ConfigError(f"config key '{dotted}' must be {tp.__name__}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise wrong
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise wrong
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise wrong from None
+        raise wrong
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise wrong
+    raise TypeError(f"unsupported config type {tp} for {dotted}")
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------- checking
+
+
+def validate(cfg: Config, stage: str | None = None) -> None:
+    """Impossible values, each named by its key. Checks that need the data live in the trainer."""
+
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"config key '{key}' {what}, got {_get(cfg, key)!r}")
+
+    need(cfg.data.crop >= 32, "data.crop", "must be at least 32 (the VGG features pool by 32)")
+    need(cfg.data.batch_size >= 1, "data.batch_size", "must be at least 1")
+    need(cfg.data.num_workers >= 0, "data.num_workers", "must be 0 or more")
+    need(cfg.data.loader in ("auto", "torch"), "data.loader", "must be auto or torch")
+    need(cfg.loss.perceptual_weight >= 0, "loss.perceptual_weight", "must be 0 or more")
+    t = cfg.train
+    need(t.steps >= 1, "train.steps", "must be at least 1")
+    need(t.lr > 0, "train.lr", "must be positive")
+    need(0 < t.lr_gamma <= 1, "train.lr_gamma", "must be in (0, 1]")
+    need(t.lr_decays >= 0, "train.lr_decays", "must be 0 or more")
+    need(0 <= t.beta1 < 1, "train.beta1", "must be in [0, 1)")
+    need(0 <= t.beta2 < 1, "train.beta2", "must be in [0, 1)")
+    need(t.unroll >= 1, "train.unroll", "must be at least 1")
+    need(t.grad_accum >= 1, "train.grad_accum", "must be at least 1")
+    need(t.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision", "must be no, bf16 or fp16")
+    for key in ("log_every", "val_every", "checkpoint_every", "keep_last"):
+        need(getattr(t, key) >= 1, f"train.{key}", "must be at least 1")
+    need(cfg.val.max_pairs >= 1, "val.max_pairs", "must be at least 1")
+    need(cfg.val.sample_images >= 0, "val.sample_images", "must be 0 or more")
+    need(cfg.eval.iterations >= 0, "eval.iterations", "must be 0 or more")
+    need(bool(cfg.output_dir), "output_dir", "must not be empty")
+    need(bool(cfg.data.shards), "data.shards", "must not be empty")
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 1e-3}} -> {'train.lr': 1e-3}, e.g. for MLflow params."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
