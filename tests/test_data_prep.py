@@ -1,0 +1,388 @@
+"""Synthetic GoPro, the GOPRO_Large reader, shard writing and the shard read-side helpers."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from golf_dist.data.gopro import Pair, check_pair, scan_gopro
+from golf_dist.data.shards import (
+    index_shard,
+    read_manifest,
+    read_member,
+    sha256_file,
+    shard_gopro,
+    shard_paths,
+)
+from golf_dist.data.synthetic import kernel_size, make_synthetic_gopro, motion_kernel
+from golf_dist.errors import DataError
+
+REPO = Path(__file__).resolve().parents[1]
+SCENE_NAME = re.compile(r"^GOPR\d{4}_\d{2}_\d{2}$")
+TINY = dict(train_pairs=6, test_pairs=3, height=48, width=64, frames_per_scene=2, progress=False)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file under root, by relative path."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _shard(src: Path, out: Path, **kw):
+    kw.setdefault("maxcount", 4)
+    kw.setdefault("workers", 1)
+    return shard_gopro(src, out, progress=False, **kw)
+
+
+def _cli(script: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "data_prep" / script), *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
+
+
+@pytest.fixture(scope="module")
+def dp_gopro(tmp_path_factory) -> Path:
+    """6 train + 3 test synthetic pairs of 48x64, two frames per scene."""
+    root = tmp_path_factory.mktemp("dp") / "GOPRO_Large"
+    make_synthetic_gopro(root, seed=0, workers=1, **TINY)
+    return root
+
+
+@pytest.fixture(scope="module")
+def dp_shards(dp_gopro, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dp_shards") / "shards"
+    _shard(dp_gopro, out, workers=2)
+    return out
+
+
+# ---------------------------------------------------------------- synthetic set
+
+
+def test_synthetic_layout_and_gopro_like_names(dp_gopro):
+    counts = {}
+    scenes = {}
+    for split in ("train", "test"):
+        pairs = scan_gopro(dp_gopro, split)
+        counts[split] = len(pairs)
+        scenes[split] = {p.scene for p in pairs}
+        for pair in pairs:
+            assert SCENE_NAME.match(pair.scene), pair.scene
+            assert re.fullmatch(r"\d{6}", pair.frame) and int(pair.frame) > 1
+            assert pair.blur_path == dp_gopro / split / pair.scene / "blur" / f"{pair.frame}.png"
+            assert check_pair(pair) == (48, 64)
+            with Image.open(pair.sharp_path) as im:
+                assert im.mode == "RGB"
+        frames = [p.frame for p in pairs]
+        assert len(frames) > len(set(frames)), f"{split}: frame numbers should repeat across scenes"
+    assert counts == {"train": 6, "test": 3}
+    assert len(scenes["train"]) == 3 and len(scenes["test"]) == 2
+    assert not scenes["train"] & scenes["test"]
+    assert sorted(p.name for p in dp_gopro.iterdir()) == ["test", "train"]
+
+
+def test_synthetic_same_seed_same_bytes_in_any_worker_count(dp_gopro, tmp_path):
+    make_synthetic_gopro(tmp_path / "again", seed=0, workers=2, **TINY)
+    make_synthetic_gopro(tmp_path / "other", seed=1, workers=1, **TINY)
+    first = _tree(dp_gopro)
+    assert _tree(tmp_path / "again") == first
+    assert _tree(tmp_path / "other") != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "other"], "temporary folders left behind"
+
+
+def test_motion_kernel_is_normalised_and_not_a_delta():
+    rng = np.random.default_rng(0)
+    for size in (7, 11, 31):
+        for _ in range(10):
+            k = motion_kernel(size, rng)
+            assert k.shape == (size, size)
+            assert k.min() >= 0
+            assert k.sum() == pytest.approx(1.0, abs=1e-9)
+            assert (k > 1e-3).sum() >= 2
+            # centred on the kernel's centre of mass: the blur does not shift the image
+            ys, xs = np.mgrid[:size, :size]
+            assert (k * ys).sum() == pytest.approx((size - 1) / 2, abs=0.5)
+            assert (k * xs).sum() == pytest.approx((size - 1) / 2, abs=0.5)
+    assert np.array_equal(motion_kernel(11, np.random.default_rng(5)), motion_kernel(11, np.random.default_rng(5)))
+    assert not np.array_equal(motion_kernel(11, np.random.default_rng(5)), motion_kernel(11, np.random.default_rng(6)))
+    with pytest.raises(ValueError):
+        motion_kernel(8, rng)
+    assert kernel_size(720, 1280) == 31 and kernel_size(256, 448) == 11 and kernel_size(48, 64) == 7
+
+
+def test_blurred_frames_differ_from_sharp_but_stay_aligned(dp_gopro):
+    for pair in scan_gopro(dp_gopro, "train") + scan_gopro(dp_gopro, "test"):
+        blur = np.asarray(Image.open(pair.blur_path), dtype=np.float64)
+        sharp = np.asarray(Image.open(pair.sharp_path), dtype=np.float64)
+        err = np.abs(blur - sharp).mean()
+        assert err > 0.5, f"{pair.blur_path} is barely blurred"
+        assert err < np.abs(blur - np.roll(sharp, 4, axis=1)).mean(), f"{pair.blur_path} is shifted against sharp"
+        assert abs(blur.mean() - sharp.mean()) < 2.0, "the kernel should keep brightness"
+
+
+def test_synthetic_refuses_existing_splits_unless_overwrite(tmp_path):
+    out = tmp_path / "set"
+    (out / "train").mkdir(parents=True)
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(DataError, match=re.escape(str(out / "train"))):
+        make_synthetic_gopro(out, seed=0, workers=1, **TINY)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "train"]
+    make_synthetic_gopro(out, seed=0, workers=1, overwrite=True, **TINY)
+    assert len(scan_gopro(out, "train")) == 6 and (out / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+
+
+# ---------------------------------------------------------------- GoPro reader
+
+
+def test_scan_gopro_errors_name_the_problem(dp_gopro, tmp_path):
+    with pytest.raises(DataError, match="synth_gopro.py"):
+        scan_gopro(tmp_path / "nowhere", "train")
+    with pytest.raises(DataError, match="blur_gamma"):
+        scan_gopro(dp_gopro, "train", blur_dir="blur_gamma")
+    src = tmp_path / "src"
+    shutil.copytree(dp_gopro, src)
+    lonely = next((src / "test").iterdir()) / "sharp" / "000999.png"
+    shutil.copy(next(lonely.parent.iterdir()), lonely)
+    with pytest.raises(DataError, match=re.escape(str(lonely)) + ".*no blur twin"):
+        scan_gopro(src, "test")
+
+
+def test_check_pair_rejects_non_png_and_16_bit(tmp_path):
+    rgb = Image.new("RGB", (8, 6), (10, 20, 30))
+    rgb.save(tmp_path / "b.png")
+    rgb.save(tmp_path / "s.jpg.png", format="JPEG")
+    Image.new("I;16", (8, 6)).save(tmp_path / "s16.png")
+    assert check_pair(Pair("s", "1", tmp_path / "b.png", tmp_path / "b.png")) == (6, 8)
+    with pytest.raises(DataError, match="s.jpg.png.*not a PNG"):
+        check_pair(Pair("s", "1", tmp_path / "b.png", tmp_path / "s.jpg.png"))
+    with pytest.raises(DataError, match="s16.png.*mode"):
+        check_pair(Pair("s", "1", tmp_path / "b.png", tmp_path / "s16.png"))
+
+
+# ---------------------------------------------------------------- shards
+
+
+def test_shard_round_trip(dp_gopro, dp_shards):
+    manifest = read_manifest(dp_shards)
+    assert manifest["format_version"] == 1 and manifest["blur_dir"] == "blur" and manifest["maxcount"] == 4
+    for split, n in (("train", 6), ("test", 3)):
+        info = manifest["splits"][split]
+        assert (info["pairs"], info["height"], info["width"]) == (n, 48, 64)
+        assert [s["samples"] for s in info["shards"]] == [min(4, n - i) for i in range(0, n, 4)]
+        sources = {f"{p.scene}-{p.frame}": p for p in scan_gopro(dp_gopro, split)}
+        keys = []
+        for entry, path in zip(info["shards"], shard_paths(dp_shards, manifest, split)):
+            assert path == dp_shards / entry["path"]
+            assert sha256_file(path) == entry["sha256"] and path.stat().st_size == entry["bytes"]
+            refs = index_shard(path)
+            assert len(refs) == entry["samples"]
+            for ref in refs:
+                pair = sources[ref.key]
+                assert list(ref.members) == ["blur.png", "sharp.png", "json"]
+                assert read_member(path, *ref.members["blur.png"]) == pair.blur_path.read_bytes()
+                assert read_member(path, *ref.members["sharp.png"]) == pair.sharp_path.read_bytes()
+                meta = json.loads(read_member(path, *ref.members["json"]))
+                assert meta == {
+                    "scene": pair.scene,
+                    "frame": pair.frame,
+                    "split": split,
+                    "blur_dir": "blur",
+                    "height": 48,
+                    "width": 64,
+                    "blur_src": f"{split}/{pair.scene}/blur/{pair.frame}.png",
+                    "sharp_src": f"{split}/{pair.scene}/sharp/{pair.frame}.png",
+                }
+                keys.append(ref.key)
+            with tarfile.open(path) as tar:
+                for member in tar.getmembers():
+                    assert (member.mtime, member.mode, member.uid, member.gid) == (0, 0o444, 0, 0)
+                    assert member.uname == member.gname == ""
+        assert sorted(keys) == sorted(sources), "every pair exactly once, keys unique across scenes"
+
+        urls = [str(p) for p in shard_paths(dp_shards, manifest, split)]
+        samples = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+        assert [s["__key__"] for s in samples] == keys
+        for s in samples:
+            assert s["blur.png"] == sources[s["__key__"]].blur_path.read_bytes()
+            assert s["sharp.png"] == sources[s["__key__"]].sharp_path.read_bytes()
+
+
+def test_same_input_same_bytes(dp_gopro, dp_shards, tmp_path):
+    _shard(dp_gopro, tmp_path / "again", workers=1)
+    assert _tree(tmp_path / "again") == _tree(dp_shards)
+
+
+def test_train_is_shuffled_across_scenes_by_seed_and_test_is_sorted(dp_gopro, dp_shards, tmp_path):
+    def keys(out, split):
+        manifest = read_manifest(out)
+        return [r.key for p in shard_paths(out, manifest, split) for r in index_shard(p)]
+
+    train = keys(dp_shards, "train")
+    assert train != sorted(train)
+    assert len({k.rsplit("-", 1)[0] for k in train[:4]}) > 1, "the first shard should mix scenes"
+    assert keys(dp_shards, "test") == sorted(keys(dp_shards, "test"))
+    _shard(dp_gopro, tmp_path / "seed1", seed=1)
+    assert keys(tmp_path / "seed1", "train") != train
+    assert sorted(keys(tmp_path / "seed1", "train")) == sorted(train)
+    assert keys(tmp_path / "seed1", "test") == keys(dp_shards, "test")
+
+
+def test_interrupted_run_is_finished_byte_identical(dp_gopro, dp_shards, tmp_path):
+    out = tmp_path / "shards"
+    shutil.copytree(dp_shards, out)
+    (out / "manifest.json").unlink()
+    (out / "train" / "train-000001.tar").unlink()
+    (out / "train" / "train-000001.tar.tmp-123").write_bytes(b"half a shard")
+    (out / "manifest.json.tmp-123").write_text("{")
+    result = _shard(dp_gopro, out, workers=2)
+    assert (result.written, result.reused) == (1, 2)
+    assert _tree(out) == _tree(dp_shards)
+
+
+def test_other_plan_in_out_is_refused_unless_overwrite(dp_gopro, dp_shards, tmp_path):
+    out = tmp_path / "shards"
+    shutil.copytree(dp_shards, out)
+    before = _tree(out)
+    with pytest.raises(DataError, match=re.escape(str(out / "train" / "train-000000.tar"))):
+        _shard(dp_gopro, out, seed=7)
+    with pytest.raises(DataError, match=re.escape(str(out / "train")) + ".*--overwrite"):
+        _shard(dp_gopro, out, maxcount=3)
+    assert _tree(out) == before
+    _shard(dp_gopro, out, maxcount=3, overwrite=True)
+    manifest = read_manifest(out)
+    assert manifest["maxcount"] == 3 and len(manifest["splits"]["train"]["shards"]) == 2
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["train-000000.tar", "train-000001.tar"]
+
+
+def test_read_manifest_and_shard_paths_errors(dp_shards, tmp_path):
+    with pytest.raises(DataError, match="does not exist.*shard_gopro.py"):
+        read_manifest(tmp_path / "none")
+    out = tmp_path / "shards"
+    shutil.copytree(dp_shards, out)
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    with pytest.raises(DataError, match="split 'val'"):
+        shard_paths(out, manifest, "val")
+    missing = out / "test" / "test-000000.tar"
+    missing.unlink()
+    with pytest.raises(DataError, match=re.escape(str(missing)) + " is listed in"):
+        read_manifest(out)
+    shutil.copy(dp_shards / "test" / "test-000000.tar", missing)
+    manifest_path.write_text("{not json")
+    with pytest.raises(DataError, match="not readable JSON"):
+        read_manifest(out)
+    del manifest["splits"]["train"]["shards"][0]["sha256"]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"splits.train.shards\[0\] lacks sha256"):
+        read_manifest(out)
+    manifest_path.unlink()
+    with pytest.raises(DataError, match=re.escape(str(manifest_path)) + " is missing"):
+        read_manifest(out)
+
+
+def test_index_shard_rejects_truncated_and_incomplete_shards(dp_shards, tmp_path):
+    shard = dp_shards / "train" / "train-000000.tar"
+    data, refs = shard.read_bytes(), index_shard(shard)
+
+    def end_of(member):  # where the next header would start
+        offset, size = member
+        return offset + -(-size // 512) * 512
+
+    # mid-member, exactly at a header boundary, and with the end-of-archive blocks cut off
+    for cut in (len(data) // 2, end_of(refs[0].members["blur.png"]), end_of(refs[-1].members["json"])):
+        bad = tmp_path / f"cut{cut}.tar"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(DataError, match=re.escape(str(bad))):
+            index_shard(bad)
+    lacking = tmp_path / "lacking.tar"
+    with tarfile.open(lacking, "w") as tar:
+        for name in ("a-1.blur.png", "a-1.sharp.png", "a-2.blur.png", "a-2.json"):
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"abc"))
+    with pytest.raises(DataError, match=re.escape(str(lacking)) + ".*a-2 has no sharp.png"):
+        index_shard(lacking)
+
+
+# ---------------------------------------------------------------- command lines
+
+
+def test_help_of_both_clis():
+    for script, flags in (
+        ("synth_gopro.py", ("--out", "--train-pairs", "--test-pairs", "--height", "--frames-per-scene", "--overwrite")),
+        ("shard_gopro.py", ("--src", "--out", "--blur-dir", "--maxcount", "--workers", "--seed", "--splits")),
+    ):
+        proc = _cli(script, "--help")
+        assert proc.returncode == 0, proc.stderr
+        assert all(flag in proc.stdout for flag in flags)
+    assert "GOPRO_Large" in proc.stdout and "GOPRO_shards" in proc.stdout
+
+
+def test_clis_end_to_end_with_default_paths(tmp_path):
+    proc = _cli("synth_gopro.py", "--out", "GOPRO_Large", "--train-pairs", "4", "--test-pairs", "2", "--height", "48",
+                "--width", "64", "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "shard_gopro.py --src GOPRO_Large" in proc.stdout
+    proc = _cli("shard_gopro.py", "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "GOPRO_shards" in proc.stdout and "manifest.json" in proc.stdout
+    assert read_manifest(tmp_path / "GOPRO_shards")["splits"]["train"]["pairs"] == 4
+    proc = _cli("synth_gopro.py", "--out", "GOPRO_Large", "--height", "48", "--width", "64", cwd=tmp_path)
+    assert proc.returncode == 1 and "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _break_missing_source(src: Path) -> tuple[Path, Path]:
+    shutil.rmtree(src)
+    return src, src
+
+
+def _break_empty_source(src: Path) -> tuple[Path, Path]:
+    shutil.rmtree(src)
+    src.mkdir()
+    return src, src / "train"
+
+
+def _break_lonely_blur(src: Path) -> tuple[Path, Path]:
+    sharp = sorted((src / "test").glob("*/sharp/*.png"))[-1]
+    sharp.unlink()
+    return src, sharp.parent.parent / "blur" / sharp.name
+
+
+def _break_size_mismatch(src: Path) -> tuple[Path, Path]:
+    sharp = sorted((src / "train").glob("*/sharp/*.png"))[-1]
+    Image.new("RGB", (64, 40)).save(sharp)
+    return src, sharp
+
+
+def _break_undecodable(src: Path) -> tuple[Path, Path]:
+    blur = sorted((src / "test").glob("*/blur/*.png"))[0]
+    blur.write_bytes(b"\x89PNG\r\n\x1a\n this is not a PNG body" * 10)
+    return src, blur
+
+
+@pytest.mark.parametrize(
+    "breaker",
+    [_break_missing_source, _break_empty_source, _break_lonely_blur, _break_size_mismatch, _break_undecodable],
+)
+def test_bad_input_fails_before_writing_anything(breaker, dp_gopro, tmp_path):
+    src = tmp_path / "GOPRO_Large"
+    shutil.copytree(dp_gopro, src)
+    src, culprit = breaker(src)
+    out = tmp_path / "shards"
+    proc = _cli("shard_gopro.py", "--src", str(src), "--out", str(out), "--workers", "2", "--no-progress")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+    assert str(culprit) in proc.stderr
+    assert not out.exists()
+    if breaker is _break_missing_source:
+        assert "synth_gopro.py" in proc.stderr and "CC BY 4.0" in proc.stderr
