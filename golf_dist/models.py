@@ -1,0 +1,107 @@
+"""The residual CNNs of the Golf Optimizer (paper Section 5.1, Table 1) and the unrolled G.
+
+Both networks share one structure and differ in width: F (f=32) takes the aggressive first step,
+G (f=16) is applied recurrently, x_{i+1} = G(x_i) = x_i + r(x_i) (Eq. 11).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+
+def _norm(channels: int) -> nn.InstanceNorm2d:
+    # Per-image statistics in train and eval alike: no running stats to drift or to synchronise.
+    return nn.InstanceNorm2d(channels, affine=True, track_running_stats=False)
+
+
+class BasicBlock(nn.Module):
+    """Pre-activation residual block: IN-ReLU-Conv7x7-IN-ReLU-Conv5x5 plus a (projected) shortcut."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.residual = nn.Sequential(
+            _norm(cin),
+            nn.ReLU(),
+            nn.Conv2d(cin, cout, 7, padding=3, bias=False),
+            _norm(cout),
+            nn.ReLU(),
+            nn.Conv2d(cout, cout, 5, padding=2, bias=False),
+        )
+        if cin == cout:
+            self.shortcut: nn.Module = nn.Identity()
+        else:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), _norm(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.shortcut(x) + self.residual(x)
+
+
+class ResidualCNN(nn.Module):
+    """x + r(x), where r is Conv7x7(3->f), four Layers of two BasicBlocks, Conv7x7(3->3).
+
+    With `zero_init_last` the last convolution starts at zero, so the network starts as the
+    identity: with default initialisation the output stays worse than the blurred input for
+    hundreds of steps (docs/facts.md, "On a 2-core CPU").
+    """
+
+    def __init__(self, filters: int, zero_init_last: bool = True):
+        super().__init__()
+        if filters < 1:
+            raise ValueError(f"filters must be >= 1, got {filters}")
+        f = filters
+        self.filters = f
+        self.head = nn.Conv2d(3, f, 7, padding=3, bias=False)
+        self.layers = nn.ModuleList(
+            [nn.Sequential(BasicBlock(f, f), BasicBlock(f, f)) for _ in range(3)]
+            + [nn.Sequential(BasicBlock(f, 3), BasicBlock(3, 3))]
+        )
+        self.tail = nn.Conv2d(3, 3, 7, padding=3, bias=False)
+        if zero_init_last:
+            nn.init.zeros_(self.tail.weight)
+
+    def table_rows(self) -> list[tuple[str, nn.Module]]:
+        """The rows of paper Table 1 as (label, module), e.g. ("BB(16->16)x2", layers[0])."""
+        f = self.filters
+        return (
+            [(f"Conv(3->{f})", self.head)]
+            + [(f"BB({f}->{f})x2", layer) for layer in self.layers[:3]]
+            + [(f"BB({f}->3)x2", self.layers[3]), ("Conv(3->3)", self.tail)]
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        r = self.head(x)
+        for layer in self.layers:
+            r = layer(r)
+        return x + self.tail(r)
+
+
+def f_net(zero_init_last: bool = True) -> ResidualCNN:
+    """F: f=32, 466,348 parameters."""
+    return ResidualCNN(32, zero_init_last)
+
+
+def g_net(zero_init_last: bool = True) -> ResidualCNN:
+    """G: f=16, 120,188 parameters."""
+    return ResidualCNN(16, zero_init_last)
+
+
+def unroll(g: nn.Module, x0: Tensor, steps: int, checkpoint: bool = True) -> list[Tensor]:
+    """The iterates G^(1)(x0) .. G^(steps)(x0).
+
+    With `checkpoint` (and grad enabled) each application keeps only its input and output for
+    backward and recomputes its activations there, so memory stays nearly flat in `steps`.
+    Non-reentrant checkpointing is the variant that gives correct gradients for a module applied
+    several times under DDP.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    use_ckpt = checkpoint and torch.is_grad_enabled()
+    iterates = []
+    x = x0
+    for _ in range(steps):
+        x = _checkpoint(g, x, use_reentrant=False) if use_ckpt else g(x)
+        iterates.append(x)
+    return iterates
