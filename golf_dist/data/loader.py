@@ -1,0 +1,236 @@
+"""The PyTorch loader: aligned (blur, sharp) crops from WebDataset shards, reproducible at any world size.
+
+Why map-style and not a streaming shuffle buffer: the shards' tar headers are indexed once at start-up
+(cheap: headers only), and then every training sample is a pure function of (seed, global position):
+    epoch = position // n_pairs, pair = permutation(seed, epoch)[position % n_pairs],
+    window and flips = rng(seed, position).
+Optimizer step s consumes the global positions [s * B, (s + 1) * B) of the stream, split between ranks
+(and accumulation micro-batches) by position. So
+  * blur and sharp always share one window and one set of flips;
+  * ranks and loader workers never duplicate a sample, whatever their number;
+  * the sample order does not depend on the world size (a preempted 8-GPU run can go on with 4);
+  * resuming at step s is exact: the data position is s * B, nothing else to save.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from golf_dist.data.shards import index_shard, read_manifest, read_member, shard_paths
+from golf_dist.errors import DataError
+
+
+@dataclass(frozen=True)
+class PairRef:
+    shard: Path
+    key: str
+    blur: tuple[int, int]  # (offset, size) of the member in the tar
+    sharp: tuple[int, int]
+
+
+def _member(members: dict, kind: str, shard: Path, key: str) -> tuple[int, int]:
+    for suffix, where in members.items():
+        if suffix.startswith(f"{kind}."):
+            return where
+    raise DataError(f"shard {shard}: sample {key} has no {kind} image")
+
+
+def decode_image(data: bytes, where: str) -> np.ndarray:
+    """PNG/JPEG bytes -> HxWx3 uint8; an undecodable image is a DataError naming `where`."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise DataError(f"{where}: image cannot be decoded ({err})") from None
+
+
+class ShardPairs:
+    """Random access to the (blur, sharp) pairs of one split of a shard folder."""
+
+    def __init__(self, shard_dir: str | Path, split: str):
+        self.shard_dir = Path(shard_dir)
+        self.split = split
+        self.manifest = read_manifest(self.shard_dir)
+        refs = []
+        for shard in shard_paths(self.shard_dir, self.manifest, split):
+            for sample in index_shard(shard):
+                refs.append(
+                    PairRef(
+                        shard,
+                        sample.key,
+                        _member(sample.members, "blur", shard, sample.key),
+                        _member(sample.members, "sharp", shard, sample.key),
+                    )
+                )
+        if not refs:
+            raise DataError(f"shard folder {self.shard_dir}: split '{split}' holds no samples")
+        self.refs = refs
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    @property
+    def frame_size(self) -> tuple[int, int] | None:
+        """(height, width) shared by every pair of the split, per the manifest, else None."""
+        info = self.manifest["splits"][self.split]
+        if info.get("height") and info.get("width"):
+            return int(info["height"]), int(info["width"])
+        return None
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray, str]:
+        """Decode pair `index`: (blur HxWx3 uint8, sharp HxWx3 uint8, key)."""
+        ref = self.refs[index]
+        where = f"shard {ref.shard} sample {ref.key}"
+        blur = decode_image(read_member(ref.shard, *ref.blur), f"{where} (blur)")
+        sharp = decode_image(read_member(ref.shard, *ref.sharp), f"{where} (sharp)")
+        if blur.shape != sharp.shape:
+            raise DataError(f"{where}: blur {blur.shape[:2]} and sharp {sharp.shape[:2]} differ in size")
+        return blur, sharp, ref.key
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 -> 3xHxW float32 in [0, 1]."""
+    return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float().div_(255.0)
+
+
+@dataclass(frozen=True)
+class CropPlan:
+    """Which pair, which window and which flips the sample at a global stream position gets."""
+
+    n_pairs: int
+    crop: int
+    flips: bool
+    seed: int
+
+    def pair_index(self, position: int) -> int:
+        epoch, offset = divmod(position, self.n_pairs)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.n_pairs)
+        return int(order[offset])
+
+    def window(self, position: int, height: int, width: int) -> tuple[int, int, bool, bool]:
+        """(top, left, hflip, vflip), drawn once per sample and applied to blur and sharp alike."""
+        rng = np.random.default_rng([self.seed, position, 1])
+        top = int(rng.integers(0, height - self.crop + 1))
+        left = int(rng.integers(0, width - self.crop + 1))
+        hflip, vflip = (bool(b) for b in rng.integers(0, 2, size=2)) if self.flips else (False, False)
+        return top, left, hflip, vflip
+
+
+def paired_crop(
+    blur: np.ndarray, sharp: np.ndarray, top: int, left: int, size: int, hflip: bool, vflip: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """The same window and flips on both images."""
+    out = []
+    for image in (blur, sharp):
+        patch = image[top : top + size, left : left + size]
+        if hflip:
+            patch = patch[:, ::-1]
+        if vflip:
+            patch = patch[::-1]
+        out.append(patch)
+    return out[0], out[1]
+
+
+class TrainCrops(torch.utils.data.Dataset):
+    """Indexed by global stream position; returns (blur, sharp) float crops of one sample."""
+
+    def __init__(self, pairs: ShardPairs, plan: CropPlan):
+        self.pairs = pairs
+        self.plan = plan
+
+    def __len__(self) -> int:  # the stream is endless; positions come from the batch sampler
+        return 2**62
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        blur, sharp, key = self.pairs.load(self.plan.pair_index(position))
+        height, width = blur.shape[:2]
+        size = self.plan.crop
+        if height < size or width < size:
+            raise DataError(
+                f"sample {key} of {self.pairs.shard_dir} is {height}x{width}, smaller than data.crop={size}"
+            )
+        top, left, hflip, vflip = self.plan.window(position, height, width)
+        b, s = paired_crop(blur, sharp, top, left, size, hflip, vflip)
+        return to_tensor(b), to_tensor(s)
+
+
+class RankBatches(torch.utils.data.Sampler):
+    """Per optimizer step and micro-batch, this rank's slice of the global batch's positions.
+
+    Global batch B per step, split into `accum` micro-batches of B/accum, each split across `world`
+    ranks: rank r's micro-batch m of step s holds positions
+    s*B + m*(B/accum) + r*b + [0, b) with b = B / (accum * world).
+    """
+
+    def __init__(self, global_batch: int, accum: int, world: int, rank: int, start_step: int, end_step: int):
+        self.micro = global_batch // accum
+        self.per_rank = self.micro // world
+        self.global_batch, self.accum, self.rank = global_batch, accum, rank
+        self.start_step, self.end_step = start_step, end_step
+
+    def __len__(self) -> int:
+        return (self.end_step - self.start_step) * self.accum
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start_step, self.end_step):
+            for m in range(self.accum):
+                first = step * self.global_batch + m * self.micro + self.rank * self.per_rank
+                yield list(range(first, first + self.per_rank))
+
+
+def train_loader(
+    pairs: ShardPairs,
+    plan: CropPlan,
+    global_batch: int,
+    accum: int,
+    world: int,
+    rank: int,
+    start_step: int,
+    end_step: int,
+    num_workers: int,
+) -> torch.utils.data.DataLoader:
+    """Batches of (blur, sharp) for this rank, step by step from `start_step`, `accum` per step."""
+    sampler = RankBatches(global_batch, accum, world, rank, start_step, end_step)
+    return torch.utils.data.DataLoader(
+        TrainCrops(pairs, plan),
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+
+
+class FullFrames(torch.utils.data.Dataset):
+    """Whole (blur, sharp) frames of a split, for validation and evaluation; no crop, no shuffle."""
+
+    def __init__(self, pairs: ShardPairs, indices: list[int]):
+        self.pairs = pairs
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, str, int]:
+        index = self.indices[i]
+        blur, sharp, key = self.pairs.load(index)
+        return to_tensor(blur), to_tensor(sharp), key, index
+
+
+def full_frame_loader(
+    pairs: ShardPairs, rank: int, world: int, limit: int | None = None, num_workers: int = 0
+) -> torch.utils.data.DataLoader:
+    """Pair i goes to rank i % world: every pair of the split (or the first `limit`) exactly once."""
+    count = len(pairs) if limit is None else min(limit, len(pairs))
+    indices = list(range(rank, count, world))
+    return torch.utils.data.DataLoader(
+        FullFrames(pairs, indices),
+        batch_size=None,
+        num_workers=min(num_workers, len(indices)),
+    )

@@ -1,0 +1,59 @@
+"""Deblur a user's own images with a trained F + G."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from golf_dist.data.loader import to_tensor
+from golf_dist.errors import DataError
+from golf_dist.evaluate import golf_iterates, load_trained, to_uint8
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def collect_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:
+    """(image, output name relative to OUTDIR) for every file given or found under a folder given."""
+    found: list[tuple[Path, Path]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not images:
+                raise DataError(f"folder {path} holds no PNG or JPEG images")
+            found += [(p, Path(path.name) / p.relative_to(path).with_suffix(".png")) for p in images]
+        elif path.is_file():
+            found.append((path, Path(path.with_suffix(".png").name)))
+        else:
+            raise DataError(f"input {path} does not exist")
+    names = [rel for _, rel in found]
+    if len(set(names)) != len(names):
+        raise DataError("two inputs would be written to the same output name; pass them in separate runs")
+    return found
+
+
+def deblur_files(output_dir: Path, inputs: list[str], out_dir: Path, iterations: int = 3, device: str | None = None) -> list[Path]:
+    """Run F then `iterations` G steps on every input image; write PNGs under out_dir."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    files = collect_inputs(inputs)
+    f, g = load_trained(Path(output_dir), dev, iterations)
+    written = []
+    for src, rel in tqdm(files, desc="deblur", disable=len(files) < 2):
+        try:
+            with Image.open(src) as img:
+                image = np.asarray(img.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as err:
+            raise DataError(f"image {src} cannot be decoded ({err})") from None
+        with torch.no_grad():
+            restored = golf_iterates(f, g, to_tensor(image).unsqueeze(0).to(dev), iterations)[-1]
+        dest = out_dir / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        Image.fromarray(to_uint8(restored[0])).save(tmp, format="PNG")
+        tmp.replace(dest)
+        written.append(dest)
+    return written

@@ -1,0 +1,175 @@
+"""Full-frame evaluation: F, then G iterated, PSNR and SSIM per iteration, exact across ranks.
+
+Pair i of the split goes to rank i % world (as NAFNet's dist_validation does); every rank sums its
+metrics in float64 and the sums and counts are all-reduced, so the mean is the same as one process's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from golf_dist.data.loader import ShardPairs, full_frame_loader
+from golf_dist.metrics import SSIM_VARIANT, psnr, ssim
+
+
+@torch.no_grad()
+def golf_iterates(f: torch.nn.Module, g: torch.nn.Module | None, blur: torch.Tensor, iterations: int) -> list[torch.Tensor]:
+    """[x0 = F(y), G(x0), G(G(x0)), ...]: the estimate after each of the `iterations` G steps."""
+    x = f(blur)
+    out = [x]
+    for _ in range(iterations if g is not None else 0):
+        x = g(x)
+        out.append(x)
+    return out
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """3xHxW float in [0, 1] (clamped) -> HxWx3 uint8, rounded."""
+    return (image.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
+
+
+def triplet(blur: torch.Tensor, output: torch.Tensor, sharp: torch.Tensor) -> np.ndarray:
+    """blur | output | sharp side by side, for a look at what the model does."""
+    return np.concatenate([to_uint8(blur), to_uint8(output), to_uint8(sharp)], axis=1)
+
+
+def evaluate_pairs(
+    f: torch.nn.Module,
+    g: torch.nn.Module | None,
+    pairs: ShardPairs,
+    iterations: int,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
+    reduce_sum=None,
+    limit: int | None = None,
+    with_ssim: bool = True,
+    samples: int = 0,
+    progress: bool = False,
+    autocast=None,
+) -> dict[str, Any]:
+    """Metrics of F (+ G iterations) on full frames of `pairs`, reduced over ranks.
+
+    `reduce_sum(tensor) -> tensor` sums a float64 tensor over ranks (None on one process).
+    Returns psnr/ssim of the final estimate, of the blurred input, PSNR after each iteration
+    0..N, the pair count, and up to `samples` (key, blur|output|sharp image) triplets from this rank.
+    """
+    steps = iterations if g is not None else 0
+    # sums: count, psnr, ssim, input psnr, input ssim, psnr after iteration 0..steps
+    sums = torch.zeros(5 + steps + 1, dtype=torch.float64)
+    shown = []
+    loader = full_frame_loader(pairs, rank, world, limit=limit, num_workers=1)
+    for blur, sharp, key, _ in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
+        blur = blur.unsqueeze(0).to(device)
+        sharp = sharp.unsqueeze(0).to(device)
+        if autocast is not None:
+            with autocast():
+                estimates = golf_iterates(f, g, blur, steps)
+        else:
+            estimates = golf_iterates(f, g, blur, steps)
+        estimates = [e.float() for e in estimates]
+        final = estimates[-1]
+        row = [1.0, psnr(final, sharp).item(), 0.0, psnr(blur, sharp).item(), 0.0]
+        if with_ssim:
+            row[2] = ssim(final, sharp).item()
+            row[4] = ssim(blur, sharp).item()
+        row += [psnr(e, sharp).item() for e in estimates]
+        sums += torch.tensor(row, dtype=torch.float64)
+        if len(shown) < samples:
+            shown.append((key, triplet(blur[0], final[0], sharp[0])))
+    if reduce_sum is not None:
+        sums = reduce_sum(sums.to(device)).cpu()
+    count = int(sums[0].item())
+    if count == 0:
+        raise RuntimeError("evaluation saw no pairs")
+    mean = (sums / count).tolist()
+    result = {
+        "pairs": count,
+        "psnr": mean[1],
+        "input_psnr": mean[3],
+        "psnr_per_iteration": mean[5:],
+        "samples": shown,
+    }
+    if with_ssim:
+        result.update(ssim=mean[2], input_ssim=mean[4], ssim_variant=SSIM_VARIANT)
+    return result
+
+
+def load_trained(output_dir: Path, device: torch.device, iterations: int):
+    """F (and G when iterations > 0) from a training output folder, in eval mode on `device`."""
+    from golf_dist.checkpoints import load_weights
+    from golf_dist.errors import DataError
+    from golf_dist.models import f_net, g_net
+
+    f_path, g_path = Path(output_dir) / "f.safetensors", Path(output_dir) / "g.safetensors"
+    if not f_path.is_file():
+        raise DataError(f"no trained F at {f_path}: train stage f with --output-dir {output_dir} first")
+    f = f_net()
+    f.load_state_dict(load_weights(f_path))
+    g = None
+    if iterations > 0:
+        if not g_path.is_file():
+            raise DataError(
+                f"no trained G at {g_path}: train stage g with --output-dir {output_dir} first, "
+                "or use F alone with --iterations 0"
+            )
+        g = g_net()
+        g.load_state_dict(load_weights(g_path))
+        g.to(device).eval()
+    return f.to(device).eval(), g
+
+
+def run_evaluation(output_dir: Path, shards: str, split: str, iterations: int, limit: int | None,
+                   tracking_cfg) -> dict[str, Any] | None:
+    """The command line's work: evaluate F + G of `output_dir`, log to MLflow; the result on rank 0."""
+    from accelerate import Accelerator
+
+    from golf_dist.tracking import Tracker
+
+    accelerator = Accelerator()
+    output_dir = Path(output_dir)
+    f, g = load_trained(output_dir, accelerator.device, iterations)
+    pairs = ShardPairs(shards, split)
+    result = evaluate_pairs(
+        f, g, pairs, iterations, accelerator.device,
+        rank=accelerator.process_index, world=accelerator.num_processes,
+        reduce_sum=(lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None,
+        limit=limit, samples=2 if accelerator.is_main_process else 0,
+        progress=accelerator.is_main_process,
+    )
+    if not accelerator.is_main_process:
+        return None
+    samples = result.pop("samples")
+    result.update(iterations=iterations, split=split, shards=str(shards))
+    tracker = Tracker(True, tracking_cfg.uri, tracking_cfg.experiment)
+    tracker.start(run_name=f"eval-{output_dir.name}", tags={"golf.stage": "eval"})
+    tracker.log_params({"output_dir": str(output_dir.resolve()), "shards": str(shards), "split": split,
+                        "iterations": iterations, "pairs": result["pairs"], "ssim_variant": SSIM_VARIANT})
+    metrics = {k: result[k] for k in ("psnr", "ssim", "input_psnr", "input_ssim")}
+    tracker.log_metrics({f"test_{k}": v for k, v in metrics.items()}, step=0)
+    for i, value in enumerate(result["psnr_per_iteration"]):
+        tracker.log_metrics({"test_psnr_by_iteration": value}, step=i)
+    for key, image in samples:
+        tracker.log_image(image, f"samples/{key}.png")
+    tracker.end()
+    result["mlflow_run_id"] = tracker.run_id
+    return result
+
+
+def print_result(result: dict) -> None:
+    """A readable summary, then the result as one JSON object on the last line."""
+    per_iteration = ", ".join(f"{v:.2f}" for v in result["psnr_per_iteration"])
+    print(
+        f"{result['pairs']} test pairs: PSNR {result['psnr']:.2f} dB (blurred input {result['input_psnr']:.2f} dB, "
+        f"gain {result['psnr'] - result['input_psnr']:+.2f} dB), SSIM {result['ssim']:.4f} "
+        f"(input {result['input_ssim']:.4f}; {result['ssim_variant']})\n"
+        f"PSNR after F and each G iteration: {per_iteration}",
+        flush=True,
+    )
+    print(json.dumps(result, sort_keys=True), flush=True)

@@ -1,0 +1,387 @@
+"""The training loop of both stages.
+
+Stage f trains F alone: L(F(y), x~). Stage g loads the trained F, freezes it (kept out of
+`accelerator.prepare`, so DDP and DeepSpeed see one model), computes x0 = F(y) on the same crop and
+minimises the mean of L(G^(i)(x0), x~) over i = 1..N (Eq. 4), each unrolled step checkpointed.
+
+Layout of an output directory:
+    DIR/f/config.yaml, DIR/f/checkpoints/step-XXXXXXXX/   stage f (resolved config, checkpoints)
+    DIR/f.safetensors, DIR/f_best.safetensors, DIR/f_run.json   exported weights + MLflow run id
+    DIR/g/..., DIR/g.safetensors, DIR/g_best.safetensors, DIR/g_run.json
+A run started on a directory that holds checkpoints of its stage resumes from the newest one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from golf_dist import __version__
+from golf_dist.checkpoints import (
+    best_checkpoint,
+    list_checkpoints,
+    load_latest,
+    load_weights,
+    prune,
+    read_state,
+    save_checkpoint,
+    save_weights,
+    set_rng_state,
+)
+from golf_dist.config import Config, dump_yaml, flatten, to_dict
+from golf_dist.data.loader import CropPlan, ShardPairs, train_loader
+from golf_dist.errors import ConfigError, DataError, GolfError
+from golf_dist.evaluate import evaluate_pairs
+from golf_dist.losses import GolfLoss, find_vgg_weights, load_vgg_features, unrolled_loss, vgg_weights_missing_message
+from golf_dist.models import f_net, g_net, unroll
+from golf_dist.tracking import Tracker
+
+
+@dataclass
+class StagePaths:
+    output_dir: Path
+    stage: str
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.output_dir / self.stage
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.stage_dir / "checkpoints"
+
+    @property
+    def weights(self) -> Path:
+        return self.output_dir / f"{self.stage}.safetensors"
+
+    @property
+    def best_weights(self) -> Path:
+        return self.output_dir / f"{self.stage}_best.safetensors"
+
+    @property
+    def run_info(self) -> Path:
+        return self.output_dir / f"{self.stage}_run.json"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _versions() -> dict[str, str]:
+    import accelerate
+    import mlflow
+    import numpy
+
+    return {
+        "version.golf_dist": __version__,
+        "version.python": platform.python_version(),
+        "version.torch": torch.__version__,
+        "version.accelerate": accelerate.__version__,
+        "version.mlflow": mlflow.__version__,
+        "version.numpy": numpy.__version__,
+        "git_commit": _git_commit(),
+    }
+
+
+def lr_factor(step: int, steps: int, gamma: float, decays: float) -> float:
+    """Exponential decay from 1 to gamma**decays over the run (paper: 0.3 ** 11)."""
+    return gamma ** (decays * step / steps)
+
+
+def resolve_f_weights(cfg: Config, output_dir: Path) -> Path:
+    """The trained F that stage g starts from, or a clear error saying what to run first."""
+    if cfg.train.f_weights:
+        path = Path(cfg.train.f_weights)
+        if not path.is_file():
+            raise DataError(f"train.f_weights={path} does not exist")
+        return path
+    path = StagePaths(output_dir, "f").weights
+    if path.is_file():
+        return path
+    f_ckpts = list_checkpoints(StagePaths(output_dir, "f").checkpoints)
+    if f_ckpts:
+        state = read_state(f_ckpts[-1])
+        raise DataError(
+            f"stage g needs a trained F, but stage f in {output_dir} has not finished "
+            f"(newest checkpoint: step {state.get('step')} of {state.get('steps')}); "
+            f"let it finish (rerun stage f with the same --output-dir to resume) or set train.f_weights=PATH"
+        )
+    raise DataError(
+        f"stage g needs a trained F: {path} does not exist. Train it first with "
+        f"`launch/train.py --stage f --output-dir {output_dir}` (same config), or set train.f_weights=PATH"
+    )
+
+
+def _clean(err: GolfError) -> GolfError:
+    """A GolfError re-raised from a DataLoader worker carries the worker's traceback: keep the message."""
+    text = str(err).strip().splitlines()
+    if len(text) > 1:
+        return type(err)(text[-1].split(": ", 1)[-1] if text[-1].startswith(type(err).__name__) else text[-1])
+    return err
+
+
+def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
+    """Train one stage as configured; resume from the newest checkpoint of the stage if there is one."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+    world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    device = accelerator.device
+    paths = StagePaths(Path(cfg.output_dir), stage)
+    t = cfg.train
+
+    # ---- every check that can fail happens before any work -------------------------------------------
+    global_batch, accum = cfg.data.batch_size, t.grad_accum
+    if global_batch % (world * accum):
+        raise ConfigError(
+            f"config key 'data.batch_size'={global_batch} (the global batch) must divide evenly across "
+            f"{world} process(es) x train.grad_accum={accum}"
+        )
+    per_device = global_batch // (world * accum)
+    f_path = resolve_f_weights(cfg, paths.output_dir) if stage == "g" else None
+    vgg = None
+    if cfg.loss.perceptual_weight > 0:
+        vgg_path = find_vgg_weights(cfg.loss.vgg_weights)
+        if vgg_path is None:
+            raise GolfError(vgg_weights_missing_message())
+        vgg = load_vgg_features(vgg_path)
+    train_pairs = ShardPairs(cfg.data.shards, cfg.data.train_split)
+    val_pairs = ShardPairs(cfg.data.shards, cfg.data.val_split)
+    for pairs in (train_pairs, val_pairs):
+        size = pairs.frame_size
+        if size is not None and min(size) < cfg.data.crop:
+            raise ConfigError(
+                f"config key 'data.crop'={cfg.data.crop} is larger than the {size[0]}x{size[1]} frames of "
+                f"split '{pairs.split}' in {pairs.shard_dir}"
+            )
+
+    # ---- models, optimizer, resume -------------------------------------------------------------------
+    torch.manual_seed(cfg.seed)
+    model = f_net() if stage == "f" else g_net()
+    f_model = None
+    if stage == "g":
+        f_model = f_net()
+        f_model.load_state_dict(load_weights(f_path))
+        f_model.requires_grad_(False).eval().to(device)
+    loss_fn = GolfLoss(cfg.loss.perceptual_weight, vgg).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, t.steps, t.lr_gamma, t.lr_decays)
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+
+    start_step, run_id, best_psnr = 0, None, -math.inf
+    ckpt = load_latest(paths.checkpoints)
+    if ckpt is not None:
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"]["optimizer"])
+        scheduler.load_state_dict(ckpt["optimizer"]["scheduler"])
+        set_rng_state(ckpt["rng"])
+        start_step = int(ckpt["state"]["step"])
+        run_id = ckpt["state"].get("mlflow_run_id")
+        best_psnr = ckpt["state"].get("best_val_psnr", -math.inf) or -math.inf
+        if ckpt["state"].get("global_batch") not in (None, global_batch):
+            raise ConfigError(
+                f"checkpoint {ckpt['path']} was made with data.batch_size={ckpt['state']['global_batch']}; "
+                f"resuming with {global_batch} would change the data order. Use the same global batch "
+                "or a new --output-dir"
+            )
+        if is_main:
+            print(f"resuming stage {stage} from {ckpt['path']} (step {start_step} of {t.steps})", flush=True)
+    if start_step > t.steps:
+        raise ConfigError(f"checkpoint {ckpt['path']} is at step {start_step}, beyond train.steps={t.steps}")
+
+    # ---- tracking (main process only) ----------------------------------------------------------------
+    if is_main:
+        paths.stage_dir.mkdir(parents=True, exist_ok=True)
+        (paths.stage_dir / "config.yaml").write_text(dump_yaml(cfg))
+    tracker = Tracker(is_main, cfg.tracking.uri, cfg.tracking.experiment)
+    tags = {"golf.stage": stage, "golf.output_dir": str(paths.output_dir.resolve())}
+    f_info: dict[str, str] = {}
+    if stage == "g":
+        f_info = {"f_weights": str(f_path.resolve()), "f_weights_sha256": sha256_of(f_path)}
+        f_run_file = StagePaths(paths.output_dir, "f").run_info
+        if f_run_file.is_file():
+            f_info["f_run_id"] = json.loads(f_run_file.read_text()).get("mlflow_run_id") or ""
+        tags["golf.f_run_id"] = f_info.get("f_run_id", "")
+    tracker.start(run_name=f"{stage}-{paths.output_dir.name}", resume_run_id=run_id, tags=tags)
+    if start_step == 0:
+        tracker.log_params(
+            {
+                **flatten(to_dict(cfg)),
+                "stage": stage,
+                "world_size": world,
+                "per_device_batch": per_device,
+                "global_batch": global_batch,
+                "grad_accum": accum,
+                "device": str(device),
+                **f_info,
+                **_versions(),
+            }
+        )
+        tracker.log_text(dump_yaml(cfg), "config.yaml")
+    if is_main:
+        print(
+            f"stage {stage}: {t.steps} steps, global batch {global_batch} = {world} process(es) x "
+            f"{per_device} per device x {accum} accumulation, crop {cfg.data.crop}, device {device}"
+            + (f", unroll {t.unroll} (checkpointing {'on' if t.gradient_checkpointing else 'off'})" if stage == "g" else "")
+            + ("" if vgg is not None else ", perceptual term off (loss.perceptual_weight=0)"),
+            flush=True,
+        )
+
+    plan = CropPlan(len(train_pairs), cfg.data.crop, cfg.data.flips, cfg.seed)
+    loader = train_loader(
+        train_pairs, plan, global_batch, accum, world, rank, start_step, t.steps, cfg.data.num_workers
+    )
+    batches = iter(loader)
+
+    def step_loss(blur: torch.Tensor, sharp: torch.Tensor) -> dict[str, torch.Tensor]:
+        if stage == "f":
+            return loss_fn(model(blur), sharp)
+        with torch.no_grad():
+            x0 = f_model(blur)
+        iterates = unroll(model, x0, t.unroll, checkpoint=t.gradient_checkpointing)
+        return unrolled_loss(loss_fn, iterates, sharp, checkpoint=t.gradient_checkpointing)
+
+    def validate(step: int) -> float:
+        model.eval()
+        with torch.no_grad():
+            f_eval = raw_model if stage == "f" else f_model
+            g_eval = raw_model if stage == "g" else None
+            result = evaluate_pairs(
+                f_eval, g_eval, val_pairs, cfg.eval.iterations, device, rank, world,
+                reduce_sum=(lambda x: accelerator.reduce(x, "sum")) if world > 1 else None,
+                limit=cfg.val.max_pairs, with_ssim=False, samples=cfg.val.sample_images if is_main else 0,
+                autocast=accelerator.autocast,
+            )
+        model.train()
+        tracker.log_metrics({"val_psnr": result["psnr"], "val_input_psnr": result["input_psnr"]}, step)
+        for key, image in result["samples"]:
+            tracker.log_image(image, f"samples/step-{step:08d}/{key}.png")
+        return result["psnr"]
+
+    # ---- the loop ------------------------------------------------------------------------------------
+    model.train()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # total, content, perceptual
+    window_steps, window_start, waited, paused = 0, time.perf_counter(), 0.0, 0.0
+    last_val = None
+    bar = tqdm(total=t.steps, initial=start_step, desc=f"stage {stage}", disable=not is_main, dynamic_ncols=True)
+    for step in range(start_step + 1, t.steps + 1):
+        for micro in range(accum):
+            wait_start = time.perf_counter()
+            try:
+                blur, sharp = next(batches)
+            except GolfError as err:
+                raise _clean(err) from None
+            waited += time.perf_counter() - wait_start
+            blur, sharp = blur.to(device, non_blocking=True), sharp.to(device, non_blocking=True)
+            sync = micro == accum - 1
+            with accelerator.autocast():
+                if sync:
+                    losses = step_loss(blur, sharp)
+                    accelerator.backward(losses["total"] / accum)
+                else:
+                    with accelerator.no_sync(model):
+                        losses = step_loss(blur, sharp)
+                        accelerator.backward(losses["total"] / accum)
+            sums += torch.stack([losses[k].detach().double() for k in ("total", "content", "perceptual")]) / accum
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        window_steps += 1
+        bar.update(1)
+
+        if step % t.log_every == 0 or step == t.steps:
+            mean = (accelerator.reduce(sums, "mean") if world > 1 else sums) / window_steps
+            elapsed = time.perf_counter() - window_start - paused
+            metrics = {
+                "loss": mean[0].item(),
+                "loss_content": mean[1].item(),
+                "loss_perceptual": mean[2].item(),
+                "lr": scheduler.get_last_lr()[0],
+                "crops_per_s": window_steps * global_batch / elapsed,
+                "data_wait_share": waited / elapsed,
+            }
+            tracker.log_metrics(metrics, step)
+            bar.set_postfix(loss=f"{metrics['loss']:.5f}", crops_s=f"{metrics['crops_per_s']:.1f}")
+            sums.zero_()
+            window_steps, window_start, waited, paused = 0, time.perf_counter(), 0.0, 0.0
+
+        pause_start = time.perf_counter()  # validation and checkpoints do not count as training time
+        if step % t.val_every == 0 or step == t.steps:
+            last_val = (step, validate(step))
+            best_psnr = max(best_psnr, last_val[1])
+
+        if step % t.checkpoint_every == 0 or step == t.steps:
+            if is_main:
+                save_checkpoint(
+                    paths.checkpoints,
+                    step,
+                    raw_model.state_dict(),
+                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                    {
+                        "stage": stage,
+                        "steps": t.steps,
+                        "data_position": step * global_batch,
+                        "global_batch": global_batch,
+                        "world_size": world,
+                        "val_psnr": last_val[1] if last_val and last_val[0] == step else None,
+                        "best_val_psnr": best_psnr if best_psnr > -math.inf else None,
+                        "mlflow_run_id": tracker.run_id,
+                    },
+                )
+                prune(paths.checkpoints, t.keep_last)
+            accelerator.wait_for_everyone()
+        paused += time.perf_counter() - pause_start
+    bar.close()
+
+    # ---- exports -------------------------------------------------------------------------------------
+    result: dict[str, Any] = {"stage": stage, "steps": t.steps, "weights": str(paths.weights)}
+    if is_main:
+        meta = {"stage": stage, "steps": str(t.steps), "golf_dist": __version__}
+        save_weights(raw_model.state_dict(), paths.weights, meta)
+        best = best_checkpoint(paths.checkpoints)
+        if best is not None:
+            save_weights(load_weights(best / "model.safetensors"), paths.best_weights, meta)
+            tracker.log_artifact(paths.best_weights, "weights")
+        tracker.log_artifact(paths.weights, "weights")
+        info = {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri, "weights_sha256": sha256_of(paths.weights)}
+        paths.run_info.write_text(json.dumps(info, indent=2))
+        if last_val is not None:
+            result["val_psnr"] = last_val[1]
+        result.update(best_val_psnr=best_psnr if best_psnr > -math.inf else None, **info)
+        tracker.end()
+        print(f"stage {stage} done: weights {paths.weights}; MLflow run {tracker.run_id} at {tracker.uri}", flush=True)
+    accelerator.wait_for_everyone()
+    return result
+

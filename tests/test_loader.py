@@ -1,0 +1,102 @@
+"""The PyTorch loader: aligned windows and flips, disjoint ranks, world-size-independent order."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from golf_dist.data.loader import CropPlan, RankBatches, ShardPairs, TrainCrops, full_frame_loader, train_loader
+
+from conftest import run_cli
+
+
+def _coordinate_pairs(root: Path, height=40, width=56, frames=3):
+    """Pairs whose pixels encode their own coordinates (R=row, G=col); blur = sharp + 1 in B."""
+    for scene in ("GOPR0001_00_00", "GOPR0002_00_00"):
+        for split in ("train", "test"):
+            for frame in range(frames):
+                rows, cols = np.mgrid[0:height, 0:width]
+                sharp = np.stack([rows, cols, np.full_like(rows, 10 * frame)], -1).astype(np.uint8)
+                blur = sharp.copy()
+                blur[..., 2] += 1
+                for kind, image in (("blur", blur), ("sharp", sharp)):
+                    d = root / split / scene / kind
+                    d.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(image).save(d / f"{frame + 40:06d}.png")
+
+
+@pytest.fixture(scope="module")
+def coordinate_shards(tmp_path_factory):
+    base = tmp_path_factory.mktemp("coords")
+    _coordinate_pairs(base / "GOPRO_Large")
+    run_cli("data_prep/shard_gopro.py", "--src", base / "GOPRO_Large", "--out", base / "shards",
+            "--maxcount", 2, "--workers", 1, check=True)
+    return base / "shards"
+
+
+def test_blur_and_sharp_share_window_and_flips(coordinate_shards):
+    pairs = ShardPairs(coordinate_shards, "train")
+    plan = CropPlan(len(pairs), crop=16, flips=True, seed=0)
+    crops = TrainCrops(pairs, plan)
+    seen_flips = set()
+    for position in range(40):
+        blur, sharp = (t.mul(255).round().byte().permute(1, 2, 0).numpy() for t in crops[position])
+        assert np.array_equal(blur[..., :2], sharp[..., :2])  # same window, same flips
+        assert np.all(blur[..., 2].astype(int) - sharp[..., 2] == 1)
+        rows, cols = sharp[..., 0].astype(int), sharp[..., 1].astype(int)
+        hflip = cols[0, 0] > cols[0, -1]
+        vflip = rows[0, 0] > rows[-1, 0]
+        seen_flips.add((hflip, vflip))
+        # the window is a contiguous 16x16 block of the frame, flipped as a whole
+        assert abs(cols[0, -1] - cols[0, 0]) == 15 and abs(rows[-1, 0] - rows[0, 0]) == 15
+    assert seen_flips == {(False, False), (True, False), (False, True), (True, True)}
+
+
+def test_crop_is_a_function_of_seed_and_position(coordinate_shards):
+    pairs = ShardPairs(coordinate_shards, "train")
+    a = TrainCrops(pairs, CropPlan(len(pairs), 16, True, seed=0))
+    b = TrainCrops(pairs, CropPlan(len(pairs), 16, True, seed=0))
+    c = TrainCrops(pairs, CropPlan(len(pairs), 16, True, seed=1))
+    assert all((a[p][0] == b[p][0]).all() for p in range(8))
+    assert any((a[p][0] != c[p][0]).any() for p in range(8))
+
+
+def test_each_epoch_visits_every_pair_once():
+    plan = CropPlan(n_pairs=7, crop=8, flips=False, seed=4)
+    for epoch in range(3):
+        assert sorted(plan.pair_index(epoch * 7 + i) for i in range(7)) == list(range(7))
+
+
+@pytest.mark.parametrize("world, accum", [(1, 1), (2, 1), (4, 2), (2, 4)])
+def test_ranks_split_the_global_batch_without_duplicates(world, accum):
+    batch, steps = 16, 5
+    per_rank = [list(RankBatches(batch, accum, world, r, 0, steps)) for r in range(world)]
+    flat = sorted(p for batches in per_rank for b in batches for p in b)
+    assert flat == list(range(batch * steps))  # every position once, nothing else
+    # step s of every rank draws only from step s's global positions: order independent of world size
+    for rank_batches in per_rank:
+        for i, b in enumerate(rank_batches):
+            step = i // accum
+            assert all(step * batch <= p < (step + 1) * batch for p in b)
+
+
+def test_resuming_starts_at_the_saved_step():
+    full = list(RankBatches(8, 1, 2, 1, 0, 6))
+    resumed = list(RankBatches(8, 1, 2, 1, 3, 6))
+    assert resumed == full[3:]
+
+
+def test_loader_with_workers_matches_in_process(shards):
+    pairs = ShardPairs(shards, "train")
+    plan = CropPlan(len(pairs), 32, True, seed=2)
+    a = [b for b, _ in train_loader(pairs, plan, 4, 1, 1, 0, 0, 3, num_workers=0)]
+    b = [b for b, _ in train_loader(pairs, plan, 4, 1, 1, 0, 0, 3, num_workers=2)]
+    assert len(a) == 3 and all((x == y).all() for x, y in zip(a, b))
+    assert a[0].shape == (4, 3, 32, 32)
+
+
+def test_full_frames_cover_the_split_once_across_ranks(shards):
+    pairs = ShardPairs(shards, "test")
+    keys = [key for r in range(3) for _, _, key, _ in full_frame_loader(pairs, r, 3)]
+    assert sorted(keys) == sorted(ref.key for ref in pairs.refs) and len(keys) == len(pairs)

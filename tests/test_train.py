@@ -1,0 +1,237 @@
+"""The trainer end to end through its command lines: F then G, evaluation, MLflow, resume, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_cli, write_config
+
+
+def _weights(path):
+    return load_file(str(path))
+
+
+def _assert_same_weights(a, b, exact):
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        if exact:
+            assert torch.equal(wa[key], wb[key]), key
+        else:
+            torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.fixture(scope="module")
+def trained(shards, tmp_path_factory):
+    """Stage f, then stage g (unroll 3), then evaluation, in one output folder."""
+    base = tmp_path_factory.mktemp("trained")
+    out = base / "run"
+    cfg = write_config(base / "cfg.yaml", shards, out)
+    logs = {}
+    logs["f"] = run_cli("launch/train.py", "--config", cfg, "--stage", "f", check=True)
+    logs["g"] = run_cli("launch/train.py", "--config", cfg, "--stage", "g", "--unroll", "3", check=True)
+    logs["eval"] = run_cli("launch/evaluate.py", "--output-dir", out, "--iterations", "2", check=True)
+    return {"out": out, "cfg": cfg, "db": base / "mlflow.db", "logs": logs}
+
+
+def test_stages_write_weights_checkpoints_and_resolved_config(trained):
+    out = trained["out"]
+    for stage in ("f", "g"):
+        assert (out / f"{stage}.safetensors").is_file() and (out / f"{stage}_best.safetensors").is_file()
+        assert (out / stage / "config.yaml").is_file()
+        names = sorted(p.name for p in (out / stage / "checkpoints").iterdir())
+        assert names[-1] == "step-00000006" and not any(n.startswith(".tmp") for n in names)
+    assert sum(v.numel() for v in _weights(out / "f.safetensors").values()) == 466_348
+    assert sum(v.numel() for v in _weights(out / "g.safetensors").values()) == 120_188
+
+
+def test_evaluation_prints_json_last(trained):
+    last = trained["logs"]["eval"].stdout.strip().splitlines()[-1]
+    result = json.loads(last)
+    for key in ("psnr", "ssim", "input_psnr", "input_ssim", "psnr_per_iteration"):
+        assert key in result
+    assert len(result["psnr_per_iteration"]) == 3  # after F, then after each of 2 G iterations
+    assert result["pairs"] == 4 and result["psnr"] == pytest.approx(result["psnr_per_iteration"][-1])
+
+
+def test_mlflow_records_params_metrics_artifacts_and_the_f_run(trained):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{trained['db']}")
+    exp = client.get_experiment_by_name("golf-test")
+    runs = {r.data.tags["golf.stage"]: r for r in client.search_runs([exp.experiment_id])}
+    assert set(runs) == {"f", "g", "eval"}
+    f, g = runs["f"], runs["g"]
+    assert f.data.params["world_size"] == "1" and f.data.params["global_batch"] == "4"
+    assert f.data.params["per_device_batch"] == "4" and f.data.params["train.lr"] == "0.001"
+    assert g.data.params["train.unroll"] == "3"
+    assert g.data.params["f_run_id"] == f.info.run_id == g.data.tags["golf.f_run_id"]
+    for key in ("loss", "loss_content", "loss_perceptual", "lr", "crops_per_s", "data_wait_share", "val_psnr"):
+        assert key in f.data.metrics, key
+    history = client.get_metric_history(f.info.run_id, "loss")
+    assert [m.step for m in history] == [2, 4, 6]
+    artifacts = {a.path for a in client.list_artifacts(f.info.run_id)}
+    assert {"config.yaml", "weights", "samples"} <= artifacts
+    weights = {a.path for a in client.list_artifacts(f.info.run_id, "weights")}
+    assert weights == {"weights/f.safetensors", "weights/f_best.safetensors"}
+    assert "test_psnr" in runs["eval"].data.metrics
+
+
+def test_deblur_writes_pngs_of_the_input_size(trained, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (37, 53, 3), dtype=np.uint8)).save(folder / "a.jpg")
+    Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(folder / "b.png")
+    proc = run_cli("launch/deblur.py", "--output-dir", trained["out"], folder, "--out", tmp_path / "out", check=True)
+    written = sorted((tmp_path / "out").rglob("*.png"))
+    assert [p.name for p in written] == ["a.png", "b.png"], proc.stdout
+    assert Image.open(written[0]).size == (53, 37)
+
+
+def test_kill_and_resume_is_bitwise_exact(shards, tmp_path):
+    """SIGKILL mid-run, start again: the final weights equal an uninterrupted run's, bit for bit."""
+    steps = {"steps": 24, "checkpoint_every": 4, "val_every": 8, "log_every": 4}
+    ref_cfg = write_config(tmp_path / "ref.yaml", shards, tmp_path / "ref", train=steps)
+    run_cli("launch/train.py", "--config", ref_cfg, "--stage", "f", check=True)
+
+    cfg = write_config(tmp_path / "cut.yaml", shards, tmp_path / "cut", train=steps)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch/train.py"), "--config", str(cfg), "--stage", "f"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "cut" / "f" / "checkpoints"
+    deadline = time.time() + 300
+    while not (ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir())):
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "cut" / "f.safetensors").exists(), "the run finished before it was killed"
+
+    resumed = run_cli("launch/train.py", "--config", cfg, "--stage", "f", check=True)
+    assert "resuming stage f from" in resumed.stdout
+    _assert_same_weights(tmp_path / "ref" / "f.safetensors", tmp_path / "cut" / "f.safetensors", exact=True)
+
+
+def _torchrun(nproc, cfg, stage, *extra):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+         str(ROOT / "launch/train.py"), "--config", str(cfg), "--stage", stage, *extra],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _relative_gap(a: Path, b: Path, init: dict) -> float:
+    """||w_a - w_b|| / ||w_a - w_init||: the runs' disagreement against how far training moved them."""
+    wa, wb = _weights(a), _weights(b)
+    gap = sum(((wa[k] - wb[k]) ** 2).sum() for k in wa) ** 0.5
+    moved = sum(((wa[k] - init[k]) ** 2).sum() for k in wa) ** 0.5
+    assert moved > 1e-3, "training did not move the weights"
+    return float(gap / moved)
+
+
+def test_two_processes_match_one_with_the_same_global_batch(shards, tmp_path):
+    """DDP over gloo, stage f and stage g with checkpointed unrolling, against a single process.
+
+    Float tolerance, not bit equality: two ranks sum gradients in another order, and Adam scales
+    every gradient element to about +-lr, so elements whose gradient is at rounding level may move
+    differently. The test bounds the runs' distance relative to the distance training covered
+    (measured here: 1e-4 to 8e-3).
+    """
+    from golf_dist.models import f_net, g_net
+
+    train = {"steps": 3, "checkpoint_every": 3, "val_every": 3}
+    outs = {n: tmp_path / f"p{n}" for n in (1, 2)}
+    cfgs = {n: write_config(tmp_path / f"p{n}.yaml", shards, outs[n], train=train) for n in (1, 2)}
+    for n in (1, 2):
+        log = _torchrun(n, cfgs[n], "f")
+        assert f"{n} process(es) x {4 // n} per device" in log.stdout
+    # both G runs start from the same F, so they differ only by the world size
+    for n in (1, 2):
+        _torchrun(n, cfgs[n], "g", "--unroll", "2", f"train.f_weights={outs[1] / 'f.safetensors'}")
+    torch.manual_seed(1)  # the config's seed: the trainer's initial weights
+    f_init = f_net().state_dict()
+    torch.manual_seed(1)
+    g_init = g_net().state_dict()
+    assert _relative_gap(outs[1] / "f.safetensors", outs[2] / "f.safetensors", f_init) < 2e-2
+    assert _relative_gap(outs[1] / "g.safetensors", outs[2] / "g.safetensors", g_init) < 2e-2
+
+
+# ---- bad input: a clear message naming the thing, non-zero exit, nothing half-written -------------
+
+
+def _no_checkpoints(out: Path) -> bool:
+    return not any(out.rglob("step-*")) and not any(out.glob("*.safetensors"))
+
+
+def test_missing_shards_are_named(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "nowhere", tmp_path / "out")
+    proc = run_cli("launch/train.py", "--config", cfg, "--stage", "f")
+    assert proc.returncode != 0 and "nowhere" in proc.stderr and "Traceback" not in proc.stderr
+    assert _no_checkpoints(tmp_path / "out")
+
+
+def test_crop_larger_than_frames_is_a_config_error(shards, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out")
+    proc = run_cli("launch/train.py", "--config", cfg, "--stage", "f", "data.crop=128")
+    assert proc.returncode == 2 and "data.crop" in proc.stderr and "64x96" in proc.stderr
+    assert _no_checkpoints(tmp_path / "out")
+
+
+def test_stage_g_without_a_trained_f(shards, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out")
+    proc = run_cli("launch/train.py", "--config", cfg, "--stage", "g")
+    assert proc.returncode != 0 and "f.safetensors" in proc.stderr and "--stage f" in proc.stderr
+    assert _no_checkpoints(tmp_path / "out")
+
+
+def test_global_batch_that_does_not_divide(shards, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out")
+    proc = run_cli("launch/train.py", "--config", cfg, "--stage", "f", "train.grad_accum=3")
+    assert proc.returncode == 2 and "data.batch_size" in proc.stderr
+    assert _no_checkpoints(tmp_path / "out")
+
+
+def test_perceptual_term_without_vgg_weights_says_where_the_file_goes(shards, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out")
+    proc = run_cli("launch/train.py", "--config", cfg, "--stage", "f", "loss.perceptual_weight=5e-6",
+                   env={"TORCH_HOME": str(tmp_path / "torch_home")})
+    assert proc.returncode != 0 and "vgg11_bn-6002323d.pth" in proc.stderr
+    assert str(tmp_path / "torch_home") in proc.stderr
+    assert _no_checkpoints(tmp_path / "out")
+
+
+def test_training_with_the_perceptual_term_loads_vgg_from_the_hub_cache(shards, tmp_path):
+    """A weights file in torchvision's layout (random values, made here) in the hub cache is used."""
+    from golf_dist.losses import VGG_WEIGHTS_FILE, VGGFeatures
+
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(VGGFeatures().state_dict(), cache / VGG_WEIGHTS_FILE)
+    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out", train={"steps": 2, "log_every": 1})
+    run_cli("launch/train.py", "--config", cfg, "--stage", "f", "loss.perceptual_weight=0.01",
+            env={"TORCH_HOME": str(tmp_path / "torch_home")}, check=True)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("golf-test").experiment_id])[0]
+    perceptual = client.get_metric_history(run.info.run_id, "loss_perceptual")
+    content = client.get_metric_history(run.info.run_id, "loss_content")
+    total = client.get_metric_history(run.info.run_id, "loss")
+    assert perceptual[0].value > 0
+    assert total[0].value == pytest.approx(content[0].value + 0.01 * perceptual[0].value, rel=1e-5)
