@@ -40,7 +40,7 @@ from golf_dist.checkpoints import (
     set_rng_state,
 )
 from golf_dist.config import Config, dump_yaml, flatten, to_dict
-from golf_dist.data.loader import CropPlan, ShardPairs, train_loader
+from golf_dist.data.loader import CropPlan, ShardPairs, train_loader, unwrap_worker_error
 from golf_dist.errors import ConfigError, DataError, GolfError
 from golf_dist.evaluate import evaluate_pairs
 from golf_dist.losses import GolfLoss, find_vgg_weights, load_vgg_features, unrolled_loss, vgg_weights_missing_message
@@ -135,14 +135,6 @@ def resolve_f_weights(cfg: Config, output_dir: Path) -> Path:
         f"stage g needs a trained F: {path} does not exist. Train it first with "
         f"`launch/train.py --stage f --output-dir {output_dir}` (same config), or set train.f_weights=PATH"
     )
-
-
-def _clean(err: GolfError) -> GolfError:
-    """A GolfError re-raised from a DataLoader worker carries the worker's traceback: keep the message."""
-    text = str(err).strip().splitlines()
-    if len(text) > 1:
-        return type(err)(text[-1].split(": ", 1)[-1] if text[-1].startswith(type(err).__name__) else text[-1])
-    return err
 
 
 def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
@@ -302,7 +294,7 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
             try:
                 blur, sharp = next(batches)
             except GolfError as err:
-                raise _clean(err) from None
+                raise unwrap_worker_error(err) from None
             waited += time.perf_counter() - wait_start
             blur, sharp = blur.to(device, non_blocking=True), sharp.to(device, non_blocking=True)
             sync = micro == accum - 1

@@ -100,3 +100,16 @@ def test_full_frames_cover_the_split_once_across_ranks(shards):
     pairs = ShardPairs(shards, "test")
     keys = [key for r in range(3) for _, _, key, _ in full_frame_loader(pairs, r, 3)]
     assert sorted(keys) == sorted(ref.key for ref in pairs.refs) and len(keys) == len(pairs)
+
+
+def test_an_error_in_a_loader_worker_keeps_its_one_line_message(shards):
+    """A sample smaller than the crop, found inside a worker process, surfaces as one clear DataError."""
+    from golf_dist.errors import DataError
+    from golf_dist.data.loader import unwrap_worker_error
+
+    pairs = ShardPairs(shards, "train")
+    plan = CropPlan(len(pairs), crop=128, flips=False, seed=0)  # frames are 64x96
+    with pytest.raises(DataError) as caught:
+        next(iter(train_loader(pairs, plan, 2, 1, 1, 0, 0, 1, num_workers=1)))
+    clean = str(unwrap_worker_error(caught.value))
+    assert "\n" not in clean and "smaller than data.crop=128" in clean and "64x96" in clean

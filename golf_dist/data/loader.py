@@ -24,7 +24,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from golf_dist.data.shards import index_shard, read_manifest, read_member, shard_paths
-from golf_dist.errors import DataError
+from golf_dist.errors import DataError, GolfError
 
 
 @dataclass(frozen=True)
@@ -234,3 +234,12 @@ def full_frame_loader(
         batch_size=None,
         num_workers=min(num_workers, len(indices)),
     )
+
+
+def unwrap_worker_error(err: GolfError) -> GolfError:
+    """A GolfError re-raised from a DataLoader worker carries the worker's traceback: keep the message."""
+    lines = str(err).strip().splitlines()
+    if len(lines) < 2:
+        return err
+    head, sep, message = lines[-1].partition(": ")  # "golf_dist.errors.DataError: <message>"
+    return type(err)(message if sep and head.endswith(type(err).__name__) else lines[-1])
