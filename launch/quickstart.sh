@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 OUT=runs/demo
 bash launch/setup.sh
 if [ ! -d "$OUT/GOPRO_Large" ]; then
-  "$PY" data_prep/synth_gopro.py --out "$OUT/GOPRO_Large" --train-pairs 48 --test-pairs 8 --height 256 --width 448 --seed 0
+  "$PY" data_prep/synth_gopro.py --out "$OUT/GOPRO_Large" --train-pairs 48 --test-pairs 16 --height 256 --width 448 --seed 0
 fi
 if [ ! -f "$OUT/shards/manifest.json" ]; then
   "$PY" data_prep/shard_gopro.py --src "$OUT/GOPRO_Large" --out "$OUT/shards" --maxcount 16

@@ -386,3 +386,15 @@ def test_bad_input_fails_before_writing_anything(breaker, dp_gopro, tmp_path):
     assert not out.exists()
     if breaker is _break_missing_source:
         assert "synth_gopro.py" in proc.stderr and "CC BY 4.0" in proc.stderr
+
+
+def test_motion_kernels_always_spread_over_most_of_their_canvas():
+    """No near-delta kernels: a 'blurred' frame that is nearly sharp teaches little (and the demo's
+    F learned to over-sharpen such frames), so every path reaches 60-100% of the canvas."""
+    rng = np.random.default_rng(0)
+    for size in (7, 11, 31):
+        for _ in range(20):
+            ys, xs = np.nonzero(motion_kernel(size, rng) > 1e-9)
+            centre = (size - 1) / 2  # the path's time average sits here
+            reach = max(np.abs(xs - centre).max(), np.abs(ys - centre).max())
+            assert reach >= 0.6 * (centre - 0.5) - 1, (size, reach)
