@@ -266,3 +266,52 @@ def test_evaluation_across_two_ranks_equals_one_process(trained):
     for key in ("psnr", "ssim", "input_psnr", "input_ssim"):
         assert two[key] == pytest.approx(one[key], rel=1e-6, abs=1e-6), key
     assert two["psnr_per_iteration"] == pytest.approx(one["psnr_per_iteration"], rel=1e-6)
+
+
+def test_mlflow_ui_serves_the_local_store(trained):
+    """`mlflow ui` on the local store lists the runs and serves their artifacts (sample images)."""
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{trained['db']}",
+         "--host", "127.0.0.1", "--port", str(port)],
+        cwd=trained["db"].parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "mlflow ui did not start"
+                time.sleep(0.5)
+
+        def get(route, **query):
+            url = f"{base}{route}?{urllib.parse.urlencode(query)}"
+            return urllib.request.urlopen(url, timeout=10).read()
+
+        exp = json.loads(get("/api/2.0/mlflow/experiments/get-by-name", experiment_name="golf-test"))
+        request = urllib.request.Request(
+            f"{base}/api/2.0/mlflow/runs/search", method="POST", headers={"Content-Type": "application/json"},
+            data=json.dumps({"experiment_ids": [exp["experiment"]["experiment_id"]]}).encode(),
+        )
+        runs = json.loads(urllib.request.urlopen(request, timeout=10).read())["runs"]
+        by_stage = {next(t["value"] for t in r["data"]["tags"] if t["key"] == "golf.stage"): r for r in runs}
+        assert {"f", "g", "eval"} <= set(by_stage)
+        g_run = by_stage["g"]["info"]["run_id"]
+        listing = json.loads(get("/api/2.0/mlflow/artifacts/list", run_id=g_run, path="samples"))
+        step_dir = listing["files"][0]["path"]
+        image_path = json.loads(get("/api/2.0/mlflow/artifacts/list", run_id=g_run, path=step_dir))["files"][0]["path"]
+        png = get("/get-artifact", run_id=g_run, path=image_path)
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
