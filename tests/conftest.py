@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,3 +57,14 @@ def write_config(path: Path, shards: Path, output_dir: Path, **sections) -> Path
         cfg.setdefault(name, {}).update(values)
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+class AffineMap(nn.Module):
+    """x -> 0.5 x + 0.5, with a parameter so checkpointing has something to differentiate."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x):
+        return self.scale * x + 0.5

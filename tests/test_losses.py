@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from golf_dist.errors import GolfError
@@ -18,6 +17,8 @@ from golf_dist.losses import (
     vgg_weights_missing_message,
 )
 from golf_dist.models import g_net, unroll
+
+from conftest import AffineMap
 
 # torchvision vgg11_bn().features: where the convs and BNs sit, and the channel widths (cfg "A").
 CONVS = {0: (3, 64), 4: (64, 128), 8: (128, 256), 11: (256, 256), 15: (256, 512), 18: (512, 512),
@@ -177,15 +178,6 @@ def test_target_features_carry_no_gradient():
     GolfLoss(1.0, VGGFeatures())(out, target)["perceptual"].backward()
     assert out.grad is not None and out.grad.abs().sum() > 0
     assert target.grad is None
-
-
-class AffineMap(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.scale = nn.Parameter(torch.tensor(0.5))
-
-    def forward(self, x):
-        return self.scale * x + 0.5
 
 
 @pytest.mark.parametrize("checkpoint", [True, False])

@@ -14,6 +14,8 @@ from golf_dist.benchmark import checkpoint_memory_ratio, make_settings
 from golf_dist.errors import GolfError
 from golf_dist.models import BasicBlock, ResidualCNN, f_net, g_net, unroll
 
+from conftest import AffineMap
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -64,17 +66,6 @@ def test_zero_init_starts_as_identity():
     assert torch.equal(f_net()(x), x)
     assert torch.equal(g_net()(x), x)
     assert not torch.allclose(ResidualCNN(8, zero_init_last=False)(x), x)
-
-
-class AffineMap(nn.Module):
-    """x -> 0.5 x + 0.5, with a parameter so checkpointing has something to differentiate."""
-
-    def __init__(self):
-        super().__init__()
-        self.scale = nn.Parameter(torch.tensor(0.5))
-
-    def forward(self, x):
-        return self.scale * x + 0.5
 
 
 @pytest.mark.parametrize("checkpoint", [True, False])
