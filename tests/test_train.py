@@ -315,3 +315,12 @@ def test_mlflow_ui_serves_the_local_store(trained):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_bf16_mixed_precision_trains_and_keeps_fp32_weights(shards, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out",
+                       train={"steps": 2, "mixed_precision": "bf16", "val_every": 2, "checkpoint_every": 2})
+    run_cli("launch/train.py", "--config", cfg, "--stage", "f", check=True)
+    weights = _weights(tmp_path / "out" / "f.safetensors")
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
+    assert weights["tail.weight"].abs().sum() > 0  # the zero-initialised last conv was trained
