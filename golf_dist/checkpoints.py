@@ -66,6 +66,16 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise DataError(f"weights file {path} is not a readable safetensors file: {err}") from None
 
 
+def load_into(module: torch.nn.Module, path: Path, what: str) -> torch.nn.Module:
+    """Load a weights file into `module`; a file made for another network is a DataError naming it."""
+    try:
+        module.load_state_dict(load_weights(path))
+    except RuntimeError as err:  # missing / unexpected keys, shape mismatches
+        first = str(err).strip().splitlines()
+        raise DataError(f"weights file {path} does not fit {what}: {' '.join(first[:2])[:300]}") from None
+    return module
+
+
 def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {

@@ -103,15 +103,14 @@ def evaluate_pairs(
 
 def load_trained(output_dir: Path, device: torch.device, iterations: int):
     """F (and G when iterations > 0) from a training output folder, in eval mode on `device`."""
-    from golf_dist.checkpoints import load_weights
+    from golf_dist.checkpoints import load_into
     from golf_dist.errors import DataError
     from golf_dist.models import f_net, g_net
 
     f_path, g_path = Path(output_dir) / "f.safetensors", Path(output_dir) / "g.safetensors"
     if not f_path.is_file():
         raise DataError(f"no trained F at {f_path}: train stage f with --output-dir {output_dir} first")
-    f = f_net()
-    f.load_state_dict(load_weights(f_path))
+    f = load_into(f_net(), f_path, "F")
     g = None
     if iterations > 0:
         if not g_path.is_file():
@@ -119,9 +118,7 @@ def load_trained(output_dir: Path, device: torch.device, iterations: int):
                 f"no trained G at {g_path}: train stage g with --output-dir {output_dir} first, "
                 "or use F alone with --iterations 0"
             )
-        g = g_net()
-        g.load_state_dict(load_weights(g_path))
-        g.to(device).eval()
+        g = load_into(g_net(), g_path, "G").to(device).eval()
     return f.to(device).eval(), g
 
 

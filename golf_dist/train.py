@@ -30,6 +30,7 @@ from golf_dist import __version__
 from golf_dist.checkpoints import (
     best_checkpoint,
     list_checkpoints,
+    load_into,
     load_latest,
     load_weights,
     prune,
@@ -180,9 +181,7 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
     model = f_net() if stage == "f" else g_net()
     f_model = None
     if stage == "g":
-        f_model = f_net()
-        f_model.load_state_dict(load_weights(f_path))
-        f_model.requires_grad_(False).eval().to(device)
+        f_model = load_into(f_net(), f_path, "F").requires_grad_(False).eval().to(device)
     loss_fn = GolfLoss(cfg.loss.perceptual_weight, vgg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(

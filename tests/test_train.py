@@ -324,3 +324,11 @@ def test_bf16_mixed_precision_trains_and_keeps_fp32_weights(shards, tmp_path):
     weights = _weights(tmp_path / "out" / "f.safetensors")
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
     assert weights["tail.weight"].abs().sum() > 0  # the zero-initialised last conv was trained
+
+
+def test_stage_g_with_weights_of_the_wrong_network_names_the_file(shards, trained, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out")
+    wrong = trained["out"] / "g.safetensors"
+    proc = run_cli("launch/train.py", "--config", cfg, "--stage", "g", f"train.f_weights={wrong}")
+    assert proc.returncode != 0 and f"weights file {wrong} does not fit F" in proc.stderr
+    assert "Traceback" not in proc.stderr and _no_checkpoints(tmp_path / "out")
