@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
-from golf_dist.data.loader import to_tensor
+from golf_dist.data.loader import decode_image, to_tensor
 from golf_dist.errors import DataError
 from golf_dist.evaluate import golf_iterates, load_trained, to_uint8
 
@@ -43,11 +42,7 @@ def deblur_files(output_dir: Path, inputs: list[str], out_dir: Path, iterations:
     f, g = load_trained(Path(output_dir), dev, iterations)
     written = []
     for src, rel in tqdm(files, desc="deblur", disable=len(files) < 2):
-        try:
-            with Image.open(src) as img:
-                image = np.asarray(img.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as err:
-            raise DataError(f"image {src} cannot be decoded ({err})") from None
+        image = decode_image(src.read_bytes(), f"image {src}")
         with torch.no_grad():
             restored = golf_iterates(f, g, to_tensor(image).unsqueeze(0).to(dev), iterations)[-1]
         dest = out_dir / rel

@@ -13,7 +13,6 @@ A run started on a directory that holds checkpoints of its stage resumes from th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import platform
@@ -41,6 +40,7 @@ from golf_dist.checkpoints import (
 )
 from golf_dist.config import Config, dump_yaml, flatten, to_dict
 from golf_dist.data.loader import CropPlan, ShardPairs, train_loader, unwrap_worker_error
+from golf_dist.data.shards import sha256_file
 from golf_dist.errors import ConfigError, DataError, GolfError
 from golf_dist.evaluate import evaluate_pairs
 from golf_dist.losses import GolfLoss, find_vgg_weights, load_vgg_features, unrolled_loss, vgg_weights_missing_message
@@ -72,14 +72,6 @@ class StagePaths:
     @property
     def run_info(self) -> Path:
         return self.output_dir / f"{self.stage}_run.json"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _git_commit() -> str:
@@ -219,7 +211,7 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
     tags = {"golf.stage": stage, "golf.output_dir": str(paths.output_dir.resolve())}
     f_info: dict[str, str] = {}
     if stage == "g":
-        f_info = {"f_weights": str(f_path.resolve()), "f_weights_sha256": sha256_of(f_path)}
+        f_info = {"f_weights": str(f_path.resolve()), "f_weights_sha256": sha256_file(f_path)}
         f_run_file = StagePaths(paths.output_dir, "f").run_info
         if f_run_file.is_file():
             f_info["f_run_id"] = json.loads(f_run_file.read_text()).get("mlflow_run_id") or ""
@@ -365,7 +357,7 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
             save_weights(load_weights(best / "model.safetensors"), paths.best_weights, meta)
             tracker.log_artifact(paths.best_weights, "weights")
         tracker.log_artifact(paths.weights, "weights")
-        info = {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri, "weights_sha256": sha256_of(paths.weights)}
+        info = {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri, "weights_sha256": sha256_file(paths.weights)}
         paths.run_info.write_text(json.dumps(info, indent=2))
         if last_val is not None:
             result["val_psnr"] = last_val[1]

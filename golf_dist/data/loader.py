@@ -14,6 +14,7 @@ Optimizer step s consumes the global positions [s * B, (s + 1) * B) of the strea
 
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,12 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float().div_(255.0)
 
 
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, n_pairs: int) -> np.ndarray:
+    """The pair order of one epoch: drawn once per epoch (and process), not once per sample."""
+    return np.random.default_rng([seed, epoch]).permutation(n_pairs)
+
+
 @dataclass(frozen=True)
 class CropPlan:
     """Which pair, which window and which flips the sample at a global stream position gets."""
@@ -111,8 +118,7 @@ class CropPlan:
 
     def pair_index(self, position: int) -> int:
         epoch, offset = divmod(position, self.n_pairs)
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.n_pairs)
-        return int(order[offset])
+        return int(_epoch_order(self.seed, epoch, self.n_pairs)[offset])
 
     def window(self, position: int, height: int, width: int) -> tuple[int, int, bool, bool]:
         """(top, left, hflip, vflip), drawn once per sample and applied to blur and sharp alike."""
