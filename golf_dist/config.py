@@ -35,7 +35,10 @@ class DataConfig:
     flips: bool = True  # random horizontal and vertical flips, the same for blur and sharp
     batch_size: int = 4  # global: summed over ranks and accumulation steps
     num_workers: int = 2  # loader processes per rank
-    loader: str = "auto"  # auto | torch
+    loader: str = "auto"  # auto (DALI when it imports and builds, else torch) | dali | torch
+    crops_per_frame: int = 1  # windows cut from each decoded frame pair (decode once, crop k times)
+    on_bad_sample: str = "error"  # error: stop naming shard and key | skip: skip, count, log the count
+    cache_dir: Optional[str] = None  # local cache for s3:// shards; default ~/.cache/golf_dist/shards
 
 
 @dataclass
@@ -61,6 +64,7 @@ class TrainConfig:
     checkpoint_every: int = 5000
     keep_last: int = 3  # checkpoints kept besides the best by validation PSNR
     f_weights: Optional[str] = None  # stage g: trained F; default OUTPUT_DIR/f.safetensors
+    resume_from: Optional[str] = None  # a checkpoint dir or an MLflow artifact URI; default: newest in DIR
 
 
 @dataclass
@@ -78,6 +82,7 @@ class EvalConfig:
 class TrackingConfig:
     uri: Optional[str] = None  # MLFLOW_TRACKING_URI wins; default sqlite:///mlflow.db (cwd)
     experiment: str = "golf-optimizer"
+    log_checkpoints: bool = False  # also upload each checkpoint to the run's artifact store
 
 
 @dataclass
@@ -237,7 +242,9 @@ def validate(cfg: Config, stage: str | None = None) -> None:
     need(cfg.data.crop >= 32, "data.crop", "must be at least 32 (the VGG features pool by 32)")
     need(cfg.data.batch_size >= 1, "data.batch_size", "must be at least 1")
     need(cfg.data.num_workers >= 0, "data.num_workers", "must be 0 or more")
-    need(cfg.data.loader in ("auto", "torch"), "data.loader", "must be auto or torch")
+    need(cfg.data.loader in ("auto", "dali", "torch"), "data.loader", "must be auto, dali or torch")
+    need(cfg.data.crops_per_frame >= 1, "data.crops_per_frame", "must be at least 1")
+    need(cfg.data.on_bad_sample in ("error", "skip"), "data.on_bad_sample", "must be error or skip")
     need(cfg.loss.perceptual_weight >= 0, "loss.perceptual_weight", "must be 0 or more")
     t = cfg.train
     need(t.steps >= 1, "train.steps", "must be at least 1")

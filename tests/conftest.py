@@ -4,8 +4,12 @@ per test session through the project's own command lines."""
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -68,3 +72,61 @@ class AffineMap(nn.Module):
 
     def forward(self, x):
         return self.scale * x + 0.5
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> dict[str, str]:
+    """A real S3-compatible server (moto_server, its own process) on loopback for the whole session.
+
+    Yields the environment a client needs: the endpoint through AWS_ENDPOINT_URL (and
+    MLFLOW_S3_ENDPOINT_URL) and throwaway credentials through the standard variables. Tests pass it
+    to the command lines they run (`run_cli(..., env=s3_server)`) and create their own buckets.
+    """
+    exe = shutil.which("moto_server")
+    if exe is None:
+        pytest.skip("moto_server is not installed (pip install 'moto[server]'); S3 tests need it")
+    port = free_port()
+    log = tmp_path_factory.mktemp("s3") / "moto_server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"moto_server did not start on {endpoint}; log:\n{log.read_text()}")
+            time.sleep(0.2)
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "MLFLOW_S3_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "golf-test-key",
+        "AWS_SECRET_ACCESS_KEY": "golf-test-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    yield env
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def make_bucket(env: dict[str, str], name: str) -> None:
+    """Create bucket `name` on the loopback S3 server described by `env` (from the s3_server fixture)."""
+    import boto3
+
+    client = boto3.client(
+        "s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"],
+    )
+    client.create_bucket(Bucket=name)
