@@ -272,6 +272,28 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
             tracker.log_image(image, f"samples/step-{step:08d}/{key}.png")
         return result["psnr"]
 
+    def save(step: int) -> None:
+        """Checkpoint after optimizer step `step` (main process writes; every rank waits for it)."""
+        if is_main:
+            save_checkpoint(
+                paths.checkpoints,
+                step,
+                raw_model.state_dict(),
+                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                {
+                    "stage": stage,
+                    "steps": t.steps,
+                    "data_position": step * global_batch,
+                    "global_batch": global_batch,
+                    "world_size": world,
+                    "val_psnr": last_val[1] if last_val and last_val[0] == step else None,
+                    "best_val_psnr": best_psnr if best_psnr > -math.inf else None,
+                    "mlflow_run_id": tracker.run_id,
+                },
+            )
+            prune(paths.checkpoints, t.keep_last)
+        accelerator.wait_for_everyone()
+
     # ---- the loop ------------------------------------------------------------------------------------
     model.train()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # total, content, perceptual
@@ -325,25 +347,7 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
             best_psnr = max(best_psnr, last_val[1])
 
         if step % t.checkpoint_every == 0 or step == t.steps:
-            if is_main:
-                save_checkpoint(
-                    paths.checkpoints,
-                    step,
-                    raw_model.state_dict(),
-                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                    {
-                        "stage": stage,
-                        "steps": t.steps,
-                        "data_position": step * global_batch,
-                        "global_batch": global_batch,
-                        "world_size": world,
-                        "val_psnr": last_val[1] if last_val and last_val[0] == step else None,
-                        "best_val_psnr": best_psnr if best_psnr > -math.inf else None,
-                        "mlflow_run_id": tracker.run_id,
-                    },
-                )
-                prune(paths.checkpoints, t.keep_last)
-            accelerator.wait_for_everyone()
+            save(step)
         paused += time.perf_counter() - pause_start
     bar.close()
 
