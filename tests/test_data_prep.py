@@ -261,7 +261,9 @@ def test_other_plan_in_out_is_refused_unless_overwrite(dp_gopro, dp_shards, tmp_
     _shard(dp_gopro, out, maxcount=3, overwrite=True)
     manifest = read_manifest(out)
     assert manifest["maxcount"] == 3 and len(manifest["splits"]["train"]["shards"]) == 2
-    assert sorted(p.name for p in (out / "train").iterdir()) == ["train-000000.tar", "train-000001.tar"]
+    assert sorted(p.name for p in (out / "train").iterdir()) == [
+        "train-000000.idx", "train-000000.tar", "train-000001.idx", "train-000001.tar"
+    ]
 
 
 def test_read_manifest_and_shard_paths_errors(dp_shards, tmp_path):
@@ -310,7 +312,7 @@ def test_index_shard_rejects_truncated_and_incomplete_shards(dp_shards, tmp_path
             info = tarfile.TarInfo(name)
             info.size = 3
             tar.addfile(info, io.BytesIO(b"abc"))
-    with pytest.raises(DataError, match=re.escape(str(lacking)) + ".*a-2 has no sharp.png"):
+    with pytest.raises(DataError, match=re.escape(str(lacking)) + ".*a-2 has no sharp image member"):
         index_shard(lacking)
 
 
@@ -320,7 +322,8 @@ def test_index_shard_rejects_truncated_and_incomplete_shards(dp_shards, tmp_path
 def test_help_of_both_clis():
     for script, flags in (
         ("synth_gopro.py", ("--out", "--train-pairs", "--test-pairs", "--height", "--frames-per-scene", "--overwrite")),
-        ("shard_gopro.py", ("--src", "--out", "--blur-dir", "--maxcount", "--workers", "--seed", "--splits")),
+        ("shard_gopro.py", ("--src", "--out", "--blur-dir", "--maxcount", "--workers", "--seed", "--splits",
+                            "--format", "--test-format", "--verify", "--num-parts", "--part", "--merge", "s3://")),
     ):
         proc = _cli(script, "--help")
         assert proc.returncode == 0, proc.stderr
@@ -398,3 +401,142 @@ def test_motion_kernels_always_spread_over_most_of_their_canvas():
             centre = (size - 1) / 2  # the path's time average sits here
             reach = max(np.abs(xs - centre).max(), np.abs(ys - centre).max())
             assert reach >= 0.6 * (centre - 0.5) - 1, (size, reach)
+
+
+# ---------------------------------------------------------------- integrity: --verify and SIGKILL
+
+
+def test_verify_names_each_missing_truncated_or_changed_file(dp_shards, tmp_path):
+    out = tmp_path / "shards"
+    shutil.copytree(dp_shards, out)
+    proc = _cli("shard_gopro.py", "--verify", str(out), "--no-progress")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("ok: 6 files (") and str(out) in proc.stdout  # 3 shards + 3 indexes
+
+    flipped = out / "train" / "train-000000.tar"
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    truncated = out / "train" / "train-000001.tar"
+    truncated.write_bytes(truncated.read_bytes()[:-700])
+    missing = out / "test" / "test-000000.tar"
+    missing.unlink()
+    missing_index = out / "train" / "train-000001.idx"
+    missing_index.unlink()
+    proc = _cli("shard_gopro.py", "--verify", str(out), "--no-progress")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"4 of 6 files in {out} are bad:"
+    assert any(line.startswith(f"  changed: {flipped} has sha256 ") for line in lines), proc.stdout
+    assert f"  truncated: {truncated} has {truncated.stat().st_size} of {truncated.stat().st_size + 700} bytes" in lines
+    assert f"  missing: {missing}" in lines and f"  missing: {missing_index}" in lines
+    assert not any("test-000000.idx" in line or "train-000000.idx" in line for line in lines), "good files named"
+
+    (out / "manifest.json").unlink()
+    proc = _cli("shard_gopro.py", "--verify", str(out))
+    assert proc.returncode == 1 and str(out / "manifest.json") in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def kill_gopro(tmp_path_factory) -> Path:
+    """Frames big enough (8 + 2 pairs of 192x256, jp2, one pair per shard) that a kill lands mid-run."""
+    root = tmp_path_factory.mktemp("kill") / "GOPRO_Large"
+    make_synthetic_gopro(root, seed=4, workers=1, train_pairs=8, test_pairs=2, height=192, width=256,
+                         frames_per_scene=2, progress=False)
+    return root
+
+
+KILL_ARGS = ("--format", "jp2", "--maxcount", "1", "--workers", "2", "--no-progress")
+
+
+@pytest.fixture(scope="module")
+def kill_reference(kill_gopro, tmp_path_factory) -> dict[str, bytes]:
+    out = tmp_path_factory.mktemp("kill_ref") / "shards"
+    proc = _cli("shard_gopro.py", "--src", str(kill_gopro), "--out", str(out), *KILL_ARGS)
+    assert proc.returncode == 0, proc.stderr
+    return _tree(out)
+
+
+def _finals(out: Path) -> dict[str, bytes]:
+    """Files under their final names (not *.tmp-*)."""
+    return {k: v for k, v in _tree(out).items() if ".tmp-" not in k} if out.exists() else {}
+
+
+@pytest.mark.parametrize("when", ["first temporary file", "first shard", "fifth shard"])
+def test_sigkill_then_rerun_gives_the_uninterrupted_bytes(when, kill_gopro, kill_reference, tmp_path):
+    """SIGKILL the whole process group (as SLURM or the OOM killer would) at a point of the run; every file
+    under a final name is whole at any time, and the rerun ends byte-identical to an uninterrupted run."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "shards"
+    cmd = [sys.executable, str(REPO / "data_prep" / "shard_gopro.py"), "--src", str(kill_gopro), "--out", str(out),
+           *KILL_ARGS]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            names = [p.name for p in out.rglob("*")] if out.exists() else []
+            tars = [n for n in names if n.endswith(".tar")]
+            if (when == "first temporary file" and any(".tmp-" in n for n in names)) or (
+                when == "first shard" and tars) or (when == "fifth shard" and len(tars) >= 5):
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.002)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended ({proc.returncode}) before the kill at {when}"
+    time.sleep(0.2)  # pool workers die with their group; let the file system settle
+    finals = _finals(out)
+    assert "manifest.json" not in finals
+    for name, data in finals.items():
+        assert kill_reference[name] == data, f"{name} is visible under its final name but not whole"
+    rerun = _cli("shard_gopro.py", "--src", str(kill_gopro), "--out", str(out), *KILL_ARGS)
+    assert rerun.returncode == 0, rerun.stderr
+    assert _tree(out) == kill_reference
+
+
+def test_lost_index_is_rewritten_on_rerun(dp_gopro, dp_shards, tmp_path):
+    """A kill between a shard's rename and its index's: the rerun keeps the shard and rewrites the index."""
+    out = tmp_path / "shards"
+    shutil.copytree(dp_shards, out)
+    (out / "manifest.json").unlink()
+    (out / "train" / "train-000000.idx").unlink()
+    (out / "test" / "test-000000.idx").write_text("v1.2 1\nstale\n")
+    result = _shard(dp_gopro, out, workers=1)
+    assert (result.written, result.reused) == (0, 3)
+    assert _tree(out) == _tree(dp_shards)
+
+
+# ---------------------------------------------------------------- parts (SLURM job arrays)
+
+
+def test_parts_then_merge_give_the_single_run_bytes(dp_gopro, dp_shards, tmp_path):
+    out = tmp_path / "shards"
+    common = ("--src", str(dp_gopro), "--out", str(out), "--maxcount", "4", "--workers", "1", "--no-progress")
+    proc = _cli("shard_gopro.py", *common, "--num-parts", "2", "--part", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(_tree(out)) == ["parts/part-00001-of-00002.json", "train/train-000001.idx", "train/train-000001.tar"]
+    proc = _cli("shard_gopro.py", *common, "--num-parts", "2", "--merge")
+    assert proc.returncode == 1 and "1 of 2 parts are missing" in proc.stderr
+    assert str(out / "parts" / "part-00000-of-00002.json") in proc.stderr and "--part 0" in proc.stderr
+    assert not (out / "manifest.json").exists()
+    assert _cli("shard_gopro.py", *common, "--num-parts", "2", "--part", "0").returncode == 0
+    proc = _cli("shard_gopro.py", *common, "--num-parts", "2", "--merge", "--seed", "5")
+    assert proc.returncode == 1 and "part-00000-of-00002.json was written with other arguments" in proc.stderr
+    proc = _cli("shard_gopro.py", *common, "--num-parts", "2", "--merge")
+    assert proc.returncode == 0, proc.stderr
+    assert "merged 2 parts (3 shards)" in proc.stdout
+    tree = _tree(out)
+    assert {k: v for k, v in tree.items() if not k.startswith("parts/")} == _tree(dp_shards)
+    # a part's shard lost after its record was written: --merge names it
+    (out / "train" / "train-000001.tar").unlink()
+    proc = _cli("shard_gopro.py", *common, "--num-parts", "2", "--merge")
+    assert proc.returncode == 1 and f"{out / 'train' / 'train-000001.tar'} is missing: rerun part 1" in proc.stderr
+    for bad in (("--num-parts", "2", "--part", "2"), ("--num-parts", "2", "--part", "0", "--merge"), ("--part", "0")):
+        proc = _cli("shard_gopro.py", *common, *bad)
+        assert proc.returncode == 2 and "--part" in proc.stderr, bad
