@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from golf_dist.data.loader import CropPlan, RankBatches, ShardPairs, TrainCrops, full_frame_loader, train_loader
@@ -41,7 +42,7 @@ def test_blur_and_sharp_share_window_and_flips(coordinate_shards):
     crops = TrainCrops(pairs, plan)
     seen_flips = set()
     for position in range(40):
-        blur, sharp = (t.mul(255).round().byte().permute(1, 2, 0).numpy() for t in crops[position])
+        blur, sharp = (t.mul(255).round().byte().permute(1, 2, 0).numpy() for t in crops[position][:2])
         assert np.array_equal(blur[..., :2], sharp[..., :2])  # same window, same flips
         assert np.all(blur[..., 2].astype(int) - sharp[..., 2] == 1)
         rows, cols = sharp[..., 0].astype(int), sharp[..., 1].astype(int)
@@ -90,8 +91,8 @@ def test_resuming_starts_at_the_saved_step():
 def test_loader_with_workers_matches_in_process(shards):
     pairs = ShardPairs(shards, "train")
     plan = CropPlan(len(pairs), 32, True, seed=2)
-    a = [b for b, _ in train_loader(pairs, plan, 4, 1, 1, 0, 0, 3, num_workers=0)]
-    b = [b for b, _ in train_loader(pairs, plan, 4, 1, 1, 0, 0, 3, num_workers=2)]
+    a = [b for b, _, _ in train_loader(pairs, plan, 4, 1, 1, 0, 0, 3, num_workers=0)]
+    b = [b for b, _, _ in train_loader(pairs, plan, 4, 1, 1, 0, 0, 3, num_workers=2)]
     assert len(a) == 3 and all((x == y).all() for x, y in zip(a, b))
     assert a[0].shape == (4, 3, 32, 32)
 
@@ -113,3 +114,24 @@ def test_an_error_in_a_loader_worker_keeps_its_one_line_message(shards):
         next(iter(train_loader(pairs, plan, 2, 1, 1, 0, 0, 1, num_workers=1)))
     clean = str(unwrap_worker_error(caught.value))
     assert "\n" not in clean and "smaller than data.crop=128" in clean and "64x96" in clean
+
+
+def test_crops_per_frame_cuts_k_windows_from_one_decoded_pair(coordinate_shards):
+    """data.crops_per_frame=2: positions 2i and 2i+1 come from one pair (decoded once), each with its own window."""
+    pairs = ShardPairs(coordinate_shards, "train")
+    plan = CropPlan(len(pairs), crop=16, flips=False, seed=0, crops_per_frame=2)
+    assert [plan.pair_index(p) for p in range(0, 24, 2)] == [plan.pair_index(p) for p in range(1, 24, 2)]
+    assert sorted(plan.pair_index(p) for p in range(0, 2 * len(pairs), 2)) == list(range(len(pairs)))
+    crops = TrainCrops(pairs, plan)
+    loads = []
+    original = pairs.load
+    pairs.load = lambda i: loads.append(i) or original(i)  # count decodes (the real decode still runs)
+    differ = 0
+    for position in range(0, 12, 2):
+        (b0, s0, _), (b1, s1, _) = crops[position], crops[position + 1]
+        differ += not torch.equal(b0, b1)
+        for b, s in ((b0, s0), (b1, s1)):  # blue = 10 * frame: both crops of one pair show the same frame
+            assert torch.equal(b[2].mul(255).round() - 1, s[2].mul(255).round())
+        assert torch.equal(b0[2], b1[2])
+    assert len(loads) == 6 and differ >= 5
+

@@ -24,7 +24,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from golf_dist.data.shards import index_shard, read_manifest, read_member, shard_paths
+from golf_dist.data import formats
+from golf_dist.data.shards import index_shard, read_manifest, read_member, shard_paths, split_format
+from golf_dist.data.storage import local_shard_dir
 from golf_dist.errors import DataError, GolfError
 
 
@@ -34,12 +36,19 @@ class PairRef:
     key: str
     blur: tuple[int, int]  # (offset, size) of the member in the tar
     sharp: tuple[int, int]
+    blur_ext: str | None = None  # the members' image formats (golf_dist.data.formats); None: the split's
+    sharp_ext: str | None = None
 
 
 def _member(members: dict, kind: str, shard: Path, key: str) -> tuple[int, int]:
-    for suffix, where in members.items():
+    return members[_member_suffix(members, kind, shard, key)]
+
+
+def _member_suffix(members: dict, kind: str, shard: Path, key: str) -> str:
+    """The suffix ("blur.png", "sharp.npy", ...) of a sample's `kind` image member."""
+    for suffix in members:
         if suffix.startswith(f"{kind}."):
-            return where
+            return suffix
     raise DataError(f"shard {shard}: sample {key} has no {kind} image")
 
 
@@ -53,21 +62,27 @@ def decode_image(data: bytes, where: str) -> np.ndarray:
 
 
 class ShardPairs:
-    """Random access to the (blur, sharp) pairs of one split of a shard folder."""
+    """Random access to the (blur, sharp) pairs of one split of a shard folder (or of an s3:// shard
+    set, brought into the local cache `cache_dir` first: see golf_dist.data.storage.local_shard_dir)."""
 
-    def __init__(self, shard_dir: str | Path, split: str):
-        self.shard_dir = Path(shard_dir)
+    def __init__(self, shard_dir: str | Path, split: str, cache_dir: str | Path | None = None):
+        self.source = str(shard_dir)  # as given (a folder or s3:// URL); shard_dir is where it is read
+        self.shard_dir = local_shard_dir(str(shard_dir), cache_dir)
         self.split = split
         self.manifest = read_manifest(self.shard_dir)
         refs = []
         for shard in shard_paths(self.shard_dir, self.manifest, split):
             for sample in index_shard(shard):
+                blur = _member_suffix(sample.members, "blur", shard, sample.key)
+                sharp = _member_suffix(sample.members, "sharp", shard, sample.key)
                 refs.append(
                     PairRef(
                         shard,
                         sample.key,
-                        _member(sample.members, "blur", shard, sample.key),
-                        _member(sample.members, "sharp", shard, sample.key),
+                        sample.members[blur],
+                        sample.members[sharp],
+                        blur.split(".", 1)[1],
+                        sharp.split(".", 1)[1],
                     )
                 )
         if not refs:
@@ -89,8 +104,9 @@ class ShardPairs:
         """Decode pair `index`: (blur HxWx3 uint8, sharp HxWx3 uint8, key)."""
         ref = self.refs[index]
         where = f"shard {ref.shard} sample {ref.key}"
-        blur = decode_image(read_member(ref.shard, *ref.blur), f"{where} (blur)")
-        sharp = decode_image(read_member(ref.shard, *ref.sharp), f"{where} (sharp)")
+        fmt = split_format(self.manifest, self.split)
+        blur = formats.decode(read_member(ref.shard, *ref.blur), ref.blur_ext or fmt, f"{where} (blur)")
+        sharp = formats.decode(read_member(ref.shard, *ref.sharp), ref.sharp_ext or fmt, f"{where} (sharp)")
         if blur.shape != sharp.shape:
             raise DataError(f"{where}: blur {blur.shape[:2]} and sharp {sharp.shape[:2]} differ in size")
         return blur, sharp, ref.key
@@ -115,9 +131,10 @@ class CropPlan:
     crop: int
     flips: bool
     seed: int
+    crops_per_frame: int = 1  # k consecutive positions share one pair (one decode), each its own window
 
     def pair_index(self, position: int) -> int:
-        epoch, offset = divmod(position, self.n_pairs)
+        epoch, offset = divmod(position // self.crops_per_frame, self.n_pairs)
         return int(_epoch_order(self.seed, epoch, self.n_pairs)[offset])
 
     def window(self, position: int, height: int, width: int) -> tuple[int, int, bool, bool]:
@@ -145,17 +162,38 @@ def paired_crop(
 
 
 class TrainCrops(torch.utils.data.Dataset):
-    """Indexed by global stream position; returns (blur, sharp) float crops of one sample."""
+    """Indexed by global stream position; returns (blur, sharp) float crops of one sample and how many bad
+    samples were skipped to get it (0 unless `skip_bad`).
 
-    def __init__(self, pairs: ShardPairs, plan: CropPlan):
+    With `skip_bad`, a pair that fails to load (undecodable, blur/sharp sizes differ) is replaced by the next
+    pair (by index) that loads, with the position's own window: still a pure function of position.
+    """
+
+    def __init__(self, pairs: ShardPairs, plan: CropPlan, skip_bad: bool = False):
         self.pairs = pairs
         self.plan = plan
+        self.skip_bad = skip_bad
+        self._last: tuple[int, tuple] | None = None  # the last decoded pair: k crops per frame decode once
 
     def __len__(self) -> int:  # the stream is endless; positions come from the batch sampler
         return 2**62
 
-    def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
-        blur, sharp, key = self.pairs.load(self.plan.pair_index(position))
+    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray, str]:
+        if self._last is None or self._last[0] != index:
+            self._last = (index, self.pairs.load(index))
+        return self._last[1]
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        index, skipped = self.plan.pair_index(position), 0
+        while True:
+            try:
+                blur, sharp, key = self._load(index)
+                break
+            except DataError:
+                if not self.skip_bad or skipped + 1 >= len(self.pairs):
+                    raise
+                skipped += 1
+                index = (index + 1) % len(self.pairs)
         height, width = blur.shape[:2]
         size = self.plan.crop
         if height < size or width < size:
@@ -164,7 +202,7 @@ class TrainCrops(torch.utils.data.Dataset):
             )
         top, left, hflip, vflip = self.plan.window(position, height, width)
         b, s = paired_crop(blur, sharp, top, left, size, hflip, vflip)
-        return to_tensor(b), to_tensor(s)
+        return to_tensor(b), to_tensor(s), skipped
 
 
 class RankBatches(torch.utils.data.Sampler):
@@ -201,11 +239,12 @@ def train_loader(
     start_step: int,
     end_step: int,
     num_workers: int,
+    skip_bad: bool = False,
 ) -> torch.utils.data.DataLoader:
-    """Batches of (blur, sharp) for this rank, step by step from `start_step`, `accum` per step."""
+    """Batches of (blur, sharp, skipped) for this rank, step by step from `start_step`, `accum` per step."""
     sampler = RankBatches(global_batch, accum, world, rank, start_step, end_step)
     return torch.utils.data.DataLoader(
-        TrainCrops(pairs, plan),
+        TrainCrops(pairs, plan, skip_bad),
         batch_sampler=sampler,
         num_workers=num_workers,
         persistent_workers=False,

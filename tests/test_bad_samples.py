@@ -1,0 +1,182 @@
+"""Bad training samples with both loaders: a truncated tar, a missing member, an undecodable image,
+mismatched blur/sharp sizes (found at start-up), and corrupt image data behind a good header (found
+when decoded). `data.on_bad_sample: error` names shard and key and exits non-zero; `skip` leaves the
+sample out, counts it and logs the count to MLflow. The broken shards are real files made here."""
+
+import io
+import shutil
+import struct
+import tarfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from golf_dist.data.dali import DaliTrainLoader, check_split, make_train_loader, open_pairs
+from golf_dist.data.loader import ShardPairs
+from golf_dist.data.shards import index_shard
+from golf_dist.errors import DataError
+
+from conftest import run_cli, write_config
+
+SHARD = "train/train-000001.tar"  # the shard that gets broken; its second sample is the bad one
+KINDS = ("truncated", "missing_member", "undecodable", "size_mismatch")
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _corrupt_png(data: bytes) -> bytes:
+    """The same PNG header (signature, IHDR: size and format intact) with an IDAT that is not zlib data."""
+    ihdr_end = 8 + 8 + 13 + 4
+    garbage = bytes(range(256)) * 8
+    idat = struct.pack(">I", len(garbage)) + b"IDAT" + garbage + struct.pack(">I", zlib.crc32(b"IDAT" + garbage))
+    iend = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+    return data[:ihdr_end] + idat + iend
+
+
+def _rewrite(path: Path, edit) -> None:
+    """Rewrite a shard member by member; edit(name, data) -> new bytes, or None to leave the member out."""
+    with tarfile.open(path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in members:
+            data = edit(name, data)
+            if data is None:
+                continue
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def broken_shards(shards: Path, dest: Path, kind: str) -> tuple[Path, str]:
+    """A copy of the shard folder with one bad training sample of `kind`; (folder, the bad sample's key)."""
+    shutil.copytree(shards, dest)
+    path = dest / SHARD
+    # the maker's DALI index beside the shard now describes the old tar: the loader must not trust it
+    refs = index_shard(path)
+    key = refs[1].key
+    if kind == "truncated":  # cut inside the bad sample's sharp image: it and all after it are lost
+        offset, size = refs[1].members["sharp.png"]
+        with open(path, "r+b") as f:
+            f.truncate(offset + size // 2)
+    elif kind == "missing_member":
+        _rewrite(path, lambda name, data: None if name == f"{key}.sharp.png" else data)
+    elif kind == "undecodable":
+        _rewrite(path, lambda name, data: b"this is not an image " * 20 if name == f"{key}.blur.png" else data)
+    elif kind == "size_mismatch":
+        small = np.zeros((32, 48, 3), dtype=np.uint8)
+        _rewrite(path, lambda name, data: _png(small) if name == f"{key}.sharp.png" else data)
+    elif kind == "corrupt_data":
+        _rewrite(path, lambda name, data: _corrupt_png(data) if name == f"{key}.blur.png" else data)
+    else:
+        raise ValueError(kind)
+    return dest, key
+
+
+LOST = {"truncated": 3, "missing_member": 1, "undecodable": 1, "size_mismatch": 1}  # of the shard's 4 samples
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_error_names_the_shard_and_the_sample(shards, tmp_path, kind):
+    folder, key = broken_shards(shards, tmp_path / "s", kind)
+    with pytest.raises(DataError) as caught:
+        check_split(folder, "train", "error")
+    message = str(caught.value)
+    assert str(folder / SHARD) in message and key in message, message
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_skip_leaves_the_sample_out_of_both_loaders_and_counts_it(shards, tmp_path, kind):
+    folder, key = broken_shards(shards, tmp_path / "s", kind)
+    checked = check_split(folder, "train", "skip")
+    assert checked.n_bad == LOST[kind] and checked.n_samples == 12 - LOST[kind]
+    assert key in {b.key for b in checked.bad}
+
+    pairs = open_pairs(folder, "train", "skip")
+    assert len(pairs) == 12 - LOST[kind] and key not in {ref.key for ref in pairs.refs}
+    for i in range(len(pairs)):  # every pair left in loads
+        pairs.load(i)
+
+    # DALI: three epochs of this split never bring the bad sample, and bring every good one
+    loader = DaliTrainLoader(checked, crop=32, flips=False, crops_per_frame=1, per_device=3, rank=0, world=1,
+                             seed=0, device="cpu", num_threads=1)
+    seen = set()
+    for _ in range(3 * checked.n_samples // 3):
+        next(loader)
+        seen.update(source.rsplit(" ", 1)[-1] for source in loader.last_sources)
+    assert seen == {ref.key for ref in pairs.refs}
+    assert loader.excluded == LOST[kind]
+
+
+def _cli_run(folder: Path, tmp_path: Path, loader: str, on_bad: str):
+    cfg = write_config(tmp_path / "c.yaml", folder, tmp_path / "out",
+                       data={"loader": loader, "on_bad_sample": on_bad},
+                       train={"steps": 2, "log_every": 2, "val_every": 2, "checkpoint_every": 2})
+    return run_cli("launch/train.py", "--config", cfg, "--stage", "f")
+
+
+def _metric(tmp_path: Path, name: str) -> float:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("golf-test").experiment_id])[0]
+    return run.data.metrics[name]
+
+
+@pytest.mark.parametrize("kind, loader", [("undecodable", "dali"), ("missing_member", "torch")])
+def test_training_stops_with_the_sample_named(shards, tmp_path, kind, loader):
+    folder, key = broken_shards(shards, tmp_path / "s", kind)
+    proc = _cli_run(folder, tmp_path, loader, "error")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert key in proc.stderr and str(folder / SHARD) in proc.stderr and "Traceback" not in proc.stderr
+    assert not any((tmp_path / "out").rglob("step-*"))
+
+
+@pytest.mark.parametrize("kind, loader", [("truncated", "torch"), ("size_mismatch", "dali")])
+def test_training_skips_counts_prints_and_logs_to_mlflow(shards, tmp_path, kind, loader):
+    folder, _ = broken_shards(shards, tmp_path / "s", kind)
+    proc = _cli_run(folder, tmp_path, loader, "skip")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"skipped {LOST[kind]} bad training sample(s)" in proc.stdout
+    assert _metric(tmp_path, "bad_samples_skipped") == LOST[kind]
+
+
+# ---- corrupt image data behind a good header: found only when decoded --------------------------------
+
+
+def test_corrupt_data_torch_error_names_it_and_skip_replaces_it(shards, tmp_path):
+    from golf_dist.config import load_config
+
+    folder, key = broken_shards(shards, tmp_path / "s", "corrupt_data")
+    checked = check_split(folder, "train", "error")  # the header is fine: it passes the start-up check
+    assert checked.n_bad == 0
+    pairs = ShardPairs(folder, "train")
+    for on_bad in ("error", "skip"):
+        cfg = load_config(None, "f", [f"data.shards={folder}", "data.crop=32", "data.num_workers=0",
+                                      f"data.on_bad_sample={on_bad}", "train.steps=6"])
+        loader = make_train_loader(cfg, pairs, global_batch=4, accum=1, world=1, rank=0, start_step=0,
+                                   device="cpu", loader="torch")
+        if on_bad == "error":
+            with pytest.raises(DataError, match=key):
+                for _ in range(6):  # two epochs of 12 pairs: the bad one is drawn
+                    next(loader)
+        else:
+            for _ in range(6):
+                next(loader)
+            assert loader.skipped_runtime == 2  # drawn once per epoch, replaced each time
+
+
+def test_corrupt_data_dali_stops_naming_the_sample(shards, tmp_path):
+    folder, key = broken_shards(shards, tmp_path / "s", "corrupt_data")
+    loader = DaliTrainLoader(check_split(folder, "train", "skip"), crop=32, flips=False, crops_per_frame=1,
+                             per_device=4, rank=0, world=1, seed=0, device="cpu", num_threads=1)
+    with pytest.raises(DataError) as caught:
+        for _ in range(6):
+            next(loader)
+    assert key in str(caught.value) and str(folder / SHARD) in str(caught.value)
