@@ -7,6 +7,10 @@
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 launch/train.py ...   # two CPU processes (gloo)
 
 A rerun with the same --output-dir resumes from the newest checkpoint of the stage.
+
+Preemption: SIGUSR2 or SIGTERM to the training processes, or a file OUTPUT_DIR/<stage>/STOP (or
+$GOLF_STOP_FILE), makes every rank stop after the current step, write a checkpoint and the marker
+OUTPUT_DIR/<stage>/PREEMPTED, and exit with status 0 (infra/slurm/train.sbatch requeues on the marker).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
+from golf_dist import preemption  # noqa: E402
 from golf_dist.cli import run_main  # noqa: E402
 from golf_dist.config import DEFAULT_CONFIG, load_config, parse_overrides  # noqa: E402
 
@@ -33,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", help="where checkpoints and weights go (same as output_dir=DIR)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = parser.parse_args(argv)
+    preemption.install()  # from the start: a SIGUSR2 during start-up must not kill the process
     overrides = parse_overrides(args.overrides)
     if args.unroll is not None:
         overrides.append(f"train.unroll={args.unroll}")

@@ -1,0 +1,156 @@
+"""Stopping a run cleanly when the cluster wants its nodes back (SLURM preemption, time limit).
+
+Two ways to ask a running trainer to stop:
+  * a signal to the training processes: SIGUSR2 (what infra/slurm/train.sbatch asks SLURM for;
+    SIGUSR1 is left to NCCL) or SIGTERM (what SLURM sends at the time limit). The handler only
+    sets a flag; nothing is done inside the handler.
+  * a stop file, by default OUTPUT_DIR/<stage>/STOP (or $GOLF_STOP_FILE). This is how the batch
+    script passes SLURM's signal on: torchrun and `accelerate launch` do not forward SIGUSR1/2 to
+    their workers, so the batch shell traps the signal and touches the file.
+
+At every step boundary the ranks agree (one all_reduce MAX of a single int), so every rank stops after
+the same optimizer step; the trainer then writes a checkpoint, the main process writes the marker
+OUTPUT_DIR/<stage>/PREEMPTED (JSON: step, reason, checkpoint) and every process exits with status 0.
+The marker, not an exit status, is the outcome a batch script reads: launchers (torchrun, accelerate)
+turn any non-zero worker status into their own status 1. A rerun removes a leftover STOP file and
+marker and resumes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+STOP_FILE_ENV = "GOLF_STOP_FILE"
+STOP_NAME = "STOP"
+MARKER_NAME = "PREEMPTED"
+SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+# reasons, ordered: the all_reduce MAX picks the strongest one any rank saw
+_NONE, _FILE, _SIGNAL = 0, 1, 2
+_received: list[int] = []  # signal numbers seen by this process (a list: no `global` in the handler)
+
+
+def _handler(signum: int, frame: Any) -> None:
+    if _received and signum == signal.SIGTERM:
+        # a second SIGTERM means "now": fall back to the default action (terminate)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    _received.append(signum)
+    # os.write, not print: print is not reentrant and the signal may land inside another print
+    os.write(2, f"received {signal.Signals(signum).name}: will checkpoint and stop after the current step\n".encode())
+
+
+def install(signals: tuple[int, ...] = SIGNALS) -> bool:
+    """Install the flag-setting handler (idempotent). Only the main thread may; returns whether it did."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    for sig in signals:
+        if signal.getsignal(sig) is not _handler:
+            signal.signal(sig, _handler)
+    return True
+
+
+def signal_received() -> int | None:
+    """The first stop signal this process received, or None."""
+    return _received[0] if _received else None
+
+
+def stop_file_for(stage_dir: Path) -> Path:
+    return Path(os.environ.get(STOP_FILE_ENV) or Path(stage_dir) / STOP_NAME)
+
+
+def marker_for(stage_dir: Path) -> Path:
+    return Path(stage_dir) / MARKER_NAME
+
+
+class StopCheck:
+    """Decides, the same way on every rank, whether to stop after the current step.
+
+    Only the main process looks at the stop file (one stat per step, not one per rank on a shared
+    file system); every rank contributes the signals it received.
+    """
+
+    def __init__(self, stage_dir: Path, world: int, is_main: bool):
+        import torch.distributed as dist
+
+        self.stop_file = stop_file_for(stage_dir)
+        self.marker = marker_for(stage_dir)
+        self.world = world
+        self.is_main = is_main
+        self.group = None
+        self.distributed = world > 1 and dist.is_available() and dist.is_initialized()
+        if self.distributed and dist.get_backend() != "gloo":
+            # the flag travels over a CPU (gloo) group: an all_reduce on the GPU and its .item() would
+            # stall the CPU until the step's kernels are done, once per step (new_group: every rank calls it)
+            self.group = dist.new_group(backend="gloo")
+        install()
+        if is_main:
+            # leftovers of a previous stop: a rerun must not stop at once. A stop file given through
+            # $GOLF_STOP_FILE belongs to whoever set it (train.sbatch clears it before it launches; one
+            # touched while this process starts up is a real request), so only the default one is removed.
+            leftovers = [self.marker] if os.environ.get(STOP_FILE_ENV) else [self.stop_file, self.marker]
+            for path in leftovers:
+                if path.exists():
+                    path.unlink()
+                    print(f"removed {path} left by an earlier stop", flush=True)
+
+    def _local(self) -> int:
+        if _received:
+            return _SIGNAL
+        if self.is_main and self.stop_file.exists():
+            return _FILE
+        return _NONE
+
+    def requested(self) -> str | None:
+        """Call at a step boundary on every rank (it is a collective when world > 1)."""
+        import torch  # here, not at the top: launch/train.py imports this module before its config checks
+
+        code = self._local()
+        if self.distributed:
+            flag = torch.tensor([code], dtype=torch.int32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
+            code = int(flag.item())
+        if code == _SIGNAL:
+            return "signal"
+        if code == _FILE:
+            return f"stop file {self.stop_file}"
+        return None
+
+    def write_marker(self, step: int, steps: int, reason: str, checkpoint: Path | None) -> None:
+        """Main process: record that the run stopped early and where it can resume (atomic write)."""
+        if not self.is_main:
+            return
+        info = {
+            "step": step,
+            "steps": steps,
+            "reason": reason,
+            "checkpoint": str(checkpoint) if checkpoint else None,
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        }
+        self.marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.marker.with_name(f".{self.marker.name}.tmp-{os.getpid()}")
+        with open(tmp, "w") as fh:
+            fh.write(json.dumps(info, indent=2))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.marker)
+
+    def clear_marker(self) -> None:
+        if self.is_main and self.marker.exists():
+            self.marker.unlink()
+
+
+def print_stopped(stage: str, step: int, steps: int, reason: str, checkpoint: Path | None) -> None:
+    print(
+        f"stage {stage} stopped for preemption ({reason}) after step {step} of {steps}; checkpoint "
+        f"{checkpoint}; run the same command again (or let the SLURM job requeue) to resume",
+        file=sys.stdout,
+        flush=True,
+    )

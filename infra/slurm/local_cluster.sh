@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# A one-node SLURM cluster on this machine, for trying the batch scripts and for tests/test_slurm.py.
+#
+#   infra/slurm/local_cluster.sh start DIR    install (if missing), configure and start; prints the
+#                                             `export SLURM_CONF=...` line the client commands need
+#   infra/slurm/local_cluster.sh stop DIR     stop the daemons started from DIR
+#   infra/slurm/local_cluster.sh status DIR   sinfo of that cluster
+#
+# Everything lives in DIR (slurm.conf, munge key and socket, state, spool, logs), so it touches
+# nothing system-wide except installing Debian's packages (slurmctld slurmd slurm-client munge) when
+# they are missing, which needs root and apt-get. The daemons run as root: slurmd must, and this is
+# a development/CI machine. CPU-only configuration (facts.md): proctrack/linuxproc, task/none,
+# select/cons_tres, JobRequeue=1; the node has `nproc` CPUs and a small RealMemory.
+#
+# Environment: GOLF_SLURM_CTLD_PORT, GOLF_SLURMD_PORT (default: free ports), GOLF_SLURM_START_TIMEOUT
+# (seconds to wait for the node to be idle, default 60).
+# Exit status: 0 ready; 3 SLURM cannot be installed here (callers skip); 1 it did not start (logs shown).
+set -euo pipefail
+
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+[ $# -ge 1 ] || usage 2
+case "$1" in -h|--help) usage 0 ;; esac
+[ $# -eq 2 ] || usage 2
+cmd=$1
+DIR=$(mkdir -p "$2" && cd "$2" && pwd)
+CONF=$DIR/etc/slurm.conf
+MUNGE=$DIR/munge
+
+log() { echo "local_cluster: $*" >&2; }
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+install_packages() {
+  local need=()
+  command -v slurmctld >/dev/null 2>&1 || need+=(slurmctld)
+  command -v slurmd >/dev/null 2>&1 || need+=(slurmd)
+  command -v sbatch >/dev/null 2>&1 || need+=(slurm-client)
+  command -v munged >/dev/null 2>&1 || need+=(munge)
+  [ ${#need[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    log "SLURM is not installed and cannot be installed here (missing: ${need[*]}; needs root and apt-get)"
+    exit 3
+  fi
+  log "installing ${need[*]} (apt-get)"
+  export DEBIAN_FRONTEND=noninteractive
+  if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null; }; then
+    log "apt-get could not install ${need[*]}"
+    exit 3
+  fi
+}
+
+show_logs() {
+  for f in "$DIR"/log/*.log "$MUNGE"/munged.log; do
+    [ -f "$f" ] && { echo "---- $f (last lines)" >&2; tail -n 20 "$f" >&2; }
+  done
+}
+
+start() {
+  install_packages
+  if [ "$(id -u)" != 0 ]; then
+    log "slurmd must run as root (it starts jobs as their users); run this as root"
+    exit 3
+  fi
+  mkdir -p "$DIR"/{etc,state,spool,log,run} "$MUNGE"
+  chmod 700 "$MUNGE"
+  # munge: its own key, socket and daemon in DIR (no system munged needed); /run/munge must exist
+  mkdir -p /run/munge
+  if [ ! -f "$MUNGE/munge.key" ]; then
+    dd if=/dev/urandom of="$MUNGE/munge.key" bs=1024 count=1 status=none
+    chmod 400 "$MUNGE/munge.key"
+  fi
+  if ! pid_alive "$MUNGE/munged.pid"; then
+    munged --force --key-file="$MUNGE/munge.key" --socket="$MUNGE/munge.socket" \
+      --pid-file="$MUNGE/munged.pid" --log-file="$MUNGE/munged.log" --seed-file="$MUNGE/munged.seed" \
+      || { show_logs; exit 1; }
+  fi
+
+  local host ctld_port slurmd_port cpus
+  host=$(hostname -s)
+  cpus=$(nproc)
+  ctld_port=${GOLF_SLURM_CTLD_PORT:-$(free_port)}
+  slurmd_port=${GOLF_SLURMD_PORT:-$(free_port)}
+  if [ ! -f "$CONF" ]; then
+    cat >"$CONF".tmp <<EOF
+# one-node development cluster written by infra/slurm/local_cluster.sh
+ClusterName=golf-local
+SlurmctldHost=$host(127.0.0.1)
+SlurmctldPort=$ctld_port
+SlurmdPort=$slurmd_port
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$MUNGE/munge.socket
+StateSaveLocation=$DIR/state
+SlurmdSpoolDir=$DIR/spool
+SlurmctldPidFile=$DIR/run/slurmctld.pid
+SlurmdPidFile=$DIR/run/slurmd.pid
+SlurmctldLogFile=$DIR/log/slurmctld.log
+SlurmdLogFile=$DIR/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+MpiDefault=none
+JobRequeue=1
+ReturnToService=2
+MinJobAge=3600
+SlurmdTimeout=60
+KillWait=30
+JobCompType=jobcomp/none
+AccountingStorageType=accounting_storage/none
+PlugStackConfig=$DIR/etc/plugstack.conf
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=1000 State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+EOF
+    : >"$DIR/etc/plugstack.conf"
+    mv "$CONF".tmp "$CONF"
+  fi
+  export SLURM_CONF=$CONF
+  pid_alive "$DIR/run/slurmctld.pid" || slurmctld -f "$CONF" || { show_logs; exit 1; }
+  pid_alive "$DIR/run/slurmd.pid" || slurmd -f "$CONF" -N "$host" || { show_logs; exit 1; }
+
+  local deadline=$((SECONDS + ${GOLF_SLURM_START_TIMEOUT:-60})) state=""
+  while [ $SECONDS -lt $deadline ]; do
+    state=$(sinfo -h -n "$host" -o %t 2>/dev/null || true)
+    case "$state" in
+      idle|mix|alloc) log "node $host is $state (SLURM_CONF=$CONF)"; echo "export SLURM_CONF=$CONF"; return 0 ;;
+      down*|drain*) scontrol update NodeName="$host" State=RESUME >/dev/null 2>&1 || true ;;
+    esac
+    sleep 1
+  done
+  log "node $host did not become idle within ${GOLF_SLURM_START_TIMEOUT:-60}s (state: '${state:-no answer}')"
+  show_logs
+  exit 1
+}
+
+stop_pid() {  # stop the daemon whose pid file is $1, SIGKILL after 10 s
+  local pid
+  pid_alive "$1" || return 0
+  pid=$(cat "$1")
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+  kill -9 "$pid" 2>/dev/null || true
+}
+
+stop() {
+  # jobs first, so no training process outlives the cluster
+  if [ -f "$CONF" ] && pid_alive "$DIR/run/slurmctld.pid"; then
+    SLURM_CONF=$CONF scancel --full --user="$(id -un)" >/dev/null 2>&1 || true
+    for _ in $(seq 60); do
+      [ -z "$(SLURM_CONF=$CONF squeue -h -t RUNNING,COMPLETING 2>/dev/null)" ] && break
+      sleep 0.5
+    done
+  fi
+  stop_pid "$DIR/run/slurmd.pid"
+  stop_pid "$DIR/run/slurmctld.pid"
+  stop_pid "$MUNGE/munged.pid"
+  log "stopped the cluster in $DIR"
+}
+
+case "$cmd" in
+  start) start ;;
+  stop) stop ;;
+  status) SLURM_CONF=$CONF sinfo ;;
+  *) usage 2 ;;
+esac

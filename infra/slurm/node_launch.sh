@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The per-node launcher of infra/slurm/train.sbatch: srun starts it once per node (--ntasks-per-node=1)
+# with the batch script's environment; it starts that node's training processes.
+#
+#   GPU nodes (GOLF_GPUS_PER_NODE > 0):
+#     accelerate launch --config_file $ACCELERATE_CONFIG --num_machines N --num_processes N*GPUS
+#         --machine_rank $SLURM_NODEID --main_process_ip HEAD --main_process_port PORT launch/train.py ARGS
+#   CPU nodes (GOLF_GPUS_PER_NODE = 0): ACCELERATE_USE_CPU=1 torchrun (gloo) with a c10d rendezvous at
+#     HEAD:PORT, --nproc_per_node $GOLF_CPU_PROCS, join_timeout=$GOLF_RDZV_TIMEOUT, through
+#     `python -m golf_dist.distributed torchrun`, which ends a rendezvous that cannot form with one clear
+#     error line instead of a hang or a bare traceback.
+#
+# Needs GOLF_ROOT, GOLF_HEAD, GOLF_PORT, GOLF_NNODES, GOLF_GPUS_PER_NODE (set by train.sbatch) and
+# SLURM_NODEID (set by srun). Arguments: those of launch/train.py.
+set -euo pipefail
+: "${GOLF_ROOT:?set by train.sbatch}" "${GOLF_HEAD:?set by train.sbatch}" "${GOLF_PORT:?set by train.sbatch}"
+: "${GOLF_NNODES:?set by train.sbatch}" "${GOLF_GPUS_PER_NODE:?set by train.sbatch}"
+NODE_RANK=${SLURM_NODEID:?run by srun (SLURM_NODEID is not set)}
+PY=${GOLF_PYTHON:-python3}
+TIMEOUT=${GOLF_RDZV_TIMEOUT:-300}
+cd "$GOLF_ROOT"
+
+if [ "$GOLF_GPUS_PER_NODE" -gt 0 ]; then
+  : "${ACCELERATE_CONFIG:?set by train.sbatch}"
+  rdzv=()
+  # several nodes meet through c10d with a bounded wait; one node needs no rendezvous timeout
+  [ "$GOLF_NNODES" -gt 1 ] && rdzv=(--rdzv_backend c10d --rdzv_conf "join_timeout=$TIMEOUT")
+  exec "$PY" -m accelerate.commands.launch --config_file "$ACCELERATE_CONFIG" \
+    --num_machines "$GOLF_NNODES" --num_processes $((GOLF_NNODES * GOLF_GPUS_PER_NODE)) \
+    --machine_rank "$NODE_RANK" --main_process_ip "$GOLF_HEAD" --main_process_port "$GOLF_PORT" \
+    "${rdzv[@]}" launch/train.py "$@"
+fi
+
+export ACCELERATE_USE_CPU=1
+exec "$PY" -m golf_dist.distributed torchrun -- \
+  --nnodes "$GOLF_NNODES" --node_rank "$NODE_RANK" --nproc_per_node "${GOLF_CPU_PROCS:-1}" \
+  --rdzv-backend c10d --rdzv-endpoint "$GOLF_HEAD:$GOLF_PORT" --rdzv-id "golf-${SLURM_JOB_ID:-local}" \
+  --rdzv-conf "join_timeout=$TIMEOUT" \
+  launch/train.py "$@"

@@ -1,0 +1,97 @@
+"""Preemption without SLURM: a signal or the stop file mid-run -> checkpoint at the next step boundary,
+marker, clean exit; the rerun resumes and ends where an uninterrupted run ends (bitwise, 1 process)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_cli, write_config
+
+TRAIN = {"steps": 60, "checkpoint_every": 6, "val_every": 30, "log_every": 6, "keep_last": 3}
+
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the same in every run compared bitwise: thread count changes float sums
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(PYTHONUNBUFFERED="1", **ONE_THREAD)
+    return env
+
+
+def _wait_for_first_checkpoint(proc: subprocess.Popen, ckpts: Path) -> None:
+    deadline = time.time() + 300
+    while not (ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir())):
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.02)
+
+
+def _steps(ckpts: Path) -> list[int]:
+    return sorted(int(p.name[5:]) for p in ckpts.iterdir() if p.name.startswith("step-"))
+
+
+def test_sigusr2_checkpoints_exits_cleanly_and_the_rerun_matches_an_uninterrupted_run(shards, tmp_path):
+    ref_cfg = write_config(tmp_path / "ref.yaml", shards, tmp_path / "ref", train=TRAIN)
+    run_cli("launch/train.py", "--config", ref_cfg, "--stage", "f", env=ONE_THREAD, check=True)
+
+    out = tmp_path / "cut"
+    cfg = write_config(tmp_path / "cut.yaml", shards, out, train=TRAIN)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch/train.py"), "--config", str(cfg), "--stage", "f"],
+                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_first_checkpoint(proc, out / "f" / "checkpoints")
+    proc.send_signal(signal.SIGUSR2)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "received SIGUSR2" in stderr
+    assert not (out / "f.safetensors").exists(), "the run finished before the signal arrived"
+
+    marker = json.loads((out / "f" / "PREEMPTED").read_text())
+    stopped_at = marker["step"]
+    assert 6 <= stopped_at < 60 and marker["reason"] == "signal"
+    assert _steps(out / "f" / "checkpoints")[-1] == stopped_at  # the stop wrote its own checkpoint
+    assert Path(marker["checkpoint"]).name == f"step-{stopped_at:08d}"
+    assert f"stopped for preemption (signal) after step {stopped_at} of 60" in stdout
+
+    resumed = run_cli("launch/train.py", "--config", cfg, "--stage", "f", env=ONE_THREAD, check=True)
+    assert f"resuming stage f from {out / 'f' / 'checkpoints' / f'step-{stopped_at:08d}'}" in resumed.stdout
+    assert not (out / "f" / "PREEMPTED").exists(), "a finished run keeps no preemption marker"
+    ref, cut = load_file(str(tmp_path / "ref" / "f.safetensors")), load_file(str(out / "f.safetensors"))
+    assert ref.keys() == cut.keys()
+    for key in ref:
+        assert torch.equal(ref[key], cut[key]), key
+
+
+def test_stop_file_stops_two_ranks_at_the_same_step_and_the_rerun_finishes(shards, tmp_path):
+    """torchrun does not forward SIGUSR2, so the batch script touches OUTPUT_DIR/<stage>/STOP."""
+    out = tmp_path / "two"
+    cfg = write_config(tmp_path / "two.yaml", shards, out, train=TRAIN)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "launch/train.py"), "--config", str(cfg), "--stage", "f"]
+    env = {**_env(), "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_first_checkpoint(proc, out / "f" / "checkpoints")
+    stop_file = out / "f" / "STOP"
+    stop_file.touch()
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]  # both ranks left cleanly (no hang, no kill)
+    assert not (out / "f.safetensors").exists(), "the run finished before the stop file was seen"
+    marker = json.loads((out / "f" / "PREEMPTED").read_text())
+    assert marker["reason"] == f"stop file {stop_file}" and marker["step"] < 60
+    assert _steps(out / "f" / "checkpoints")[-1] == marker["step"]
+    assert stdout.count("stopped for preemption") == 1  # printed by the main process only
+
+    # the STOP file is still there: the rerun must remove it rather than stop again at once
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"removed {stop_file} left by an earlier stop" in proc.stdout
+    assert f"step-{marker['step']:08d} (step {marker['step']} of 60)" in proc.stdout
+    assert (out / "f.safetensors").is_file() and not stop_file.exists()
+    assert not (out / "f" / "PREEMPTED").exists()
+    assert _steps(out / "f" / "checkpoints")[-1] == 60

@@ -1,0 +1,267 @@
+"""infra/slurm/ on a real one-node SLURM cluster (slurmctld + slurmd + munged on this machine).
+
+The module fixture runs infra/slurm/local_cluster.sh, which installs Debian's slurmctld, slurmd,
+slurm-client and munge where they are missing (root + apt-get) and starts a CPU-only cluster in a
+temporary folder. Where SLURM cannot be installed, every test here is skipped and says why.
+"""
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_cli, write_config
+
+CLUSTER = ROOT / "infra" / "slurm" / "local_cluster.sh"
+TRAIN_SBATCH = ROOT / "infra" / "slurm" / "train.sbatch"
+LONG = {"steps": 60, "checkpoint_every": 6, "val_every": 30, "log_every": 6, "keep_last": 4}
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # every run compared bitwise uses one thread (sums in one order)
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A running one-node cluster; yields the environment its client commands need (SLURM_CONF)."""
+    if sys.platform != "linux":
+        pytest.skip("SLURM tests need Linux")
+    base = tmp_path_factory.mktemp("slurm")
+    proc = subprocess.run(["bash", str(CLUSTER), "start", str(base)], capture_output=True, text=True, timeout=600)
+    if proc.returncode == 3:
+        reason = f"SLURM cannot be installed on this machine: {proc.stderr.strip()}"
+        print(f"SKIP: {reason}")
+        pytest.skip(reason)
+    assert proc.returncode == 0, f"the local SLURM cluster did not start:\n{proc.stdout}\n{proc.stderr}"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(SLURM_CONF=str(base / "etc" / "slurm.conf"), PYTHONUNBUFFERED="1", **ONE_THREAD)
+    yield env
+    subprocess.run(["bash", str(CLUSTER), "stop", str(base)], capture_output=True, text=True, timeout=120)
+
+
+def _sbatch(env, log_dir: Path, *args, extra_env=None, sbatch_opts=()) -> str:
+    proc = subprocess.run(
+        ["sbatch", "--parsable", f"--output={log_dir}/%x-%j.log", *sbatch_opts, str(TRAIN_SBATCH), *map(str, args)],
+        cwd=ROOT, env={**env, **(extra_env or {})}, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def _job(env, job: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "-o", "show", "job", job], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
+
+
+def _wait_state(env, job: str, states: set[str], log: Path, timeout: float = 300) -> dict[str, str]:
+    deadline = time.time() + timeout
+    while True:
+        info = _job(env, job)
+        if info["JobState"] in states:
+            return info
+        if time.time() > deadline:
+            text = log.read_text() if log.exists() else "(no log)"
+            raise AssertionError(f"job {job} is {info['JobState']} ({info.get('Reason')}), not {states}:\n{text[-3000:]}")
+        time.sleep(0.5)
+
+
+def _log(log_dir: Path, job: str) -> Path:
+    return log_dir / f"golf-train-{job}.log"
+
+
+def _first_checkpoints(ckpts: Path, env, job: str, count: int, log: Path) -> None:
+    deadline = time.time() + 300
+    while not (ckpts.is_dir() and len(list(ckpts.glob("step-*"))) >= count):
+        state = _job(env, job)["JobState"]
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"job {job} is {state}:\n{log.read_text()[-3000:]}"
+        assert time.time() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.2)
+
+
+def _preempt_and_wait_for_requeue(env, job: str, log: Path) -> dict[str, str]:
+    subprocess.run(["scancel", "--batch", "--signal=USR2", job], env=env, check=True, timeout=30)
+    deadline = time.time() + 300
+    while True:  # the job checkpoints, asks for its requeue and waits (Reason=BeginTime, facts.md)
+        info = _job(env, job)
+        if info["JobState"] == "PENDING" and int(info.get("Restarts", "0")) >= 1:
+            return info
+        assert info["JobState"] in ("RUNNING", "COMPLETING", "REQUEUED", "PENDING"), log.read_text()[-3000:]
+        assert time.time() < deadline, f"job {job} was not requeued:\n{log.read_text()[-3000:]}"
+        time.sleep(0.3)
+
+
+def _release(env, job: str) -> None:
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True, timeout=30)
+
+
+def _assert_bitwise_equal(a: Path, b: Path) -> None:
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory):
+    """The uninterrupted run (one process, no SLURM) that preempted jobs must end equal to."""
+    base = tmp_path_factory.mktemp("reference")
+    cfg = write_config(base / "ref.yaml", shards, base / "out", train=LONG)
+    run_cli("launch/train.py", "--config", cfg, "--stage", "f", env=ONE_THREAD, check=True)
+    return base / "out" / "f.safetensors"
+
+
+def test_f_then_g_chain_with_afterok_completes(slurm, shards, tmp_path):
+    """Stage f with two CPU processes (torchrun + gloo), stage g waiting on it with --dependency=afterok."""
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", shards, out)
+    job_f = _sbatch(slurm, tmp_path, "--config", cfg, "--stage", "f", "--output-dir", out,
+                    extra_env={"GOLF_CPU_PROCS": "2"}, sbatch_opts=["--cpus-per-task=2"])
+    job_g = _sbatch(slurm, tmp_path, "--config", cfg, "--stage", "g", "--output-dir", out, "--unroll", "2",
+                    sbatch_opts=[f"--dependency=afterok:{job_f}", "--cpus-per-task=1"])
+    info_f = _wait_state(slurm, job_f, {"COMPLETED", "FAILED", "CANCELLED"}, _log(tmp_path, job_f))
+    log_f = _log(tmp_path, job_f).read_text()
+    assert info_f["JobState"] == "COMPLETED", log_f[-3000:]
+    assert "2 CPU process(es) per node, torchrun + gloo" in log_f
+    assert "global batch 4 = 2 process(es) x 2 per device" in log_f
+    info_g = _wait_state(slurm, job_g, {"COMPLETED", "FAILED", "CANCELLED"}, _log(tmp_path, job_g))
+    log_g = _log(tmp_path, job_g).read_text()
+    assert info_g["JobState"] == "COMPLETED", log_g[-3000:]
+    assert f"stage g done: weights {out / 'g.safetensors'}" in log_g
+    for stage in ("f", "g"):
+        assert (out / f"{stage}.safetensors").is_file()
+        assert (out / stage / "checkpoints" / "step-00000006").is_dir()
+
+
+def test_preempted_job_checkpoints_requeues_resumes_and_matches_an_uninterrupted_run(slurm, shards, reference, tmp_path):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", shards, out, train=LONG)
+    job = _sbatch(slurm, tmp_path, "--config", cfg, "--stage", "f", "--output-dir", out,
+                  sbatch_opts=["--cpus-per-task=1"])
+    log = _log(tmp_path, job)
+    # stage g chained on it: a requeue must keep it waiting (the F job has not completed yet)
+    job_chained = _sbatch(slurm, tmp_path, "--config", cfg, "--stage", "g", "--output-dir", out,
+                          sbatch_opts=[f"--dependency=afterok:{job}", "--cpus-per-task=1"])
+    _first_checkpoints(out / "f" / "checkpoints", slurm, job, 1, log)
+    _preempt_and_wait_for_requeue(slurm, job, log)
+    chained = _job(slurm, job_chained)
+    assert (chained["JobState"], chained["Reason"]) == ("PENDING", "Dependency")
+    text = log.read_text()
+    stopped = re.search(r"stopped for preemption \(stop file .*STOP\) after step (\d+) of 60", text)
+    assert stopped, text[-3000:]
+    step = int(stopped.group(1))
+    assert (out / "f" / "checkpoints" / f"step-{step:08d}").is_dir()
+    assert f"training checkpointed after step {step} of 60; requeueing job {job}" in text
+    assert not (out / "f.safetensors").exists()
+
+    # bad input: stage g submitted while stage f is still unfinished (here: waiting in the queue)
+    job_g = _sbatch(slurm, tmp_path, "--config", cfg, "--stage", "g", "--output-dir", out,
+                    sbatch_opts=["--cpus-per-task=1"])
+    info_g = _wait_state(slurm, job_g, {"COMPLETED", "FAILED", "CANCELLED"}, _log(tmp_path, job_g))
+    log_g = _log(tmp_path, job_g).read_text()
+    assert info_g["JobState"] == "FAILED" and info_g["ExitCode"] != "0:0", log_g[-2000:]
+    assert f"stage g needs a trained F, but stage f in {out} has not finished (newest checkpoint: step {step} of 60)" in log_g
+    assert "golf: error: training failed" in log_g and not (out / "g").joinpath("checkpoints").exists()
+
+    _release(slurm, job)
+    info = _wait_state(slurm, job, {"COMPLETED", "FAILED", "CANCELLED"}, log)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1, text[-3000:]
+    assert f"job {job} (restart 1)" in text  # one log, appended to across the requeue
+    assert f"resuming stage f from {out / 'f' / 'checkpoints' / f'step-{step:08d}'} (step {step} of 60)" in text
+    assert not (out / "f" / "PREEMPTED").exists() and not (out / "f" / "STOP").exists()
+    _assert_bitwise_equal(reference, out / "f.safetensors")
+    # F completed: the chained G is released (cancelled here once it is; the chain test runs a G to the end)
+    deadline = time.time() + 60
+    while _job(slurm, job_chained)["Reason"] == "Dependency":
+        assert time.time() < deadline, "stage g stayed blocked after stage f completed"
+        time.sleep(0.5)
+    subprocess.run(["scancel", job_chained], env=slurm, check=True, timeout=30)
+
+
+def test_requeued_job_whose_checkpoint_is_corrupt_falls_back_and_says_so(slurm, shards, reference, tmp_path):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", shards, out, train=LONG)
+    job = _sbatch(slurm, tmp_path, "--config", cfg, "--stage", "f", "--output-dir", out,
+                  sbatch_opts=["--cpus-per-task=1"])
+    log = _log(tmp_path, job)
+    _first_checkpoints(out / "f" / "checkpoints", slurm, job, 2, log)
+    _preempt_and_wait_for_requeue(slurm, job, log)
+    ckpts = sorted((out / "f" / "checkpoints").glob("step-*"))
+    newest, previous = ckpts[-1], ckpts[-2]
+    damaged = newest / "model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])  # a torn write, as a dying node could leave it
+
+    _release(slurm, job)
+    info = _wait_state(slurm, job, {"COMPLETED", "FAILED", "CANCELLED"}, log)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text[-3000:]
+    assert f"weights file {damaged} is not a readable safetensors file" in text
+    assert "falling back to the previous checkpoint" in text
+    assert f"resuming stage f from {previous}" in text
+    _assert_bitwise_equal(reference, out / "f.safetensors")
+
+
+def test_gpu_job_with_a_missing_accelerate_config_fails_before_training(slurm, tmp_path):
+    job = _sbatch(slurm, tmp_path, "--stage", "f", "--output-dir", tmp_path / "out",
+                  extra_env={"GOLF_GPUS_PER_NODE": "1", "ACCELERATE_CONFIG": str(tmp_path / "nowhere.yaml")})
+    info = _wait_state(slurm, job, {"COMPLETED", "FAILED", "CANCELLED"}, _log(tmp_path, job))
+    text = _log(tmp_path, job).read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", text
+    assert f"accelerate config {tmp_path / 'nowhere.yaml'} is missing or unreadable" in text
+    assert not any((tmp_path / "out").rglob("step-*"))
+
+
+def test_shard_job_array_and_merge_write_the_same_shards_as_one_process(slurm, shards, tmp_path):
+    """Two array tasks write one part each; the merge job (afterok) checks them and writes the manifest."""
+    import hashlib
+
+    out = tmp_path / "shards"
+    env = {**slurm, "GOLF_ROOT": str(ROOT), "GOLF_SBATCH_ARGS": "--cpus-per-task=1"}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "infra/slurm/submit_shards.sh"), "--parts", "2", "--src", str(shards.parent / "GOPRO_Large"),
+         "--out", str(out), "--maxcount", "4"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    ids = dict(line.split() for line in proc.stdout.split("\n") if line.strip())
+    merge_log = tmp_path / f"golf-shard-merge-{ids['merge']}.log"
+    info = _wait_state(slurm, ids["merge"], {"COMPLETED", "FAILED", "CANCELLED"}, merge_log)
+    logs = "".join(p.read_text() for p in sorted(tmp_path.glob("*.log")))
+    assert info["JobState"] == "COMPLETED", logs[-3000:]
+    assert f"golf: job {ids['array']}_0: part 0 of 2" in logs and f"golf: job {ids['array']}_1: part 1 of 2" in logs
+    assert sorted(p.name for p in (out / "parts").iterdir()) == ["part-00000-of-00002.json", "part-00001-of-00002.json"]
+
+    def digests(root):
+        return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*.tar")}
+
+    assert digests(out) == digests(shards) and len(digests(out)) == 4  # byte for byte the one-process shards
+    assert (out / "manifest.json").read_bytes() == (shards / "manifest.json").read_bytes()
+    verify = run_cli("data_prep/shard_gopro.py", "--verify", out)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_node_launcher_ends_a_rendezvous_that_cannot_form_with_a_clear_error(shards, tmp_path):
+    """One node of two starts (the other never does): a clear error after GOLF_RDZV_TIMEOUT, not a hang.
+
+    Runs the node launcher as srun would on the head node, with SLURM's variables set by hand, so it
+    needs no cluster."""
+    from conftest import free_port
+
+    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(GOLF_ROOT=str(ROOT), GOLF_HEAD="127.0.0.1", GOLF_PORT=str(port), GOLF_NNODES="2",
+               GOLF_GPUS_PER_NODE="0", GOLF_RDZV_TIMEOUT="8", SLURM_NODEID="0", SLURM_JOB_ID="4242")
+    start = time.monotonic()
+    proc = subprocess.run(["bash", str(ROOT / "infra/slurm/node_launch.sh"), "--config", str(cfg), "--stage", "f"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"error: the rendezvous at 127.0.0.1:{port} did not form: --nnodes 2 launchers were expected"
+    ), proc.stderr[-2000:]
+    assert "join_timeout=8 s" in proc.stderr and time.monotonic() - start < 90
+    assert not (tmp_path / "out" / "f").exists()
