@@ -2,22 +2,65 @@
 
 With no server, runs go to a local SQLite store (default `sqlite:///mlflow.db` in the working
 directory, artifacts in `mlartifacts/` beside it) that `mlflow ui --backend-store-uri ...` opens.
-`MLFLOW_TRACKING_URI` wins over the config's `tracking.uri`. If the tracking server cannot be reached
-mid-run, training goes on: the first failure warns once, failures are counted and reported at the end.
+`MLFLOW_TRACKING_URI` wins over the config's `tracking.uri`.
+
+Outages: if the tracking server cannot be reached mid-run, training goes on. The first failure warns
+once (one line); then MLflow calls pause for a cool-down (60 s, doubling after each failed retry up
+to 30 min) instead of stalling every step on a dead server; calls made or skipped while it is down
+are counted by kind and reported at the end (`summary()`). Every metric also goes to a local JSONL
+file (`metrics_file`), written whatever MLflow does, so no metric is lost to an outage. MLflow's
+HTTP client retries a failed request for about four minutes by default; the Tracker bounds that
+(`HTTP_DEFAULTS`) unless the user has set those variables.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 _MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+
+# MLflow defaults: 7 retries, backoff factor 2, 120 s timeout (about 4 min per call on a dead server).
+# These bound one failed call to ~3 s when the server refuses connections, ~95 s when it black-holes
+# them; the cool-down below keeps that from repeating every step.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+COOLDOWN_S = 60.0
+MAX_COOLDOWN_S = 1800.0
+
+_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """Drop `user:password@` from any URI in `text` (tracking URIs, error messages, params)."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
+def _say(line: str) -> None:
+    """One line on stderr, on its own line even while a tqdm progress bar is drawn there."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)
+    sys.stderr.flush()
+
+
+def bound_http_retries() -> None:
+    """Set MLflow's HTTP retry/timeout variables to bounded values unless the user set them."""
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
 
 
 def resolve_uri(config_uri: str | None) -> str:
@@ -38,34 +81,72 @@ def local_artifact_root(uri: str) -> str | None:
 
 
 class Tracker:
-    """A thin MLflow run. On non-main ranks (`enabled=False`) every call does nothing."""
+    """A thin MLflow run. On non-main ranks (`enabled=False`) every call does nothing.
 
-    def __init__(self, enabled: bool, uri: str | None, experiment: str):
+    `metrics_file`: a JSONL file that receives every `log_metrics` call ({"step": .., "time": .., name:
+    value, ...}, one line each, appended and flushed), whether or not MLflow is reachable. After a
+    resume, steps between the last checkpoint and the interruption appear twice: later lines win.
+    """
+
+    def __init__(self, enabled: bool, uri: str | None, experiment: str, metrics_file: str | Path | None = None):
         self.enabled = enabled
-        self.failures = 0
+        self.failed: Counter[str] = Counter()  # calls not logged, by kind (failed or skipped in a cool-down)
+        self.stalled_s = 0.0  # time spent inside MLflow calls that failed
         self._warned = False
         self.run_id: str | None = None
+        self.new_run = False  # start() created a run (rather than continuing a resumed one)
         self.uri = resolve_uri(uri) if enabled else None
         self.experiment = experiment
+        self.metrics_file = Path(metrics_file) if (enabled and metrics_file) else None
         self._client = None
+        self._paused_until = 0.0
+        self._cooldown = COOLDOWN_S
+        if enabled:
+            bound_http_retries()
+            if redact(self.uri) != self.uri:  # MLflow prints run URLs as they are: not with a password in them
+                os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+    @property
+    def failures(self) -> int:
+        return sum(self.failed.values())
+
+    @property
+    def display_uri(self) -> str | None:
+        return redact(self.uri) if self.uri else None
 
     # -- guarded calls --------------------------------------------------------------------
     def _call(self, what: str, fn, *args, **kwargs) -> Any:
-        if not self.enabled or self._client is None:
+        if not self.enabled:
             return None
+        if self._client is None:  # the run never started (server down at start): nothing reaches MLflow
+            self.failed[what] += 1
+            return None
+        if time.monotonic() < self._paused_until:
+            self.failed[what] += 1  # skipped: the server failed recently
+            return None
+        start = time.monotonic()
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         except Exception as err:  # any tracking failure: count it, warn once, keep training
-            self.failures += 1
+            now = time.monotonic()
+            self.stalled_s += now - start
+            self.failed[what] += 1
+            if self._paused_until:  # a retry after a cool-down failed again: wait longer next time
+                self._cooldown = min(self._cooldown * 2, MAX_COOLDOWN_S)
+            self._paused_until = now + self._cooldown
             if not self._warned:
                 self._warned = True
-                print(
-                    f"warning: MLflow call '{what}' failed ({type(err).__name__}: {str(err)[:200]}); "
-                    "training goes on, local checkpoints are kept; further failures are counted",
-                    file=sys.stderr,
-                    flush=True,
+                kept = f"metrics still go to {self.metrics_file}, " if self.metrics_file else ""
+                _say(
+                    f"warning: MLflow call '{what}' to {self.display_uri} failed after {now - start:.1f} s "
+                    f"({type(err).__name__}: {redact(str(err))[:200]}); training goes on, {kept}local "
+                    f"checkpoints are kept; MLflow calls pause for {self._cooldown:.0f} s, then retry; "
+                    "what cannot be logged is counted and reported at the end"
                 )
             return None
+        if self._paused_until:  # the server is back
+            self._paused_until, self._cooldown = 0.0, COOLDOWN_S
+        return result
 
     def start(self, run_name: str, resume_run_id: str | None = None, tags: dict[str, str] | None = None) -> None:
         """Start (or continue, after a resume) the MLflow run."""
@@ -90,30 +171,56 @@ class Tracker:
                 except mlflow.exceptions.MlflowException:
                     pass  # run gone (another store): start a new one
             run = self._client.create_run(exp_id, run_name=run_name, tags=tags or {})
+            self.new_run = True
             return run.info.run_id
 
         self.run_id = self._call("start run", _start)
+        if self.run_id is None:
+            self._client = None  # no run to log to: later calls are counted, not attempted
 
     def log_params(self, params: dict[str, Any]) -> None:
+        """Params as strings (MLflow's length limit); any `user:password@` in a URI is removed."""
+        if not self.enabled:
+            return
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in params.items()]
+        items = [Param(k, redact(str(v))[:_MAX_PARAM_LEN]) for k, v in params.items()]
         for i in range(0, len(items), 90):  # log_batch takes at most 100 params
             self._call("log params", self._client_call, "log_batch", params=items[i : i + 90])
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
-            self._call("set tag", self._client_call, "set_tag", key=key, value=str(value))
+            self._call("set tag", self._client_call, "set_tag", key=key, value=redact(str(value)))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
+        if self.metrics_file is not None:
+            self._append_jsonl({"step": step, "time": now / 1000, **{k: float(v) for k, v in metrics.items()}})
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         self._call("log metrics", self._client_call, "log_batch", metrics=items)
 
+    def _append_jsonl(self, record: dict[str, Any]) -> None:
+        try:
+            self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.metrics_file, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+                fh.flush()
+        except OSError as err:  # a full disk must not stop training either, but say so
+            self.failed["metrics file"] += 1
+            if self.failed["metrics file"] == 1:
+                _say(f"warning: cannot append to {self.metrics_file}: {err}")
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._call("log artifact", self._client_call, "log_artifact", local_path=str(path), artifact_path=artifact_path)
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a folder (e.g. a checkpoint) under `artifact_path` of the run's artifacts."""
+        self._call("log artifacts", self._client_call, "log_artifacts", local_dir=str(local_dir),
+                   artifact_path=artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self._call("log text", self._client_call, "log_text", text=text, artifact_file=artifact_file)
@@ -122,6 +229,9 @@ class Tracker:
         """HxWx3 uint8 written as PNG."""
         if not self.enabled:
             return
+        if self._client is None or time.monotonic() < self._paused_until:
+            self.failed["log artifact"] += 1  # counted like the upload it replaces; no PNG encoded
+            return
         from PIL import Image
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -129,10 +239,22 @@ class Tracker:
             Image.fromarray(image).save(path)
             self.log_artifact(path, str(Path(artifact_file).parent) if "/" in artifact_file else None)
 
+    def summary(self) -> str | None:
+        """One line on what could not be logged (None when everything was)."""
+        if not self.enabled or not self.failures:
+            return None
+        kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(self.failed.items()))
+        kept = f"; every metric is in {self.metrics_file}" if self.metrics_file else ""
+        return (
+            f"tracking: {self.failures} MLflow call(s) could not be logged to {self.display_uri} ({kinds}); "
+            f"{self.stalled_s:.1f} s spent waiting on the server{kept}"
+        )
+
     def end(self, status: str = "FINISHED") -> None:
         self._call("end run", self._client_call, "set_terminated", status=status)
-        if self.enabled and self.failures:
-            print(f"warning: {self.failures} MLflow call(s) could not be logged to {self.uri}", file=sys.stderr)
+        line = self.summary()
+        if line:
+            _say(line)
 
     def _client_call(self, method: str, **kwargs) -> Any:
         return getattr(self._client, method)(self.run_id, **kwargs)
