@@ -39,12 +39,14 @@ from golf_dist.checkpoints import (
     set_rng_state,
 )
 from golf_dist.config import Config, dump_yaml, flatten, to_dict
-from golf_dist.data.loader import CropPlan, ShardPairs, train_loader, unwrap_worker_error
+from golf_dist.data.dali import make_train_loader, open_pairs, resolve_loader
+from golf_dist.data.loader import ShardPairs, unwrap_worker_error
 from golf_dist.data.shards import sha256_file
 from golf_dist.errors import ConfigError, DataError, GolfError
 from golf_dist.evaluate import evaluate_pairs
 from golf_dist.losses import GolfLoss, find_vgg_weights, load_vgg_features, unrolled_loss, vgg_weights_missing_message
 from golf_dist.models import f_net, g_net, unroll
+from golf_dist.preemption import StopCheck, print_stopped
 from golf_dist.tracking import Tracker
 
 
@@ -132,12 +134,22 @@ def resolve_f_weights(cfg: Config, output_dir: Path) -> Path:
 def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
     """Train one stage as configured; resume from the newest checkpoint of the stage if there is one."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
+    from golf_dist import distributed as dist_utils
+
+    # bf16 asked for by the launch config (configs/accelerate/*.yaml) counts as well as train.mixed_precision
+    cfg.train.mixed_precision = dist_utils.resolve_mixed_precision(cfg.train.mixed_precision)
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=False),
+            # a hung rank fails the collectives after GOLF_DIST_TIMEOUT_S instead of blocking the others
+            InitProcessGroupKwargs(timeout=dist_utils.process_group_timeout()),
+        ],
     )
+    use_ds = dist_utils.is_deepspeed(accelerator)  # DeepSpeed: it accumulates, steps and partitions Adam itself
+    autocast = accelerator.autocast  # under DeepSpeed bf16: torch's bf16 autocast (set before prepare)
     world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     device = accelerator.device
     paths = StagePaths(Path(cfg.output_dir), stage)
@@ -158,8 +170,9 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
         if vgg_path is None:
             raise GolfError(vgg_weights_missing_message())
         vgg = load_vgg_features(vgg_path)
-    train_pairs = ShardPairs(cfg.data.shards, cfg.data.train_split)
-    val_pairs = ShardPairs(cfg.data.shards, cfg.data.val_split)
+    # every training sample's tar entry and image header checked; bad ones raise or (skip) are left out
+    train_pairs = open_pairs(cfg.data.shards, cfg.data.train_split, cfg.data.on_bad_sample, cfg.data.cache_dir)
+    val_pairs = ShardPairs(cfg.data.shards, cfg.data.val_split, cfg.data.cache_dir)
     for pairs in (train_pairs, val_pairs):
         size = pairs.frame_size
         if size is not None and min(size) < cfg.data.crop:
@@ -179,19 +192,44 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, t.steps, t.lr_gamma, t.lr_decays)
     )
+    if use_ds:
+        ds_config = dist_utils.configure_deepspeed(accelerator, per_device, accum, global_batch)
+        autocast = dist_utils.deepspeed_autocast(ds_config, device) or autocast
+        cfg.train.mixed_precision = accelerator.mixed_precision  # the JSON's bf16 setting, for the logs
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
+    if use_ds and is_main:
+        print(f"DeepSpeed ZeRO stage {ds_config['zero_optimization'].get('stage', 0)} "
+              f"({type(optimizer.optimizer).__name__}), mixed precision {accelerator.mixed_precision}", flush=True)
 
     start_step, run_id, best_psnr = 0, None, -math.inf
-    ckpt = load_latest(paths.checkpoints)
+    saved_loader, reader_states = None, None  # the data loader of the checkpoint and its DALI reader states
+    ckpt, resumed_from = load_latest(paths.checkpoints), None
+    if ckpt is None and t.resume_from:
+        # The stage's own newest checkpoint wins (a requeued job goes on from there); otherwise start from
+        # train.resume_from: a local checkpoint or an MLflow artifact URI, downloaded and verified. Each rank
+        # fetches its own copy (no shared filesystem assumed); the MLflow run is a new one, tagged with it.
+        from golf_dist.remote import load_resume_checkpoint
+
+        ckpt = load_resume_checkpoint(t.resume_from, paths.stage_dir, cfg.tracking.uri)
+        resumed_from = str(ckpt["path"])
+        if ckpt["state"].get("stage") not in (None, stage):
+            raise ConfigError(
+                f"train.resume_from={resumed_from} is a checkpoint of stage {ckpt['state']['stage']}, not {stage}"
+            )
     if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"]["optimizer"])
+        if use_ds:  # checkpoints hold Adam's plain layout (see save): scatter it into ZeRO's partitions
+            dist_utils.load_full_state(raw_model, optimizer, ckpt["model"], ckpt["optimizer"]["optimizer"])
+        else:
+            raw_model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"]["optimizer"])
         scheduler.load_state_dict(ckpt["optimizer"]["scheduler"])
         set_rng_state(ckpt["rng"])
         start_step = int(ckpt["state"]["step"])
-        run_id = ckpt["state"].get("mlflow_run_id")
+        run_id = ckpt["state"].get("mlflow_run_id") if resumed_from is None else None
         best_psnr = ckpt["state"].get("best_val_psnr", -math.inf) or -math.inf
+        saved_loader = ckpt["state"].get("data_loader", "torch")  # checkpoints before DALI: torch
+        reader_states = ckpt["state"].get("dali_reader_states")
         if ckpt["state"].get("global_batch") not in (None, global_batch):
             raise ConfigError(
                 f"checkpoint {ckpt['path']} was made with data.batch_size={ckpt['state']['global_batch']}; "
@@ -207,8 +245,10 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
     if is_main:
         paths.stage_dir.mkdir(parents=True, exist_ok=True)
         (paths.stage_dir / "config.yaml").write_text(dump_yaml(cfg))
-    tracker = Tracker(is_main, cfg.tracking.uri, cfg.tracking.experiment)
+    tracker = Tracker(is_main, cfg.tracking.uri, cfg.tracking.experiment, metrics_file=paths.stage_dir / "metrics.jsonl")
     tags = {"golf.stage": stage, "golf.output_dir": str(paths.output_dir.resolve())}
+    if resumed_from:
+        tags["golf.resumed_from"] = resumed_from
     f_info: dict[str, str] = {}
     if stage == "g":
         f_info = {"f_weights": str(f_path.resolve()), "f_weights_sha256": sha256_file(f_path)}
@@ -217,12 +257,13 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
             f_info["f_run_id"] = json.loads(f_run_file.read_text()).get("mlflow_run_id") or ""
         tags["golf.f_run_id"] = f_info.get("f_run_id", "")
     tracker.start(run_name=f"{stage}-{paths.output_dir.name}", resume_run_id=run_id, tags=tags)
-    if start_step == 0:
+    if start_step == 0 or tracker.new_run:  # a new MLflow run (also one resumed from elsewhere) gets the params
         tracker.log_params(
             {
                 **flatten(to_dict(cfg)),
                 "stage": stage,
                 "world_size": world,
+                "distributed_type": str(accelerator.distributed_type.value),
                 "per_device_batch": per_device,
                 "global_batch": global_batch,
                 "grad_accum": accum,
@@ -241,9 +282,28 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
             flush=True,
         )
 
-    plan = CropPlan(len(train_pairs), cfg.data.crop, cfg.data.flips, cfg.seed)
-    loader = train_loader(
-        train_pairs, plan, global_batch, accum, world, rank, start_step, t.steps, cfg.data.num_workers
+    # data.loader auto|dali|torch, with one line saying which and why. A DALI reader's position lives in its
+    # pipeline checkpoint (one per rank), so a DALI resume needs the same loader and the same world size.
+    if cfg.data.loader == "auto" and saved_loader == "torch" and start_step > 0:
+        loader_kind, why = "torch", "data.loader=auto, and the checkpoint resumed was made with the torch loader"
+    else:
+        loader_kind, why = resolve_loader(cfg.data.loader, getattr(train_pairs, "checked", None), device)
+    if saved_loader is not None and start_step > 0 and saved_loader != loader_kind:
+        raise ConfigError(
+            f"checkpoint {ckpt['path']} was made with data.loader={saved_loader}, this run uses {loader_kind} "
+            f"({why}): resume with config key 'data.loader'={saved_loader}, or start a new --output-dir"
+        )
+    if loader_kind == "dali" and reader_states is not None and len(reader_states) != world:
+        raise ConfigError(
+            f"checkpoint {ckpt['path']} holds the DALI reader states of {len(reader_states)} process(es), this run "
+            f"has {world}: a DALI run resumes exactly only at the same world size (or use data.loader=torch, "
+            "whose order does not depend on it, for a new run)"
+        )
+    if is_main:
+        print(f"data loader: {loader_kind} ({why})", flush=True)
+    loader = make_train_loader(
+        cfg, train_pairs, global_batch=global_batch, accum=accum, world=world, rank=rank, start_step=start_step,
+        device=device, loader=loader_kind, reader_state=reader_states[rank] if reader_states else None,
     )
     batches = iter(loader)
 
@@ -264,7 +324,7 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
                 f_eval, g_eval, val_pairs, cfg.eval.iterations, device, rank, world,
                 reduce_sum=(lambda x: accelerator.reduce(x, "sum")) if world > 1 else None,
                 limit=cfg.val.max_pairs, with_ssim=False, samples=cfg.val.sample_images if is_main else 0,
-                autocast=accelerator.autocast,
+                autocast=autocast,
             )
         model.train()
         tracker.log_metrics({"val_psnr": result["psnr"], "val_input_psnr": result["input_psnr"]}, step)
@@ -274,12 +334,23 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
 
     def save(step: int) -> None:
         """Checkpoint after optimizer step `step` (main process writes; every rank waits for it)."""
+        # every rank's DALI reader state (position, shuffle and window generators) goes into state.json
+        reader_state = loader.state()
+        if reader_state is not None and world > 1:
+            gathered: list = [None] * world
+            torch.distributed.all_gather_object(gathered, reader_state)
+        else:
+            gathered = [reader_state] if reader_state is not None else None
+        # under DeepSpeed ZeRO-2 each rank holds a slice of Adam's state (and bf16 copies of the weights):
+        # gather the fp32 weights and the whole state into the plain layout (a collective: every rank)
+        ds_state = dist_utils.full_state(raw_model, optimizer) if use_ds else None
         if is_main:
-            save_checkpoint(
+            model_state, optimizer_state = ds_state or (raw_model.state_dict(), optimizer.state_dict())
+            written = save_checkpoint(
                 paths.checkpoints,
                 step,
-                raw_model.state_dict(),
-                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                model_state,
+                {"optimizer": optimizer_state, "scheduler": scheduler.state_dict()},
                 {
                     "stage": stage,
                     "steps": t.steps,
@@ -289,12 +360,19 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
                     "val_psnr": last_val[1] if last_val and last_val[0] == step else None,
                     "best_val_psnr": best_psnr if best_psnr > -math.inf else None,
                     "mlflow_run_id": tracker.run_id,
+                    "data_loader": loader.kind,
+                    "dali_reader_states": gathered,
                 },
             )
+            if cfg.tracking.log_checkpoints:  # a copy in the run's artifact store: resume from it elsewhere
+                tracker.log_artifacts(written, f"checkpoints/{written.name}")
             prune(paths.checkpoints, t.keep_last)
         accelerator.wait_for_everyone()
 
     # ---- the loop ------------------------------------------------------------------------------------
+    stop = StopCheck(paths.stage_dir, world, is_main)  # SIGUSR2/SIGTERM or the STOP file
+    accelerator.wait_for_everyone()  # a leftover STOP file is gone before any rank looks for one
+    stopped: tuple[int, str] | None = None
     model.train()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # total, content, perceptual
     window_steps, window_start, waited, paused = 0, time.perf_counter(), 0.0, 0.0
@@ -310,14 +388,22 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
             waited += time.perf_counter() - wait_start
             blur, sharp = blur.to(device, non_blocking=True), sharp.to(device, non_blocking=True)
             sync = micro == accum - 1
-            with accelerator.autocast():
-                if sync:
+            if use_ds:
+                # the engine divides by accum, reduces and steps at its own accumulation boundary
+                # (every accum-th call); Accelerate's no_sync does not apply to it
+                with autocast():
                     losses = step_loss(blur, sharp)
-                    accelerator.backward(losses["total"] / accum)
-                else:
-                    with accelerator.no_sync(model):
+                model.backward(losses["total"])
+                model.step()
+            else:
+                with autocast():
+                    if sync:
                         losses = step_loss(blur, sharp)
                         accelerator.backward(losses["total"] / accum)
+                    else:
+                        with accelerator.no_sync(model):
+                            losses = step_loss(blur, sharp)
+                            accelerator.backward(losses["total"] / accum)
             sums += torch.stack([losses[k].detach().double() for k in ("total", "content", "perceptual")]) / accum
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -336,6 +422,12 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
                 "crops_per_s": window_steps * global_batch / elapsed,
                 "data_wait_share": waited / elapsed,
             }
+            # bad samples: those left out at start-up (the same on every rank) + those skipped while loading
+            skipped = torch.tensor(float(loader.skipped_runtime), dtype=torch.float64, device=device)
+            metrics["bad_samples_skipped"] = loader.excluded + (accelerator.reduce(skipped, "sum") if world > 1 else skipped).item()
+            if step == t.steps and is_main and metrics["bad_samples_skipped"]:
+                print(f"skipped {int(metrics['bad_samples_skipped'])} bad training sample(s) "
+                      "(data.on_bad_sample=skip; MLflow metric bad_samples_skipped)", flush=True)
             tracker.log_metrics(metrics, step)
             bar.set_postfix(loss=f"{metrics['loss']:.5f}", crops_s=f"{metrics['crops_per_s']:.1f}")
             sums.zero_()
@@ -349,25 +441,47 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
         if step % t.checkpoint_every == 0 or step == t.steps:
             save(step)
         paused += time.perf_counter() - pause_start
+
+        # preemption: every rank agrees at this boundary, checkpoints this step, then leaves the loop
+        if step < t.steps and (reason := stop.requested()) is not None:
+            if step % t.checkpoint_every:
+                save(step)
+            stopped = (step, reason)
+            break
     bar.close()
+    if stopped is not None:
+        step, reason = stopped
+        ckpt_path = paths.checkpoints / f"step-{step:08d}"
+        stop.write_marker(step, t.steps, reason, ckpt_path)
+        if is_main:
+            tracker.set_tags({"golf.preempted_at_step": str(step)})
+            tracker.end("KILLED")
+            print_stopped(stage, step, t.steps, reason, ckpt_path)
+        accelerator.wait_for_everyone()
+        return {"stage": stage, "steps": t.steps, "preempted": True, "step": step, "checkpoint": str(ckpt_path)}
+    stop.clear_marker()
 
     # ---- exports -------------------------------------------------------------------------------------
     result: dict[str, Any] = {"stage": stage, "steps": t.steps, "weights": str(paths.weights)}
+    final_weights = dist_utils.full_state(raw_model, optimizer)[0] if use_ds else None  # fp32, a collective
     if is_main:
         meta = {"stage": stage, "steps": str(t.steps), "golf_dist": __version__}
-        save_weights(raw_model.state_dict(), paths.weights, meta)
+        save_weights(final_weights or raw_model.state_dict(), paths.weights, meta)
         best = best_checkpoint(paths.checkpoints)
         if best is not None:
             save_weights(load_weights(best / "model.safetensors"), paths.best_weights, meta)
             tracker.log_artifact(paths.best_weights, "weights")
         tracker.log_artifact(paths.weights, "weights")
-        info = {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri, "weights_sha256": sha256_file(paths.weights)}
+        info = {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.display_uri,
+                "weights_sha256": sha256_file(paths.weights)}
         paths.run_info.write_text(json.dumps(info, indent=2))
         if last_val is not None:
             result["val_psnr"] = last_val[1]
         result.update(best_val_psnr=best_psnr if best_psnr > -math.inf else None, **info)
-        tracker.end()
-        print(f"stage {stage} done: weights {paths.weights}; MLflow run {tracker.run_id} at {tracker.uri}", flush=True)
+        tracker.end()  # also prints what could not be logged (counted by kind), if anything
+        result["tracking_failures"] = dict(tracker.failed)
+        print(f"stage {stage} done: weights {paths.weights}; MLflow run {tracker.run_id} at {tracker.display_uri}",
+              flush=True)
     accelerator.wait_for_everyone()
     return result
 

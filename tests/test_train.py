@@ -156,7 +156,7 @@ def test_two_processes_match_one_with_the_same_global_batch(shards, tmp_path):
 
     train = {"steps": 3, "checkpoint_every": 3, "val_every": 3}
     outs = {n: tmp_path / f"p{n}" for n in (1, 2)}
-    cfgs = {n: write_config(tmp_path / f"p{n}.yaml", shards, outs[n], train=train) for n in (1, 2)}
+    cfgs = {n: write_config(tmp_path / f"p{n}.yaml", shards, outs[n], train=train, data={"loader": "torch"}) for n in (1, 2)}
     for n in (1, 2):
         log = _torchrun(n, cfgs[n], "f")
         assert f"{n} process(es) x {4 // n} per device" in log.stdout
