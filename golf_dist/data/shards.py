@@ -383,19 +383,6 @@ def _matches_plan(path: Path, shard: _Shard) -> bool:
     return all(read_member(path, *ref.members["json"]) == s.info for ref, s in zip(refs, shard.samples))
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = storage.tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _write_files(folder: Path, shard: _Shard) -> None:
     """Write one shard, then its DALI index, each to a temporary name, fsync, rename: whole or not at all."""
     path = folder / shard.relpath
@@ -419,7 +406,7 @@ def _write_files(folder: Path, shard: _Shard) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _write_atomic(folder / shard.index_relpath, index)
+    storage.write_atomic(folder / shard.index_relpath, index)
 
 
 def _file_entry(relpath: str, path: Path) -> dict:
@@ -460,7 +447,7 @@ class _LocalTarget:
     def write(self, relpath: str, data: bytes) -> None:
         path = self.out / relpath
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, data)
+        storage.write_atomic(path, data)
 
     def delete(self, relpath: str) -> None:
         (self.out / relpath).unlink(missing_ok=True)
@@ -488,7 +475,7 @@ class _LocalTarget:
         else:  # a finished shard: its index may have been lost to a kill between the two renames
             index = dali_index(index_shard(self.out / shard.relpath))
             if self.read(shard.index_relpath) != index:
-                _write_atomic(self.out / shard.index_relpath, index)
+                storage.write_atomic(self.out / shard.index_relpath, index)
         return _entry(self.out, shard)
 
     def close(self) -> None:

@@ -292,14 +292,15 @@ def local_shard_dir(shards: str | os.PathLike, cache_dir: str | os.PathLike | No
                     continue
             download_verified(bucket, s3_key(prefix, relpath), dest, size, sha)
             state[relpath] = [size, dest.stat().st_mtime_ns, sha]
-        _write_atomic(state_path, json.dumps(state, sort_keys=True).encode())
+        write_atomic(state_path, json.dumps(state, sort_keys=True).encode())
         manifest_path = folder / MANIFEST
         if not manifest_path.is_file() or manifest_path.read_bytes() != data:
-            _write_atomic(manifest_path, data)  # last: a cache with a manifest is a complete one
+            write_atomic(manifest_path, data)  # last: a cache with a manifest is a complete one
     return folder
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` whole or not at all: a temporary name, fsync, then rename."""
     tmp = tmp_name(path)
     try:
         with open(tmp, "wb") as f:
