@@ -2,11 +2,14 @@
 
 A checkpoint is a folder `step-00001234/` holding
     model.safetensors   the trained network's weights
+    ema.safetensors     their exponential moving average (only with train.ema_decay > 0)
     optimizer.pt        optimizer and LR-scheduler state (tensors and numbers; loaded weights_only)
     rng.pt              torch / numpy / python RNG states
     state.json          step, data position, validation PSNR, MLflow run id ... (written last)
 It is written under a temporary name and renamed into place, so a kill at any moment leaves either the
-previous checkpoints or the new one complete, never a half-written folder under a final name.
+previous checkpoints or the new one complete, never a half-written folder under a final name. A full
+disk removes the partial temporary and raises StorageFullError; what a killed process left under a
+temporary name (`.tmp-*`, `.old-*`) is removed by `clean_stale_temporaries` at the next start.
 """
 
 from __future__ import annotations
@@ -22,10 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from golf_dist.errors import DataError
+from golf_dist.errors import DataError, raise_if_storage_full
 
 _NAME = re.compile(r"^step-(\d{8})$")
 
@@ -48,9 +51,14 @@ def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
-    _fsync_file(tmp)
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        raise_if_storage_full(err, path)
+        raise
     _fsync_dir(path.parent)
     return path
 
@@ -107,6 +115,7 @@ def save_checkpoint(
     model_state: dict[str, torch.Tensor],
     optimizer_state: dict[str, Any],
     state: dict[str, Any],
+    ema_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write checkpoint `root/step-<step>` atomically and return its path."""
     root = Path(root)
@@ -115,20 +124,36 @@ def save_checkpoint(
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2, sort_keys=True))
-    for name in ("model.safetensors", "optimizer.pt", "rng.pt", "state.json"):
-        _fsync_file(tmp / name)
-    if final.exists():  # the same step saved again (after a resume): swap, never delete first
-        old = root / f".old-{final.name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
+    try:
+        tmp.mkdir()
+        names = ["model.safetensors", "optimizer.pt", "rng.pt", "state.json"]
+        save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+        if ema_state is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in ema_state.items()}, str(tmp / "ema.safetensors"))
+            names.append("ema.safetensors")
+        # through a Python file: torch.save to a path hides the OSError (ENOSPC) behind a bare RuntimeError
+        for name, obj in (("optimizer.pt", optimizer_state), ("rng.pt", rng_state())):
+            with open(tmp / name, "wb") as fh:
+                torch.save(obj, fh)
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2, sort_keys=True))
+        for name in names:
+            _fsync_file(tmp / name)
+        _fsync_dir(tmp)  # the folder's entries are on disk before its new name is
+        if final.exists():  # the same step saved again (after a resume): swap, never delete first
+            old = root / f".old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.replace(old, final)
+                raise
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise_if_storage_full(err, final)
+        raise
     _fsync_dir(root)
     return final
 
@@ -144,9 +169,12 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 def read_state(path: Path) -> dict[str, Any]:
     try:
-        return json.loads((Path(path) / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        state = json.loads((Path(path) / "state.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(f"checkpoint {path}: state.json is unreadable: {err}") from None
+    if not isinstance(state, dict):
+        raise DataError(f"checkpoint {path}: state.json is unreadable: a JSON {type(state).__name__}, not an object")
+    return state
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -161,7 +189,29 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             loaded[name] = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises many types for a damaged pickle/zip
             raise DataError(f"checkpoint file {file} is unreadable: {err}") from None
-    return {"model": model, "optimizer": loaded["optimizer"], "rng": loaded["rng"], "state": state}
+    ema = load_weights(path / "ema.safetensors") if (path / "ema.safetensors").exists() else None
+    return {"model": model, "ema": ema, "optimizer": loaded["optimizer"], "rng": loaded["rng"], "state": state}
+
+
+def _exported_file(path: Path) -> Path:
+    ema = Path(path) / "ema.safetensors"
+    return ema if ema.exists() else Path(path) / "model.safetensors"
+
+
+def exported_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint stands for: the EMA when it has one (what validation scored), else the model."""
+    return load_weights(_exported_file(path))
+
+
+def _check_weights(path: Path) -> None:
+    """DataError naming `path` unless it is a whole safetensors file (its header and size; no data read)."""
+    if not path.is_file():
+        raise DataError(f"weights file {path} does not exist")
+    try:
+        with safe_open(str(path), "pt") as fh:
+            fh.keys()
+    except (SafetensorError, OSError, ValueError) as err:
+        raise DataError(f"weights file {path} is not a readable safetensors file: {err}") from None
 
 
 def load_latest(root: Path) -> dict[str, Any] | None:
@@ -178,14 +228,39 @@ def load_latest(root: Path) -> dict[str, Any] | None:
 
 
 def best_checkpoint(root: Path, key: str = "val_psnr") -> Path | None:
-    """The checkpoint with the highest `key` in its state.json (None when none records it)."""
-    scored = [(read_state(p).get(key), p) for p in list_checkpoints(root)]
-    scored = [(s, p) for s, p in scored if s is not None]
-    return max(scored, key=lambda sp: sp[0])[1] if scored else None
+    """The checkpoint with the highest `key` in its state.json whose exported weights are whole (None when
+    none records it). An unreadable checkpoint is skipped with one warning, not raised: prune calls this
+    after every save and the trainer exports the result at the end, so one damaged folder must stop neither.
+    """
+    damaged: list[str] = []
+    scored = []
+    for path in list_checkpoints(root):
+        try:
+            score = read_state(path).get(key)
+        except DataError as err:
+            damaged.append(str(err))
+            continue
+        if isinstance(score, (int, float)) and not isinstance(score, bool) and score == score:  # not NaN
+            scored.append((score, path))
+    best = None
+    for _, path in sorted(scored, key=lambda sp: sp[0], reverse=True):  # stable: the oldest of equals first
+        try:
+            _check_weights(_exported_file(path))
+        except DataError as err:
+            damaged.append(str(err))
+            continue
+        best = path
+        break
+    if damaged:
+        warnings.warn(f"skipping {len(damaged)} unreadable checkpoint(s): {'; '.join(damaged)}", stacklevel=2)
+    return best
 
 
 def prune(root: Path, keep_last: int, key: str = "val_psnr") -> list[Path]:
-    """Delete all but the newest `keep_last` checkpoints and the best by `key`; return what went."""
+    """Delete all but the newest `keep_last` checkpoints and the best by `key`; return what went.
+
+    Damaged checkpoints are judged like any other by their names (best_checkpoint skips them with a
+    warning): an old damaged one goes, a recent one stays for load_latest to report and pass over."""
     all_ckpts = list_checkpoints(root)
     keep = set(all_ckpts[-keep_last:])
     best = best_checkpoint(root, key)
@@ -194,4 +269,53 @@ def prune(root: Path, keep_last: int, key: str = "val_psnr") -> list[Path]:
     removed = [p for p in all_ckpts if p not in keep]
     for path in removed:
         shutil.rmtree(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    except (OverflowError, OSError):
+        return False
+    return True
+
+
+def clean_stale_temporaries(root: Path) -> list[Path]:
+    """Remove what killed or failed writers left in `root`: `.tmp-*` checkpoint folders, `.old-*` swapped-out
+    checkpoints and `.<name>.tmp-*` weights files whose owning process (the pid after the last '-') is
+    gone; return what went. An `.old-step-N-<pid>` whose `step-N` is missing (killed mid-swap) holds the
+    only whole copy of that step: it is renamed back, not removed.
+
+    Call it at start-up, before this process writes anything there (the trainer's main rank): an entry
+    named with this process's own pid is then from an earlier run whose pid repeated (containers)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    removed, restored = [], False
+    for entry in sorted(root.iterdir()):
+        name = entry.name
+        if not (name.startswith((".tmp-", ".old-")) or (name.startswith(".") and ".tmp-" in name)):
+            continue
+        pid = name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or (int(pid) != os.getpid() and _pid_alive(int(pid))):
+            continue
+        if name.startswith(".old-"):
+            final = root / name[len(".old-") :].rsplit("-", 1)[0]
+            if _NAME.match(final.name) and entry.is_dir() and not final.exists():
+                os.replace(entry, final)
+                restored = True
+                continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    if removed or restored:
+        _fsync_dir(root)
     return removed

@@ -239,6 +239,7 @@ def validate(cfg: Config, stage: str | None = None) -> None:
         if not ok:
             raise ConfigError(f"config key '{key}' {what}, got {_get(cfg, key)!r}")
 
+    need(cfg.seed >= 0, "seed", "must be 0 or more")
     need(cfg.data.crop >= 32, "data.crop", "must be at least 32 (the VGG features pool by 32)")
     need(cfg.data.batch_size >= 1, "data.batch_size", "must be at least 1")
     need(cfg.data.num_workers >= 0, "data.num_workers", "must be 0 or more")

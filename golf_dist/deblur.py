@@ -8,11 +8,15 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from golf_dist.data.formats import MAX_PIXELS
 from golf_dist.data.loader import decode_image, to_tensor
 from golf_dist.errors import DataError
 from golf_dist.evaluate import golf_iterates, load_trained, to_uint8
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# No PNG or JPEG of MAX_PIXELS pixels is larger (16-bit RGBA stored uncompressed, plus room for metadata):
+# a larger file is refused before it is read into memory. Pixels beyond the cap: decode_image refuses.
+MAX_INPUT_BYTES = 8 * MAX_PIXELS + (1 << 20)
 
 
 def collect_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:
@@ -42,6 +46,10 @@ def deblur_files(output_dir: Path, inputs: list[str], out_dir: Path, iterations:
     f, g = load_trained(Path(output_dir), dev, iterations)
     written = []
     for src, rel in tqdm(files, desc="deblur", disable=len(files) < 2):
+        size = src.stat().st_size
+        if size > MAX_INPUT_BYTES:
+            raise DataError(f"image {src} is {size} bytes, more than any image of at most {MAX_PIXELS} pixels "
+                            f"takes ({MAX_INPUT_BYTES}): downscale it")
         image = decode_image(src.read_bytes(), f"image {src}")
         with torch.no_grad():
             restored = golf_iterates(f, g, to_tensor(image).unsqueeze(0).to(dev), iterations)[-1]

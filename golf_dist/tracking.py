@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -41,12 +42,41 @@ HTTP_DEFAULTS = {
 COOLDOWN_S = 60.0
 MAX_COOLDOWN_S = 1800.0
 
-_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+_URI = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://\S*")
+
+
+def _redact_uri(uri: str) -> str:
+    scheme, _, rest = uri.partition("://")
+    if "@" not in rest or rest.startswith("/"):  # no '@', or no authority at all (file:///, sqlite:////)
+        return uri
+    try:
+        netloc = urlsplit(uri).netloc
+    except ValueError:  # e.g. an unbalanced '[' in the host
+        netloc = ""
+    if "@" in netloc and "@" not in rest[len(netloc) :]:
+        return f"{scheme}://***@{netloc.rpartition('@')[2]}{rest[len(netloc):]}"
+    if "@" not in netloc and ":" not in rest.rpartition("@")[0]:
+        return uri  # an '@' in a path or query, and no ':' before it: no password anywhere
+    # An '@' after what urlsplit calls the host: in a path or query, or in a password holding '/', '?' or
+    # '#' that urlsplit cut short (https://user:p@ss/word@host/path). The two cannot be told apart, so
+    # everything up to the last '@' goes: hiding part of a URL is harmless, showing a password is not.
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"
 
 
 def redact(text: str) -> str:
-    """Drop `user:password@` from any URI in `text` (tracking URIs, error messages, params)."""
-    return _USERINFO.sub(r"\1***@", text)
+    """Replace the userinfo (`user:password@`) of every URI in `text` (tracking URIs, error messages,
+    params) with `***@`, through urllib.parse.urlsplit; a password holding '/', '@', '?' or '#' goes too."""
+    return _URI.sub(lambda m: _redact_uri(m.group(0)), text)
+
+
+def redact_config_dict(tree: Any) -> Any:
+    """A copy of a nested config (dicts, lists, tuples) with every string redacted (see `redact`): for
+    dumping config.yaml or logging params without the passwords in tracking.uri, data.shards, ..."""
+    if isinstance(tree, dict):
+        return {key: redact_config_dict(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(redact_config_dict(value) for value in tree)
+    return redact(tree) if isinstance(tree, str) else tree
 
 
 def _say(line: str) -> None:

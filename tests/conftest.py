@@ -12,9 +12,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,6 +63,20 @@ def write_config(path: Path, shards: Path, output_dir: Path, **sections) -> Path
         cfg.setdefault(name, {}).update(values)
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def write_gopro(root: Path, train: int = 4, test: int = 2, height: int = 32, width: int = 48) -> Path:
+    """A GOPRO_Large-shaped folder of noise frames (no synthetic blur: only the layout matters here)."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train), ("test", test)):
+        for i in range(n):
+            for kind in ("blur", "sharp"):
+                folder = root / split / f"GOPR{i // 2:04d}_00_00" / kind
+                folder.mkdir(parents=True, exist_ok=True)
+                image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+                Image.fromarray(image).save(folder / f"{i:06d}.png")
+    return root
+
 
 
 class AffineMap(nn.Module):

@@ -25,10 +25,9 @@ running pipeline, so it stops and names the sample (both modes).
 from __future__ import annotations
 
 import base64
-import ast
 import io
+import math
 import shutil
-import struct
 import tarfile
 import tempfile
 import weakref
@@ -73,39 +72,47 @@ def _image_member(members: dict, kind: str) -> tuple[str, tuple[int, int]] | Non
     return None
 
 
-def _npy_shape(head: bytes) -> tuple[int, ...]:
-    """Shape from an .npy header (format 1.0/2.0), checking the payload is C-ordered uint8."""
-    if head[:6] != b"\x93NUMPY":
-        raise ValueError("no .npy magic")
-    major = head[6]
-    if major == 1:
-        (hlen,), start = struct.unpack("<H", head[8:10]), 10
-    else:
-        (hlen,), start = struct.unpack("<I", head[8:12]), 12
-    header = head[start : start + hlen].decode("latin-1")
-    meta = ast.literal_eval(header)  # a dict literal by the .npy spec; literal_eval evaluates nothing else
-    if meta.get("descr") not in ("|u1", "<u1", ">u1") or meta.get("fortran_order"):
-        raise ValueError(f"not a C-ordered uint8 array ({meta.get('descr')}, fortran_order={meta.get('fortran_order')})")
-    return tuple(meta["shape"])
+def _npy_shape(head: bytes, size: int | None = None) -> tuple[int, ...]:
+    """Shape from an .npy header (NumPy's parser), checking the payload is C-ordered uint8 and, given the
+    member's `size`, that the header's shape is exactly what the member holds (DALI trusts the header)."""
+    shape, fortran, dtype, offset = formats.npy_header(head)
+    if dtype != np.uint8 or fortran:
+        raise ValueError(f"not a C-ordered uint8 array ({dtype.str}, fortran_order={fortran})")
+    if size is not None and size - offset != math.prod(shape):
+        raise ValueError(
+            f"its header claims shape {shape} ({math.prod(shape)} bytes), the member holds {size - offset}"
+        )
+    return shape
 
 
-def image_size(data: bytes, fmt: str) -> tuple[int, int]:
-    """(height, width) from an image's first bytes, without decoding its pixels; ValueError if it is not one."""
+def image_size(data: bytes, fmt: str, size: int | None = None) -> tuple[int, int]:
+    """(height, width) from an image's first bytes, without decoding its pixels; ValueError if it is not
+    one, or one of more than formats.MAX_PIXELS pixels. `size`: the member's whole byte size (checks .npy)."""
     if fmt == "npy":
-        shape = _npy_shape(data)
+        shape = _npy_shape(data, size)
         if len(shape) != 3 or shape[2] != 3:
             raise ValueError(f"array of shape {shape}, not HxWx3")
-        return int(shape[0]), int(shape[1])
-    from PIL import Image, UnidentifiedImageError
+        height, width = int(shape[0]), int(shape[1])
+    else:
+        import warnings
 
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            expected = {"png": "PNG", "jp2": "JPEG2000"}[fmt]
-            if img.format != expected:
-                raise ValueError(f"a {img.format} image, not {expected}")
-            return img.size[1], img.size[0]
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(str(err) or "not an image") from None
+        from PIL import Image
+
+        expected = {"png": "PNG", "jp2": "JPEG2000"}[fmt]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as img:
+                    found, (width, height) = img.format, img.size
+        except Exception as err:  # a hostile header can make a Pillow plugin raise anything (struct.error, ...)
+            raise ValueError(str(err) or f"not an image ({type(err).__name__})") from None
+        if found != expected:
+            raise ValueError(f"a {found} image, not {expected}")
+    if width * height > formats.MAX_PIXELS:
+        raise ValueError(
+            f"{width}x{height} = {width * height} pixels, more than formats.MAX_PIXELS={formats.MAX_PIXELS}"
+        )
+    return height, width
 
 
 # ---- the start-up check of a split ----------------------------------------------------------------
@@ -226,7 +233,7 @@ def check_split(
                     fh.seek(offset)
                     head = fh.read(min(length, 4096))
                     try:
-                        sizes.append(image_size(head, fmt))
+                        sizes.append(image_size(head, fmt, length))
                     except ValueError as err:
                         found(BadSample(path, ref.key, f"{kind} image cannot be decoded ({err})"))
                         break

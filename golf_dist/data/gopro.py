@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from golf_dist.data.formats import check_pixels
 from golf_dist.errors import DataError
 
 # Modes PIL turns into RGB without losing meaning (16-bit and float modes would be clipped).
@@ -79,12 +81,25 @@ def scan_gopro(root: str | Path, split: str, blur_dir: str = "blur") -> list[Pai
 
 
 def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a source frame, decoded whole. Refused by name: no PNG, more than MAX_PIXELS,
+    a mode without 8-bit RGB meaning, and transparency (the DALI decoder drops alpha where the PyTorch
+    loader composites it, so a translucent frame would train differently per loader)."""
+    translucent = False
     try:
-        with Image.open(path) as im:
-            im.load()
-            fmt, mode, size = im.format, im.mode, im.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                check_pixels(*im.size, str(path))
+                im.load()
+                fmt, mode, size = im.format, im.mode, im.size
+                if mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+                    translucent = im.convert("RGBA").getchannel("A").getextrema()[0] < 255
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise DataError(f"{path} is too large to decode ({err}): replace or remove the pair") from None
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
         raise DataError(f"{path} cannot be decoded as an image ({err}): replace or remove the pair") from None
+    if translucent:
+        raise DataError(f"{path} has transparent pixels: save it as opaque RGB PNG, or remove the pair")
     if fmt != "PNG":
         raise DataError(f"{path} is a {fmt} file, not a PNG: convert it to PNG or remove the pair")
     if mode not in _RGB_CONVERTIBLE:

@@ -15,14 +15,12 @@ Optimizer step s consumes the global positions [s * B, (s + 1) * B) of the strea
 from __future__ import annotations
 
 import functools
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from golf_dist.data import formats
 from golf_dist.data.shards import index_shard, read_manifest, read_member, shard_paths, split_format
@@ -53,12 +51,9 @@ def _member_suffix(members: dict, kind: str, shard: Path, key: str) -> str:
 
 
 def decode_image(data: bytes, where: str) -> np.ndarray:
-    """PNG/JPEG bytes -> HxWx3 uint8; an undecodable image is a DataError naming `where`."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise DataError(f"{where}: image cannot be decoded ({err})") from None
+    """PNG/JPEG bytes -> HxWx3 uint8; an undecodable, too large or odd image is a DataError naming `where`
+    (size cap, 16-bit and alpha handling: golf_dist.data.formats)."""
+    return formats.decode_pil(data, where)
 
 
 class ShardPairs:

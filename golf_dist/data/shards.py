@@ -32,7 +32,7 @@ from tqdm import tqdm
 from golf_dist.data import storage
 from golf_dist.data.formats import FORMATS, decode, encode
 from golf_dist.data.gopro import HOW_TO_GET_GOPRO, Pair, check_pair, scan_gopro
-from golf_dist.errors import ConfigError, DataError
+from golf_dist.errors import ConfigError, DataError, raise_if_storage_full
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "test")
@@ -153,11 +153,28 @@ def index_path(shard: str | Path) -> Path:
 # ---------------------------------------------------------------- the manifest
 
 
+def _manifest_relpath(value: str, splits, ext: str) -> bool:
+    """Whether a listed path has the shape the sharder writes: `<split>/<name><ext>`, relative, POSIX, and
+    nothing else (no '..', no absolute path, no backslash, no empty part): a manifest read from S3 must
+    not choose where the cache writes."""
+    parts = value.split("/")
+    return (
+        len(parts) == 2
+        and parts[0] in splits
+        and parts[1].endswith(ext)
+        and len(parts[1]) > len(ext)
+        and all(part not in ("", ".", "..") for part in parts)
+        and not any(c in value for c in "\\\0")
+        and not value.startswith("/")
+    )
+
+
 def parse_manifest(data: bytes, where: str) -> dict:
-    """A manifest's bytes, checked for its keys (not for the files it lists)."""
+    """A manifest's bytes, checked for its keys, their types and the shape of every listed path (not for
+    the files it lists); every problem is a DataError naming `where` and the field."""
     try:
         manifest = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise DataError(f"{where} is not readable JSON ({err}): {HOW_TO_MAKE_SHARDS}") from None
     bad = f"{where} is not a shard manifest of format_version {FORMAT_VERSION}"
 
@@ -168,21 +185,58 @@ def parse_manifest(data: bytes, where: str) -> dict:
         if missing:
             raise DataError(f"{bad}: {at} lacks {', '.join(missing)}; {HOW_TO_MAKE_SHARDS}")
 
+    def typed(obj, key, at, kind, nullable=False):
+        value = obj[key]
+        if value is None and nullable:
+            return
+        if kind == "count":  # JSON true/false are Python ints: not counts
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            what = "a whole number >= 0"
+        else:
+            ok = isinstance(value, kind)
+            what = {str: "a string", list: "a list", dict: "an object"}[kind]
+        if not ok:
+            what += " or null" if nullable else ""
+            raise DataError(f"{bad}: {at}{key} is {json.dumps(value)[:80]}, not {what}; {HOW_TO_MAKE_SHARDS}")
+
+    def listed_file(obj, at, ext, splits):
+        for key in ("path", "sha256"):
+            typed(obj, key, at, str)
+        typed(obj, "bytes", at, "count")
+        if not _manifest_relpath(obj["path"], splits, ext):
+            raise DataError(
+                f"{bad}: {at}path {obj['path']!r} is not <split>/<name>{ext} under the shard folder "
+                f"(split one of {', '.join(splits)}); refusing it; {HOW_TO_MAKE_SHARDS}"
+            )
+
     need(manifest, ("format_version", "image_format", "blur_dir", "seed", "maxcount", "splits"), "the top level")
-    if manifest["format_version"] != FORMAT_VERSION:
+    if manifest["format_version"] != FORMAT_VERSION or isinstance(manifest["format_version"], bool):
         raise DataError(f"{bad} (it says {manifest['format_version']!r}): {HOW_TO_MAKE_SHARDS}")
+    for key in ("image_format", "blur_dir"):
+        typed(manifest, key, "", str)
+    for key in ("seed", "maxcount"):
+        typed(manifest, key, "", "count")
     need(manifest["splits"], (), "splits")
+    splits = list(manifest["splits"])
     for split, info in manifest["splits"].items():
+        at = f"splits.{split}."
         need(info, ("pairs", "height", "width", "shards"), f"splits.{split}")
-        if not isinstance(info["shards"], list):
-            raise DataError(f"{bad}: splits.{split}.shards is not a list; {HOW_TO_MAKE_SHARDS}")
+        typed(info, "pairs", at, "count")
+        for key in ("height", "width"):
+            typed(info, key, at, "count", nullable=True)
+        typed(info, "shards", at, list)
+        if "image_format" in info:
+            typed(info, "image_format", at, str)
         fmt = info.get("image_format", manifest["image_format"])
         if fmt not in FORMATS:
             raise DataError(f"{bad}: splits.{split}.image_format is {fmt!r}, not one of {', '.join(FORMATS)}")
         for i, shard in enumerate(info["shards"]):
             need(shard, ("path", "samples", "bytes", "sha256"), f"splits.{split}.shards[{i}]")
+            listed_file(shard, f"{at}shards[{i}].", ".tar", splits)
+            typed(shard, "samples", f"{at}shards[{i}].", "count")
             if "index" in shard:
                 need(shard["index"], ("path", "bytes", "sha256"), f"splits.{split}.shards[{i}].index")
+                listed_file(shard["index"], f"{at}shards[{i}].index.", ".idx", splits)
     return manifest
 
 
@@ -403,8 +457,9 @@ def _write_files(folder: Path, shard: _Shard) -> None:
             os.fsync(f.fileno())
         index = dali_index(index_shard(tmp))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        raise_if_storage_full(err, path)
         raise
     storage.write_atomic(folder / shard.index_relpath, index)
 

@@ -19,7 +19,7 @@ import os
 import socket
 from pathlib import Path
 
-from golf_dist.errors import DataError
+from golf_dist.errors import DataError, raise_if_storage_full
 
 S3_PREFIX = "s3://"
 DEFAULT_CACHE = Path("~/.cache/golf_dist/shards")
@@ -218,6 +218,9 @@ def download_verified(bucket: str, key: str, dest: Path, size: int, sha256: str)
                 f"run python data_prep/shard_gopro.py --verify s3://{bucket}/... and reshard"
             )
         os.replace(tmp, dest)
+    except OSError as err:
+        raise_if_storage_full(err, dest)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -272,15 +275,23 @@ def local_shard_dir(shards: str | os.PathLike, cache_dir: str | os.PathLike | No
         except (OSError, ValueError):
             state = {}
         files = []
-        for info in manifest["splits"].values():
-            for shard in info["shards"]:
-                files.append((shard["path"], shard["bytes"], shard["sha256"]))
+        for split, info in manifest["splits"].items():
+            for i, shard in enumerate(info["shards"]):
+                files.append((shard["path"], shard["bytes"], shard["sha256"], f"splits.{split}.shards[{i}].path"))
                 if "index" in shard:
-                    files.append((shard["index"]["path"], shard["index"]["bytes"], shard["index"]["sha256"]))
+                    index, field = shard["index"], f"splits.{split}.shards[{i}].index.path"
+                    files.append((index["path"], index["bytes"], index["sha256"], field))
         from tqdm import tqdm
 
-        for relpath, size, sha in tqdm(files, disable=not progress, desc="shard cache", unit="file"):
+        inside = folder.resolve()
+        for relpath, size, sha, field in tqdm(files, disable=not progress, desc="shard cache", unit="file"):
             dest = folder / relpath
+            # parse_manifest admits only <split>/<name>.tar|.idx; this also refuses a symlink out of the cache
+            if not dest.resolve().is_relative_to(inside):
+                raise DataError(
+                    f"{s3_url(bucket, s3_key(prefix, MANIFEST))}: {field} {relpath!r} leads outside the cache "
+                    f"folder {folder}: refusing to write there; reshard (python data_prep/shard_gopro.py)"
+                )
             if dest.is_file():
                 stat = dest.stat()
                 if state.get(relpath) == [size, stat.st_mtime_ns, sha] and stat.st_size == size:
@@ -300,7 +311,8 @@ def local_shard_dir(shards: str | os.PathLike, cache_dir: str | os.PathLike | No
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` whole or not at all: a temporary name, fsync, then rename."""
+    """Write `data` to `path` whole or not at all: a temporary name, fsync, then rename (a full disk:
+    StorageFullError, the temporary removed)."""
     tmp = tmp_name(path)
     try:
         with open(tmp, "wb") as f:
@@ -308,5 +320,8 @@ def write_atomic(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        raise_if_storage_full(err, path)
+        raise
     finally:
         tmp.unlink(missing_ok=True)

@@ -22,11 +22,38 @@ usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 case "$1" in -h|--help) usage 0 ;; esac
 [ $# -eq 2 ] || usage 2
 cmd=$1
-DIR=$(mkdir -p "$2" && cd "$2" && pwd)
+umask 022  # what this script creates is never writable by others (check_owner would refuse it next time)
+DIR=$(mkdir -p "$2" && cd "$2" && pwd -P)
 CONF=$DIR/etc/slurm.conf
 MUNGE=$DIR/munge
 
 log() { echo "local_cluster: $*" >&2; }
+
+# As root this script trusts what DIR holds: slurm.conf (run by root daemons), the munge key, pid files
+# (it kills those pids). A folder another user owns or can write could hand it theirs: refuse it.
+check_owner() {
+  [ "$(id -u)" = 0 ] || return 0
+  local path owner mode
+  for path in "$DIR" "$DIR"/{etc,state,spool,log,run} "$CONF" "$DIR/etc/plugstack.conf" "$DIR"/run/*.pid \
+              "$MUNGE" "$MUNGE/munge.key" "$MUNGE/munged.pid"; do
+    [ -e "$path" ] || [ -L "$path" ] || continue
+    if [ -L "$path" ]; then
+      log "refusing $path: a symbolic link (use a folder of your own, e.g. mktemp -d)"
+      exit 1
+    fi
+    owner=$(stat -c %u "$path")
+    mode=$(stat -c %a "$path")
+    if [ "$owner" != 0 ]; then
+      log "refusing $path: owned by uid $owner, not root (use a folder only root can write, e.g. mktemp -d)"
+      exit 1
+    fi
+    if (( 8#$mode & 8#022 )); then
+      log "refusing $path: writable by group or others (mode $mode); chmod go-w it or use another folder"
+      exit 1
+    fi
+  done
+}
+check_owner
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
@@ -68,8 +95,10 @@ start() {
   # munge: its own key, socket and daemon in DIR (no system munged needed); /run/munge must exist
   mkdir -p /run/munge
   if [ ! -f "$MUNGE/munge.key" ]; then
-    dd if=/dev/urandom of="$MUNGE/munge.key" bs=1024 count=1 status=none
-    chmod 400 "$MUNGE/munge.key"
+    # umask 077: the key is never readable by others, not even between its creation and the chmod
+    rm -f "$MUNGE/munge.key.tmp"
+    (umask 077 && dd if=/dev/urandom of="$MUNGE/munge.key.tmp" bs=1024 count=1 status=none \
+      && chmod 400 "$MUNGE/munge.key.tmp" && mv "$MUNGE/munge.key.tmp" "$MUNGE/munge.key")
   fi
   if ! pid_alive "$MUNGE/munged.pid"; then
     munged --force --key-file="$MUNGE/munge.key" --socket="$MUNGE/munge.socket" \
