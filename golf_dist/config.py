@@ -23,6 +23,7 @@ import yaml
 from golf_dist.errors import ConfigError
 
 STAGES = ("f", "g")
+SCHEDULES = ("exp", "cosine", "constant")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "gopro.yaml"
 
 
@@ -51,8 +52,12 @@ class LossConfig:
 class TrainConfig:
     steps: int = 500_000  # optimizer steps of the stage
     lr: float = 1e-3
-    lr_gamma: float = 0.3  # exponential decay: lr * gamma ** (lr_decays * step / steps)
+    warmup_steps: int = 0  # linear warm-up from lr / warmup_steps to lr over the first steps
+    schedule: str = "exp"  # after warm-up: exp (paper: lr * gamma ** (lr_decays * progress)) | cosine | constant
+    lr_gamma: float = 0.3  # exp schedule: the lr falls to lr * lr_gamma ** lr_decays at the last step
     lr_decays: float = 11.0
+    grad_clip: float = 0.0  # clip the global gradient norm to this (0 = off; the norm is logged either way)
+    ema_decay: float = 0.0  # exponential moving average of the weights (0 = off); validation and exports use it
     beta1: float = 0.9
     beta2: float = 0.999
     unroll: int = 5  # N, the unrolled G steps of Eq. 4 (stage g)
@@ -252,6 +257,11 @@ def validate(cfg: Config, stage: str | None = None) -> None:
     need(t.lr > 0, "train.lr", "must be positive")
     need(0 < t.lr_gamma <= 1, "train.lr_gamma", "must be in (0, 1]")
     need(t.lr_decays >= 0, "train.lr_decays", "must be 0 or more")
+    need(t.schedule in SCHEDULES, "train.schedule", f"must be one of {', '.join(SCHEDULES)}")
+    need(t.warmup_steps >= 0, "train.warmup_steps", "must be 0 or more")
+    need(t.warmup_steps < t.steps, "train.warmup_steps", f"must be smaller than train.steps={t.steps}")
+    need(t.grad_clip >= 0, "train.grad_clip", "must be 0 (off) or a positive norm")
+    need(0 <= t.ema_decay < 1, "train.ema_decay", "must be in [0, 1) (0 = off)")
     need(0 <= t.beta1 < 1, "train.beta1", "must be in [0, 1)")
     need(0 <= t.beta2 < 1, "train.beta2", "must be in [0, 1)")
     need(t.unroll >= 1, "train.unroll", "must be at least 1")
@@ -287,6 +297,3 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
             out[f"{prefix}{key}"] = value
     return out
 
-
-def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

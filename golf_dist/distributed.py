@@ -202,8 +202,9 @@ def is_deepspeed(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
-def configure_deepspeed(accelerator, per_device: int, accum: int, global_batch: int) -> dict[str, Any]:
-    """Fill the DeepSpeed config's batch sizes from the golf config, before `prepare()`.
+def configure_deepspeed(accelerator, per_device: int, accum: int, global_batch: int,
+                        grad_clip: float = 0.0) -> dict[str, Any]:
+    """Fill the DeepSpeed config's batch sizes (and gradient clipping) from the golf config, before `prepare()`.
 
     Accelerate takes `train_micro_batch_size_per_gpu` from a prepared DataLoader; our loader is not
     prepared (its sharding is ours), so it is set here. A JSON with explicit batch values that
@@ -223,6 +224,14 @@ def configure_deepspeed(accelerator, per_device: int, accum: int, global_batch: 
                 f"train.grad_accum={accum} give {value}; set it to \"auto\" in the JSON"
             )
         ds[key] = value
+    # the engine clips inside its step: train.grad_clip goes into its config (0 = off, as in DeepSpeed)
+    current = ds.get("gradient_clipping", "auto")
+    if current not in ("auto", None) and float(current) != grad_clip:
+        raise ConfigError(
+            f"DeepSpeed config sets gradient_clipping={current}, but train.grad_clip={grad_clip}; "
+            "set it to \"auto\" in the JSON"
+        )
+    ds["gradient_clipping"] = grad_clip
     zero = ds.get("zero_optimization", {}).get("stage", 0)
     if zero not in (0, 1, 2):
         raise ConfigError(

@@ -14,7 +14,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from golf_dist import plots
 from golf_dist.data.loader import ShardPairs, full_frame_loader
+from golf_dist.data.storage import write_atomic
 from golf_dist.metrics import SSIM_VARIANT, psnr, ssim
 
 
@@ -53,17 +55,21 @@ def evaluate_pairs(
     samples: int = 0,
     progress: bool = False,
     autocast=None,
+    sample_iteration: int | None = None,
+    keep_frames: int = 0,
 ) -> dict[str, Any]:
     """Metrics of F (+ G iterations) on full frames of `pairs`, reduced over ranks.
 
     `reduce_sum(tensor) -> tensor` sums a float64 tensor over ranks (None on one process).
     Returns psnr/ssim of the final estimate, of the blurred input, PSNR after each iteration
-    0..N, the pair count, and up to `samples` (key, blur|output|sharp image) triplets from this rank.
+    0..N, the pair count, and up to `samples` (key, blur|output|sharp image) triplets from this rank, the
+    output being the estimate after `sample_iteration` G iterations (default: the last), and the first
+    `keep_frames` frames of this rank as HxWx3 float arrays (key, blur, f: F's estimate, final, sharp).
     """
     steps = iterations if g is not None else 0
     # sums: count, psnr, ssim, input psnr, input ssim, psnr after iteration 0..steps
     sums = torch.zeros(5 + steps + 1, dtype=torch.float64)
-    shown = []
+    shown, kept = [], []
     loader = full_frame_loader(pairs, rank, world, limit=limit, num_workers=1)
     for blur, sharp, key, _ in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
         blur = blur.unsqueeze(0).to(device)
@@ -82,7 +88,12 @@ def evaluate_pairs(
         row += [psnr(e, sharp).item() for e in estimates]
         sums += torch.tensor(row, dtype=torch.float64)
         if len(shown) < samples:
-            shown.append((key, triplet(blur[0], final[0], sharp[0])))
+            shown_estimate = estimates[-1 if sample_iteration is None else sample_iteration]
+            shown.append((key, triplet(blur[0], shown_estimate[0], sharp[0])))
+        if len(kept) < keep_frames:
+            as_array = lambda t: t[0].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()  # noqa: E731
+            kept.append({"key": key, "blur": as_array(blur), "f": as_array(estimates[0]),
+                         "final": as_array(final), "sharp": as_array(sharp)})
     if reduce_sum is not None:
         sums = reduce_sum(sums.to(device)).cpu()
     count = int(sums[0].item())
@@ -95,6 +106,7 @@ def evaluate_pairs(
         "input_psnr": mean[3],
         "psnr_per_iteration": mean[5:],
         "samples": shown,
+        "frames": kept,
     }
     if with_ssim:
         result.update(ssim=mean[2], input_ssim=mean[4], ssim_variant=SSIM_VARIANT)
@@ -138,12 +150,19 @@ def run_evaluation(output_dir: Path, shards: str, split: str, iterations: int, l
         rank=accelerator.process_index, world=accelerator.num_processes,
         reduce_sum=(lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None,
         limit=limit, samples=2 if accelerator.is_main_process else 0,
-        progress=accelerator.is_main_process,
+        progress=accelerator.is_main_process, keep_frames=2 if accelerator.is_main_process else 0,
     )
     if not accelerator.is_main_process:
         return None
-    samples = result.pop("samples")
+    samples, frames = result.pop("samples"), result.pop("frames")
     result.update(iterations=iterations, split=split, shards=str(shards))
+    # what a person looks at, beside the numbers: PSNR against G iteration and blur | F | F + N G | sharp
+    figures = {"psnr_by_iteration": plots.psnr_by_iteration(
+        result["psnr_per_iteration"], result["input_psnr"], output_dir / "psnr_by_iteration.png",
+        title=f"{result['pairs']} {split} pairs of {output_dir.name}: PSNR against G iteration")}
+    if frames:
+        figures["comparison"] = plots.comparison(frames, output_dir / "comparison.png", iterations=iterations)
+    result["figures"] = {k: str(v) for k, v in figures.items()}
     tracker = Tracker(True, tracking_cfg.uri, tracking_cfg.experiment)
     tracker.start(run_name=f"eval-{output_dir.name}", tags={"golf.stage": "eval"})
     tracker.log_params({"output_dir": str(output_dir.resolve()), "shards": str(shards), "split": split,
@@ -154,8 +173,12 @@ def run_evaluation(output_dir: Path, shards: str, split: str, iterations: int, l
         tracker.log_metrics({"test_psnr_by_iteration": value}, step=i)
     for key, image in samples:
         tracker.log_image(image, f"samples/{key}.png")
+    for path in figures.values():
+        tracker.log_artifact(path, "figures")
     tracker.end()
     result["mlflow_run_id"] = tracker.run_id
+    write_atomic(output_dir / "evaluation.json", json.dumps(result, indent=2, sort_keys=True).encode())
+    result["figures"]["json"] = str(output_dir / "evaluation.json")
     return result
 
 
@@ -169,4 +192,6 @@ def print_result(result: dict) -> None:
         f"PSNR after F and each G iteration: {per_iteration}",
         flush=True,
     )
+    if result.get("figures"):
+        print("figures: " + ", ".join(result["figures"].values()), flush=True)
     print(json.dumps(result, sort_keys=True), flush=True)

@@ -23,31 +23,35 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from tqdm import tqdm
 
 from golf_dist import __version__
 from golf_dist.checkpoints import (
     best_checkpoint,
+    clean_stale_temporaries,
+    exported_weights,
     list_checkpoints,
     load_into,
     load_latest,
-    load_weights,
     prune,
     read_state,
     save_checkpoint,
     save_weights,
     set_rng_state,
 )
-from golf_dist.config import Config, dump_yaml, flatten, to_dict
+from golf_dist.config import Config, flatten, to_dict
 from golf_dist.data.dali import make_train_loader, open_pairs, resolve_loader
 from golf_dist.data.loader import ShardPairs, unwrap_worker_error
 from golf_dist.data.shards import sha256_file
+from golf_dist.data.storage import write_atomic
 from golf_dist.errors import ConfigError, DataError, GolfError
 from golf_dist.evaluate import evaluate_pairs
 from golf_dist.losses import GolfLoss, find_vgg_weights, load_vgg_features, unrolled_loss, vgg_weights_missing_message
 from golf_dist.models import f_net, g_net, unroll
+from golf_dist.optim import EMA, clip_gradients, make_scheduler
 from golf_dist.preemption import StopCheck, print_stopped
-from golf_dist.tracking import Tracker
+from golf_dist.tracking import Tracker, redact_config_dict
 
 
 @dataclass
@@ -100,11 +104,6 @@ def _versions() -> dict[str, str]:
         "version.numpy": numpy.__version__,
         "git_commit": _git_commit(),
     }
-
-
-def lr_factor(step: int, steps: int, gamma: float, decays: float) -> float:
-    """Exponential decay from 1 to gamma**decays over the run (paper: 0.3 ** 11)."""
-    return gamma ** (decays * step / steps)
 
 
 def resolve_f_weights(cfg: Config, output_dir: Path) -> Path:
@@ -189,19 +188,23 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
         f_model = load_into(f_net(), f_path, "F").requires_grad_(False).eval().to(device)
     loss_fn = GolfLoss(cfg.loss.perceptual_weight, vgg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, t.steps, t.lr_gamma, t.lr_decays)
-    )
+    scheduler = make_scheduler(optimizer, t)  # warm-up, then exp | cosine | constant (golf_dist.optim)
     if use_ds:
-        ds_config = dist_utils.configure_deepspeed(accelerator, per_device, accum, global_batch)
+        ds_config = dist_utils.configure_deepspeed(accelerator, per_device, accum, global_batch, t.grad_clip)
         autocast = dist_utils.deepspeed_autocast(ds_config, device) or autocast
         cfg.train.mixed_precision = accelerator.mixed_precision  # the JSON's bf16 setting, for the logs
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
+    # the weights' moving average: validation, the best-checkpoint choice and the exports use it when on
+    ema = EMA(raw_model, t.ema_decay) if t.ema_decay > 0 else None
     if use_ds and is_main:
         print(f"DeepSpeed ZeRO stage {ds_config['zero_optimization'].get('stage', 0)} "
               f"({type(optimizer.optimizer).__name__}), mixed precision {accelerator.mixed_precision}", flush=True)
 
+    if is_main:  # what a killed or disk-full writer left under a temporary name (before this run writes)
+        for stale in clean_stale_temporaries(paths.checkpoints) + clean_stale_temporaries(paths.output_dir):
+            print(f"removed the leftover {stale} of an earlier run", flush=True)
+    accelerator.wait_for_everyone()
     start_step, run_id, best_psnr = 0, None, -math.inf
     saved_loader, reader_states = None, None  # the data loader of the checkpoint and its DALI reader states
     ckpt, resumed_from = load_latest(paths.checkpoints), None
@@ -224,6 +227,14 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
             raw_model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"]["optimizer"])
         scheduler.load_state_dict(ckpt["optimizer"]["scheduler"])
+        if ema is not None:
+            if ckpt.get("ema") is not None:
+                ema.load_state_dict(ckpt["ema"], ckpt["state"].get("ema_updates", int(ckpt["state"]["step"])))
+            else:  # EMA switched on for a run that had none: start the average at the resumed weights
+                ema = EMA(raw_model, t.ema_decay)
+                if is_main:
+                    print(f"train.ema_decay={t.ema_decay}: checkpoint {ckpt['path']} has no EMA; it starts "
+                          "from the resumed weights", flush=True)
         set_rng_state(ckpt["rng"])
         start_step = int(ckpt["state"]["step"])
         run_id = ckpt["state"].get("mlflow_run_id") if resumed_from is None else None
@@ -242,9 +253,11 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
         raise ConfigError(f"checkpoint {ckpt['path']} is at step {start_step}, beyond train.steps={t.steps}")
 
     # ---- tracking (main process only) ----------------------------------------------------------------
+    # the resolved config as a record, passwords in URIs (tracking.uri, s3 endpoints) replaced by ***
+    resolved_yaml = yaml.safe_dump(redact_config_dict(to_dict(cfg)), sort_keys=False)
     if is_main:
         paths.stage_dir.mkdir(parents=True, exist_ok=True)
-        (paths.stage_dir / "config.yaml").write_text(dump_yaml(cfg))
+        write_atomic(paths.stage_dir / "config.yaml", resolved_yaml.encode())
     tracker = Tracker(is_main, cfg.tracking.uri, cfg.tracking.experiment, metrics_file=paths.stage_dir / "metrics.jsonl")
     tags = {"golf.stage": stage, "golf.output_dir": str(paths.output_dir.resolve())}
     if resumed_from:
@@ -272,7 +285,7 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
                 **_versions(),
             }
         )
-        tracker.log_text(dump_yaml(cfg), "config.yaml")
+        tracker.log_text(resolved_yaml, "config.yaml")
     if is_main:
         print(
             f"stage {stage}: {t.steps} steps, global batch {global_batch} = {world} process(es) x "
@@ -315,22 +328,36 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
         iterates = unroll(model, x0, t.unroll, checkpoint=t.gradient_checkpointing)
         return unrolled_loss(loss_fn, iterates, sharp, checkpoint=t.gradient_checkpointing)
 
+    # Stage g validates over max(N, eval.iterations) G iterations and logs each as its own series
+    # (val_psnr_iter_0 is F alone); val_psnr, which picks the best checkpoint, is the PSNR after
+    # eval.iterations, the test-time count.
+    val_iterations = max(t.unroll, cfg.eval.iterations) if stage == "g" else 0
+
     def validate(step: int) -> float:
         model.eval()
+        trained = ema.module if ema is not None else raw_model
         with torch.no_grad():
-            f_eval = raw_model if stage == "f" else f_model
-            g_eval = raw_model if stage == "g" else None
+            f_eval = trained if stage == "f" else f_model
+            g_eval = trained if stage == "g" else None
             result = evaluate_pairs(
-                f_eval, g_eval, val_pairs, cfg.eval.iterations, device, rank, world,
+                f_eval, g_eval, val_pairs, val_iterations, device, rank, world,
                 reduce_sum=(lambda x: accelerator.reduce(x, "sum")) if world > 1 else None,
                 limit=cfg.val.max_pairs, with_ssim=False, samples=cfg.val.sample_images if is_main else 0,
-                autocast=autocast,
+                autocast=autocast, sample_iteration=min(cfg.eval.iterations, val_iterations),
             )
         model.train()
-        tracker.log_metrics({"val_psnr": result["psnr"], "val_input_psnr": result["input_psnr"]}, step)
+        per_iteration = result["psnr_per_iteration"]
+        headline = per_iteration[min(cfg.eval.iterations, val_iterations)]
+        metrics = {"val_psnr": headline, "val_input_psnr": result["input_psnr"]}
+        metrics.update({f"val_psnr_iter_{i}": v for i, v in enumerate(per_iteration)})
+        tracker.log_metrics(metrics, step)
         for key, image in result["samples"]:
             tracker.log_image(image, f"samples/step-{step:08d}/{key}.png")
-        return result["psnr"]
+        if is_main:
+            gains = ", ".join(f"{v - result['input_psnr']:+.2f}" for v in per_iteration)
+            tqdm.write(f"step {step}: val PSNR {headline:.2f} dB (input {result['input_psnr']:.2f}; gain after "
+                       f"{'F and each G iteration' if stage == 'g' else 'F'}: {gains} dB)")
+        return headline
 
     def save(step: int) -> None:
         """Checkpoint after optimizer step `step` (main process writes; every rank waits for it)."""
@@ -362,7 +389,9 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
                     "mlflow_run_id": tracker.run_id,
                     "data_loader": loader.kind,
                     "dali_reader_states": gathered,
+                    "ema_updates": ema.updates if ema is not None else None,
                 },
+                ema_state=ema.state_dict() if ema is not None else None,
             )
             if cfg.tracking.log_checkpoints:  # a copy in the run's artifact store: resume from it elsewhere
                 tracker.log_artifacts(written, f"checkpoints/{written.name}")
@@ -375,6 +404,7 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
     stopped: tuple[int, str] | None = None
     model.train()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # total, content, perceptual
+    grad_norms = torch.zeros(2, dtype=torch.float64, device=device)  # sum and max of the window's norms
     window_steps, window_start, waited, paused = 0, time.perf_counter(), 0.0, 0.0
     last_val = None
     bar = tqdm(total=t.steps, initial=start_step, desc=f"stage {stage}", disable=not is_main, dynamic_ncols=True)
@@ -405,9 +435,19 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
                             losses = step_loss(blur, sharp)
                             accelerator.backward(losses["total"] / accum)
             sums += torch.stack([losses[k].detach().double() for k in ("total", "content", "perceptual")]) / accum
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if use_ds:  # the engine clipped (gradient_clipping in its config) and stepped at the boundary
+            norm = torch.as_tensor(float(model.get_global_grad_norm() or 0.0), dtype=torch.float64)
+        else:
+            if accelerator.scaler is not None:  # fp16: clip and measure the true gradients
+                accelerator.unscale_gradients()
+            norm = clip_gradients(model.parameters(), t.grad_clip).double()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        grad_norms[0] += norm.to(device)
+        grad_norms[1] = torch.maximum(grad_norms[1], norm.to(device))
         scheduler.step()
+        if ema is not None:
+            ema.update(raw_model)
         window_steps += 1
         bar.update(1)
 
@@ -419,6 +459,9 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
                 "loss_content": mean[1].item(),
                 "loss_perceptual": mean[2].item(),
                 "lr": scheduler.get_last_lr()[0],
+                # the global gradient norm before clipping (the same on every rank after DDP's all-reduce)
+                "grad_norm": grad_norms[0].item() / window_steps,
+                "grad_norm_max": grad_norms[1].item(),
                 "crops_per_s": window_steps * global_batch / elapsed,
                 "data_wait_share": waited / elapsed,
             }
@@ -431,6 +474,7 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
             tracker.log_metrics(metrics, step)
             bar.set_postfix(loss=f"{metrics['loss']:.5f}", crops_s=f"{metrics['crops_per_s']:.1f}")
             sums.zero_()
+            grad_norms.zero_()
             window_steps, window_start, waited, paused = 0, time.perf_counter(), 0.0, 0.0
 
         pause_start = time.perf_counter()  # validation and checkpoints do not count as training time
@@ -464,17 +508,20 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
     # ---- exports -------------------------------------------------------------------------------------
     result: dict[str, Any] = {"stage": stage, "steps": t.steps, "weights": str(paths.weights)}
     final_weights = dist_utils.full_state(raw_model, optimizer)[0] if use_ds else None  # fp32, a collective
+    if ema is not None:
+        final_weights = ema.state_dict()
     if is_main:
-        meta = {"stage": stage, "steps": str(t.steps), "golf_dist": __version__}
+        meta = {"stage": stage, "steps": str(t.steps), "golf_dist": __version__,
+                "weights": "ema" if ema is not None else "trained"}
         save_weights(final_weights or raw_model.state_dict(), paths.weights, meta)
         best = best_checkpoint(paths.checkpoints)
-        if best is not None:
-            save_weights(load_weights(best / "model.safetensors"), paths.best_weights, meta)
+        if best is not None:  # the EMA weights when the run kept one: what validation scored
+            save_weights(exported_weights(best), paths.best_weights, meta)
             tracker.log_artifact(paths.best_weights, "weights")
         tracker.log_artifact(paths.weights, "weights")
         info = {"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.display_uri,
                 "weights_sha256": sha256_file(paths.weights)}
-        paths.run_info.write_text(json.dumps(info, indent=2))
+        write_atomic(paths.run_info, json.dumps(info, indent=2).encode())
         if last_val is not None:
             result["val_psnr"] = last_val[1]
         result.update(best_val_psnr=best_psnr if best_psnr > -math.inf else None, **info)

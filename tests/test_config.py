@@ -19,7 +19,8 @@ def test_paper_recipe_loads_with_stage_sections():
 
 def test_demo_config_loads():
     cfg = load_config(Path(DEFAULT_CONFIG).parent / "demo.yaml", stage="g")
-    assert cfg.train.unroll == 8 and cfg.loss.perceptual_weight == 0
+    assert cfg.train.unroll == 3 and cfg.loss.perceptual_weight == 0
+    assert (cfg.train.schedule, cfg.train.warmup_steps, cfg.train.ema_decay) == ("cosine", 20, 0.99)
 
 
 def test_overrides_are_parsed_by_type():

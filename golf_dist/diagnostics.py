@@ -1,0 +1,127 @@
+"""Instruments for when training does not learn: can the model fit one batch, and do the two loaders hand
+out the same kind of data?
+
+  overfit_one_batch   trains F (or G on a fixed F) on one fixed batch and returns the loss per step: a
+                      model, loss and optimizer that work bring it down by 10x or more within a few hundred
+                      steps; one that cannot has a bug (wrong target, detached graph, frozen weights ...).
+  loader_stream       the first crops a training loader hands out, with statistics that would show a loader
+                      defect: how many distinct pairs, value range, blur-to-sharp error, blur/sharp alignment,
+                      and for every crop whether it equals the crop of its source pair decoded independently.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from golf_dist.losses import GolfLoss, unrolled_loss
+from golf_dist.models import f_net, g_net, unroll
+
+
+def overfit_one_batch(
+    stage: str, blur: torch.Tensor, sharp: torch.Tensor, *, steps: int = 200, lr: float = 1e-3,
+    f_model: torch.nn.Module | None = None, unroll_steps: int = 3, seed: int = 0,
+) -> list[float]:
+    """The content loss at every step of Adam on one fixed (blur, sharp) batch, first value before any step.
+
+    Stage f trains a fresh F; stage g a fresh G on top of `f_model` (frozen; a fresh, untrained F when None,
+    which is a fixed map all the same), with the Eq. 4 mean over `unroll_steps` iterates."""
+    if stage not in ("f", "g"):
+        raise ValueError(f"stage must be f or g, got {stage!r}")
+    torch.manual_seed(seed)
+    loss_fn = GolfLoss(0.0, None)
+    net = f_net() if stage == "f" else g_net()
+    x0 = None
+    if stage == "g":
+        f_model = (f_model or f_net()).eval().requires_grad_(False)
+        with torch.no_grad():
+            x0 = f_model(blur)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+
+    def loss() -> torch.Tensor:
+        if stage == "f":
+            return loss_fn(net(blur), sharp)["content"]
+        return unrolled_loss(loss_fn, unroll(net, x0, unroll_steps, checkpoint=False), sharp, checkpoint=False)["content"]
+
+    history = []
+    for _ in range(steps):
+        value = loss()
+        history.append(value.item())
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+    with torch.no_grad():
+        history.append(loss().item())
+    return history
+
+
+def _best_shift(blur: np.ndarray, sharp: np.ndarray, radius: int = 2) -> tuple[int, int]:
+    """The integer shift (dy, dx) of `blur` within +-radius that best matches `sharp` (MSE on the interior)."""
+    h, w = sharp.shape[1:]
+    inner = sharp[:, radius : h - radius, radius : w - radius]
+    best, where = np.inf, (0, 0)
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            moved = blur[:, radius + dy : h - radius + dy, radius + dx : w - radius + dx]
+            err = float(((moved - inner) ** 2).mean())
+            if err < best - 1e-12:
+                best, where = err, (dy, dx)
+    return where
+
+
+def loader_stream(cfg, loader_kind: str, crops: int) -> dict[str, Any]:
+    """Statistics of the first `crops` training crops `loader_kind` ('dali' or 'torch') gives for `cfg`
+    (one process), each crop checked against its source pair decoded by the shard reader."""
+    from golf_dist.data.dali import make_train_loader, open_pairs
+    from golf_dist.data.loader import CropPlan, paired_crop, to_tensor
+
+    pairs = open_pairs(cfg.data.shards, cfg.data.train_split, cfg.data.on_bad_sample, cfg.data.cache_dir)
+    batch = cfg.data.batch_size
+    loader = make_train_loader(cfg, pairs, global_batch=batch, accum=1, world=1, rank=0, start_step=0,
+                               device=torch.device("cpu"), loader=loader_kind)
+    index_of = {ref.key: i for i, ref in enumerate(pairs.refs)}
+    plan = CropPlan(len(pairs), cfg.data.crop, cfg.data.flips, cfg.seed, cfg.data.crops_per_frame)
+    seen: list[int] = []
+    mse, means, mismatched, aligned = [], [], 0, 0
+    position = 0
+    try:
+        while len(seen) < crops:
+            blur, sharp = next(loader)
+            for j in range(blur.shape[0]):
+                if loader_kind == "dali":  # the loader records each crop's source sample and window
+                    key = loader.last_sources[j].rsplit(" ", 1)[-1]
+                    index = index_of[key]
+                    top, left, hflip, vflip = (int(v) for v in loader.last_windows[j])
+                else:  # the torch loader's sample at a position is a pure function of it
+                    index = plan.pair_index(position)
+                    h, w = pairs.frame_size or pairs.load(index)[0].shape[:2]
+                    top, left, hflip, vflip = plan.window(position, h, w)
+                position += 1
+                full_blur, full_sharp, _ = pairs.load(index)
+                b, s = paired_crop(full_blur, full_sharp, top, left, cfg.data.crop, bool(hflip), bool(vflip))
+                if not (torch.equal(to_tensor(b), blur[j]) and torch.equal(to_tensor(s), sharp[j])):
+                    mismatched += 1
+                bj, sj = blur[j].numpy(), sharp[j].numpy()
+                mse.append(float(((bj - sj) ** 2).mean()))
+                means.append(float(sj.mean()))
+                aligned += _best_shift(bj, sj) == (0, 0)
+                seen.append(index)
+                if len(seen) == crops:
+                    break
+    finally:
+        loader.close()
+    mse_arr = np.asarray(mse)
+    return {
+        "loader": loader_kind,
+        "crops": len(seen),
+        "distinct_pairs": len(set(seen)),
+        "pairs_in_split": len(pairs),
+        "sharp_mean": float(np.mean(means)),
+        "blur_sharp_mse_mean": float(mse_arr.mean()),
+        "blur_sharp_psnr": float(10 * np.log10(1.0 / mse_arr.mean())),
+        "blur_sharp_mse_p10_p90": [float(np.percentile(mse_arr, 10)), float(np.percentile(mse_arr, 90))],
+        "aligned_share": aligned / len(seen),
+        "crops_not_matching_their_source": mismatched,
+    }

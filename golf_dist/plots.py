@@ -1,0 +1,145 @@
+"""Figures a person looks at: PSNR against G iteration, training curves, and blur | F | F + N G | sharp.
+
+matplotlib with the Agg backend (no display needed); every function writes one PNG atomically and returns
+its path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path, metadata: dict[str, str] | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight", metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def psnr_by_iteration(values: Sequence[float], input_psnr: float, path: Path, title: str = "") -> Path:
+    """PSNR after F (iteration 0) and after each G iteration 1..N, with the blurred input as a line. The points
+    drawn are also stored in the PNG's text chunk `golf:series` (JSON), so a reader can check what it shows."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    xs = list(range(len(values)))
+    ax.plot(xs, values, marker="o", color="tab:blue", label="F, then G iterations")
+    ax.axhline(input_psnr, color="tab:gray", linestyle="--", label=f"blurred input ({input_psnr:.2f} dB)")
+    for x, v in zip(xs, values):
+        ax.annotate(f"{v:.2f}", (x, v), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    ax.set_xticks(xs)
+    ax.set_xticklabels(["F"] + [str(i) for i in xs[1:]])
+    ax.set_xlabel("G iteration")
+    ax.set_ylabel("PSNR (dB)")
+    ax.set_title(title or "PSNR against G iteration")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    series = json.dumps({"iterations": xs, "psnr": list(values), "input_psnr": input_psnr})
+    try:
+        return _save(fig, path, {"golf:series": series})
+    finally:
+        plt.close(fig)
+
+
+def read_metrics(jsonl: Path) -> dict[str, list[tuple[int, float]]]:
+    """A stage's metrics.jsonl as {name: [(step, value), ...]}; a step logged twice (after a resume): the last wins."""
+    by_name: dict[str, dict[int, float]] = {}
+    for line in Path(jsonl).read_text().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        step = int(row.get("step", 0))
+        for key, value in row.items():
+            if key not in ("step", "time") and isinstance(value, (int, float)):
+                by_name.setdefault(key, {})[step] = float(value)
+    return {k: sorted(v.items()) for k, v in by_name.items()}
+
+
+def training_curves(runs: dict[str, Path], path: Path) -> Path:
+    """Validation PSNR gain over the input against step for each labelled run folder (DIR/f, DIR/g ...), with the
+    per-G-iteration series of stage g runs, and the training loss with the gradient norm beneath."""
+    plt = _pyplot()
+    fig, (ax_val, ax_loss, ax_norm) = plt.subplots(1, 3, figsize=(15, 3.8))
+    for label, stage_dir in runs.items():
+        m = read_metrics(Path(stage_dir) / "metrics.jsonl")
+        base = dict(m.get("val_input_psnr", []))
+        iters = sorted(int(k.rsplit("_", 1)[1]) for k in m if k.startswith("val_psnr_iter_"))
+        if len(iters) > 1:
+            for i in iters:
+                pts = m[f"val_psnr_iter_{i}"]
+                ax_val.plot([s for s, _ in pts], [v - base.get(s, 0.0) for s, v in pts], marker=".",
+                            label=f"{label}: {'F' if i == 0 else f'F + {i} G'}", alpha=0.5 if i == 0 else 1.0)
+        elif "val_psnr" in m:
+            pts = m["val_psnr"]
+            ax_val.plot([s for s, _ in pts], [v - base.get(s, 0.0) for s, v in pts], marker="o", label=label)
+        if "loss" in m:
+            ax_loss.plot(*zip(*m["loss"]), label=label)
+        if "grad_norm" in m:
+            ax_norm.plot(*zip(*m["grad_norm"]), label=label)
+    ax_val.axhline(0, color="tab:gray", linestyle="--", linewidth=0.8)
+    ax_val.set(xlabel="step", ylabel="validation PSNR gain over the input (dB)", title="validation")
+    ax_loss.set(xlabel="step", ylabel="training loss", title="training loss (window mean)", yscale="log")
+    ax_norm.set(xlabel="step", ylabel="global gradient norm", title="gradient norm (window mean)", yscale="log")
+    for ax in (ax_val, ax_loss, ax_norm):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def _region(blur: np.ndarray, final: np.ndarray, sharp: np.ndarray, size: int) -> tuple[int, int]:
+    """(top, left) of the size x size window where the output's squared error falls most below the input's."""
+    gain = ((blur - sharp) ** 2 - (final - sharp) ** 2).mean(axis=2)
+    h, w = gain.shape
+    if h <= size or w <= size:
+        return 0, 0
+    integral = np.pad(gain.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    sums = integral[size:, size:] - integral[:-size, size:] - integral[size:, :-size] + integral[:-size, :-size]
+    top, left = np.unravel_index(int(np.argmax(sums)), sums.shape)
+    return int(top), int(left)
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(((a - b) ** 2).mean())
+    return 10 * np.log10(1.0 / max(mse, 1e-12))
+
+
+def comparison(frames: Sequence[dict], path: Path, region: int = 96, iterations: int = 3) -> Path:
+    """One row per frame: blur | F | F + N G | sharp, on the region where the output gains most, each panel
+    titled with the region's PSNR. `frames`: dicts with key, blur, f, final, sharp (HxWx3 float in [0, 1])."""
+    plt = _pyplot()
+    cols = ["blurred input", "F", f"F + {iterations} G", "sharp"]
+    fig, axes = plt.subplots(len(frames), 4, figsize=(12, 3.2 * len(frames)), squeeze=False)
+    for row, frame in zip(axes, frames):
+        size = min(region, *frame["sharp"].shape[:2])
+        top, left = _region(frame["blur"], frame["final"], frame["sharp"], size)
+        crop = {k: frame[k][top : top + size, left : left + size] for k in ("blur", "f", "final", "sharp")}
+        for ax, name, key in zip(row, cols, ("blur", "f", "final", "sharp")):
+            ax.imshow(np.clip(crop[key], 0, 1), interpolation="nearest")
+            title = name if key == "sharp" else f"{name}: {_psnr(crop[key], crop['sharp']):.2f} dB"
+            ax.set_title(title, fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        row[0].set_ylabel(f"{frame['key']}\n({top},{left}) {size}x{size}", fontsize=8)
+    fig.suptitle("PSNR of the region shown against the sharp frame", fontsize=9)
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)

@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""Instruments for a run that does not learn (see the README's "Training recipe").
+
+    python launch/diagnose.py overfit --config configs/demo.yaml --stage f      # can F fit one batch?
+    python launch/diagnose.py overfit --config configs/demo.yaml --stage g      # G on a fixed F
+    python launch/diagnose.py loaders --config configs/demo.yaml --crops 64     # DALI's first crops vs torch's
+    python launch/diagnose.py curves runs/demo --out runs/demo/curves.png       # validation / loss / grad norm
+
+overfit: Adam on one fixed batch of training crops; passes (exit 0) when the loss falls by --factor within
+--steps. loaders: the same statistics for the first crops of each loader, and every crop checked against
+its source pair decoded by the shard reader; exit 1 when a crop does not match its source. curves: the
+metrics.jsonl of each stage of each output folder, as one PNG. The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from golf_dist.cli import run_main  # noqa: E402
+from golf_dist.config import load_config, parse_overrides  # noqa: E402
+
+
+def _overfit(args) -> int:
+    import torch
+
+    from golf_dist.data.dali import open_pairs
+    from golf_dist.data.loader import CropPlan, TrainCrops
+    from golf_dist.diagnostics import overfit_one_batch
+
+    cfg = load_config(args.config, args.stage, parse_overrides(args.overrides))
+    pairs = open_pairs(cfg.data.shards, cfg.data.train_split, cfg.data.on_bad_sample, cfg.data.cache_dir)
+    crops = TrainCrops(pairs, CropPlan(len(pairs), args.crop or cfg.data.crop, cfg.data.flips, cfg.seed))
+    items = [crops[i] for i in range(args.batch)]
+    blur, sharp = torch.stack([b for b, _, _ in items]), torch.stack([s for _, s, _ in items])
+    f_model = None
+    if args.stage == "g" and args.f_weights:
+        from golf_dist.checkpoints import load_into
+        from golf_dist.models import f_net
+
+        f_model = load_into(f_net(), Path(args.f_weights), "F")
+    history = overfit_one_batch(args.stage, blur, sharp, steps=args.steps, lr=args.lr, f_model=f_model,
+                                unroll_steps=cfg.train.unroll if args.unroll is None else args.unroll, seed=cfg.seed)
+    reached = next((i for i, v in enumerate(history) if v <= history[0] / args.factor), None)
+    for i in range(0, len(history), max(1, len(history) // 10)):
+        print(f"step {i:5d}: loss {history[i]:.3e} ({history[i] / history[0]:.3f} of the first)")
+    verdict = (f"loss fell {args.factor:g}x by step {reached}" if reached is not None
+               else f"loss did NOT fall {args.factor:g}x in {args.steps} steps (lowest {min(history) / history[0]:.3f} of the first)")
+    print(f"overfit one batch, stage {args.stage}: {verdict}")
+    print(json.dumps({"stage": args.stage, "first": history[0], "last": history[-1], "reached_at": reached,
+                      "factor": args.factor, "steps": args.steps}))
+    return 0 if reached is not None else 1
+
+
+def _loaders(args) -> int:
+    from golf_dist.diagnostics import loader_stream
+
+    cfg = load_config(args.config, "f", parse_overrides(args.overrides))
+    rows = [loader_stream(cfg, kind, args.crops) for kind in args.loader]
+    keys = [k for k in rows[0] if k != "loader"]
+    print(f"{'':34s}" + "".join(f"{r['loader']:>24s}" for r in rows))
+    for key in keys:
+        print(f"{key:34s}" + "".join(f"{json.dumps(r[key]):>24s}" for r in rows))
+    print(json.dumps(rows))
+    return 1 if any(r["crops_not_matching_their_source"] for r in rows) else 0
+
+
+def _curves(args) -> int:
+    from golf_dist.plots import training_curves
+
+    runs = {}
+    for folder in args.output_dirs:
+        for stage in ("f", "g"):
+            if (Path(folder) / stage / "metrics.jsonl").is_file():
+                runs[f"{Path(folder).name}/{stage}"] = Path(folder) / stage
+    if not runs:
+        print(f"no metrics.jsonl under {', '.join(args.output_dirs)} (expected DIR/f/metrics.jsonl)", file=sys.stderr)
+        return 2
+    path = training_curves(runs, Path(args.out))
+    print(json.dumps({"figure": str(path), "runs": {k: str(v) for k, v in runs.items()}}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("overfit", help="train F (or G on a fixed F) on one fixed batch; pass = the loss falls --factor x")
+    p.add_argument("--config", required=True, help="config whose data.shards and data.crop are used")
+    p.add_argument("--stage", choices=("f", "g"), default="f")
+    p.add_argument("--batch", type=int, default=4, help="crops in the batch (default: %(default)s)")
+    p.add_argument("--crop", type=int, help="crop side (default: data.crop)")
+    p.add_argument("--steps", type=int, default=300, help="Adam steps (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: %(default)s)")
+    p.add_argument("--factor", type=float, default=10.0, help="required loss reduction (default: %(default)s)")
+    p.add_argument("--unroll", type=int, help="G iterates in the loss (default: train.unroll)")
+    p.add_argument("--f-weights", help="stage g: a trained F (default: a fresh F, a fixed map all the same)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_overfit)
+    p = sub.add_parser("loaders", help="the first training crops of the DALI and torch loaders, side by side")
+    p.add_argument("--config", required=True)
+    p.add_argument("--crops", type=int, default=64, help="crops per loader (default: %(default)s)")
+    p.add_argument("--loader", nargs="+", choices=("dali", "torch"), default=["dali", "torch"])
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_loaders)
+    p = sub.add_parser("curves", help="validation PSNR, loss and gradient norm of output folders as one PNG")
+    p.add_argument("output_dirs", nargs="+", help="training output folders (holding f/ and g/)")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.set_defaults(func=_curves)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,293 @@
+"""The training recipe (warm-up, schedules, clipping, EMA), the overfit-one-batch check, the two loaders'
+streams side by side, the evaluation's plots, and the recipe configs' checks."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_cli, write_config
+from golf_dist.config import load_config
+from golf_dist.errors import ConfigError
+from golf_dist.optim import EMA, clip_gradients, lr_factor
+
+# ---- schedules ---------------------------------------------------------------------------------------
+
+
+def test_warmup_is_linear_then_the_schedule_starts_at_one():
+    # LambdaLR's step s is the lr of optimizer step s + 1: step 1 gets 1/warmup, step `warmup` the full lr
+    assert [lr_factor(s, 100, warmup=4, schedule="constant") for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    for schedule in ("exp", "cosine", "constant"):
+        assert lr_factor(4, 100, 0.3, 11, warmup=4, schedule=schedule) == pytest.approx(1.0)
+
+
+def test_each_schedule_at_known_steps():
+    # exp without warm-up is the paper's gamma ** (decays * step / steps)
+    assert lr_factor(50, 100, 0.3, 11, schedule="exp") == pytest.approx(0.3 ** 5.5)
+    assert lr_factor(100, 100, 0.3, 11, schedule="exp") == pytest.approx(0.3 ** 11)
+    # with warm-up the decay runs over the remaining steps
+    assert lr_factor(60, 110, 0.3, 2, warmup=10, schedule="exp") == pytest.approx(0.3 ** 1)
+    assert lr_factor(0, 100, schedule="cosine") == pytest.approx(1.0)
+    assert lr_factor(50, 100, schedule="cosine") == pytest.approx(0.5)
+    assert lr_factor(25, 100, schedule="cosine") == pytest.approx((1 + math.cos(math.pi / 4)) / 2)
+    assert lr_factor(100, 100, schedule="cosine") == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(77, 100, schedule="constant") == 1.0
+    with pytest.raises(ValueError, match="unknown schedule"):
+        lr_factor(1, 10, schedule="linear")
+
+
+# ---- clipping and EMA --------------------------------------------------------------------------------
+
+
+def _with_grads(values):
+    params = [torch.nn.Parameter(torch.zeros(len(v))) for v in values]
+    for p, v in zip(params, values):
+        p.grad = torch.tensor(v)
+    return params
+
+
+def test_clipping_caps_the_norm_it_reports():
+    params = _with_grads([[3.0, 0.0], [0.0, 4.0]])  # global norm 5
+    norm = clip_gradients(params, 1.0)
+    assert norm.item() == pytest.approx(5.0)  # the norm before clipping
+    after = torch.cat([p.grad for p in params]).norm().item()
+    assert after == pytest.approx(1.0, rel=1e-5)
+    assert torch.allclose(torch.cat([p.grad for p in params]), torch.tensor([0.6, 0.0, 0.0, 0.8]), atol=1e-6)
+
+
+def test_clipping_off_measures_and_leaves_the_gradients():
+    params = _with_grads([[3.0, 0.0], [0.0, 4.0]])
+    assert clip_gradients(params, 0.0).item() == pytest.approx(5.0)
+    assert torch.equal(torch.cat([p.grad for p in params]), torch.tensor([3.0, 0.0, 0.0, 4.0]))
+    params = _with_grads([[0.3, 0.4]])  # below the cap: untouched
+    assert clip_gradients(params, 1.0).item() == pytest.approx(0.5)
+    assert torch.allclose(params[0].grad, torch.tensor([0.3, 0.4]))
+
+
+def test_ema_arithmetic():
+    net = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(0.0)
+    ema = EMA(net, 0.9)
+    expected = 0.0
+    for n, value in enumerate([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0] * 3, start=1):
+        with torch.no_grad():
+            net.weight.fill_(value)
+        ema.update(net)
+        d = min(0.9, (1 + n) / (10 + n))  # the decay's warm-up, then the configured decay
+        expected = d * expected + (1 - d) * value
+        assert ema.module.weight.item() == pytest.approx(expected, rel=1e-6)
+    assert ema.decay_at(1) == pytest.approx(2 / 11) and ema.decay_at(1000) == 0.9
+    assert not ema.module.weight.requires_grad and net.weight.item() == 10.0  # the trained weights untouched
+
+
+# ---- the configs --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key, value", [
+    ("train.warmup_steps", "500"),       # more than train.steps
+    ("train.grad_clip", "-1"),
+    ("train.ema_decay", "1.0"),
+    ("train.ema_decay", "-0.1"),
+    ("train.schedule", "linear"),
+])
+def test_bad_recipe_values_name_the_key(key, value):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(ROOT / "configs/demo.yaml", "f", [f"{key}={value}", "train.steps=400"])
+
+
+def test_a_bad_recipe_value_stops_the_trainer_before_any_work(shards, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out")
+    proc = run_cli("launch/train.py", "--config", cfg, "--stage", "f", "train.warmup_steps=6")
+    assert proc.returncode == 2 and "train.warmup_steps" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "gpu_quick.yaml", "gopro.yaml"])
+def test_recipe_configs_pass_the_checks(name):
+    for stage in ("f", "g"):
+        cfg = load_config(ROOT / "configs" / name, stage)
+        assert cfg.train.warmup_steps < cfg.train.steps
+
+
+# ---- overfit one batch --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_batch(shards):
+    from golf_dist.data.loader import CropPlan, ShardPairs, TrainCrops
+
+    pairs = ShardPairs(shards, "train")
+    crops = TrainCrops(pairs, CropPlan(len(pairs), 32, True, 0))
+    items = [crops[i] for i in range(3)]
+    return torch.stack([b for b, _, _ in items]), torch.stack([s for _, s, _ in items])
+
+
+@pytest.mark.parametrize("stage, steps", [("f", 150), ("g", 200)])
+def test_overfit_one_batch(one_batch, stage, steps):
+    """F, and G on a fixed F, bring the loss on one fixed batch down by 10x within a bounded number of steps
+    (measured: F reaches 0.1 of its first loss by about step 75, G by about step 110)."""
+    from golf_dist.diagnostics import overfit_one_batch
+
+    history = overfit_one_batch(stage, *one_batch, steps=steps, lr=1e-3)
+    assert history[0] > 1e-4  # a batch with something to learn (blurred differs from sharp)
+    assert min(history) <= history[0] / 10, [round(h / history[0], 3) for h in history[:: steps // 10]]
+
+
+def test_overfit_command_reports_pass(shards, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out")
+    # the command's plumbing (the 10x check itself is test_overfit_one_batch): pass at a 2x target ...
+    proc = run_cli("launch/diagnose.py", "overfit", "--config", cfg, "--stage", "f", "--steps", "40",
+                   "--batch", "2", "--factor", "2", check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["reached_at"] is not None and result["last"] < result["first"] / 2
+    # ... and exit 1 saying so when the target is out of reach
+    proc = run_cli("launch/diagnose.py", "overfit", "--config", cfg, "--stage", "f", "--steps", "3",
+                   "--batch", "2", "--factor", "1000")
+    assert proc.returncode == 1 and "did NOT fall 1000x" in proc.stdout
+
+
+# ---- the two loaders' streams ------------------------------------------------------------------------
+
+
+def test_dali_and_torch_streams_hand_out_the_same_kind_of_data(shards, tmp_path):
+    """The first 24 training crops of each loader: every crop equals the crop of its source pair (decoded by
+    the shard reader) at its window; an epoch visits every one of the 12 pairs once; blur-to-sharp error and
+    blur/sharp alignment agree between the loaders."""
+    cfg_path = write_config(tmp_path / "c.yaml", shards, tmp_path / "out", data={"num_workers": 1})
+    proc = run_cli("launch/diagnose.py", "loaders", "--config", cfg_path, "--crops", "24", check=True)
+    dali, torch_ = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (dali["loader"], torch_["loader"]) == ("dali", "torch")
+    for row in (dali, torch_):
+        assert row["crops"] == 24 and row["crops_not_matching_their_source"] == 0
+        assert row["distinct_pairs"] == 12 == row["pairs_in_split"]
+        assert row["aligned_share"] >= 0.75
+    assert abs(dali["blur_sharp_psnr"] - torch_["blur_sharp_psnr"]) < 2.0
+    assert abs(dali["sharp_mean"] - torch_["sharp_mean"]) < 0.08
+
+
+# ---- EMA in training: exports, checkpoints, exact resume ---------------------------------------------
+
+
+EMA_TRAIN = {"steps": 16, "checkpoint_every": 4, "val_every": 8, "log_every": 4, "ema_decay": 0.9,
+             "warmup_steps": 3, "schedule": "cosine", "grad_clip": 0.05}
+
+
+def _launch(cfg, nproc):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
+    if nproc == 1:
+        cmd = [sys.executable, str(ROOT / "launch/train.py")]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               str(ROOT / "launch/train.py")]
+    return cmd + ["--config", str(cfg), "--stage", "f"], env
+
+
+def _run_to_end(cfg, nproc):
+    cmd, env = _launch(cfg, nproc)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _kill_after_first_checkpoint(cfg, out, nproc):
+    cmd, env = _launch(cfg, nproc)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    ckpts = out / "f" / "checkpoints"
+    deadline = time.time() + 300
+    while not (ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir())):
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank, as a node failure would
+    proc.wait()
+    assert not (out / "f.safetensors").exists(), "the run finished before it was killed"
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_kill_and_resume_with_ema_is_bitwise_exact(shards, tmp_path, nproc):
+    """With EMA, warm-up, cosine and clipping on, a run killed after its first checkpoint and started again
+    ends with the same trained weights and the same EMA, bit for bit, as an uninterrupted one."""
+    sections = {"train": EMA_TRAIN, "data": {"loader": "torch"}}
+    ref = write_config(tmp_path / "ref.yaml", shards, tmp_path / "ref", **sections)
+    _run_to_end(ref, nproc)
+    cut_cfg = write_config(tmp_path / "cut.yaml", shards, tmp_path / "cut", **sections)
+    _kill_after_first_checkpoint(cut_cfg, tmp_path / "cut", nproc)
+    resumed = _run_to_end(cut_cfg, nproc)
+    assert "resuming stage f from" in resumed.stdout
+    for name in ("f.safetensors", "f/checkpoints/step-00000016/model.safetensors",
+                 "f/checkpoints/step-00000016/ema.safetensors"):
+        a, b = load_file(str(tmp_path / "ref" / name)), load_file(str(tmp_path / "cut" / name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    # the export is the EMA (what validation scored), not the last trained weights
+    final = tmp_path / "ref" / "f/checkpoints/step-00000016"
+    exported, ema, trained = (load_file(str(p)) for p in (tmp_path / "ref" / "f.safetensors",
+                                                            final / "ema.safetensors", final / "model.safetensors"))
+    assert all(torch.equal(exported[k], ema[k]) for k in ema)
+    assert any(not torch.equal(ema[k], trained[k]) for k in ema)
+    state = json.loads((final / "state.json").read_text())
+    assert state["ema_updates"] == 16
+
+
+@pytest.fixture(scope="module")
+def small_run(shards, tmp_path_factory):
+    """Stage f (4 steps, clipping on), stage g (unroll 3) and an evaluation with 4 G iterations."""
+    base = tmp_path_factory.mktemp("small_run")
+    out = base / "out"
+    cfg = write_config(base / "c.yaml", shards, out, train={"grad_clip": 0.01, "steps": 4, "val_every": 2,
+                                                              "log_every": 2, "checkpoint_every": 4})
+    run_cli("launch/train.py", "--config", cfg, "--stage", "f", check=True)
+    run_cli("launch/train.py", "--config", cfg, "--stage", "g", "--unroll", "3", check=True)
+    run_cli("launch/evaluate.py", "--output-dir", out, "--iterations", "4", check=True)
+    return {"out": out, "db": base / "mlflow.db"}
+
+
+def test_grad_norm_and_per_iteration_validation_are_logged(small_run):
+    from golf_dist.plots import read_metrics
+
+    out = small_run["out"]
+    f, g = read_metrics(out / "f" / "metrics.jsonl"), read_metrics(out / "g" / "metrics.jsonl")
+    assert [s for s, _ in f["grad_norm"]] == [2, 4] and all(v > 0 for _, v in f["grad_norm"])
+    assert all(mx >= mean for (_, mean), (_, mx) in zip(f["grad_norm"], f["grad_norm_max"]))
+    assert "val_psnr_iter_0" in f and "val_psnr_iter_1" not in f
+    # stage g: F alone (0) and each of max(unroll, eval.iterations) = 3 G iterations, each its own series
+    assert {f"val_psnr_iter_{i}" for i in range(4)} <= set(g) and "val_psnr_iter_4" not in g
+    # val_psnr is the PSNR after eval.iterations (2 in the test config)
+    assert g["val_psnr"] == g["val_psnr_iter_2"]
+
+
+# ---- evaluation figures ------------------------------------------------------------------------------
+
+
+def test_evaluation_writes_the_iteration_plot_and_the_comparison(small_run):
+    out = small_run["out"]
+    result = json.loads((out / "evaluation.json").read_text())
+    assert len(result["psnr_per_iteration"]) == 5
+    plot = Image.open(out / "psnr_by_iteration.png")
+    plotted = json.loads(plot.info["golf:series"])  # the points drawn, as the plot recorded them
+    assert plotted["iterations"] == [0, 1, 2, 3, 4] and plotted["psnr"] == result["psnr_per_iteration"]
+    comparison = Image.open(out / "comparison.png")
+    assert comparison.width > 600 and comparison.height > 200
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{small_run['db']}")
+    figures = {a.path for a in client.list_artifacts(result["mlflow_run_id"], "figures")}
+    assert figures == {"figures/psnr_by_iteration.png", "figures/comparison.png"}
+    series = client.get_metric_history(result["mlflow_run_id"], "test_psnr_by_iteration")
+    assert [m.step for m in series] == [0, 1, 2, 3, 4]
+
+
+def test_training_curves_figure(small_run, tmp_path):
+    proc = run_cli("launch/diagnose.py", "curves", small_run["out"], "--out", tmp_path / "curves.png", check=True)
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["runs"].keys() == {"out/f", "out/g"}
+    assert Image.open(tmp_path / "curves.png").width > 800
