@@ -30,6 +30,8 @@ then:    python data_prep/shard_gopro.py --src data/synth --out data/synth_shard
     parser.add_argument("--height", type=int, default=720, help="frame height in pixels (default: 720, as GoPro)")
     parser.add_argument("--width", type=int, default=1280, help="frame width in pixels (default: 1280, as GoPro)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default: 0)")
+    parser.add_argument("--kernel-size", type=int, default=None,
+                        help="blur kernel size in pixels, odd (default: about min(height, width)/24, within 7..31)")
     parser.add_argument("--frames-per-scene", type=int, default=4, help="consecutive frames per scene (default: 4)")
     parser.add_argument("--workers", type=int, default=None, help="processes rendering scenes (default: min(4, CPUs))")
     parser.add_argument(
@@ -48,6 +50,7 @@ then:    python data_prep/shard_gopro.py --src data/synth --out data/synth_shard
         workers=args.workers,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        kernel=args.kernel_size,
     )
     print(format_summary(args.out, counts))
     return 0

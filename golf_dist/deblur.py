@@ -17,6 +17,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # No PNG or JPEG of MAX_PIXELS pixels is larger (16-bit RGBA stored uncompressed, plus room for metadata):
 # a larger file is refused before it is read into memory. Pixels beyond the cap: decode_image refuses.
 MAX_INPUT_BYTES = 8 * MAX_PIXELS + (1 << 20)
+MIN_SIDE = 4  # a 7x7 convolution pads 3 pixels by reflection, which needs 4 pixels to reflect
 
 
 def collect_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:
@@ -51,6 +52,9 @@ def deblur_files(output_dir: Path, inputs: list[str], out_dir: Path, iterations:
             raise DataError(f"image {src} is {size} bytes, more than any image of at most {MAX_PIXELS} pixels "
                             f"takes ({MAX_INPUT_BYTES}): downscale it")
         image = decode_image(src.read_bytes(), f"image {src}")
+        if min(image.shape[:2]) < MIN_SIDE:
+            raise DataError(f"image {src} is {image.shape[1]}x{image.shape[0]} pixels; the networks' reflected "
+                            f"borders need at least {MIN_SIDE} pixels a side")
         with torch.no_grad():
             restored = golf_iterates(f, g, to_tensor(image).unsqueeze(0).to(dev), iterations)[-1]
         dest = out_dir / rel

@@ -64,7 +64,8 @@ def evaluate_pairs(
     Returns psnr/ssim of the final estimate, of the blurred input, PSNR after each iteration
     0..N, the pair count, and up to `samples` (key, blur|output|sharp image) triplets from this rank, the
     output being the estimate after `sample_iteration` G iterations (default: the last), and the first
-    `keep_frames` frames of this rank as HxWx3 float arrays (key, blur, f: F's estimate, final, sharp).
+    `keep_frames` frames of this rank from different scenes, as HxWx3 float arrays (key, blur, f: F's estimate,
+    final, sharp).
     """
     steps = iterations if g is not None else 0
     # sums: count, psnr, ssim, input psnr, input ssim, psnr after iteration 0..steps
@@ -90,7 +91,8 @@ def evaluate_pairs(
         if len(shown) < samples:
             shown_estimate = estimates[-1 if sample_iteration is None else sample_iteration]
             shown.append((key, triplet(blur[0], shown_estimate[0], sharp[0])))
-        if len(kept) < keep_frames:
+        scene = key.rsplit("-", 1)[0]  # keys are <scene>-<frame>: keep frames of different scenes
+        if len(kept) < keep_frames and all(k["key"].rsplit("-", 1)[0] != scene for k in kept):
             as_array = lambda t: t[0].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()  # noqa: E731
             kept.append({"key": key, "blur": as_array(blur), "f": as_array(estimates[0]),
                          "final": as_array(final), "sharp": as_array(sharp)})

@@ -291,3 +291,20 @@ def test_training_curves_figure(small_run, tmp_path):
     proc = run_cli("launch/diagnose.py", "curves", small_run["out"], "--out", tmp_path / "curves.png", check=True)
     assert json.loads(proc.stdout.strip().splitlines()[-1])["runs"].keys() == {"out/f", "out/g"}
     assert Image.open(tmp_path / "curves.png").width > 800
+
+
+def test_gpu_recipe_runs_at_a_small_size_on_cpu(shards, tmp_path):
+    """configs/gpu_quick.yaml as it is, shrunk by overrides only (crop, batch, steps, fp32): both stages train,
+    with its warm-up, cosine schedule, EMA and two crops per decoded frame."""
+    from safetensors import safe_open
+
+    out = tmp_path / "gpu"
+    small = [f"data.shards={shards}", f"output_dir={out}", "data.crop=32", "data.batch_size=4", "data.num_workers=0",
+             "train.steps=3", "train.warmup_steps=1", "train.val_every=3", "train.checkpoint_every=3",
+             "train.mixed_precision=no", "val.max_pairs=2", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    for stage in ("f", "g"):
+        run_cli("launch/train.py", "--config", ROOT / "configs/gpu_quick.yaml", "--stage", stage, *small, check=True)
+        with safe_open(str(out / f"{stage}.safetensors"), "pt") as weights:
+            assert weights.metadata()["weights"] == "ema"
+    resolved = (out / "g" / "config.yaml").read_text()
+    assert "schedule: cosine" in resolved and "crops_per_frame: 2" in resolved and "ema_decay: 0.995" in resolved

@@ -99,6 +99,13 @@ def test_deblur_writes_pngs_of_the_input_size(trained, tmp_path):
     assert Image.open(written[0]).size == (53, 37)
 
 
+def test_deblur_names_an_image_too_small_for_the_networks(trained, tmp_path):
+    Image.fromarray(np.zeros((3, 40, 3), dtype=np.uint8)).save(tmp_path / "strip.png")
+    proc = run_cli("launch/deblur.py", "--output-dir", trained["out"], tmp_path / "strip.png", "--out", tmp_path / "out")
+    assert proc.returncode != 0 and "strip.png is 40x3 pixels" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "strip.png").exists()
+
+
 def test_kill_and_resume_is_bitwise_exact(shards, tmp_path):
     """SIGKILL mid-run, start again: the final weights equal an uninterrupted run's, bit for bit."""
     steps = {"steps": 24, "checkpoint_every": 4, "val_every": 8, "log_every": 4}
