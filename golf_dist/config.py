@@ -142,11 +142,13 @@ def parse_overrides(items: list[str]) -> list[str]:
 def _apply_override(tree: dict, item: str) -> None:
     key, _, text = item.partition("=")
     key = key.strip()
-    _field_type(key)  # raises for an unknown key, naming it
+    field_type = _field_type(key)  # raises for an unknown key, naming it
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
+    if isinstance(value, bool) and str in (field_type, *typing.get_args(field_type)):
+        value = text.strip()  # YAML 1.1 reads no/yes/off/on as booleans: train.mixed_precision=no means "no"
     node = tree
     parts = key.split(".")
     for part in parts[:-1]:

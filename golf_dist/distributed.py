@@ -399,6 +399,8 @@ def check_deepspeed(
         train_batch_size=global_batch, train_micro_batch_size_per_gpu=global_batch // (world * accum),
         gradient_accumulation_steps=accum, bf16={"enabled": False}, fp16={"enabled": False},
     )
+    if ds_config.get("gradient_clipping") in ("auto", None):  # the trainer fills it from train.grad_clip
+        ds_config["gradient_clipping"] = 0.0
     ds_config.setdefault("zero_optimization", {})["stage"] = 2
     ds_config["zero_optimization"]["overlap_comm"] = False  # no side streams on the CPU accelerator
 

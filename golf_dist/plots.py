@@ -71,12 +71,21 @@ def read_metrics(jsonl: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def training_curves(runs: dict[str, Path], path: Path) -> Path:
-    """Validation PSNR gain over the input against step for each labelled run folder (DIR/f, DIR/g ...), with the
-    per-G-iteration series of stage g runs, and the training loss with the gradient norm beneath."""
+    """Validation PSNR gain over the input against step for each labelled stage folder (DIR/f, DIR/g ...), with
+    the per-G-iteration series of stage g runs, the training loss and the gradient norm. A stage g folder
+    is drawn after the stage f folder of the same output folder (its steps shifted by F's last step), so
+    the x axis reads as the pipeline's steps."""
     plt = _pyplot()
     fig, (ax_val, ax_loss, ax_norm) = plt.subplots(1, 3, figsize=(15, 3.8))
+    last_f_step: dict[Path, int] = {}
     for label, stage_dir in runs.items():
-        m = read_metrics(Path(stage_dir) / "metrics.jsonl")
+        raw = read_metrics(Path(stage_dir) / "metrics.jsonl")
+        stage_dir = Path(stage_dir)
+        steps_seen = [s for series in raw.values() for s, _ in series]
+        if stage_dir.name == "f" and steps_seen:
+            last_f_step[stage_dir.parent] = max(steps_seen)
+        shift = last_f_step.get(stage_dir.parent, 0) if stage_dir.name == "g" else 0
+        m = {k: [(s + shift, v) for s, v in series] for k, series in raw.items()}
         base = dict(m.get("val_input_psnr", []))
         iters = sorted(int(k.rsplit("_", 1)[1]) for k in m if k.startswith("val_psnr_iter_"))
         if len(iters) > 1:
@@ -92,12 +101,13 @@ def training_curves(runs: dict[str, Path], path: Path) -> Path:
         if "grad_norm" in m:
             ax_norm.plot(*zip(*m["grad_norm"]), label=label)
     ax_val.axhline(0, color="tab:gray", linestyle="--", linewidth=0.8)
-    ax_val.set(xlabel="step", ylabel="validation PSNR gain over the input (dB)", title="validation")
+    ax_val.set(xlabel="step (G's after F's)", ylabel="validation PSNR gain over the input (dB)", title="validation")
     ax_loss.set(xlabel="step", ylabel="training loss", title="training loss (window mean)", yscale="log")
     ax_norm.set(xlabel="step", ylabel="global gradient norm", title="gradient norm (window mean)", yscale="log")
     for ax in (ax_val, ax_loss, ax_norm):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    fig.tight_layout()
     try:
         return _save(fig, path)
     finally:

@@ -3,10 +3,14 @@
 # train G (unrolled 3 times), evaluate, and print the PSNR gain over the blurred input, where the figures
 # went and how to open MLflow.
 # Rerunnable: existing data is kept and training resumes from its checkpoints.
+#   bash launch/quickstart.sh                                          # the demo, into runs/demo
+#   OUT=runs/demo_torch bash launch/quickstart.sh data.loader=torch    # config overrides for both stages
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-OUT=runs/demo
+OUT=${OUT:-runs/demo}
+# the demo config's data and MLflow store follow OUT; further key=value arguments go to both stages
+SET=("data.shards=$OUT/shards" "tracking.uri=sqlite:///$OUT/mlflow.db" "$@")
 bash launch/setup.sh
 if [ ! -d "$OUT/GOPRO_Large" ]; then
   # 960 training pairs: each its own view and blur kernel (48 pairs were 48 kernels to memorise, not
@@ -17,8 +21,8 @@ fi
 if [ ! -f "$OUT/shards/manifest.json" ]; then
   "$PY" data_prep/shard_gopro.py --src "$OUT/GOPRO_Large" --out "$OUT/shards" --maxcount 32
 fi
-"$PY" launch/train.py --config configs/demo.yaml --stage f --output-dir "$OUT"
-"$PY" launch/train.py --config configs/demo.yaml --stage g --output-dir "$OUT"
+"$PY" launch/train.py --config configs/demo.yaml --stage f --output-dir "$OUT" "${SET[@]}"
+"$PY" launch/train.py --config configs/demo.yaml --stage g --output-dir "$OUT" "${SET[@]}"
 "$PY" launch/evaluate.py --output-dir "$OUT" --iterations 3 | tee "$OUT/evaluation.txt"
 "$PY" launch/diagnose.py curves "$OUT" --out "$OUT/training_curves.png" >/dev/null
 echo "training curves: $OUT/training_curves.png"

@@ -105,3 +105,10 @@ def test_help_of_every_command_line():
         proc = run_cli(script, "--help")
         assert proc.returncode == 0, (script, proc.stderr)
         assert "usage" in proc.stdout.lower()
+
+
+def test_yaml_boolean_words_stay_words_for_text_keys():
+    cfg = load_config(DEFAULT_CONFIG, stage="f", overrides=["train.mixed_precision=no"])
+    assert cfg.train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="train.gradient_checkpointing"):  # a bool key still wants a bool
+        load_config(DEFAULT_CONFIG, stage="f", overrides=["train.gradient_checkpointing=maybe"])
