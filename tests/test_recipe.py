@@ -135,7 +135,7 @@ def one_batch(shards):
 @pytest.mark.parametrize("stage, steps", [("f", 150), ("g", 200)])
 def test_overfit_one_batch(one_batch, stage, steps):
     """F, and G on a fixed F, bring the loss on one fixed batch down by 10x within a bounded number of steps
-    (measured: F reaches 0.1 of its first loss by about step 75, G by about step 110)."""
+    (on the demo data, 4 crops of 32x32: F reaches 0.1 of its first loss by step 91, G by step 130)."""
     from golf_dist.diagnostics import overfit_one_batch
 
     history = overfit_one_batch(stage, *one_batch, steps=steps, lr=1e-3)
