@@ -36,6 +36,11 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     return (image.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
 
 
+def to_float_hwc(image: torch.Tensor) -> np.ndarray:
+    """3xHxW float -> HxWx3 float32 in [0, 1] (clamped), unrounded: for figures that quote PSNR."""
+    return image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+
+
 def triplet(blur: torch.Tensor, output: torch.Tensor, sharp: torch.Tensor) -> np.ndarray:
     """blur | output | sharp side by side, for a look at what the model does."""
     return np.concatenate([to_uint8(blur), to_uint8(output), to_uint8(sharp)], axis=1)
@@ -93,9 +98,8 @@ def evaluate_pairs(
             shown.append((key, triplet(blur[0], shown_estimate[0], sharp[0])))
         scene = key.rsplit("-", 1)[0]  # keys are <scene>-<frame>: keep frames of different scenes
         if len(kept) < keep_frames and all(k["key"].rsplit("-", 1)[0] != scene for k in kept):
-            as_array = lambda t: t[0].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()  # noqa: E731
-            kept.append({"key": key, "blur": as_array(blur), "f": as_array(estimates[0]),
-                         "final": as_array(final), "sharp": as_array(sharp)})
+            kept.append({"key": key, "blur": to_float_hwc(blur[0]), "f": to_float_hwc(estimates[0][0]),
+                         "final": to_float_hwc(final[0]), "sharp": to_float_hwc(sharp[0])})
     if reduce_sum is not None:
         sums = reduce_sum(sums.to(device)).cpu()
     count = int(sums[0].item())

@@ -443,8 +443,9 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
             norm = clip_gradients(model.parameters(), t.grad_clip).double()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        grad_norms[0] += norm.to(device)
-        grad_norms[1] = torch.maximum(grad_norms[1], norm.to(device))
+        norm = norm.to(device)
+        grad_norms[0] += norm
+        grad_norms[1] = torch.maximum(grad_norms[1], norm)
         scheduler.step()
         if ema is not None:
             ema.update(raw_model)
