@@ -83,11 +83,20 @@ def _first_checkpoints(ckpts: Path, env, job: str, count: int, log: Path) -> Non
 
 
 def _preempt_and_wait_for_requeue(env, job: str, log: Path) -> dict[str, str]:
+    """USR2 to the batch shell; returns once the job is requeued, and holds it there.
+
+    SLURM keeps a requeued job pending until its begin time (now + AuthInfo cred_expire + 1 s, 21 s on
+    the local cluster): launching it earlier, as `scontrol update StartTime=now` right after the requeue
+    did, can land in the same second the previous run's credential was revoked, and slurmctld then kills
+    the job ("Job credential revoked", FAILED). The hold only keeps the job queued while the test looks
+    at (or damages) its checkpoints; `_release` lifts it and SLURM starts the job at its begin time."""
     subprocess.run(["scancel", "--batch", "--signal=USR2", job], env=env, check=True, timeout=30)
     deadline = time.time() + 300
-    while True:  # the job checkpoints, asks for its requeue and waits (Reason=BeginTime, facts.md)
+    while True:  # the job checkpoints, asks for its requeue and waits (Reason=BeginTime)
         info = _job(env, job)
         if info["JobState"] == "PENDING" and int(info.get("Restarts", "0")) >= 1:
+            subprocess.run(["scontrol", "hold", job], env=env, check=True, timeout=30)
+            assert info["Reason"] == "BeginTime", f"job {job} pending for {info['Reason']}, not BeginTime"
             return info
         assert info["JobState"] in ("RUNNING", "COMPLETING", "REQUEUED", "PENDING"), log.read_text()[-3000:]
         assert time.time() < deadline, f"job {job} was not requeued:\n{log.read_text()[-3000:]}"
@@ -95,7 +104,8 @@ def _preempt_and_wait_for_requeue(env, job: str, log: Path) -> dict[str, str]:
 
 
 def _release(env, job: str) -> None:
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True, timeout=30)
+    """Lift the test's hold; the job still starts no earlier than SLURM's begin time."""
+    subprocess.run(["scontrol", "release", job], env=env, check=True, timeout=30)
 
 
 def _assert_bitwise_equal(a: Path, b: Path) -> None:
