@@ -5,7 +5,13 @@ A checkpoint is a folder `step-00001234/` holding
     ema.safetensors     their exponential moving average (only with train.ema_decay > 0)
     optimizer.pt        optimizer and LR-scheduler state (tensors and numbers; loaded weights_only)
     rng.pt              torch / numpy / python RNG states
-    state.json          step, data position, validation PSNR, MLflow run id ... (written last)
+    state.json          step, data position, validation PSNR, MLflow run id ... (written last), and
+                        `file_sha256`: every other file of the folder and its sha256
+Loading checks each listed file against its digest before reading it (a `.pt` file is never unpickled
+when its bytes differ), so a checkpoint altered after it was written (a flipped bit on a disk or in a
+bucket, a file replaced in the artifact store) is a DataError naming the file, expected and found
+digest: `load_latest` passes over it with a warning, `train.resume_from` stops. Checkpoints written
+before the digests were recorded load as before, with one warning that nothing was checked.
 It is written under a temporary name and renamed into place, so a kill at any moment leaves either the
 previous checkpoints or the new one complete, never a half-written folder under a final name. A full
 disk removes the partial temporary and raises StorageFullError; what a killed process left under a
@@ -14,6 +20,7 @@ temporary name (`.tmp-*`, `.old-*`) is removed by `clean_stale_temporaries` at t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -31,6 +38,16 @@ from safetensors.torch import load_file, save_file
 from golf_dist.errors import DataError, raise_if_storage_full
 
 _NAME = re.compile(r"^step-(\d{8})$")
+DIGESTS = "file_sha256"  # the state.json key: {file name: sha256 hex digest} of the folder's other files
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -135,7 +152,10 @@ def save_checkpoint(
         for name, obj in (("optimizer.pt", optimizer_state), ("rng.pt", rng_state())):
             with open(tmp / name, "wb") as fh:
                 torch.save(obj, fh)
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2, sort_keys=True))
+        digests = {name: sha256_of(tmp / name) for name in sorted(names) if name != "state.json"}
+        (tmp / "state.json").write_text(
+            json.dumps({**state, "step": step, DIGESTS: digests}, indent=2, sort_keys=True)
+        )
         for name in names:
             _fsync_file(tmp / name)
         _fsync_dir(tmp)  # the folder's entries are on disk before its new name is
@@ -177,10 +197,71 @@ def read_state(path: Path) -> dict[str, Any]:
     return state
 
 
+def recorded_digests(path: Path, state: dict[str, Any]) -> dict[str, str] | None:
+    """The {file name: sha256} that checkpoint `path`'s state.json records; None for a checkpoint written
+    before digests were recorded; a DataError naming state.json when the record is malformed."""
+    digests = state.get(DIGESTS)
+    if digests is None:
+        return None
+    if not isinstance(digests, dict) or not digests or not all(
+        isinstance(name, str) and name not in ("", ".", "..", "state.json") and "/" not in name and "\\" not in name
+        and isinstance(value, str) and _HEX64.match(value)
+        for name, value in digests.items()
+    ):
+        raise DataError(
+            f"checkpoint {path}: state.json's {DIGESTS} is not a map of the folder's file names to sha256 "
+            "hex digests (damaged or altered)"
+        )
+    return digests
+
+
+def verify_file(path: Path, name: str, digests: dict[str, str] | None) -> Path:
+    """`path/name` after checking it against its recorded sha256 (no check when `digests` is None: an
+    older checkpoint). Missing, unlisted or different: a DataError naming the file. A safetensors file
+    that differs because it is torn says so in the words load_weights uses (its header is read, never
+    its data); a differing `.pt` file is not opened at all."""
+    file = Path(path) / name
+    if digests is None:
+        return file
+    if name not in digests:
+        raise DataError(
+            f"checkpoint file {file} is not listed in {Path(path) / 'state.json'} {DIGESTS} (added or "
+            "renamed after the checkpoint was written): not trusted"
+        )
+    expected = digests[name]
+    if not file.is_file():
+        raise DataError(f"checkpoint file {file} is missing (state.json records it with sha256 {expected})")
+    try:
+        found = sha256_of(file)
+    except OSError as err:
+        raise DataError(f"checkpoint file {file} is unreadable: {err}") from None
+    if found != expected:
+        if name.endswith(".safetensors"):
+            _check_weights(file)  # a torn file: the same message as without digests
+        raise DataError(
+            f"checkpoint file {file} does not match the sha256 its state.json records (expected {expected}, "
+            f"found {found}): damaged or altered after it was written"
+        )
+    return file
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load one checkpoint folder; any unreadable part is a DataError naming the file."""
+    """Load one checkpoint folder; any unreadable part, or a file that differs from the sha256 state.json
+    records for it, is a DataError naming the file. Every file is checked before any is read."""
     path = Path(path)
     state = read_state(path)
+    digests = recorded_digests(path, state)
+    names = ["model.safetensors", "optimizer.pt", "rng.pt"]
+    if (path / "ema.safetensors").exists() or (digests is not None and "ema.safetensors" in digests):
+        names.append("ema.safetensors")
+    for name in names:
+        verify_file(path, name, digests)
+    if digests is None:
+        warnings.warn(
+            f"checkpoint {path} records no sha256 of its files (written by an older golf-dist): loaded "
+            "without an integrity check",
+            stacklevel=2,
+        )
     model = load_weights(path / "model.safetensors")
     loaded = {}
     for name in ("optimizer", "rng"):
@@ -189,7 +270,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             loaded[name] = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises many types for a damaged pickle/zip
             raise DataError(f"checkpoint file {file} is unreadable: {err}") from None
-    ema = load_weights(path / "ema.safetensors") if (path / "ema.safetensors").exists() else None
+    ema = load_weights(path / "ema.safetensors") if "ema.safetensors" in names else None
     return {"model": model, "ema": ema, "optimizer": loaded["optimizer"], "rng": loaded["rng"], "state": state}
 
 
@@ -199,8 +280,19 @@ def _exported_file(path: Path) -> Path:
 
 
 def exported_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The weights a checkpoint stands for: the EMA when it has one (what validation scored), else the model."""
-    return load_weights(_exported_file(path))
+    """The weights a checkpoint stands for: the EMA when it has one (what validation scored), else the model;
+    checked against the sha256 its state.json records."""
+    file = _exported_file(path)
+    return load_weights(verify_file(file.parent, file.name, recorded_digests(file.parent, read_state(file.parent))))
+
+
+def _check_exported(path: Path) -> None:
+    """DataError naming the file unless checkpoint `path`'s exported weights are whole and match their digest."""
+    file = _exported_file(path)
+    digests = recorded_digests(path, read_state(path))
+    verify_file(path, file.name, digests)
+    if digests is None:
+        _check_weights(file)
 
 
 def _check_weights(path: Path) -> None:
@@ -245,7 +337,7 @@ def best_checkpoint(root: Path, key: str = "val_psnr") -> Path | None:
     best = None
     for _, path in sorted(scored, key=lambda sp: sp[0], reverse=True):  # stable: the oldest of equals first
         try:
-            _check_weights(_exported_file(path))
+            _check_exported(path)
         except DataError as err:
             damaged.append(str(err))
             continue

@@ -8,8 +8,9 @@
     s3://bucket/prefix/.../checkpoints/step-00000300              (needs S3 credentials, MLFLOW_S3_ENDPOINT_URL
                                                                     for an S3-compatible store)
 An artifact URI is downloaded (MLflow's own downloader) into a temporary folder under the stage's
-directory, verified and loaded with `checkpoints.load_checkpoint` (every file read, a damaged one is
-an error), then the download is removed: the resumed run writes its own checkpoints.
+directory, verified and loaded with `checkpoints.load_checkpoint` (every file checked against the sha256
+its state.json records, then read; a damaged or altered one is an error naming it, before any training),
+then the download is removed: the resumed run writes its own checkpoints.
 """
 
 from __future__ import annotations
