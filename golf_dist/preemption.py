@@ -2,8 +2,12 @@
 
 Two ways to ask a running trainer to stop:
   * a signal to the training processes: SIGUSR2 (what infra/slurm/train.sbatch asks SLURM for;
-    SIGUSR1 is left to NCCL) or SIGTERM (what SLURM sends at the time limit). The handler only
-    sets a flag; nothing is done inside the handler.
+    SIGUSR1 is left to NCCL) or SIGTERM (what SLURM sends on scancel, at the time limit and on
+    preemption with a grace time). The handler only sets a flag; nothing is done inside the handler.
+    Every SIGTERM after the first is the same request, never "die now": SLURM signals every process
+    of a job step, srun forwards its own SIGTERM to the step, torchrun's agent forwards its own to its
+    workers, and a preemption's grace time ends with a second SIGTERM followed by SIGKILL after
+    KillWait; dying on any of those would lose the checkpoint being written. SIGKILL stops at once.
   * a stop file, by default OUTPUT_DIR/<stage>/STOP (or $GOLF_STOP_FILE). This is how the batch
     script passes SLURM's signal on: torchrun and `accelerate launch` do not forward SIGUSR1/2 to
     their workers, so the batch shell traps the signal and touches the file.
@@ -37,14 +41,13 @@ _received: list[int] = []  # signal numbers seen by this process (a list: no `gl
 
 
 def _handler(signum: int, frame: Any) -> None:
-    if _received and signum == signal.SIGTERM:
-        # a second SIGTERM means "now": fall back to the default action (terminate)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
+    name = signal.Signals(signum).name
+    # os.write, not print: print is not reentrant and the signal may land inside another print
+    if signum in _received:  # the same request again (SLURM, srun and the launcher each send theirs)
+        os.write(2, f"received {name} again: already stopping after the current step (SIGKILL stops at once)\n".encode())
         return
     _received.append(signum)
-    # os.write, not print: print is not reentrant and the signal may land inside another print
-    os.write(2, f"received {signal.Signals(signum).name}: will checkpoint and stop after the current step\n".encode())
+    os.write(2, f"received {name}: will checkpoint and stop after the current step\n".encode())
 
 
 def install(signals: tuple[int, ...] = SIGNALS) -> bool:

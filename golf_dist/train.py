@@ -130,6 +130,55 @@ def resolve_f_weights(cfg: Config, output_dir: Path) -> Path:
     )
 
 
+def resume_checkpoint(folder: Path, rank: int, world: int) -> dict[str, Any] | None:
+    """The checkpoint of `folder` that every rank resumes from, loaded, or None to start from step 0.
+
+    The main rank (rank 0) chooses: the newest checkpoint that loads (`load_latest`: a damaged newer one is
+    skipped, with one warning). It sends the folder's name to the other ranks, and each loads that very
+    checkpoint, not the newest one it sees itself (a file system cache, or one rank falling back past a
+    damaged checkpoint, would otherwise start ranks from different steps and weights). When a rank cannot
+    load it, every rank raises the same DataError naming the chosen checkpoint, the rank and why; no rank is
+    left waiting in a collective. A collective: every rank calls it once."""
+    import torch.distributed as dist
+
+    from golf_dist.checkpoints import load_checkpoint
+
+    if world <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return load_latest(folder)
+    ckpt, own_error, error = None, None, None
+    if rank == 0:
+        try:
+            ckpt = load_latest(folder)
+        except Exception as err:  # the others wait for rank 0's choice: they must hear of this too
+            own_error, error = err, f"{type(err).__name__}: {err}"
+    choice = [None if ckpt is None else ckpt["path"].name, None if ckpt is None else str(ckpt["path"]), error]
+    dist.broadcast_object_list(choice, src=0)
+    name, chosen, error = choice
+    if error is not None:
+        if own_error is not None:
+            raise own_error
+        raise DataError(f"rank {rank}: rank 0 could not choose a checkpoint to resume from in {folder}: {error}")
+    if rank != 0 and name is not None:
+        path = Path(folder) / name
+        try:
+            ckpt = load_checkpoint(path)
+            ckpt["path"] = path
+        except Exception as err:
+            error = f"{path}: {err}"
+    failures: list[str | None] = [None] * world
+    dist.all_gather_object(failures, error)
+    failed = [(r, why) for r, why in enumerate(failures) if why is not None]
+    if failed:
+        ranks = ", ".join(str(r) for r, _ in failed)
+        raise DataError(
+            f"rank 0 resumes from checkpoint {chosen}, but rank(s) {ranks} cannot load it ("
+            + "; ".join(f"rank {r}: {why}" for r, why in failed)
+            + "). Every rank must resume from the same checkpoint: OUTPUT_DIR must be one file system that "
+            "every node sees the same (shared, and not stale in a cache)"
+        )
+    return ckpt
+
+
 def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
     """Train one stage as configured; resume from the newest checkpoint of the stage if there is one."""
     from accelerate import Accelerator
@@ -207,7 +256,8 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     start_step, run_id, best_psnr = 0, None, -math.inf
     saved_loader, reader_states = None, None  # the data loader of the checkpoint and its DALI reader states
-    ckpt, resumed_from = load_latest(paths.checkpoints), None
+    # rank 0 picks the checkpoint, every rank loads that one (or all stop naming it and the rank that cannot)
+    ckpt, resumed_from = resume_checkpoint(paths.checkpoints, rank, world), None
     if ckpt is None and t.resume_from:
         # The stage's own newest checkpoint wins (a requeued job goes on from there); otherwise start from
         # train.resume_from: a local checkpoint or an MLflow artifact URI, downloaded and verified. Each rank

@@ -5,6 +5,7 @@ slurm-client and munge where they are missing (root + apt-get) and starts a CPU-
 temporary folder. Where SLURM cannot be installed, every test here is skipped and says why.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -213,6 +214,43 @@ def test_requeued_job_whose_checkpoint_is_corrupt_falls_back_and_says_so(slurm, 
     assert "falling back to the previous checkpoint" in text
     assert f"resuming stage f from {previous}" in text
     _assert_bitwise_equal(reference, out / "f.safetensors")
+
+
+def test_scancel_checkpoints_the_job_stays_cancelled_and_a_resubmission_resumes(slurm, shards, tmp_path):
+    """`scancel JOB`, no --signal: SLURM sends SIGTERM to the batch shell and to every process of the job's
+    steps (the launchers would pass theirs on as well) and SIGKILL KillWait (30 s) later. The same signals
+    come with preemption by a grace time and at the time limit."""
+    out = tmp_path / "run"
+    short = {"steps": 24, "checkpoint_every": 4, "val_every": 24, "log_every": 4, "keep_last": 3}
+    cfg = write_config(tmp_path / "c.yaml", shards, out, train=short)
+    args = ("--config", cfg, "--stage", "f", "--output-dir", out)
+    job = _sbatch(slurm, tmp_path, *args, sbatch_opts=["--cpus-per-task=1"])
+    log = _log(tmp_path, job)
+    _first_checkpoints(out / "f" / "checkpoints", slurm, job, 1, log)
+    cancelled_at = time.time()
+    subprocess.run(["scancel", job], env=slurm, check=True, timeout=30)
+    info = _wait_state(slurm, job, {"COMPLETED", "FAILED", "CANCELLED", "PENDING"}, log)
+    text = log.read_text()
+    assert info["JobState"] == "CANCELLED" and info.get("Restarts") == "0", (info, text[-3000:])
+    assert time.time() - cancelled_at < 30, "the job ran into KillWait's SIGKILL"
+    stopped = re.search(r"stopped for preemption \((signal|stop file .*STOP)\) after step (\d+) of 24", text)
+    assert stopped, text[-3000:]
+    step = int(stopped.group(2))
+    marker = json.loads((out / "f" / "PREEMPTED").read_text())
+    assert marker["step"] == step and marker["slurm_job_id"] == job
+    assert sorted((out / "f" / "checkpoints").glob("step-*"))[-1].name == f"step-{step:08d}"
+    assert f"training stopped after step {step} of 24 (SIGTERM, not requeued)" in text, text[-3000:]
+    # the launcher outlived the trainer and ended with it, status 0: it did not die on a SIGTERM of its own
+    # (srun --kill-on-bad-exit would then kill the step, whatever the trainer was writing)
+    assert "SignalException" not in text and "Exited with exit code" not in text, text[-3000:]
+    assert not (out / "f.safetensors").exists()
+
+    again = _sbatch(slurm, tmp_path, *args, sbatch_opts=["--cpus-per-task=1"])
+    info = _wait_state(slurm, again, {"COMPLETED", "FAILED", "CANCELLED"}, _log(tmp_path, again))
+    text = _log(tmp_path, again).read_text()
+    assert info["JobState"] == "COMPLETED", text[-3000:]
+    assert f"resuming stage f from {out / 'f' / 'checkpoints' / f'step-{step:08d}'} (step {step} of 24)" in text
+    assert (out / "f.safetensors").is_file() and not (out / "f" / "PREEMPTED").exists()
 
 
 def test_gpu_job_with_a_missing_accelerate_config_fails_before_training(slurm, tmp_path):

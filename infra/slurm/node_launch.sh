@@ -12,6 +12,15 @@
 #
 # Needs GOLF_ROOT, GOLF_HEAD, GOLF_PORT, GOLF_NNODES, GOLF_GPUS_PER_NODE (set by train.sbatch) and
 # SLURM_NODEID (set by srun). Arguments: those of launch/train.py.
+#
+# SIGTERM (scancel, the time limit, preemption with a grace time) reaches every process of this job step,
+# and srun forwards its own as well. The training processes take it themselves: they finish the step,
+# checkpoint, write the PREEMPTED marker and exit 0. The launcher must outlive them, so it runs with SIGTERM
+# ignored (an ignored signal stays ignored across exec and in the children, which install their own handler)
+# and torchrun's agent (also the one inside `accelerate launch` with several processes) is told not to handle
+# it (PET_SIGNALS_TO_HANDLE, torch >= 2.9). Otherwise the agent forwards it, takes the next SIGTERM as "exit
+# now" and exits 1, srun --kill-on-bad-exit then kills the step, and `accelerate launch` with one process
+# (single_gpu.yaml) dies at once: either way the trainer is killed while it writes its checkpoint.
 set -euo pipefail
 : "${GOLF_ROOT:?set by train.sbatch}" "${GOLF_HEAD:?set by train.sbatch}" "${GOLF_PORT:?set by train.sbatch}"
 : "${GOLF_NNODES:?set by train.sbatch}" "${GOLF_GPUS_PER_NODE:?set by train.sbatch}"
@@ -19,6 +28,8 @@ NODE_RANK=${SLURM_NODEID:?run by srun (SLURM_NODEID is not set)}
 PY=${GOLF_PYTHON:-python3}
 TIMEOUT=${GOLF_RDZV_TIMEOUT:-300}
 cd "$GOLF_ROOT"
+trap '' TERM
+export PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
 
 if [ "$GOLF_GPUS_PER_NODE" -gt 0 ]; then
   : "${ACCELERATE_CONFIG:?set by train.sbatch}"

@@ -1,0 +1,287 @@
+"""SIGTERM under the launchers, as SLURM delivers it, and every rank resuming from the main rank's choice.
+
+SLURM's SIGTERM (scancel, the time limit, preemption with a grace time) reaches every process of a job step,
+and the launchers pass theirs on (torchrun's agent forwards its own to its workers): a trainer must take all
+of them as one request, finish its step, checkpoint, write the PREEMPTED marker and exit. The runs here get: a
+SIGTERM to the launcher's process group and to each worker (torchrun starts its workers in sessions of their
+own, so a killpg of the launcher's group alone reaches only the launcher), then, once both ranks have said
+they received it, a SIGTERM to each worker again. The SLURM case itself (scancel) is in tests/test_slurm.py.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, write_config
+
+# steps of ~0.3 s on 2 loaded cores: the stop lands a few steps after the first checkpoint, well before the end
+TRAIN = {"steps": 24, "checkpoint_every": 4, "val_every": 24, "log_every": 4, "keep_last": 3}
+ACK = "received SIGTERM: will checkpoint"
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
+    return env
+
+
+def _torchrun(cfg: Path) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            str(ROOT / "launch/train.py"), "--config", str(cfg), "--stage", "f"]
+
+
+def _accelerate(cfg: Path) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+            str(ROOT / "launch/train.py"), "--config", str(cfg), "--stage", "f"]
+
+
+def _run(cmd: list[str], log: Path) -> str:
+    with open(log, "w") as fh:
+        proc = subprocess.run(cmd, cwd=ROOT, env=_env(), stdout=fh, stderr=subprocess.STDOUT, timeout=600)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-4000:]
+    return text
+
+
+def _children() -> dict[int, list[int]]:
+    table: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            table.setdefault(ppid, []).append(int(entry.name))
+    return table
+
+
+def _descendants(pid: int) -> list[int]:
+    table, found, todo = _children(), [], [pid]
+    while todo:
+        for child in table.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _term(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+def _steps(ckpts: Path) -> list[int]:
+    return sorted(int(p.name[5:]) for p in ckpts.iterdir() if p.name.startswith("step-"))
+
+
+def _progress(log: Path) -> int:
+    """The last step the main rank's progress bar shows as done."""
+    return max(map(int, re.findall(r"(\d+)/24 \[", log.read_text())), default=0)
+
+
+def _sigterm_mid_run(cmd: list[str], out: Path, log: Path) -> tuple[int, str]:
+    """Start the launcher, SIGTERM everything after a step past the first checkpoint; (launcher status, log)."""
+    ckpts = out / "f" / "checkpoints"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    workers: list[int] = []
+    try:
+        deadline = time.time() + 300
+        # past the first checkpoint (step 4) by a step: the stop then writes a checkpoint of its own
+        while not (ckpts.is_dir() and _steps(ckpts) and _progress(log) > 4):
+            assert proc.poll() is None and time.time() < deadline, "no step 5 within 300 s:\n" + log.read_text()[-3000:]
+            time.sleep(0.01)
+        workers = _descendants(proc.pid)
+        assert workers, "the launcher has no worker processes"
+        os.killpg(proc.pid, signal.SIGTERM)  # the launcher's process group ...
+        _term(workers)  # ... and the workers in their own sessions: every process of the run, as SLURM does
+        while log.read_text().count(ACK) < 2:  # both ranks have taken the first one
+            assert time.time() < deadline, "the ranks did not report the SIGTERM:\n" + log.read_text()[-3000:]
+            time.sleep(0.01)
+        _term(workers)  # again, as a launcher passing its own on does (after the first was handled: not merged)
+        code = proc.wait(timeout=120)
+        while any(map(_alive, workers)):  # a launcher may leave before its workers are done
+            assert time.time() < deadline + 60, "workers still running 60 s after the launcher ended"
+            time.sleep(0.05)
+    finally:  # nothing left running when the test failed (the workers are outside the launcher's group)
+        for pid in [*_descendants(proc.pid), *workers]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return code, log.read_text()
+
+
+def _assert_stopped_with_marker(out: Path, text: str) -> int:
+    assert not (out / "f.safetensors").exists(), "the run finished before the SIGTERM:\n" + text[-3000:]
+    marker_file = out / "f" / "PREEMPTED"
+    assert marker_file.is_file(), "no PREEMPTED marker:\n" + text[-4000:]
+    marker = json.loads(marker_file.read_text())
+    step = marker["step"]
+    assert marker["reason"] == "signal" and 4 < step < 24, marker
+    assert _steps(out / "f" / "checkpoints")[-1] == step  # the stop wrote its own checkpoint, whole
+    assert Path(marker["checkpoint"]) == out / "f" / "checkpoints" / f"step-{step:08d}"
+    assert text.count(f"stopped for preemption (signal) after step {step} of 24") == 1, text[-3000:]
+    return step
+
+
+def _assert_bitwise_equal(a: Path, b: Path) -> None:
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """One folder for the module's configs: their runs share one MLflow database (made once)."""
+    return tmp_path_factory.mktemp("sigterm")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shards, base) -> Path:
+    """The 2-process run (torchrun, gloo) that the preempted and resumed ones must end equal to."""
+    cfg = write_config(base / "ref.yaml", shards, base / "ref", train=TRAIN)
+    _run(_torchrun(cfg), base / "ref.log")
+    return base / "ref" / "f.safetensors"
+
+
+def test_torchrun_sigterm_to_every_process_checkpoints_and_the_rerun_resumes(shards, base, uninterrupted):
+    out = base / "torchrun"
+    cfg = write_config(base / "torchrun.yaml", shards, out, train=TRAIN)
+    _, text = _sigterm_mid_run(_torchrun(cfg), out, base / "torchrun.log")
+    step = _assert_stopped_with_marker(out, text)  # torchrun itself exits 1 (SignalException): the marker counts
+
+    rerun = _run(_torchrun(cfg), base / "torchrun-rerun.log")
+    assert rerun.count(f"resuming stage f from {out / 'f' / 'checkpoints' / f'step-{step:08d}'} (step {step} of 24)") == 1
+    assert not (out / "f" / "PREEMPTED").exists()
+    _assert_bitwise_equal(uninterrupted, out / "f.safetensors")
+
+
+def test_accelerate_sigterm_then_a_damaged_newest_checkpoint_every_rank_resumes_from_rank_0s_choice(
+        shards, base, uninterrupted):
+    """accelerate launch (2 CPU processes, torchrun's agent inside). Then the stop's checkpoint is damaged: rank 0
+    alone chooses (one fallback warning, not one per rank) and both ranks resume from the previous checkpoint.
+    Rank 0's final weights equal the uninterrupted run's only if rank 1 resumed from the same weights too
+    (DDP averages the two ranks' gradients at every step)."""
+    out = base / "accelerate"
+    cfg = write_config(base / "accelerate.yaml", shards, out, train=TRAIN)
+    _, text = _sigterm_mid_run(_accelerate(cfg), out, base / "accelerate.log")
+    step = _assert_stopped_with_marker(out, text)
+
+    ckpts = out / "f" / "checkpoints"
+    previous = ckpts / f"step-{[s for s in _steps(ckpts) if s < step][-1]:08d}"
+    damaged = ckpts / f"step-{step:08d}" / "model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])  # a torn file, as a dying node or a stale cache shows it
+    rerun = _run(_accelerate(cfg), base / "accelerate-rerun.log")
+    assert rerun.count("falling back to the previous checkpoint") == 1, rerun[-4000:]
+    assert len(re.findall(r"resuming stage f from ", rerun)) == 1, rerun[-4000:]
+    assert f"resuming stage f from {previous} (step {int(previous.name[5:])} of 24)" in rerun
+    _assert_bitwise_equal(uninterrupted, out / "f.safetensors")
+
+
+def test_slurm_node_launcher_with_the_single_gpu_config_outlives_its_trainer_on_sigterm(shards, base):
+    """`accelerate launch` with one process (single_gpu.yaml) dies at once on SIGTERM, and under SLURM the
+    step, and the trainer writing its checkpoint, go with it. infra/slurm/node_launch.sh starts it with SIGTERM
+    ignored: it ends after the trainer, status 0, the marker already there. Run as srun would run it on one
+    node (SLURM's variables set by hand; on CPU here, where accelerate falls back to the CPU)."""
+    from conftest import free_port
+
+    out = base / "single"
+    cfg = write_config(base / "single.yaml", shards, out, train=TRAIN)
+    env = {k: v for k, v in _env().items() if k != "ACCELERATE_USE_CPU"}
+    env.update(GOLF_ROOT=str(ROOT), GOLF_HEAD="127.0.0.1", GOLF_PORT=str(free_port()), GOLF_NNODES="1",
+               GOLF_GPUS_PER_NODE="1", ACCELERATE_CONFIG=str(ROOT / "configs/accelerate/single_gpu.yaml"),
+               SLURM_NODEID="0", SLURM_JOB_ID="4243")
+    log = base / "single.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(["bash", str(ROOT / "infra/slurm/node_launch.sh"), "--config", str(cfg), "--stage", "f"],
+                                cwd=base, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        ckpts, deadline = out / "f" / "checkpoints", time.time() + 300
+        while not (ckpts.is_dir() and _steps(ckpts)):
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.01)
+        workers = _descendants(proc.pid)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _term(workers)  # every process of the step, as SLURM signals them
+        code = proc.wait(timeout=120)
+        marker_when_launcher_ended = (out / "f" / "PREEMPTED").is_file()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log.read_text()
+    assert code == 0 and marker_when_launcher_ended, f"launcher status {code}:\n{text[-3000:]}"
+    assert json.loads((out / "f" / "PREEMPTED").read_text())["reason"] == "signal"
+    assert "stopped for preemption (signal)" in text
+
+
+def _checkpoint(folder: Path, step: int, damaged: bool = False) -> Path:
+    from golf_dist.checkpoints import save_checkpoint
+
+    path = save_checkpoint(folder, step, {"w": torch.full((3,), float(step))},
+                           {"optimizer": {}, "scheduler": {}}, {"stage": "f", "steps": 24})
+    if damaged:
+        model = path / "model.safetensors"
+        model.write_bytes(model.read_bytes()[:50])
+    return path
+
+
+def test_resume_checkpoint_every_rank_loads_rank_0s_choice_or_all_stop_naming_it(tmp_path):
+    """2 gloo processes, each given its own checkpoints folder (as a stale cache or a damaged file can show
+    ranks different folders): rank 1 loads the checkpoint rank 0 chose, not its own newest; when it cannot,
+    both ranks stop with one error naming rank 0's checkpoint, the rank and its folder."""
+    # rank 0 sees step 4 damaged and falls back to step 2; rank 1 sees a whole step 4
+    _checkpoint(tmp_path / "stale" / "rank0", 2)
+    _checkpoint(tmp_path / "stale" / "rank0", 4, damaged=True)
+    _checkpoint(tmp_path / "stale" / "rank1", 2)
+    _checkpoint(tmp_path / "stale" / "rank1", 4)
+    # rank 0 chooses step 6, which rank 1 does not have
+    chosen = _checkpoint(tmp_path / "missing" / "rank0", 6)
+    _checkpoint(tmp_path / "missing" / "rank1", 2)
+    # rank 0 has none: every rank starts from step 0, whatever it sees
+    (tmp_path / "fresh" / "rank0").mkdir(parents=True)
+    _checkpoint(tmp_path / "fresh" / "rank1", 2)
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "resume_ranks_worker.py"), str(tmp_path), "stale", "missing", "fresh"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-3000:]  # the "missing" case stopped both ranks: no hang, non-zero
+    results = {(case, rank): json.loads((tmp_path / f"{case}-rank{rank}.json").read_text())
+               for case in ("stale", "missing", "fresh") for rank in (0, 1)}
+
+    assert results["stale", 0] == {"path": str(tmp_path / "stale" / "rank0" / "step-00000002"), "step": 2, "value": 2.0}
+    assert results["stale", 1] == {"path": str(tmp_path / "stale" / "rank1" / "step-00000002"), "step": 2, "value": 2.0}
+    assert output.count("falling back to the previous checkpoint") == 1, output[-3000:]  # rank 0 alone chose
+
+    missing = tmp_path / "missing" / "rank1" / "step-00000006"
+    for rank in (0, 1):
+        error = results["missing", rank]["error"]
+        expected = f"rank 0 resumes from checkpoint {chosen}, but rank(s) 1 cannot load it (rank 1: {missing}: "
+        assert error.startswith(expected), error
+        assert "every node sees the same" in error
+    assert results["fresh", 0] == results["fresh", 1] == {"path": None}
