@@ -77,7 +77,8 @@ def loader_stream(cfg, loader_kind: str, crops: int) -> dict[str, Any]:
     from golf_dist.data.dali import make_train_loader, open_pairs
     from golf_dist.data.loader import CropPlan, paired_crop, to_tensor
 
-    pairs = open_pairs(cfg.data.shards, cfg.data.train_split, cfg.data.on_bad_sample, cfg.data.cache_dir)
+    pairs = open_pairs(cfg.data.shards, cfg.data.train_split, cfg.data.on_bad_sample, cfg.data.cache_dir,
+                       min_side=cfg.data.crop)
     batch = cfg.data.batch_size
     loader = make_train_loader(cfg, pairs, global_batch=batch, accum=1, world=1, rank=0, start_step=0,
                                device=torch.device("cpu"), loader=loader_kind)

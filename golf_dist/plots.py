@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -59,10 +60,17 @@ def psnr_by_iteration(values: Sequence[float], input_psnr: float, path: Path, ti
 def read_metrics(jsonl: Path) -> dict[str, list[tuple[int, float]]]:
     """A stage's metrics.jsonl as {name: [(step, value), ...]}; a step logged twice (after a resume): the last wins."""
     by_name: dict[str, dict[int, float]] = {}
-    for line in Path(jsonl).read_text().splitlines():
+    for number, line in enumerate(Path(jsonl).read_text().splitlines(), 1):
         if not line.strip():
             continue
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a full disk or a killed writer: skip it, say which
+            print(f"warning: {jsonl} line {number} is not a JSON record (cut short?); skipped", file=sys.stderr)
+            continue
+        if not isinstance(row, dict):
+            print(f"warning: {jsonl} line {number} is not a JSON object; skipped", file=sys.stderr)
+            continue
         step = int(row.get("step", 0))
         for key, value in row.items():
             if key not in ("step", "time") and isinstance(value, (int, float)):

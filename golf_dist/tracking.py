@@ -234,11 +234,23 @@ class Tracker:
         self._call("log metrics", self._client_call, "log_batch", metrics=items)
 
     def _append_jsonl(self, record: dict[str, Any]) -> None:
+        # One line or nothing: a disk that fills mid-line would leave a partial line that the next record
+        # is glued onto (both lost, and the file unreadable as JSON lines); cut the file back on failure.
+        line = (json.dumps(record) + "\n").encode()
         try:
             self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.metrics_file, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-                fh.flush()
+            fd = os.open(self.metrics_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                start = os.lseek(fd, 0, os.SEEK_END)
+                try:
+                    written = 0
+                    while written < len(line):
+                        written += os.write(fd, line[written:])
+                except OSError:
+                    os.ftruncate(fd, start)
+                    raise
+            finally:
+                os.close(fd)
         except OSError as err:  # a full disk must not stop training either, but say so
             self.failed["metrics file"] += 1
             if self.failed["metrics file"] == 1:

@@ -219,7 +219,8 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
             raise GolfError(vgg_weights_missing_message())
         vgg = load_vgg_features(vgg_path)
     # every training sample's tar entry and image header checked; bad ones raise or (skip) are left out
-    train_pairs = open_pairs(cfg.data.shards, cfg.data.train_split, cfg.data.on_bad_sample, cfg.data.cache_dir)
+    train_pairs = open_pairs(cfg.data.shards, cfg.data.train_split, cfg.data.on_bad_sample, cfg.data.cache_dir,
+                             min_side=cfg.data.crop)
     val_pairs = ShardPairs(cfg.data.shards, cfg.data.val_split, cfg.data.cache_dir)
     for pairs in (train_pairs, val_pairs):
         size = pairs.frame_size

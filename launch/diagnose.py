@@ -33,7 +33,8 @@ def _overfit(args) -> int:
     from golf_dist.diagnostics import overfit_one_batch
 
     cfg = load_config(args.config, args.stage, parse_overrides(args.overrides))
-    pairs = open_pairs(cfg.data.shards, cfg.data.train_split, cfg.data.on_bad_sample, cfg.data.cache_dir)
+    pairs = open_pairs(cfg.data.shards, cfg.data.train_split, cfg.data.on_bad_sample, cfg.data.cache_dir,
+                       min_side=cfg.data.crop)
     crops = TrainCrops(pairs, CropPlan(len(pairs), args.crop or cfg.data.crop, cfg.data.flips, cfg.seed))
     items = [crops[i] for i in range(args.batch)]
     blur, sharp = torch.stack([b for b, _, _ in items]), torch.stack([s for _, s, _ in items])

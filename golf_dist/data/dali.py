@@ -85,6 +85,10 @@ def _npy_shape(head: bytes, size: int | None = None) -> tuple[int, ...]:
     return shape
 
 
+class AlphaChannelError(ValueError):
+    """An image that decodes but carries alpha (or a transparency key): refused in training shards."""
+
+
 def image_size(data: bytes, fmt: str, size: int | None = None) -> tuple[int, int]:
     """(height, width) from an image's first bytes, without decoding its pixels; ValueError if it is not
     one, or one of more than formats.MAX_PIXELS pixels. `size`: the member's whole byte size (checks .npy)."""
@@ -104,10 +108,14 @@ def image_size(data: bytes, fmt: str, size: int | None = None) -> tuple[int, int
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(io.BytesIO(data)) as img:
                     found, (width, height) = img.format, img.size
+                    alpha = img.mode in formats.ALPHA_MODES or "transparency" in img.info
         except Exception as err:  # a hostile header can make a Pillow plugin raise anything (struct.error, ...)
             raise ValueError(str(err) or f"not an image ({type(err).__name__})") from None
         if found != expected:
             raise ValueError(f"a {found} image, not {expected}")
+        if alpha:  # DALI's decoder drops alpha where formats.decode composites it: the loaders would differ
+            raise AlphaChannelError(f"an image with an alpha channel ({img.mode}); shards hold opaque RGB "
+                             "(data_prep/shard_gopro.py writes them so)")
     if width * height > formats.MAX_PIXELS:
         raise ValueError(
             f"{width}x{height} = {width * height} pixels, more than formats.MAX_PIXELS={formats.MAX_PIXELS}"
@@ -185,16 +193,23 @@ class CheckedSplit:
 
 
 def check_split(
-    shard_dir: str | Path, split: str, on_bad_sample: str = "error", cache_dir: str | Path | None = None
+    shard_dir: str | Path, split: str, on_bad_sample: str = "error", cache_dir: str | Path | None = None,
+    min_side: int = 0,
 ) -> CheckedSplit:
     """Index every shard of `split` and read each image's header; raise on the first bad sample (error)
-    or leave the bad ones out and list them (skip). An s3:// shard set is read from its local cache."""
+    or leave the bad ones out and list them (skip). An s3:// shard set is read from its local cache.
+    `min_side` (the training crop): a frame with a side shorter than it is a bad sample (unless the manifest
+    declares the whole split smaller: the caller's config check names data.crop then)."""
     if on_bad_sample not in ("error", "skip"):
         raise ConfigError(f"config key 'data.on_bad_sample' must be error or skip, got {on_bad_sample!r}")
     source = str(shard_dir)
     shard_dir = local_shard_dir(source, cache_dir)
     manifest = read_manifest(shard_dir)
     fmt = split_format(manifest, split)
+    info = manifest["splits"][split]
+    # a split the manifest declares too small as a whole is the caller's config error (data.crop), not a bad
+    # sample; otherwise every frame is held to min_side (the declared size may be wrong for one of them)
+    declared_small = bool(info.get("height") and info.get("width")) and min(int(info["height"]), int(info["width"])) < min_side
     shards: list[tuple[Path, list[SampleRef]]] = []
     bad: list[BadSample] = []
 
@@ -234,12 +249,18 @@ def check_split(
                     head = fh.read(min(length, 4096))
                     try:
                         sizes.append(image_size(head, fmt, length))
+                    except AlphaChannelError as err:
+                        found(BadSample(path, ref.key, f"{kind} image is {err}"))
+                        break
                     except ValueError as err:
                         found(BadSample(path, ref.key, f"{kind} image cannot be decoded ({err})"))
                         break
                 else:
                     if sizes[0] != sizes[1]:
                         found(BadSample(path, ref.key, f"blur {sizes[0]} and sharp {sizes[1]} differ in size"))
+                    elif not declared_small and min(sizes[0]) < min_side:
+                        found(BadSample(path, ref.key, f"frame {sizes[0][1]}x{sizes[0][0]} is smaller than "
+                                                       f"the {min_side}x{min_side} training crop (data.crop)"))
                     else:
                         good.append(ref)
         shards.append((path, good))
@@ -268,10 +289,12 @@ class CheckedPairs(ShardPairs):
 
 
 def open_pairs(
-    shard_dir: str | Path, split: str, on_bad_sample: str = "error", cache_dir: str | Path | None = None
+    shard_dir: str | Path, split: str, on_bad_sample: str = "error", cache_dir: str | Path | None = None,
+    min_side: int = 0,
 ) -> ShardPairs:
-    """The PyTorch loader's pairs of a split after the start-up check (bad samples raise or are left out)."""
-    checked = check_split(shard_dir, split, on_bad_sample, cache_dir)
+    """The PyTorch loader's pairs of a split after the start-up check (bad samples raise or are left out;
+    `min_side`: check_split)."""
+    checked = check_split(shard_dir, split, on_bad_sample, cache_dir, min_side)
     pairs = CheckedPairs(checked) if checked.bad else ShardPairs(shard_dir, split, cache_dir)
     pairs.checked = checked
     return pairs

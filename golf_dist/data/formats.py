@@ -36,7 +36,7 @@ MAX_PIXELS = 4 * 1280 * 720 * 4
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow warns above it and raises above twice it: both refused below
 _NPY_MAX_HEADER = 4096  # NumPy writes ~128 bytes for an image; its own limit is 10000
 _RGB_MODES = {"RGB", "RGBX", "L", "P", "1", "CMYK", "YCbCr"}  # convert to RGB keeping their meaning
-_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _16BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 
 
@@ -113,7 +113,7 @@ def _to_rgb(img: Image.Image, where: str) -> np.ndarray:
     if mode in _16BIT_MODES or (mode == "I" and img.format == "PNG"):  # a 16-bit greyscale PNG
         grey = (np.asarray(img).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8)
         return np.repeat(grey[:, :, None], 3, axis=2)
-    if mode in _ALPHA_MODES or (mode in _RGB_MODES and "transparency" in img.info):
+    if mode in ALPHA_MODES or (mode in _RGB_MODES and "transparency" in img.info):
         rgba = np.asarray(img.convert("RGBA"), dtype=np.uint16)
         return ((rgba[..., :3] * rgba[..., 3:] + 127) // 255).astype(np.uint8)
     if mode not in _RGB_MODES:

@@ -59,8 +59,11 @@ def s3_client():
             raise DataError("s3:// shards need boto3: pip install boto3") from None
         from botocore.config import Config
 
-        # standard retries (3 attempts unless AWS_MAX_ATTEMPTS says otherwise); endpoint and region from the env
-        _clients[pid] = boto3.client("s3", config=Config(retries={"mode": "standard"}))
+        # standard retries (3 attempts unless AWS_MAX_ATTEMPTS says otherwise); endpoint and region from the env.
+        # Timeouts bound a silent endpoint: 10 s to connect, 30 s without a byte (botocore's defaults: 60 s each)
+        _clients[pid] = boto3.client(
+            "s3", config=Config(retries={"mode": "standard"}, connect_timeout=10, read_timeout=30)
+        )
     return _clients[pid]
 
 
@@ -94,8 +97,9 @@ def s3_error(err: Exception, bucket: str, key: str | None, action: str) -> DataE
 
 def _botocore_errors() -> tuple[type[BaseException], ...]:
     from botocore.exceptions import BotoCoreError, ClientError
+    from urllib3.exceptions import HTTPError  # a connection cut while botocore reads an error answer escapes unwrapped
 
-    return (ClientError, BotoCoreError)
+    return (ClientError, BotoCoreError, HTTPError)
 
 
 def head(bucket: str, key: str) -> dict | None:
@@ -104,7 +108,7 @@ def head(bucket: str, key: str) -> dict | None:
     try:
         return client.head_object(Bucket=bucket, Key=key)
     except _botocore_errors() as err:
-        code = str(getattr(err, "response", {}).get("Error", {}).get("Code", ""))
+        code = str((getattr(err, "response", None) or {}).get("Error", {}).get("Code", ""))
         if code in ("404", "NoSuchKey", "NotFound"):
             return None
         raise s3_error(err, bucket, key, "reading") from None
@@ -115,7 +119,7 @@ def check_bucket(bucket: str) -> None:
     try:
         s3_client().head_bucket(Bucket=bucket)
     except _botocore_errors() as err:
-        code = str(getattr(err, "response", {}).get("Error", {}).get("Code", ""))
+        code = str((getattr(err, "response", None) or {}).get("Error", {}).get("Code", ""))
         if code in ("404", "NoSuchBucket", "NotFound"):
             raise DataError(f"bucket s3://{bucket} does not exist (create it, or fix the URL)") from None
         raise s3_error(err, bucket, None, "opening") from None
@@ -163,7 +167,7 @@ def get_bytes(bucket: str, key: str) -> bytes | None:
     try:
         return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
     except _botocore_errors() as err:
-        code = str(getattr(err, "response", {}).get("Error", {}).get("Code", ""))
+        code = str((getattr(err, "response", None) or {}).get("Error", {}).get("Code", ""))
         if code in ("404", "NoSuchKey", "NotFound"):
             return None
         raise s3_error(err, bucket, key, "reading") from None
@@ -176,26 +180,38 @@ def delete(bucket: str, key: str) -> None:
         raise s3_error(err, bucket, key, "deleting") from None
 
 
+BODY_ATTEMPTS = 3  # whole downloads tried when an answer breaks off mid-body (botocore retries only the request)
+
+
 def hash_object(bucket: str, key: str, dest: Path | None = None) -> tuple[int, str] | None:
-    """(size, SHA-256) of an object's bytes as they stream (also written to `dest` if given); None if missing."""
-    digest, size = hashlib.sha256(), 0
-    try:
-        body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
-        with open(dest, "wb") if dest is not None else contextlib.nullcontext() as f:
-            for block in iter(lambda: body.read(1 << 20), b""):
-                digest.update(block)
-                size += len(block)
+    """(size, SHA-256) of an object's bytes as they stream (also written to `dest` if given); None if missing.
+
+    botocore's retries cover a request that fails, not a body cut short after the answer began: such a
+    download starts again from the first byte, up to BODY_ATTEMPTS times, before the error names the object."""
+    for attempt in range(1, BODY_ATTEMPTS + 1):
+        digest, size = hashlib.sha256(), 0
+        try:
+            body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+        except _botocore_errors() as err:
+            code = str((getattr(err, "response", None) or {}).get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise s3_error(err, bucket, key, "downloading") from None
+        try:
+            with open(dest, "wb") if dest is not None else contextlib.nullcontext() as f:
+                for block in iter(lambda: body.read(1 << 20), b""):
+                    digest.update(block)
+                    size += len(block)
+                    if f is not None:
+                        f.write(block)
                 if f is not None:
-                    f.write(block)
-            if f is not None:
-                f.flush()
-                os.fsync(f.fileno())
-    except _botocore_errors() as err:
-        code = str(getattr(err, "response", {}).get("Error", {}).get("Code", ""))
-        if code in ("404", "NoSuchKey", "NotFound"):
-            return None
-        raise s3_error(err, bucket, key, "downloading") from None
-    return size, digest.hexdigest()
+                    f.flush()
+                    os.fsync(f.fileno())
+            return size, digest.hexdigest()
+        except _botocore_errors() as err:
+            if attempt == BODY_ATTEMPTS:
+                raise s3_error(err, bucket, key, f"downloading ({attempt} attempts, each cut short)") from None
+    raise AssertionError("unreachable")
 
 
 def tmp_name(path: Path) -> Path:
