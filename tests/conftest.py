@@ -9,7 +9,10 @@ import socket
 import subprocess
 import sys
 import time
+import io
+import tarfile
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -146,3 +149,34 @@ def make_bucket(env: dict[str, str], name: str) -> None:
         aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"],
     )
     client.create_bucket(Bucket=name)
+
+
+@contextmanager
+def tmpfs(path: Path, size: int):
+    """A tmpfs of `size` bytes mounted at `path` for the block (the tests run as root); skip where impossible."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs to fill needs root")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (mount: {proc.stderr.strip() or proc.returncode})")
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def rewrite_shard(path: Path, edit) -> None:
+    """Rewrite a shard member by member; edit(name, data) -> new bytes, or None to leave the member out."""
+    with tarfile.open(path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in members:
+            data = edit(name, data)
+            if data is None:
+                continue
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))

@@ -6,7 +6,6 @@ sample out, counts it and logs the count to MLflow. The broken shards are real f
 import io
 import shutil
 import struct
-import tarfile
 import zlib
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from golf_dist.data.loader import ShardPairs
 from golf_dist.data.shards import index_shard
 from golf_dist.errors import DataError
 
-from conftest import run_cli, write_config
+from conftest import rewrite_shard, run_cli, write_config
 
 SHARD = "train/train-000001.tar"  # the shard that gets broken; its second sample is the bad one
 KINDS = ("truncated", "missing_member", "undecodable", "size_mismatch")
@@ -40,20 +39,6 @@ def _corrupt_png(data: bytes) -> bytes:
     return data[:ihdr_end] + idat + iend
 
 
-def _rewrite(path: Path, edit) -> None:
-    """Rewrite a shard member by member; edit(name, data) -> new bytes, or None to leave the member out."""
-    with tarfile.open(path) as tar:
-        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
-    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
-        for name, data in members:
-            data = edit(name, data)
-            if data is None:
-                continue
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def broken_shards(shards: Path, dest: Path, kind: str) -> tuple[Path, str]:
     """A copy of the shard folder with one bad training sample of `kind`; (folder, the bad sample's key)."""
     shutil.copytree(shards, dest)
@@ -66,14 +51,14 @@ def broken_shards(shards: Path, dest: Path, kind: str) -> tuple[Path, str]:
         with open(path, "r+b") as f:
             f.truncate(offset + size // 2)
     elif kind == "missing_member":
-        _rewrite(path, lambda name, data: None if name == f"{key}.sharp.png" else data)
+        rewrite_shard(path, lambda name, data: None if name == f"{key}.sharp.png" else data)
     elif kind == "undecodable":
-        _rewrite(path, lambda name, data: b"this is not an image " * 20 if name == f"{key}.blur.png" else data)
+        rewrite_shard(path, lambda name, data: b"this is not an image " * 20 if name == f"{key}.blur.png" else data)
     elif kind == "size_mismatch":
         small = np.zeros((32, 48, 3), dtype=np.uint8)
-        _rewrite(path, lambda name, data: _png(small) if name == f"{key}.sharp.png" else data)
+        rewrite_shard(path, lambda name, data: _png(small) if name == f"{key}.sharp.png" else data)
     elif kind == "corrupt_data":
-        _rewrite(path, lambda name, data: _corrupt_png(data) if name == f"{key}.blur.png" else data)
+        rewrite_shard(path, lambda name, data: _corrupt_png(data) if name == f"{key}.blur.png" else data)
     else:
         raise ValueError(kind)
     return dest, key

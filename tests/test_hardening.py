@@ -27,7 +27,7 @@ from golf_dist import checkpoints
 from golf_dist.checkpoints import best_checkpoint, exported_weights, list_checkpoints, prune, save_checkpoint
 from golf_dist.data import storage
 from golf_dist.data.shards import parse_manifest, read_manifest, shard_gopro
-from conftest import write_gopro
+from conftest import tmpfs, write_gopro
 from golf_dist.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -253,19 +253,8 @@ def test_best_checkpoint_is_one_whose_exported_weights_load(tmp_path):
 @pytest.fixture()
 def small_disk(tmp_path):
     """A 2 MB tmpfs mounted for the test (root only), unmounted after it."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs to fill needs root")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a 2 MB tmpfs here (mount: {proc.stderr.strip() or proc.returncode})")
-    try:
+    with tmpfs(tmp_path / "disk", 2 << 20) as mount:
         yield mount
-    finally:
-        if subprocess.run(["umount", str(mount)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 def _leftovers(root: Path) -> list[str]:

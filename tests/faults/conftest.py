@@ -1,0 +1,423 @@
+"""Fixtures of the fault-injection suite: the outcome recorder, the fork server that starts training runs
+cheaply, the reference (uninterrupted) runs, small tmpfs disks, and helpers to compare runs bit for bit.
+
+Every fault test appends one JSON line per fault it injected to the results file
+($GOLF_FAULT_RESULTS, default <repo>/runs/faults/results.jsonl, emptied once per pytest session):
+    {"fault": ..., "target": ..., "injections": N, "outcome": "identical" | "named error" | "data lost", "detail": ...}
+and still asserts the outcome it expects: a "data lost" row fails its test. A test that fails before it
+records anything leaves a row with outcome "failed". launch/reliability_table.py turns the file into the
+README's table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_cli, write_config  # tests/conftest.py (this folder is the package `faults`)
+
+HERE = Path(__file__).resolve().parent
+OUTCOMES = ("identical", "named error", "data lost")
+RESULTS_ENV = "GOLF_FAULT_RESULTS"
+
+# The training runs of the suite: 6 steps of 32x32 crops, 4 per batch, a checkpoint every 2 steps, a log line
+# every step (the step counter a test watches), validation only at the end; one thread (bitwise equality).
+STEPS = 6
+TRAIN = {"steps": STEPS, "checkpoint_every": 2, "log_every": 1, "val_every": STEPS, "keep_last": 2, "unroll": 2}
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+# ---------------------------------------------------------------- the results file
+
+
+def results_path() -> Path:
+    return Path(os.environ.get(RESULTS_ENV) or ROOT / "runs" / "faults" / "results.jsonl")
+
+
+_lock = threading.Lock()
+_fresh = False  # emptied yet in this pytest session
+
+
+def _start_results() -> None:
+    global _fresh
+    with _lock:
+        if not _fresh:
+            path = results_path()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+            _fresh = True
+
+
+def write_row(row: dict) -> None:
+    _start_results()
+    with _lock, open(results_path(), "a") as fh:
+        fh.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _results_file():
+    """The results file starts empty in each session that runs a fault test."""
+    _start_results()
+    yield results_path()
+
+
+class Recorder:
+    """`record(fault, target, injections, outcome, detail)` for one test; `expect` names what the test injects,
+    so that a test failing before it records still leaves a row ("failed")."""
+
+    def __init__(self, nodeid: str):
+        self.nodeid = nodeid
+        self.rows: list[dict] = []
+        self.fault, self.target, self.injections = nodeid.rsplit("::", 1)[-1], "", 0
+
+    def expect(self, fault: str, target: str) -> "Recorder":
+        self.fault, self.target = fault, target
+        return self
+
+    def __call__(self, fault: str, target: str, injections: int, outcome: str, detail: str = "") -> None:
+        if outcome not in OUTCOMES:
+            raise ValueError(f"outcome {outcome!r} is not one of {OUTCOMES}")
+        row = {"fault": fault, "target": target, "injections": int(injections), "outcome": outcome,
+               "detail": detail, "test": self.nodeid}
+        self.rows.append(row)
+        write_row(row)
+        if outcome == "data lost":
+            raise AssertionError(f"data lost: {fault} ({target}): {detail}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
+@pytest.fixture()
+def record(request):
+    rec = Recorder(request.node.nodeid)
+    yield rec
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed and not any(r["outcome"] == "data lost" for r in rec.rows):
+        message = str(getattr(report, "longrepr", "") or "").strip().splitlines()
+        last = next((line for line in reversed(message) if line.startswith("E ")), message[-1] if message else "")
+        write_row({"fault": rec.fault, "target": rec.target, "injections": rec.injections, "outcome": "failed",
+                   "detail": last[:300], "test": rec.nodeid})
+
+
+class _OutageRecorder:
+    """Rows for tests/test_tracking_outage.py when it runs in the same session (the whole suite): the MLflow
+    server killed mid-run, and down from the start. Registered globally, so it sees tests outside this folder."""
+
+    TESTS = {
+        "test_server_killed_mid_run_training_finishes_and_nothing_is_lost":
+            ("MLflow server SIGKILLed mid-run", "training run, stage f (tests/test_tracking_outage.py)"),
+        "test_server_down_from_the_start_training_runs_and_reports":
+            ("MLflow server down from the start", "training run, stage f (tests/test_tracking_outage.py)"),
+    }
+
+    def pytest_runtest_logreport(self, report):
+        path, _, name = report.nodeid.partition("::")
+        if not path.endswith("test_tracking_outage.py") or name not in self.TESTS or report.when != "call":
+            return
+        if report.skipped:
+            return
+        fault, target = self.TESTS[name]
+        write_row({"fault": fault, "target": target, "injections": 1,
+                   "outcome": "identical" if report.passed else "failed",
+                   "detail": "training finished; every metric in metrics.jsonl; failed MLflow calls counted"
+                   if report.passed else "the test failed", "test": report.nodeid})
+
+
+def pytest_configure(config):
+    if not config.pluginmanager.has_plugin("golf-faults-outage-recorder"):
+        config.pluginmanager.register(_OutageRecorder(), "golf-faults-outage-recorder")
+
+
+# ---------------------------------------------------------------- the fork server
+
+
+class Run:
+    """One command line running in a child of the fork server."""
+
+    def __init__(self, pid: int, out: Path):
+        self.pid, self.out = pid, out
+
+    @property
+    def rc(self) -> int | None:
+        path = Path(f"{self.out}.rc")
+        return int(path.read_text()) if path.is_file() else None
+
+    @property
+    def stdout(self) -> str:
+        return Path(f"{self.out}.stdout").read_text(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        return Path(f"{self.out}.stderr").read_text(errors="replace")
+
+    def running(self) -> bool:
+        if self.rc is not None:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def kill(self) -> None:
+        """SIGKILL to the run's process group (the run and anything it started)."""
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            try:  # not yet its own group leader (killed in its first microseconds)
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 30
+        while self.running() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def wait(self, timeout: float = 300) -> int:
+        """The exit status (None-free: -9 when it was killed); a run past `timeout` is killed and fails the test."""
+        deadline = time.monotonic() + timeout
+        while self.running():
+            if time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"{self.out.name}: still running after {timeout} s (killed); "
+                                     f"stderr:\n{self.stderr[-3000:]}")
+            time.sleep(0.02)
+        rc = self.rc
+        return -signal.SIGKILL if rc is None else rc
+
+    def check(self, timeout: float = 300) -> "Run":
+        rc = self.wait(timeout)
+        assert rc == 0, f"{self.out.name} exited {rc}:\n{self.stdout[-2000:]}\n{self.stderr[-3000:]}"
+        return self
+
+
+class ForkServer:
+    def __init__(self):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        env.update(ONE_THREAD)
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "forkserver.py")], cwd=ROOT, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True)
+        self._lock = threading.Lock()
+
+    def ready(self, timeout: float = 120) -> None:
+        self._answer(timeout)
+
+    def _answer(self, timeout: float) -> dict:
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            raise RuntimeError(f"the fork server did not answer (exit status {self.proc.poll()})")
+        return json.loads(line)
+
+    def run(self, argv: list, out: Path, env: dict | None = None) -> Run:
+        out = Path(out)
+        for suffix in (".rc", ".stdout", ".stderr"):
+            Path(f"{out}{suffix}").unlink(missing_ok=True)
+        request = {"argv": [str(a) for a in argv], "out": str(out), "cwd": str(ROOT), "env": {**ONE_THREAD, **(env or {})}}
+        with self._lock:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+            pid = self._answer(60)["pid"]
+        return Run(pid, out)
+
+    def close(self) -> None:
+        """Kill it: it holds nothing but imported modules (its children have ended or were killed by their tests)."""
+        self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+
+@pytest.fixture(scope="session")
+def forkserver(tmp_path_factory):
+    """The fork server, and an initialised MLflow store (made at the same time, in its own process) that
+    `train_config` copies into each run's folder."""
+    base = tmp_path_factory.mktemp("forkserver")
+    template = base / "mlflow-template.db"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    maker = subprocess.Popen([sys.executable, str(HERE / "mlflow_template.py"), str(template)], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = ForkServer()
+    try:
+        server.ready()
+        _, err = maker.communicate(timeout=300)
+        assert maker.returncode == 0 and template.is_file(), err[-2000:]
+        server.mlflow_template = template
+        yield server
+    finally:
+        server.close()
+        if maker.poll() is None:
+            maker.kill()
+
+
+def train_config(path: Path, shards: Path, output_dir: Path, template: Path, **sections) -> Path:
+    """The suite's tiny config (TRAIN) writing MLflow to a copy of the initialised store beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = path.parent / "mlflow.db"
+    if not db.exists():
+        shutil.copyfile(template, db)
+    train = {**TRAIN, **sections.pop("train", {})}
+    cfg = write_config(path, shards, output_dir, train=train, val={"max_pairs": 2, "sample_images": 0},
+                       eval={"iterations": 2}, **sections)
+    return cfg
+
+
+def train_argv(cfg: Path, stage: str, *overrides: str) -> list[str]:
+    return ["launch/train.py", "--config", str(cfg), "--stage", stage, *overrides]
+
+
+# ---------------------------------------------------------------- reference runs
+
+
+class References:
+    """Uninterrupted runs, one per (loader, stage), made on first use and shared by every test of the session.
+    Stage g starts from the torch stage f reference's F (train.f_weights), as every stage g run here does."""
+
+    def __init__(self, server: ForkServer, shards: Path, base: Path):
+        self.server, self.shards, self.base = server, shards, base
+        self._done: dict[tuple[str, str], Path] = {}
+
+    def f_weights(self) -> Path:
+        return self.get("torch", "f") / "f.safetensors"
+
+    def overrides(self, loader: str, stage: str) -> list[str]:
+        over = [f"data.loader={loader}"]
+        if stage == "g":
+            over.append(f"train.f_weights={self.f_weights()}")
+        return over
+
+    def _make(self, loader: str, stage: str) -> Path:
+        folder = self.base / f"{loader}-{stage}"
+        cfg = train_config(folder / "cfg.yaml", self.shards, folder / "out", self.server.mlflow_template)
+        run = self.server.run(train_argv(cfg, stage, *self.overrides(loader, stage)), folder / "run")
+        run.check()
+        return folder / "out"
+
+    def get(self, loader: str, stage: str) -> Path:
+        key = (loader, stage)
+        if key not in self._done:
+            self._done[key] = self._make(loader, stage)
+        return self._done[key]
+
+    def prefetch(self, keys: list[tuple[str, str]]) -> None:
+        """Make several references two at a time (the runs are single-threaded: one per core)."""
+        missing = [k for k in keys if k not in self._done]
+        if any(stage == "g" for _, stage in missing):
+            self.f_weights()
+            missing = [k for k in missing if k not in self._done]
+        in_parallel(*[(lambda k=k: self.get(*k)) for k in missing])
+
+
+@pytest.fixture(scope="session")
+def references(forkserver, shards, tmp_path_factory) -> References:
+    return References(forkserver, shards, tmp_path_factory.mktemp("references"))
+
+
+def in_parallel(*jobs):
+    """Run the callables two at a time (2 cores); return their results in order, raise the first error."""
+    if len(jobs) <= 1:
+        return [job() for job in jobs]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = [pool.submit(job) for job in jobs]
+        return [f.result() for f in futures]
+
+
+# ---------------------------------------------------------------- comparing runs
+
+
+def tensors_of(path: Path) -> dict:
+    """Every tensor of a weights file, or of a checkpoint folder (model, EMA, Adam state), by name."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_file():
+        return load_file(str(path))
+    out = {f"model/{k}": v for k, v in load_file(str(path / "model.safetensors")).items()}
+    optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    for pid, state in optimizer["optimizer"]["state"].items():
+        for name, value in state.items():
+            if torch.is_tensor(value):
+                out[f"adam/{pid}/{name}"] = value
+    return out
+
+
+def differences(ref_out: Path, out: Path, stage: str) -> list[str]:
+    """What differs between two output folders of a stage: the exported weights, the best weights and the
+    last checkpoint's model and Adam state, bit for bit (empty: identical)."""
+    import torch
+
+    diffs = []
+    last = f"{stage}/checkpoints/step-{STEPS:08d}"
+    for rel in (f"{stage}.safetensors", f"{stage}_best.safetensors", last):
+        a, b = Path(ref_out) / rel, Path(out) / rel
+        if not b.exists():
+            diffs.append(f"{rel} is missing")
+            continue
+        ta, tb = tensors_of(a), tensors_of(b)
+        if ta.keys() != tb.keys():
+            diffs.append(f"{rel}: other tensors")
+            continue
+        diffs += [f"{rel}:{k}" for k in ta if not torch.equal(ta[k], tb[k])][:3]
+    return diffs
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temporaries under `folder`: what a writer leaves when it dies (.tmp-*, .old-*)."""
+    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*") if ".tmp-" in p.name or p.name.startswith(".old-"))
+
+
+# ---------------------------------------------------------------- small disks
+
+
+def resize(path: Path, size: int) -> None:
+    """Give a mounted tmpfs more room (an operator freeing space)."""
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True, capture_output=True)
+
+
+# ---------------------------------------------------------------- shards
+
+
+SHARD_ARGS = ("--format", "jp2", "--maxcount", 1, "--workers", 2, "--no-progress")  # 16 shards, ~1 s
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    """Every file under a final name (not a temporary `NAME.tmp-HOST-PID`, not a dot-file such as the cache state)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(Path(folder).rglob("*"))
+            if p.is_file() and ".tmp-" not in p.name
+            and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
+
+
+@pytest.fixture(scope="session")
+def shard_source(shards) -> Path:
+    """The GOPRO_Large-shaped source of the session's `shards` (12 train + 4 test pairs of 64x96)."""
+    return shards.parent / "GOPRO_Large"
+
+
+@pytest.fixture(scope="session")
+def shard_reference(shard_source, tmp_path_factory) -> dict[str, bytes]:
+    """The files of an uninterrupted `shard_gopro.py ... SHARD_ARGS` run: 16 shards, their indexes, the manifest."""
+    out = tmp_path_factory.mktemp("shard-reference") / "shards"
+    run_cli("data_prep/shard_gopro.py", "--src", shard_source, "--out", out, *SHARD_ARGS, check=True)
+    files = files_of(out)
+    assert sum(k.endswith(".tar") for k in files) == 16 and "manifest.json" in files
+    return files
