@@ -180,3 +180,13 @@ def rewrite_shard(path: Path, edit) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+
+
+def assert_weights_equal(a: Path, b: Path) -> None:
+    """Two safetensors files hold the same tensors, bit for bit."""
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import ROOT, write_config
+from conftest import ROOT, assert_weights_equal, write_config
 
 # steps of ~0.3 s on 2 loaded cores: the stop lands a few steps after the first checkpoint, well before the end
 TRAIN = {"steps": 24, "checkpoint_every": 4, "val_every": 24, "log_every": 4, "keep_last": 3}
@@ -147,13 +146,6 @@ def _assert_stopped_with_marker(out: Path, text: str) -> int:
     return step
 
 
-def _assert_bitwise_equal(a: Path, b: Path) -> None:
-    wa, wb = load_file(str(a)), load_file(str(b))
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        assert torch.equal(wa[key], wb[key]), key
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """One folder for the module's configs: their runs share one MLflow database (made once)."""
@@ -177,7 +169,7 @@ def test_torchrun_sigterm_to_every_process_checkpoints_and_the_rerun_resumes(sha
     rerun = _run(_torchrun(cfg), base / "torchrun-rerun.log")
     assert rerun.count(f"resuming stage f from {out / 'f' / 'checkpoints' / f'step-{step:08d}'} (step {step} of 24)") == 1
     assert not (out / "f" / "PREEMPTED").exists()
-    _assert_bitwise_equal(uninterrupted, out / "f.safetensors")
+    assert_weights_equal(uninterrupted, out / "f.safetensors")
 
 
 def test_accelerate_sigterm_then_a_damaged_newest_checkpoint_every_rank_resumes_from_rank_0s_choice(
@@ -199,7 +191,7 @@ def test_accelerate_sigterm_then_a_damaged_newest_checkpoint_every_rank_resumes_
     assert rerun.count("falling back to the previous checkpoint") == 1, rerun[-4000:]
     assert len(re.findall(r"resuming stage f from ", rerun)) == 1, rerun[-4000:]
     assert f"resuming stage f from {previous} (step {int(previous.name[5:])} of 24)" in rerun
-    _assert_bitwise_equal(uninterrupted, out / "f.safetensors")
+    assert_weights_equal(uninterrupted, out / "f.safetensors")
 
 
 def test_slurm_node_launcher_with_the_single_gpu_config_outlives_its_trainer_on_sigterm(shards, base):

@@ -14,10 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli, write_config
+from conftest import ROOT, assert_weights_equal, run_cli, write_config
 
 CLUSTER = ROOT / "infra" / "slurm" / "local_cluster.sh"
 TRAIN_SBATCH = ROOT / "infra" / "slurm" / "train.sbatch"
@@ -109,13 +107,6 @@ def _release(env, job: str) -> None:
     subprocess.run(["scontrol", "release", job], env=env, check=True, timeout=30)
 
 
-def _assert_bitwise_equal(a: Path, b: Path) -> None:
-    wa, wb = load_file(str(a)), load_file(str(b))
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        assert torch.equal(wa[key], wb[key]), key
-
-
 @pytest.fixture(scope="module")
 def reference(shards, tmp_path_factory):
     """The uninterrupted run (one process, no SLURM) that preempted jobs must end equal to."""
@@ -184,7 +175,7 @@ def test_preempted_job_checkpoints_requeues_resumes_and_matches_an_uninterrupted
     assert f"job {job} (restart 1)" in text  # one log, appended to across the requeue
     assert f"resuming stage f from {out / 'f' / 'checkpoints' / f'step-{step:08d}'} (step {step} of 60)" in text
     assert not (out / "f" / "PREEMPTED").exists() and not (out / "f" / "STOP").exists()
-    _assert_bitwise_equal(reference, out / "f.safetensors")
+    assert_weights_equal(reference, out / "f.safetensors")
     # F completed: the chained G is released (cancelled here once it is; the chain test runs a G to the end)
     deadline = time.time() + 60
     while _job(slurm, job_chained)["Reason"] == "Dependency":
@@ -213,7 +204,7 @@ def test_requeued_job_whose_checkpoint_is_corrupt_falls_back_and_says_so(slurm, 
     assert f"weights file {damaged} is not a readable safetensors file" in text
     assert "falling back to the previous checkpoint" in text
     assert f"resuming stage f from {previous}" in text
-    _assert_bitwise_equal(reference, out / "f.safetensors")
+    assert_weights_equal(reference, out / "f.safetensors")
 
 
 def test_scancel_checkpoints_the_job_stays_cancelled_and_a_resubmission_resumes(slurm, shards, tmp_path):
