@@ -107,14 +107,14 @@ def image_size(data: bytes, fmt: str, size: int | None = None) -> tuple[int, int
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(io.BytesIO(data)) as img:
-                    found, (width, height) = img.format, img.size
-                    alpha = img.mode in formats.ALPHA_MODES or "transparency" in img.info
+                    found, mode, (width, height) = img.format, img.mode, img.size
+                    alpha = mode in formats.ALPHA_MODES or "transparency" in img.info
         except Exception as err:  # a hostile header can make a Pillow plugin raise anything (struct.error, ...)
             raise ValueError(str(err) or f"not an image ({type(err).__name__})") from None
         if found != expected:
             raise ValueError(f"a {found} image, not {expected}")
         if alpha:  # DALI's decoder drops alpha where formats.decode composites it: the loaders would differ
-            raise AlphaChannelError(f"an image with an alpha channel ({img.mode}); shards hold opaque RGB "
+            raise AlphaChannelError(f"an image with an alpha channel ({mode}); shards hold opaque RGB "
                              "(data_prep/shard_gopro.py writes them so)")
     if width * height > formats.MAX_PIXELS:
         raise ValueError(

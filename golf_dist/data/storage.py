@@ -209,9 +209,8 @@ def hash_object(bucket: str, key: str, dest: Path | None = None) -> tuple[int, s
                     os.fsync(f.fileno())
             return size, digest.hexdigest()
         except _botocore_errors() as err:
-            if attempt == BODY_ATTEMPTS:
-                raise s3_error(err, bucket, key, f"downloading ({attempt} attempts, each cut short)") from None
-    raise AssertionError("unreachable")
+            broken = err
+    raise s3_error(broken, bucket, key, f"downloading ({BODY_ATTEMPTS} attempts, each cut short)") from None
 
 
 def tmp_name(path: Path) -> Path:
