@@ -6,7 +6,9 @@ import argparse
 
 from golf_dist.cli import run_main
 from golf_dist.data.formats import FORMATS
-from golf_dist.data.shards import SPLITS, format_summary, format_verify, merge_parts, shard_gopro, verify_shards
+from golf_dist.data.shard_reader import SPLITS
+from golf_dist.data.shard_verify import format_verify, verify_shards
+from golf_dist.data.sharding import format_summary, merge_parts, shard_gopro
 
 
 def _splits(text: str) -> tuple[str, ...]:

@@ -43,7 +43,7 @@ from golf_dist.checkpoints import (
 from golf_dist.config import Config, flatten, to_dict
 from golf_dist.data.dali import make_train_loader, open_pairs, resolve_loader
 from golf_dist.data.loader import ShardPairs, unwrap_worker_error
-from golf_dist.data.shards import sha256_file
+from golf_dist.data.shard_reader import sha256_file
 from golf_dist.data.storage import write_atomic
 from golf_dist.errors import ConfigError, DataError, GolfError
 from golf_dist.evaluate import evaluate_pairs

@@ -15,7 +15,7 @@ from PIL import Image
 
 from golf_dist.data.dali import DaliTrainLoader, check_split, make_train_loader, open_pairs
 from golf_dist.data.loader import ShardPairs
-from golf_dist.data.shards import index_shard
+from golf_dist.data.shard_reader import index_shard
 from golf_dist.errors import DataError
 
 from conftest import rewrite_shard, run_cli, write_config

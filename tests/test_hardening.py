@@ -26,7 +26,8 @@ from PIL import Image
 from golf_dist import checkpoints
 from golf_dist.checkpoints import best_checkpoint, exported_weights, list_checkpoints, prune, save_checkpoint
 from golf_dist.data import storage
-from golf_dist.data.shards import parse_manifest, read_manifest, shard_gopro
+from golf_dist.data.shard_reader import parse_manifest, read_manifest
+from golf_dist.data.sharding import shard_gopro
 from conftest import tmpfs, write_gopro
 from golf_dist.errors import ConfigError, DataError
 
@@ -35,7 +36,7 @@ WHERE = "s3://bucket/set/manifest.json"
 
 
 def _manifest() -> dict:
-    """The shape shard_gopro writes (see shards._build_manifest / _entry)."""
+    """The shape shard_gopro writes (see sharding._build_manifest / shard_files._entry)."""
     return {
         "format_version": 1, "image_format": "png", "blur_dir": "blur", "seed": 0, "maxcount": 4,
         "splits": {

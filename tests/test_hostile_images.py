@@ -21,7 +21,8 @@ from golf_dist.data import formats
 from golf_dist.data.dali import check_split, image_size
 from golf_dist.data.gopro import Pair, check_pair
 from golf_dist.data.loader import ShardPairs, decode_image
-from golf_dist.data.shards import index_shard, shard_gopro, shard_paths, read_manifest
+from golf_dist.data.shard_reader import index_shard, read_manifest, shard_paths
+from golf_dist.data.sharding import shard_gopro
 from conftest import write_gopro
 from golf_dist.errors import DataError
 

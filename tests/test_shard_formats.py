@@ -17,7 +17,7 @@ from PIL import Image
 from golf_dist.data.formats import FORMATS, decode, encode
 from golf_dist.data.gopro import scan_gopro
 from golf_dist.data.loader import ShardPairs
-from golf_dist.data.shards import (
+from golf_dist.data.shard_reader import (
     dali_index,
     index_path,
     index_paths,
@@ -25,10 +25,10 @@ from golf_dist.data.shards import (
     read_manifest,
     read_member,
     sha256_file,
-    shard_gopro,
     shard_paths,
     split_format,
 )
+from golf_dist.data.sharding import shard_gopro
 from golf_dist.data.synthetic import make_synthetic_gopro
 from golf_dist.errors import DataError
 

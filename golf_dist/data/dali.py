@@ -40,7 +40,7 @@ import torch
 
 from golf_dist.data import formats
 from golf_dist.data.loader import CropPlan, PairRef, ShardPairs, train_loader
-from golf_dist.data.shards import (
+from golf_dist.data.shard_reader import (
     _KEY_SUFFIX, SampleRef, index_path, index_shard, read_manifest, read_member, shard_paths, split_format as _format,
 )
 from golf_dist.data.storage import local_shard_dir

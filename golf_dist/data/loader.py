@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from golf_dist.data import formats
-from golf_dist.data.shards import index_shard, read_manifest, read_member, shard_paths, split_format
+from golf_dist.data.shard_reader import index_shard, read_manifest, read_member, shard_paths, split_format
 from golf_dist.data.storage import local_shard_dir
 from golf_dist.errors import DataError, GolfError
 

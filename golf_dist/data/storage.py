@@ -19,6 +19,7 @@ import os
 import socket
 from pathlib import Path
 
+from golf_dist.data.shard_reader import MANIFEST, parse_manifest, sha256_file
 from golf_dist.errors import DataError, raise_if_storage_full
 
 S3_PREFIX = "s3://"
@@ -270,8 +271,6 @@ def local_shard_dir(shards: str | os.PathLike, cache_dir: str | os.PathLike | No
     """
     if not is_s3_url(shards):
         return Path(shards)
-    from golf_dist.data.shards import MANIFEST, parse_manifest  # the manifest's format lives there
-
     url = str(shards)
     bucket, prefix = split_s3_url(url)
     folder = cache_dir_for(url, cache_dir)
@@ -311,8 +310,6 @@ def local_shard_dir(shards: str | os.PathLike, cache_dir: str | os.PathLike | No
                 stat = dest.stat()
                 if state.get(relpath) == [size, stat.st_mtime_ns, sha] and stat.st_size == size:
                     continue
-                from golf_dist.data.shards import sha256_file
-
                 if stat.st_size == size and sha256_file(dest) == sha:
                     state[relpath] = [size, stat.st_mtime_ns, sha]
                     continue

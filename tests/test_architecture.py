@@ -1,0 +1,87 @@
+"""The package's shape, read from its source: no import circles, and training never imports the offline
+shard writer or verifier (docs/architecture.md draws the same graph)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "golf_dist"
+OFFLINE = {"golf_dist.data.sharding", "golf_dist.data.shard_files", "golf_dist.data.shard_verify"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the golf_dist modules it imports, at module level or inside a function alike."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        edges: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                # `from golf_dist.data import formats` imports the module golf_dist.data.formats
+                targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                           for a in node.names]
+            edges |= {t for t in targets if t in modules and t != name and t.startswith("golf_dist")}
+        graph[name] = edges
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+def test_the_graph_sees_known_imports():
+    graph = import_graph()  # a parser that missed imports would pass the tests below vacuously
+    assert "golf_dist.data.shard_reader" in graph["golf_dist.data.loader"]
+    assert "golf_dist.data.formats" in graph["golf_dist.data.loader"]  # `from golf_dist.data import formats`
+    assert "golf_dist.data.storage" in graph["golf_dist.data.shard_files"]
+
+
+def test_the_package_has_no_import_circle():
+    assert find_cycle(import_graph()) is None
+
+
+def test_the_cycle_finder_finds_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_training_never_imports_the_offline_shard_writer_or_verifier():
+    graph = import_graph()
+    for entry in ("golf_dist.train", "golf_dist.evaluate", "golf_dist.deblur", "golf_dist.data.dali"):
+        assert not reachable(graph, entry) & OFFLINE, entry
