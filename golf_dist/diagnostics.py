@@ -126,3 +126,34 @@ def loader_stream(cfg, loader_kind: str, crops: int) -> dict[str, Any]:
         "aligned_share": aligned / len(seen),
         "crops_not_matching_their_source": mismatched,
     }
+
+
+@torch.no_grad()
+def gain_on_crops_and_frames(
+    f: torch.nn.Module, g: torch.nn.Module, frames: list[tuple[np.ndarray, np.ndarray]], *, crop: int,
+    iterations: int, crops_per_frame: int = 1, seed: int = 0,
+) -> dict[str, list[float]]:
+    """Mean PSNR gain over F alone after each of `iterations` G steps, measured two ways on the same frames:
+    on random `crop`-sided windows with F run on the window (as stage g trains), and on the whole frames
+    (as evaluation measures). G that gains on crops and not on frames learnt to correct F's estimate near
+    a crop's border, which a whole frame does not have. `frames`: (blur, sharp) HxWx3 uint8 pairs."""
+    from golf_dist.data.loader import to_tensor
+    from golf_dist.evaluate import golf_iterates
+    from golf_dist.metrics import psnr
+
+    rng = np.random.default_rng(seed)
+
+    def gains(blur: np.ndarray, sharp: np.ndarray) -> np.ndarray:
+        target = to_tensor(sharp)[None]
+        values = [psnr(x.clamp(0, 1), target) for x in golf_iterates(f, g, to_tensor(blur)[None], iterations)]
+        return np.array([float(v) - float(values[0]) for v in values[1:]])
+
+    on_crops, on_frames = [], []
+    for blur, sharp in frames:
+        height, width = blur.shape[:2]
+        for _ in range(crops_per_frame):
+            top, left = int(rng.integers(height - crop + 1)), int(rng.integers(width - crop + 1))
+            window = (slice(top, top + crop), slice(left, left + crop))
+            on_crops.append(gains(blur[window], sharp[window]))
+        on_frames.append(gains(blur, sharp))
+    return {"crops": np.mean(on_crops, axis=0).tolist(), "frames": np.mean(on_frames, axis=0).tolist()}

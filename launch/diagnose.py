@@ -5,11 +5,14 @@
     python launch/diagnose.py overfit --config configs/demo.yaml --stage g      # G on a fixed F
     python launch/diagnose.py loaders --config configs/demo.yaml --crops 64     # DALI's first crops vs torch's
     python launch/diagnose.py curves runs/demo --out runs/demo/curves.png       # validation / loss / grad norm
+    python launch/diagnose.py crops --output-dir runs/demo                       # G's gain on crops vs frames
 
 overfit: Adam on one fixed batch of training crops; passes (exit 0) when the loss falls by --factor within
 --steps. loaders: the same statistics for the first crops of each loader, and every crop checked against
 its source pair decoded by the shard reader; exit 1 when a crop does not match its source. curves: the
-metrics.jsonl of each stage of each output folder, as one PNG. The last line printed is one JSON object.
+metrics.jsonl of each stage of each output folder, as one PNG. crops: a trained G's gain over F after each
+iteration on random crops (F run on the crop, as stage g trains) and on the same whole frames (as
+evaluation measures). The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -86,6 +89,33 @@ def _curves(args) -> int:
     return 0
 
 
+def _crops(args) -> int:
+    import torch
+
+    from golf_dist.data.loader import ShardPairs
+    from golf_dist.diagnostics import gain_on_crops_and_frames
+    from golf_dist.evaluate import load_trained
+
+    out = Path(args.output_dir)
+    shards = args.shards
+    if shards is None:
+        resolved = out / "g" / "config.yaml"
+        if not resolved.is_file():
+            print(f"no {resolved}: pass --shards", file=sys.stderr)
+            return 2
+        shards = load_config(resolved).data.shards
+    f, g = load_trained(out, torch.device("cpu"), args.iterations)
+    pairs = ShardPairs(shards, args.split)
+    frames = [pairs.load(i)[:2] for i in range(min(args.pairs, len(pairs)))]
+    result = gain_on_crops_and_frames(f, g, frames, crop=args.crop, iterations=args.iterations,
+                                      crops_per_frame=args.crops_per_frame, seed=args.seed)
+    for where in ("crops", "frames"):
+        print(f"G's gain over F on {args.split} {where}, iterations 1..{args.iterations}: "
+              + ", ".join(f"{v:+.4f}" for v in result[where]) + " dB")
+    print(json.dumps({"split": args.split, "pairs": len(frames), "crop": args.crop, **result}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("output_dirs", nargs="+", help="training output folders (holding f/ and g/)")
     p.add_argument("--out", required=True, help="PNG to write")
     p.set_defaults(func=_curves)
+    p = sub.add_parser("crops", help="a trained G's gain per iteration on crops (F run on the crop) and on whole frames")
+    p.add_argument("--output-dir", required=True, help="training output folder holding f.safetensors and g.safetensors")
+    p.add_argument("--shards", help="shard folder (default: data.shards of OUTPUT_DIR/g/config.yaml)")
+    p.add_argument("--split", default="test", choices=("train", "test"), help="default: %(default)s")
+    p.add_argument("--pairs", type=int, default=16, help="first pairs of the split (default: %(default)s)")
+    p.add_argument("--crop", type=int, default=64, help="crop side (default: %(default)s)")
+    p.add_argument("--crops-per-frame", type=int, default=3, help="random crops per frame (default: %(default)s)")
+    p.add_argument("--iterations", type=int, default=3, help="G iterations (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the crop windows (default: %(default)s)")
+    p.set_defaults(func=_crops)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -293,6 +293,32 @@ def test_training_curves_figure(small_run, tmp_path):
     assert Image.open(tmp_path / "curves.png").width > 800
 
 
+def test_gain_on_crops_and_frames_measures_each_iteration():
+    """Identity G gains nothing anywhere; a G that halves its input loses more at each iteration."""
+    import numpy as np
+
+    from golf_dist.diagnostics import gain_on_crops_and_frames
+
+    rng = np.random.default_rng(0)
+    sharp = rng.integers(60, 200, (40, 48, 3), dtype=np.uint8)
+    frames = [(np.clip(sharp.astype(int) + rng.integers(-20, 20, sharp.shape), 0, 255).astype(np.uint8), sharp)]
+    identity, halve = torch.nn.Identity(), torch.nn.Identity()
+    halve.forward = lambda x: x * 0.5
+    same = gain_on_crops_and_frames(identity, identity, frames, crop=32, iterations=3)
+    assert same == {"crops": [0.0, 0.0, 0.0], "frames": [0.0, 0.0, 0.0]}
+    worse = gain_on_crops_and_frames(identity, halve, frames, crop=32, iterations=3, crops_per_frame=2)
+    for where in ("crops", "frames"):
+        assert len(worse[where]) == 3 and 0 > worse[where][0] > worse[where][1] > worse[where][2], worse
+
+
+def test_crops_command_on_a_trained_run(small_run):
+    proc = run_cli("launch/diagnose.py", "crops", "--output-dir", small_run["out"], "--pairs", "2", "--crop", "32",
+                   "--crops-per-frame", "1", "--iterations", "2", check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["pairs"] == 2 and len(result["crops"]) == len(result["frames"]) == 2
+    assert all(math.isfinite(v) for v in result["crops"] + result["frames"])
+
+
 def test_gpu_recipe_runs_at_a_small_size_on_cpu(shards, tmp_path):
     """configs/gpu_quick.yaml as it is, shrunk by overrides only (crop, batch, steps, fp32): both stages train,
     with its warm-up, cosine schedule, EMA and two crops per decoded frame."""
