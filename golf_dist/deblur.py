@@ -8,14 +8,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from golf_dist.data.formats import MAX_PIXELS
-from golf_dist.data.loader import decode_image, to_tensor
+from golf_dist.data.formats import MAX_PIXELS, decode_pil
+from golf_dist.data.loader import to_tensor
 from golf_dist.errors import DataError
 from golf_dist.evaluate import golf_iterates, load_trained, to_uint8
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # No PNG or JPEG of MAX_PIXELS pixels is larger (16-bit RGBA stored uncompressed, plus room for metadata):
-# a larger file is refused before it is read into memory. Pixels beyond the cap: decode_image refuses.
+# a larger file is refused before it is read into memory. Pixels beyond the cap: decode_pil refuses.
 MAX_INPUT_BYTES = 8 * MAX_PIXELS + (1 << 20)
 MIN_SIDE = 4  # a 7x7 convolution pads 3 pixels by reflection, which needs 4 pixels to reflect
 
@@ -51,7 +51,7 @@ def deblur_files(output_dir: Path, inputs: list[str], out_dir: Path, iterations:
         if size > MAX_INPUT_BYTES:
             raise DataError(f"image {src} is {size} bytes, more than any image of at most {MAX_PIXELS} pixels "
                             f"takes ({MAX_INPUT_BYTES}): downscale it")
-        image = decode_image(src.read_bytes(), f"image {src}")
+        image = decode_pil(src.read_bytes(), f"image {src}")
         if min(image.shape[:2]) < MIN_SIDE:
             raise DataError(f"image {src} is {image.shape[1]}x{image.shape[0]} pixels; the networks' reflected "
                             f"borders need at least {MIN_SIDE} pixels a side")

@@ -20,7 +20,7 @@ from PIL import Image
 from golf_dist.data import formats
 from golf_dist.data.dali import check_split, image_size
 from golf_dist.data.gopro import Pair, check_pair
-from golf_dist.data.loader import ShardPairs, decode_image
+from golf_dist.data.loader import ShardPairs
 from golf_dist.data.shard_reader import index_shard, read_manifest, shard_paths
 from golf_dist.data.sharding import shard_gopro
 from conftest import write_gopro
@@ -55,7 +55,7 @@ def _save(image: Image.Image, fmt: str = "PNG") -> bytes:
 def test_a_decompression_bomb_is_refused_by_name_before_decoding(width, height):
     bomb = _png(width, height, 8, 2, b"\0" * 64)  # a few bytes claiming a huge frame
     for decoder in (lambda: formats.decode(bomb, "blur.png", "shard s.tar sample k1 (blur)"),
-                    lambda: decode_image(bomb, "shard s.tar sample k1 (blur)")):
+                    lambda: formats.decode_pil(bomb, "shard s.tar sample k1 (blur)")):
         with pytest.raises(DataError, match=r"shard s.tar sample k1 \(blur\): .*pixels"):
             decoder()
     with pytest.raises(ValueError, match="pixels"):  # the start-up header check: a bad sample
@@ -151,7 +151,7 @@ def test_16_bit_greyscale_is_scaled_not_clipped():
     with Image.open(io.BytesIO(png)) as img:
         assert img.mode.startswith("I")  # what Pillow makes of it: clipped to 255 by a plain convert("RGB")
     expected = np.array([0x00, 0x00, 0x12, 0xFF], np.uint8)[None, :, None].repeat(3, axis=2)
-    for decoded in (formats.decode(png, "png", "grey16"), decode_image(png, "grey16")):
+    for decoded in (formats.decode(png, "png", "grey16"), formats.decode_pil(png, "grey16")):
         assert decoded.dtype == np.uint8 and decoded.tolist() == expected.tolist()
     rgb16 = _png(1, 1, 16, 2, b"\0" + struct.pack(">HHH", 0x1234, 0x8000, 0xFFFF))  # Pillow: the high byte too
     assert formats.decode(rgb16, "png", "rgb16").tolist() == [[[0x12, 0x80, 0xFF]]]
@@ -162,15 +162,15 @@ def test_alpha_is_composited_over_black_and_opaque_pixels_are_unchanged():
     data = _save(Image.fromarray(rgba))
     expected = [[[(v * 128 + 127) // 255 for v in (200, 100, 50)], [200, 100, 50], [0, 0, 0]]]
     assert formats.decode(data, "png", "rgba").tolist() == expected
-    assert decode_image(data, "rgba").tolist() == expected
+    assert formats.decode_pil(data, "rgba").tolist() == expected
     grey_alpha = _save(Image.fromarray(np.array([[[100, 51]]], np.uint8)))
-    assert decode_image(grey_alpha, "la").tolist() == [[[20, 20, 20]]]
+    assert formats.decode_pil(grey_alpha, "la").tolist() == [[[20, 20, 20]]]
 
 
 def test_float_and_32_bit_images_are_refused_by_name():
     data = _save(Image.fromarray(np.full((2, 2), 0.5, np.float32)), "TIFF")
     with pytest.raises(DataError, match="image x.tiff: .*mode F"):
-        decode_image(data, "image x.tiff")
+        formats.decode_pil(data, "image x.tiff")
 
 
 def test_the_sharder_refuses_a_translucent_source_frame(tmp_path):

@@ -41,12 +41,12 @@ import torch
 from golf_dist.data import formats
 from golf_dist.data.loader import CropPlan, PairRef, ShardPairs, train_loader
 from golf_dist.data.shard_reader import (
-    _KEY_SUFFIX, SampleRef, index_path, index_shard, read_manifest, read_member, shard_paths, split_format as _format,
+    SampleRef, index_path, index_shard, read_manifest, read_member, shard_paths, split_format as _format, tar_members,
 )
 from golf_dist.data.storage import local_shard_dir
 from golf_dist.errors import ConfigError, DataError
 
-FORMATS = ("png", "jp2", "npy")
+FORMATS = formats.FORMATS  # the image formats a shard split may hold
 # nvJPEG2000 decodes JPEG 2000 on the GPU. PNG goes through the CPU even with device='mixed' (and is
 # slower that way, docs/facts.md); .npy frames are raw pixels, nothing to decode.
 GPU_DECODABLE = ("jp2",)
@@ -144,28 +144,20 @@ def _salvage(path: Path) -> tuple[list[SampleRef], list[BadSample]]:
     size = path.stat().st_size
     try:
         with tarfile.open(path, mode="r:") as tar:
-            while True:
-                try:
-                    info = tar.next()
-                except tarfile.TarError as err:
-                    bad.append(BadSample(path, None, f"unreadable tar header after byte {tar.offset} ({err})"))
-                    break
-                if info is None:
-                    break
-                if not info.isfile():
-                    continue
-                match = _KEY_SUFFIX.match(info.name)
-                if match is None:
-                    continue
-                key, suffix = match.groups()
-                if info.offset_data + info.size > size:
-                    bad.append(BadSample(path, key, f"the tar is truncated inside member {info.name}"))
-                    if samples and samples[-1].key == key:
-                        samples.pop()
-                    break
-                if not samples or samples[-1].key != key:
-                    samples.append(SampleRef(key, {}))
-                samples[-1].members[suffix] = (info.offset_data, info.size)
+            try:
+                for member in tar_members(tar, size):
+                    if member.key is None:
+                        continue
+                    if not member.whole:
+                        bad.append(BadSample(path, member.key, f"the tar is truncated inside member {member.name}"))
+                        if samples and samples[-1].key == member.key:
+                            samples.pop()
+                        break
+                    if not samples or samples[-1].key != member.key:
+                        samples.append(SampleRef(member.key, {}))
+                    samples[-1].members[member.suffix] = (member.offset, member.size)
+            except tarfile.TarError as err:
+                bad.append(BadSample(path, None, f"unreadable tar header after byte {tar.offset} ({err})"))
     except (tarfile.TarError, OSError) as err:
         bad.append(BadSample(path, None, f"not a readable tar ({err})"))
     return samples, bad

@@ -38,22 +38,12 @@ class PairRef:
     sharp_ext: str | None = None
 
 
-def _member(members: dict, kind: str, shard: Path, key: str) -> tuple[int, int]:
-    return members[_member_suffix(members, kind, shard, key)]
-
-
 def _member_suffix(members: dict, kind: str, shard: Path, key: str) -> str:
     """The suffix ("blur.png", "sharp.npy", ...) of a sample's `kind` image member."""
     for suffix in members:
         if suffix.startswith(f"{kind}."):
             return suffix
     raise DataError(f"shard {shard}: sample {key} has no {kind} image")
-
-
-def decode_image(data: bytes, where: str) -> np.ndarray:
-    """PNG/JPEG bytes -> HxWx3 uint8; an undecodable, too large or odd image is a DataError naming `where`
-    (size cap, 16-bit and alpha handling: golf_dist.data.formats)."""
-    return formats.decode_pil(data, where)
 
 
 class ShardPairs:

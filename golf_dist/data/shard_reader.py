@@ -17,6 +17,7 @@ import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from golf_dist.data.formats import FORMATS
 from golf_dist.errors import DataError
@@ -61,6 +62,31 @@ def read_member(path: str | Path, offset: int, size: int) -> bytes:
     return data
 
 
+@dataclass(frozen=True)
+class TarMember:
+    """One file member of a shard, from its tar header: key and suffix split as WebDataset does (None for
+    a member with no suffix), where its data lies, and whether the file holds all of it."""
+
+    name: str
+    key: str | None
+    suffix: str | None
+    offset: int
+    size: int
+    whole: bool
+
+
+def tar_members(tar: tarfile.TarFile, file_size: int) -> Iterator[TarMember]:
+    """The file members of an open shard in tar order, from the headers alone: the one walk of a shard that
+    index_shard (strict) and the DALI start-up check (salvaging what it can) share. A damaged header raises
+    tarfile.TarError from here, with tar.offset at the damage."""
+    for info in iter(tar.next, None):
+        if not info.isfile():
+            continue
+        match = _KEY_SUFFIX.match(info.name)
+        key, suffix = match.groups() if match else (None, None)
+        yield TarMember(info.name, key, suffix, info.offset_data, info.size, info.offset_data + info.size <= file_size)
+
+
 def index_shard(path: str | Path) -> list[SampleRef]:
     """One SampleRef per sample, in tar order, from the tar headers alone (no member data is read)."""
     path = Path(path)
@@ -70,15 +96,12 @@ def index_shard(path: str | Path) -> list[SampleRef]:
     try:
         file_size = path.stat().st_size
         with tarfile.open(path, mode="r:") as tar:
-            for info in iter(tar.next, None):
-                if not info.isfile():
-                    continue
-                if info.offset_data + info.size > file_size:
-                    raise DataError(f"{path} is truncated inside member {info.name}: {fix}")
-                match = _KEY_SUFFIX.match(info.name)
-                if match is None:
-                    raise DataError(f"{path}: member {info.name} has no suffix, so it belongs to no sample: {fix}")
-                key, suffix = match.groups()
+            for member in tar_members(tar, file_size):
+                if not member.whole:
+                    raise DataError(f"{path} is truncated inside member {member.name}: {fix}")
+                if member.key is None:
+                    raise DataError(f"{path}: member {member.name} has no suffix, so it belongs to no sample: {fix}")
+                key, suffix = member.key, member.suffix
                 if not samples or samples[-1].key != key:
                     if key in seen:
                         raise DataError(f"{path}: sample {key} appears twice, its members are not together: {fix}")
@@ -86,7 +109,7 @@ def index_shard(path: str | Path) -> list[SampleRef]:
                     samples.append(SampleRef(key, {}))
                 if suffix in samples[-1].members:
                     raise DataError(f"{path}: sample {key} has two {suffix} members: {fix}")
-                samples[-1].members[suffix] = (info.offset_data, info.size)
+                samples[-1].members[suffix] = (member.offset, member.size)
             end = tar.offset
         # tarfile stops quietly at a header cut short; a whole archive ends with two zero blocks.
         with open(path, "rb") as f:
