@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +49,7 @@ from golf_dist.losses import GolfLoss, find_vgg_weights, load_vgg_features, unro
 from golf_dist.models import f_net, g_net, unroll
 from golf_dist.optim import EMA, clip_gradients, make_scheduler
 from golf_dist.preemption import StopCheck, print_stopped
+from golf_dist.run_info import run_params
 from golf_dist.tracking import Tracker, redact_config_dict
 
 
@@ -78,32 +77,6 @@ class StagePaths:
     @property
     def run_info(self) -> Path:
         return self.output_dir / f"{self.stage}_run.json"
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        )
-        return out.stdout.strip() if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _versions() -> dict[str, str]:
-    import accelerate
-    import mlflow
-    import numpy
-
-    return {
-        "version.golf_dist": __version__,
-        "version.python": platform.python_version(),
-        "version.torch": torch.__version__,
-        "version.accelerate": accelerate.__version__,
-        "version.mlflow": mlflow.__version__,
-        "version.numpy": numpy.__version__,
-        "git_commit": _git_commit(),
-    }
 
 
 def resolve_f_weights(cfg: Config, output_dir: Path) -> Path:
@@ -326,14 +299,12 @@ def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
             {
                 **flatten(to_dict(cfg)),
                 "stage": stage,
-                "world_size": world,
-                "distributed_type": str(accelerator.distributed_type.value),
                 "per_device_batch": per_device,
                 "global_batch": global_batch,
                 "grad_accum": accum,
                 "device": str(device),
                 **f_info,
-                **_versions(),
+                **run_params(accelerator),
             }
         )
         tracker.log_text(resolved_yaml, "config.yaml")

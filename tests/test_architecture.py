@@ -85,3 +85,9 @@ def test_training_never_imports_the_offline_shard_writer_or_verifier():
     graph = import_graph()
     for entry in ("golf_dist.train", "golf_dist.evaluate", "golf_dist.deblur", "golf_dist.data.dali"):
         assert not reachable(graph, entry) & OFFLINE, entry
+
+
+def test_the_readme_layout_names_every_module():
+    layout = (PACKAGE.parent / "README.md").read_text().split("## Layout", 1)[1]
+    missing = [p.name for p in PACKAGE.rglob("*.py") if p.name != "__init__.py" and p.name not in layout]
+    assert not missing, f"README's Layout leaves out {missing}"

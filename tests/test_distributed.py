@@ -232,8 +232,8 @@ def test_deepspeed_engine_matches_ddp_on_stage_g(shards, trained_f):
     """DeepSpeed ZeRO-2 (its CPU accelerator, gloo, the project's JSON with bf16 off) against DDP,
     2 ranks x 2 micro-batches, frozen F outside the engine, checkpointed unroll; and ZeRO's
     partitioned state gathered into Adam's layout and loaded into a fresh engine resumes exactly."""
-    proc = _ok(_run(_torchrun("--standalone", "--nproc_per_node", 2, "-m", "golf_dist.distributed",
-                              "check-deepspeed", "--shards", shards, "--f-weights", trained_f, "--steps", 3,
+    proc = _ok(_run(_torchrun("--standalone", "--nproc_per_node", 2, "tests/deepspeed_vs_ddp.py",
+                              "--shards", shards, "--f-weights", trained_f, "--steps", 3,
                               "--grad-accum", 2, "--unroll", 2), _env()))
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["world_size"] == 2 and result["zero_stage"] == 2

@@ -293,6 +293,17 @@ def test_training_curves_figure(small_run, tmp_path):
     assert Image.open(tmp_path / "curves.png").width > 800
 
 
+def test_a_run_records_where_it_ran(small_run):
+    """golf_dist.run_info: versions, git commit and topology as the run's params."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    run_id = json.loads((small_run["out"] / "f_run.json").read_text())["mlflow_run_id"]
+    params = MlflowClient(tracking_uri=f"sqlite:///{small_run['db']}").get_run(run_id).data.params
+    assert params["world_size"] == "1" and params["distributed_type"] == "NO"
+    assert params["version.torch"] == torch.__version__ and len(params["git_commit"]) in (40, len("unknown"))
+
+
 def test_gain_on_crops_and_frames_measures_each_iteration():
     """Identity G gains nothing anywhere; a G that halves its input loses more at each iteration."""
     import numpy as np
