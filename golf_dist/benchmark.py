@@ -20,8 +20,9 @@ import torch
 import torch.nn as nn
 
 from golf_dist.errors import ConfigError, GolfError
-from golf_dist.losses import GolfLoss, VGGFeatures, find_vgg_weights, load_vgg_features, unrolled_loss
-from golf_dist.models import f_net, g_net, unroll
+from golf_dist.losses import GolfLoss, VGGFeatures, find_vgg_weights, load_vgg_features
+from golf_dist.models import f_net, g_net
+from golf_dist.training.stages import FStage, GStage
 
 PAPER_PERCEPTUAL_WEIGHT = 5e-6
 
@@ -141,7 +142,7 @@ def make_loss(perceptual: bool, vgg_weights: str | None, device: str) -> tuple[G
 def f_train_step(f: nn.Module, opt: torch.optim.Optimizer, loss_fn: GolfLoss, blur, sharp, precision: str) -> None:
     """One stage-f step: L(F(blur), sharp), backward, Adam."""
     with _autocast(blur.device.type, precision):
-        loss = loss_fn(f(blur), sharp)["total"]
+        loss = FStage(loss_fn).loss(f, blur, sharp)["total"]
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -153,10 +154,7 @@ def g_train_step(
 ) -> None:
     """One stage-g step: x0 = F(blur) with F frozen, Eq. 4 over `steps` iterates of G, backward, Adam."""
     with _autocast(blur.device.type, precision):
-        with torch.no_grad():
-            x0 = f(blur)
-        iterates = unroll(g, x0, steps, checkpoint)
-        loss = unrolled_loss(loss_fn, iterates, sharp, checkpoint)["total"]
+        loss = GStage(loss_fn, f, steps, checkpoint).loss(g, blur, sharp)["total"]
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)

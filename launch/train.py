@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"output_dir={args.output_dir}")
     cfg = load_config(args.config, stage=args.stage, overrides=overrides)
 
-    from golf_dist.train import train_stage  # heavy imports after the config is known to be good
+    from golf_dist.training.trainer import train_stage  # heavy imports after the config is known to be good
 
     train_stage(cfg, args.stage)
     return 0

@@ -62,8 +62,9 @@ def check_deepspeed(
 
     from golf_dist.checkpoints import load_into
     from golf_dist.data.loader import CropPlan, ShardPairs, train_loader
-    from golf_dist.losses import GolfLoss, unrolled_loss
-    from golf_dist.models import f_net, g_net, unroll
+    from golf_dist.losses import GolfLoss
+    from golf_dist.models import f_net, g_net
+    from golf_dist.training.stages import GStage
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, timeout=process_group_timeout())
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -105,10 +106,10 @@ def check_deepspeed(
     sched_ddp = torch.optim.lr_scheduler.LambdaLR(opt_ddp, lambda s: 0.3 ** (s / max(steps, 1)))
     engine, zero_opt, sched_ds = make_engine(make_g())
 
+    g_stage = GStage(loss_fn, f, unroll_steps, checkpointing=True)  # Eq. 4 as the trainer computes it
+
     def g_loss(net, blur, sharp):
-        with torch.no_grad():
-            x0 = f(blur)
-        return unrolled_loss(loss_fn, unroll(net, x0, unroll_steps, checkpoint=True), sharp, checkpoint=True)["total"]
+        return g_stage.loss(net, blur, sharp)["total"]
 
     def ds_step(eng, micro_batches, sched):
         for blur, sharp in micro_batches:

@@ -1,4 +1,4 @@
-"""Run by tests/test_sigterm.py under torchrun with 2 gloo processes: golf_dist.train.resume_checkpoint when
+"""Run by tests/test_sigterm.py under torchrun with 2 gloo processes: golf_dist.training.resume.resume_checkpoint when
 each rank sees another checkpoints folder.
 
     torchrun --nproc_per_node 2 tests/resume_ranks_worker.py BASE CASE [CASE ...]
@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch.distributed as dist  # noqa: E402
 
 from golf_dist.errors import GolfError  # noqa: E402
-from golf_dist.train import resume_checkpoint  # noqa: E402
+from golf_dist.training.resume import resume_checkpoint  # noqa: E402
 
 
 def main() -> int:

@@ -83,7 +83,7 @@ def test_the_cycle_finder_finds_one():
 
 def test_training_never_imports_the_offline_shard_writer_or_verifier():
     graph = import_graph()
-    for entry in ("golf_dist.train", "golf_dist.evaluate", "golf_dist.deblur", "golf_dist.data.dali"):
+    for entry in ("golf_dist.training.trainer", "golf_dist.evaluate", "golf_dist.deblur", "golf_dist.data.dali"):
         assert not reachable(graph, entry) & OFFLINE, entry
 
 

@@ -239,7 +239,7 @@ def test_best_checkpoint_is_one_whose_exported_weights_load(tmp_path):
     assert best.name == "step-00000001"
     assert len(caught) == 1
     assert "step-00000002" in str(caught[0].message) and "step-00000003" in str(caught[0].message)
-    assert torch.equal(exported_weights(best)["w"], torch.full((2, 2), 1.0))  # what train.py exports
+    assert torch.equal(exported_weights(best)["w"], torch.full((2, 2), 1.0))  # what the trainer exports
     _save(tmp_path, 4, 40.0, value=4.0, ema=4.5)  # a whole EMA checkpoint: its EMA is what is exported
     with warnings.catch_warnings():
         warnings.simplefilter("error")

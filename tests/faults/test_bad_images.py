@@ -206,7 +206,7 @@ def test_a_frame_smaller_than_the_crop_is_a_skipped_bad_sample(shards, tmp_path,
                                   "data.on_bad_sample=skip", "train.steps=6"])
     outcomes = {}
     for loader_kind in ("torch", "dali"):
-        pairs = open_pairs(folder, "train", "skip", min_side=32)  # as train.py opens it: min_side=data.crop
+        pairs = open_pairs(folder, "train", "skip", min_side=32)  # as the trainer opens it: min_side=data.crop
         loader = make_train_loader(cfg, pairs, global_batch=4, accum=1, world=1, rank=0, start_step=0, device="cpu",
                                    loader=loader_kind)
         try:

@@ -1,0 +1,128 @@
+"""What differs between training with plain Accelerate (DDP, or one process) and with DeepSpeed, behind
+one interface, so the training loop has no DeepSpeed branches.
+
+DeepSpeed's engine divides by the accumulation count, reduces and steps at its own accumulation boundary,
+clips (gradient_clipping in its config) and partitions Adam's state across ranks (ZeRO-2); checkpoints
+hold Adam's plain layout either way (golf_dist.distributed.full_state / load_full_state), so a
+checkpoint is the same file whether DDP or DeepSpeed wrote it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from golf_dist import distributed as dist_utils
+from golf_dist.optim import clip_gradients
+
+LossOf = Callable[[], dict[str, torch.Tensor]]
+
+
+class AccelerateBackend:
+    """DDP (or one process) through Accelerate: backward with no_sync on all but the last micro-batch, then
+    clip, step and zero the gradients."""
+
+    def __init__(self, accelerator, model: torch.nn.Module, optimizer, accum: int, grad_clip: float):
+        self.accelerator, self.accum, self.grad_clip = accelerator, accum, grad_clip
+        self.autocast = accelerator.autocast
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.raw_model = accelerator.unwrap_model(self.model)
+
+    def describe(self) -> str | None:
+        return None
+
+    def micro_step(self, loss_of: LossOf, last: bool) -> dict[str, torch.Tensor]:
+        """Forward and backward of one micro-batch; gradients are all-reduced on the `last` of the step."""
+        with self.autocast():
+            if last:
+                losses = loss_of()
+                self.accelerator.backward(losses["total"] / self.accum)
+            else:
+                with self.accelerator.no_sync(self.model):
+                    losses = loss_of()
+                    self.accelerator.backward(losses["total"] / self.accum)
+        return losses
+
+    def finish_step(self) -> torch.Tensor:
+        """Clip, step, zero the gradients; returns the global gradient norm before clipping (float64)."""
+        if self.accelerator.scaler is not None:  # fp16: clip and measure the true gradients
+            self.accelerator.unscale_gradients()
+        norm = clip_gradients(self.model.parameters(), self.grad_clip).double()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def load(self, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any]) -> None:
+        self.raw_model.load_state_dict(model_state)
+        self.optimizer.load_state_dict(optimizer_state)
+
+    def full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The weights and Adam's state as a checkpoint holds them. Every rank calls it."""
+        return self.raw_model.state_dict(), self.optimizer.state_dict()
+
+    def final_weights(self) -> dict[str, torch.Tensor]:
+        return self.raw_model.state_dict()
+
+
+class DeepSpeedBackend(AccelerateBackend):
+    """DeepSpeed's engine through Accelerate; configured before `prepare` from the run's batch and clipping."""
+
+    def __init__(self, accelerator, model: torch.nn.Module, optimizer, accum: int, grad_clip: float,
+                 per_device: int, global_batch: int, device: torch.device):
+        self.ds_config = dist_utils.configure_deepspeed(accelerator, per_device, accum, global_batch, grad_clip)
+        super().__init__(accelerator, model, optimizer, accum, grad_clip)
+        # under DeepSpeed bf16: torch's bf16 autocast
+        self.autocast = dist_utils.deepspeed_autocast(self.ds_config, device) or accelerator.autocast
+
+    def describe(self) -> str:
+        return (f"DeepSpeed ZeRO stage {self.ds_config['zero_optimization'].get('stage', 0)} "
+                f"({type(self.optimizer.optimizer).__name__}), mixed precision {self.accelerator.mixed_precision}")
+
+    def micro_step(self, loss_of: LossOf, last: bool) -> dict[str, torch.Tensor]:
+        # the engine divides by accum, reduces and steps at its own accumulation boundary (every accum-th
+        # call); Accelerate's no_sync does not apply to it
+        with self.autocast():
+            losses = loss_of()
+        self.model.backward(losses["total"])
+        self.model.step()
+        return losses
+
+    def finish_step(self) -> torch.Tensor:
+        # the engine clipped and stepped at the boundary; its norm is the one before clipping
+        return torch.as_tensor(float(self.model.get_global_grad_norm() or 0.0), dtype=torch.float64)
+
+    def load(self, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any]) -> None:
+        dist_utils.load_full_state(self.raw_model, self.optimizer, model_state, optimizer_state)
+
+    def full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        # ZeRO-2: each rank holds a slice of Adam's state (and bf16 copies of the weights); gather the fp32
+        # weights and the whole state into the plain layout (a collective: every rank)
+        return dist_utils.full_state(self.raw_model, self.optimizer)
+
+    def final_weights(self) -> dict[str, torch.Tensor]:
+        return self.full_state()[0]  # fp32, a collective
+
+
+def make_accelerator(cfg):
+    """Accelerate's Accelerator for the run; train.mixed_precision becomes what the launcher asks for too."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    # bf16 asked for by the launch config (configs/accelerate/*.yaml) counts as well as train.mixed_precision
+    cfg.train.mixed_precision = dist_utils.resolve_mixed_precision(cfg.train.mixed_precision)
+    return Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=False),
+            # a hung rank fails the collectives after GOLF_DIST_TIMEOUT_S instead of blocking the others
+            InitProcessGroupKwargs(timeout=dist_utils.process_group_timeout()),
+        ],
+    )
+
+
+def make_backend(accelerator, model, optimizer, *, accum: int, grad_clip: float, per_device: int,
+                 global_batch: int, device: torch.device) -> AccelerateBackend:
+    if dist_utils.is_deepspeed(accelerator):
+        return DeepSpeedBackend(accelerator, model, optimizer, accum, grad_clip, per_device, global_batch, device)
+    return AccelerateBackend(accelerator, model, optimizer, accum, grad_clip)

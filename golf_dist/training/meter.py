@@ -1,0 +1,74 @@
+"""StepMeter: what the training loop measures, kept out of the loop. It sums the losses and gradient norms
+of a logging window, times the wait for data and the pauses (validation, checkpoints: not training time),
+and hands the loop one dict of metrics per window."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+
+LOSS_KEYS = ("total", "content", "perceptual")
+
+
+class StepMeter:
+    def __init__(self, device: torch.device, global_batch: int, reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None):
+        self.device = device
+        self.global_batch = global_batch
+        self.reduce_mean = reduce_mean  # the mean over ranks of a tensor (None: one process)
+        self.sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=device)
+        self.grad_norms = torch.zeros(2, dtype=torch.float64, device=device)  # sum and max of the window's norms
+        self._reset()
+
+    def _reset(self) -> None:
+        self.steps, self.start, self.waited, self.paused = 0, time.perf_counter(), 0.0, 0.0
+        self.sums.zero_()
+        self.grad_norms.zero_()
+
+    @contextmanager
+    def _timed(self, counter: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self, counter, getattr(self, counter) + time.perf_counter() - start)
+
+    def waiting_for_data(self):
+        """Time spent waiting for the next batch: data_wait_share."""
+        return self._timed("waited")
+
+    def paused_time(self):
+        """Time that does not count as training (validation, checkpoints): left out of crops_per_s."""
+        return self._timed("paused")
+
+    def add_losses(self, losses: dict[str, torch.Tensor], accum: int) -> None:
+        """One micro-batch's losses (of `accum` per optimizer step)."""
+        self.sums += torch.stack([losses[k].detach().double() for k in LOSS_KEYS]) / accum
+
+    def add_step(self, grad_norm: torch.Tensor) -> None:
+        """One optimizer step done; `grad_norm` is its global gradient norm before clipping."""
+        norm = grad_norm.to(self.device)
+        self.grad_norms[0] += norm
+        self.grad_norms[1] = torch.maximum(self.grad_norms[1], norm)
+        self.steps += 1
+
+    def window(self) -> dict[str, float]:
+        """The metrics of the window that ends now (means over its steps and over ranks); starts the next."""
+        mean = (self.reduce_mean(self.sums) if self.reduce_mean is not None else self.sums) / self.steps
+        elapsed = time.perf_counter() - self.start - self.paused
+        metrics = {
+            "loss": mean[0].item(),
+            "loss_content": mean[1].item(),
+            "loss_perceptual": mean[2].item(),
+            # the global gradient norm before clipping (the same on every rank after DDP's all-reduce)
+            "grad_norm": self.grad_norms[0].item() / self.steps,
+            "grad_norm_max": self.grad_norms[1].item(),
+            "crops_per_s": self.steps * self.global_batch / elapsed,
+            "data_wait_share": self.waited / elapsed,
+        }
+        if self.device.type == "cuda":
+            metrics["gpu_memory_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / 2**30
+        self._reset()
+        return metrics

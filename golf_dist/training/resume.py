@@ -1,0 +1,152 @@
+"""Where a stage starts from: the output folder's layout, the trained F that stage g needs, the
+checkpoint every rank resumes from, and the training data loader that continues from it.
+
+Layout of an output directory:
+    DIR/f/config.yaml, DIR/f/checkpoints/step-XXXXXXXX/   stage f (resolved config, checkpoints)
+    DIR/f.safetensors, DIR/f_best.safetensors, DIR/f_run.json   exported weights + MLflow run id
+    DIR/g/..., DIR/g.safetensors, DIR/g_best.safetensors, DIR/g_run.json
+A run started on a directory that holds checkpoints of its stage resumes from the newest one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from golf_dist.checkpoints import list_checkpoints, load_latest, read_state
+from golf_dist.config import Config
+from golf_dist.data.dali import make_train_loader, resolve_loader
+from golf_dist.errors import ConfigError, DataError
+from golf_dist.training.state import TrainingState
+
+
+@dataclass
+class StagePaths:
+    output_dir: Path
+    stage: str
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.output_dir / self.stage
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.stage_dir / "checkpoints"
+
+    @property
+    def weights(self) -> Path:
+        return self.output_dir / f"{self.stage}.safetensors"
+
+    @property
+    def best_weights(self) -> Path:
+        return self.output_dir / f"{self.stage}_best.safetensors"
+
+    @property
+    def run_info(self) -> Path:
+        return self.output_dir / f"{self.stage}_run.json"
+
+
+def resolve_f_weights(cfg: Config, output_dir: Path) -> Path:
+    """The trained F that stage g starts from, or a clear error saying what to run first."""
+    if cfg.train.f_weights:
+        path = Path(cfg.train.f_weights)
+        if not path.is_file():
+            raise DataError(f"train.f_weights={path} does not exist")
+        return path
+    path = StagePaths(output_dir, "f").weights
+    if path.is_file():
+        return path
+    f_ckpts = list_checkpoints(StagePaths(output_dir, "f").checkpoints)
+    if f_ckpts:
+        state = read_state(f_ckpts[-1])
+        raise DataError(
+            f"stage g needs a trained F, but stage f in {output_dir} has not finished "
+            f"(newest checkpoint: step {state.get('step')} of {state.get('steps')}); "
+            f"let it finish (rerun stage f with the same --output-dir to resume) or set train.f_weights=PATH"
+        )
+    raise DataError(
+        f"stage g needs a trained F: {path} does not exist. Train it first with "
+        f"`launch/train.py --stage f --output-dir {output_dir}` (same config), or set train.f_weights=PATH"
+    )
+
+
+def resume_checkpoint(folder: Path, rank: int, world: int) -> dict[str, Any] | None:
+    """The checkpoint of `folder` that every rank resumes from, loaded, or None to start from step 0.
+
+    The main rank (rank 0) chooses: the newest checkpoint that loads (`load_latest`: a damaged newer one is
+    skipped, with one warning). It sends the folder's name to the other ranks, and each loads that very
+    checkpoint, not the newest one it sees itself (a file system cache, or one rank falling back past a
+    damaged checkpoint, would otherwise start ranks from different steps and weights). When a rank cannot
+    load it, every rank raises the same DataError naming the chosen checkpoint, the rank and why; no rank is
+    left waiting in a collective. A collective: every rank calls it once."""
+    import torch.distributed as dist
+
+    from golf_dist.checkpoints import load_checkpoint
+
+    if world <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return load_latest(folder)
+    ckpt, own_error, error = None, None, None
+    if rank == 0:
+        try:
+            ckpt = load_latest(folder)
+        except Exception as err:  # the others wait for rank 0's choice: they must hear of this too
+            own_error, error = err, f"{type(err).__name__}: {err}"
+    choice = [None if ckpt is None else ckpt["path"].name, None if ckpt is None else str(ckpt["path"]), error]
+    dist.broadcast_object_list(choice, src=0)
+    name, chosen, error = choice
+    if error is not None:
+        if own_error is not None:
+            raise own_error
+        raise DataError(f"rank {rank}: rank 0 could not choose a checkpoint to resume from in {folder}: {error}")
+    if rank != 0 and name is not None:
+        path = Path(folder) / name
+        try:
+            ckpt = load_checkpoint(path)
+            ckpt["path"] = path
+        except Exception as err:
+            error = f"{path}: {err}"
+    failures: list[str | None] = [None] * world
+    dist.all_gather_object(failures, error)
+    failed = [(r, why) for r, why in enumerate(failures) if why is not None]
+    if failed:
+        ranks = ", ".join(str(r) for r, _ in failed)
+        raise DataError(
+            f"rank 0 resumes from checkpoint {chosen}, but rank(s) {ranks} cannot load it ("
+            + "; ".join(f"rank {r}: {why}" for r, why in failed)
+            + "). Every rank must resume from the same checkpoint: OUTPUT_DIR must be one file system that "
+            "every node sees the same (shared, and not stale in a cache)"
+        )
+    return ckpt
+
+
+def open_train_loader(cfg: Config, pairs, saved: TrainingState | None, ckpt_path: Path | None, *, global_batch: int,
+                      accum: int, world: int, rank: int, start_step: int, device: torch.device, announce: bool):
+    """The training loader this rank continues with (`saved`: the state of the checkpoint resumed from).
+
+    data.loader auto|dali|torch, with one line saying which and why. A DALI reader's position lives in its
+    pipeline checkpoint (one per rank), so a DALI resume needs the same loader and the same world size."""
+    if cfg.data.loader == "auto" and saved is not None and saved.data_loader == "torch":
+        kind, why = "torch", "data.loader=auto, and the checkpoint resumed was made with the torch loader"
+    else:
+        kind, why = resolve_loader(cfg.data.loader, getattr(pairs, "checked", None), device)
+    if saved is not None and saved.data_loader != kind:
+        raise ConfigError(
+            f"checkpoint {ckpt_path} was made with data.loader={saved.data_loader}, this run uses {kind} "
+            f"({why}): resume with config key 'data.loader'={saved.data_loader}, or start a new --output-dir"
+        )
+    reader_states = saved.dali_reader_states if saved is not None else None
+    if kind == "dali" and reader_states is not None and len(reader_states) != world:
+        raise ConfigError(
+            f"checkpoint {ckpt_path} holds the DALI reader states of {len(reader_states)} process(es), this "
+            f"run has {world}: a DALI run resumes exactly only at the same world size (or use "
+            "data.loader=torch, whose order does not depend on it, for a new run)"
+        )
+    if announce:
+        print(f"data loader: {kind} ({why})", flush=True)
+    return make_train_loader(
+        cfg, pairs, global_batch=global_batch, accum=accum, world=world, rank=rank, start_step=start_step,
+        device=device, loader=kind, reader_state=reader_states[rank] if reader_states else None,
+    )

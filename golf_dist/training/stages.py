@@ -1,0 +1,77 @@
+"""The two stages of the Golf Optimizer, each owning its network and its loss.
+
+Stage f trains F alone: L(F(y), x~). Stage g trains G on top of a frozen F: x0 = F(y) on the same crop
+(InstanceNorm statistics are per image, so F must see the crop G trains on), then the mean of
+L(G^(i)(x0), x~) over i = 1..N (Eq. 4), each unrolled step checkpointed when asked. The trainer, the
+benchmark and the DeepSpeed comparison all take their loss from here.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from golf_dist.losses import unrolled_loss
+from golf_dist.models import f_net, g_net, unroll
+
+LossFn = Callable[..., dict[str, Tensor]]
+
+
+class FStage:
+    """Stage f: F maps the blurred crop towards the sharp one in one step."""
+
+    name = "f"
+    val_iterations = 0  # validation scores F alone
+
+    def __init__(self, loss_fn: LossFn):
+        self.loss_fn = loss_fn
+
+    @staticmethod
+    def network() -> nn.Module:
+        return f_net()
+
+    def loss(self, model: nn.Module, blur: Tensor, sharp: Tensor) -> dict[str, Tensor]:
+        return self.loss_fn(model(blur), sharp)
+
+    @staticmethod
+    def eval_networks(trained: nn.Module) -> tuple[nn.Module, None]:
+        """(F, G) that validation runs: the network being trained is F."""
+        return trained, None
+
+    def describe(self) -> str:
+        return ""
+
+
+class GStage:
+    """Stage g: G, unrolled `unroll_steps` times from F's estimate, trained with Eq. 4; F stays frozen."""
+
+    name = "g"
+
+    def __init__(self, loss_fn: LossFn, f_model: nn.Module, unroll_steps: int, checkpointing: bool,
+                 eval_iterations: int = 0):
+        self.loss_fn = loss_fn
+        self.f_model = f_model  # F(blur) runs without gradients; the trainer also freezes F and sets eval mode
+        self.unroll_steps = unroll_steps
+        self.checkpointing = checkpointing
+        # validation runs max(N, eval.iterations) G iterations and logs each as its own series
+        self.val_iterations = max(unroll_steps, eval_iterations)
+
+    @staticmethod
+    def network() -> nn.Module:
+        return g_net()
+
+    def loss(self, model: nn.Module, blur: Tensor, sharp: Tensor) -> dict[str, Tensor]:
+        """Eq. 4: the mean over i = 1..N of L(G^(i)(x0), sharp), x0 = F(blur) without gradients."""
+        with torch.no_grad():
+            x0 = self.f_model(blur)
+        iterates = unroll(model, x0, self.unroll_steps, checkpoint=self.checkpointing)
+        return unrolled_loss(self.loss_fn, iterates, sharp, checkpoint=self.checkpointing)
+
+    def eval_networks(self, trained: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """(F, G) that validation runs: the frozen F, then the G being trained."""
+        return self.f_model, trained
+
+    def describe(self) -> str:
+        return f", unroll {self.unroll_steps} (checkpointing {'on' if self.checkpointing else 'off'})"

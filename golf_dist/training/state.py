@@ -1,0 +1,43 @@
+"""TrainingState: what a checkpoint's state.json says about the run, typed, with one writer (`to_json`)
+and one reader (`from_json`). golf_dist.checkpoints adds the step and the files' sha256 map when it writes
+the checkpoint; checkpoints written before a field existed read with that field's default."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+@dataclass
+class TrainingState:
+    stage: str | None = None
+    steps: int | None = None  # train.steps of the run that wrote it
+    step: int = 0  # optimizer steps done
+    data_position: int = 0  # training samples handed out so far (step x global batch)
+    global_batch: int | None = None
+    world_size: int | None = None
+    val_psnr: float | None = None  # validation PSNR at this step, if it validated here
+    best_val_psnr: float | None = None
+    mlflow_run_id: str | None = None
+    data_loader: str = "torch"  # the loader that made the run (checkpoints from before DALI: torch)
+    dali_reader_states: list | None = None  # one per rank: a DALI run resumes at the same position
+    ema_updates: int | None = None  # updates of the weights' moving average (None: EMA off)
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields save_checkpoint writes (it adds `step` and the digests itself)."""
+        out = asdict(self)
+        del out["step"]
+        return out
+
+    @classmethod
+    def from_json(cls, state: dict[str, Any]) -> "TrainingState":
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in state.items() if k in known and v is not None}
+        values["step"] = int(values.get("step", 0))
+        return cls(**values)
+
+    @property
+    def best(self) -> float:
+        """best_val_psnr as a number to compare with (-inf when none yet)."""
+        return self.best_val_psnr if self.best_val_psnr is not None else -math.inf

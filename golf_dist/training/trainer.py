@@ -1,0 +1,407 @@
+"""Trainer: one stage of the Golf Optimizer trained as configured, in parts a reader finds by name.
+
+    setup()       Accelerate, every check that can fail (batch split, F weights, VGG weights, data, the
+                  loader a resumed run needs), the networks, resume; the tracking run starts last
+    train_step()  one optimizer step (accumulated micro-batches)
+    validate()    PSNR on the validation split, after F and after each G iteration
+    save()        an atomic checkpoint that every rank can resume from
+    export()      the final and best weights, the run record
+    close()       ends the MLflow run with the status the run ended in, also on an exception
+    train()       all of it; train_stage(cfg, stage) is the one call the command line makes
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from golf_dist import __version__
+from golf_dist.checkpoints import (
+    best_checkpoint, clean_stale_temporaries, exported_weights, load_into, prune, save_checkpoint, save_weights,
+    set_rng_state,
+)
+from golf_dist.config import Config, flatten, to_dict
+from golf_dist.data.dali import open_pairs
+from golf_dist.data.loader import ShardPairs, unwrap_worker_error
+from golf_dist.data.shard_reader import sha256_file
+from golf_dist.data.storage import write_atomic
+from golf_dist.errors import ConfigError, GolfError
+from golf_dist.evaluate import evaluate_pairs
+from golf_dist.losses import GolfLoss, find_vgg_weights, load_vgg_features, vgg_weights_missing_message
+from golf_dist.models import f_net
+from golf_dist.optim import EMA, make_scheduler
+from golf_dist.preemption import StopCheck, print_stopped
+from golf_dist.run_info import run_params
+from golf_dist.tracking import Tracker, redact_config_dict
+from golf_dist.training.backend import make_accelerator, make_backend
+from golf_dist.training.meter import StepMeter
+from golf_dist.training.resume import StagePaths, open_train_loader, resolve_f_weights, resume_checkpoint
+from golf_dist.training.stages import FStage, GStage
+from golf_dist.training.state import TrainingState
+
+
+def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
+    """Train one stage as configured; resume from the newest checkpoint of the stage if there is one."""
+    return Trainer(cfg, stage).train()
+
+
+class Trainer:
+    def __init__(self, cfg: Config, stage: str):
+        self.cfg, self.t, self.stage_name = cfg, cfg.train, stage
+        self.paths = StagePaths(Path(cfg.output_dir), stage)
+        self.tracker: Tracker | None = None
+        self.last_val: tuple[int, float] | None = None  # (step, PSNR) of the latest validation
+        self.best_psnr = -math.inf
+        self._closed = False
+
+    # ---- set-up: every check before any work, the tracking run last ----------------------------------
+
+    def setup(self) -> None:
+        self._start_accelerator()
+        self._check_inputs()
+        self._build()
+        self._resume()
+        self._open_loader()
+        self._start_tracking()
+
+    def _start_accelerator(self) -> None:
+        self.accelerator = acc = make_accelerator(self.cfg)
+        self.world, self.rank, self.is_main = acc.num_processes, acc.process_index, acc.is_main_process
+        self.device = acc.device
+
+    def _check_inputs(self) -> None:
+        cfg = self.cfg
+        self.global_batch, self.accum = cfg.data.batch_size, self.t.grad_accum
+        if self.global_batch % (self.world * self.accum):
+            raise ConfigError(
+                f"config key 'data.batch_size'={self.global_batch} (the global batch) must divide evenly across "
+                f"{self.world} process(es) x train.grad_accum={self.accum}"
+            )
+        self.per_device = self.global_batch // (self.world * self.accum)
+        self.f_path = resolve_f_weights(cfg, self.paths.output_dir) if self.stage_name == "g" else None
+        self.vgg = None
+        if cfg.loss.perceptual_weight > 0:
+            vgg_path = find_vgg_weights(cfg.loss.vgg_weights)
+            if vgg_path is None:
+                raise GolfError(vgg_weights_missing_message())
+            self.vgg = load_vgg_features(vgg_path)
+        # every training sample's tar entry and image header checked; bad ones raise or (skip) are left out
+        self.train_pairs = open_pairs(cfg.data.shards, cfg.data.train_split, cfg.data.on_bad_sample,
+                                      cfg.data.cache_dir, min_side=cfg.data.crop)
+        self.val_pairs = ShardPairs(cfg.data.shards, cfg.data.val_split, cfg.data.cache_dir)
+        for pairs in (self.train_pairs, self.val_pairs):
+            size = pairs.frame_size
+            if size is not None and min(size) < cfg.data.crop:
+                raise ConfigError(
+                    f"config key 'data.crop'={cfg.data.crop} is larger than the {size[0]}x{size[1]} frames of "
+                    f"split '{pairs.split}' in {pairs.shard_dir}"
+                )
+
+    def _build(self) -> None:
+        cfg, t = self.cfg, self.t
+        torch.manual_seed(cfg.seed)
+        stage_class = FStage if self.stage_name == "f" else GStage
+        model = stage_class.network()  # before F is loaded: the seed alone decides the initial weights
+        loss_fn = GolfLoss(cfg.loss.perceptual_weight, self.vgg).to(self.device)
+        if stage_class is FStage:
+            self.stage: FStage | GStage = FStage(loss_fn)
+        else:
+            f_model = load_into(f_net(), self.f_path, "F").requires_grad_(False).eval().to(self.device)
+            self.stage = GStage(loss_fn, f_model, t.unroll, t.gradient_checkpointing, cfg.eval.iterations)
+        optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2))
+        self.scheduler = make_scheduler(optimizer, t)  # warm-up, then exp | cosine | constant (golf_dist.optim)
+        self.backend = make_backend(self.accelerator, model, optimizer, accum=self.accum, grad_clip=t.grad_clip,
+                                    per_device=self.per_device, global_batch=self.global_batch, device=self.device)
+        self.cfg.train.mixed_precision = self.accelerator.mixed_precision  # DeepSpeed's JSON may set it
+        # the weights' moving average: validation, the best-checkpoint choice and the exports use it when on
+        self.ema = EMA(self.backend.raw_model, t.ema_decay) if t.ema_decay > 0 else None
+        if self.is_main and self.backend.describe():
+            print(self.backend.describe(), flush=True)
+
+    def _resume(self) -> None:
+        paths, t = self.paths, self.t
+        if self.is_main:  # what a killed or disk-full writer left under a temporary name (before this run writes)
+            for stale in clean_stale_temporaries(paths.checkpoints) + clean_stale_temporaries(paths.output_dir):
+                print(f"removed the leftover {stale} of an earlier run", flush=True)
+        self.accelerator.wait_for_everyone()
+        self.start_step, self.run_id, self.resumed_from = 0, None, None
+        self.ckpt_path: Path | None = None
+        self.saved: TrainingState | None = None  # the state of the checkpoint resumed from
+        # rank 0 picks the checkpoint, every rank loads that one (or all stop naming it and the rank that cannot)
+        ckpt = resume_checkpoint(paths.checkpoints, self.rank, self.world)
+        if ckpt is None and t.resume_from:
+            # The stage's own newest checkpoint wins (a requeued job goes on from there); otherwise start from
+            # train.resume_from: a local checkpoint or an MLflow artifact URI, downloaded and verified. Each rank
+            # fetches its own copy (no shared filesystem assumed); the MLflow run is a new one, tagged with it.
+            from golf_dist.remote import load_resume_checkpoint
+
+            ckpt = load_resume_checkpoint(t.resume_from, paths.stage_dir, self.cfg.tracking.uri)
+            self.resumed_from = str(ckpt["path"])
+            if ckpt["state"].get("stage") not in (None, self.stage_name):
+                raise ConfigError(f"train.resume_from={self.resumed_from} is a checkpoint of stage "
+                                  f"{ckpt['state']['stage']}, not {self.stage_name}")
+        if ckpt is not None:
+            self._load(ckpt)
+        if self.start_step > t.steps:
+            raise ConfigError(f"checkpoint {self.ckpt_path} is at step {self.start_step}, beyond train.steps={t.steps}")
+
+    def _load(self, ckpt: dict[str, Any]) -> None:
+        """Weights, Adam, schedule, EMA, RNG and the run's place from a loaded checkpoint."""
+        state = TrainingState.from_json(ckpt["state"])
+        self.ckpt_path, self.saved = ckpt["path"], state
+        # checkpoints hold Adam's plain layout whoever wrote them (DeepSpeed scatters it into ZeRO's partitions)
+        self.backend.load(ckpt["model"], ckpt["optimizer"]["optimizer"])
+        self.scheduler.load_state_dict(ckpt["optimizer"]["scheduler"])
+        if self.ema is not None:
+            if ckpt.get("ema") is not None:
+                self.ema.load_state_dict(ckpt["ema"], state.ema_updates if state.ema_updates is not None else state.step)
+            else:  # EMA switched on for a run that had none: start the average at the resumed weights
+                self.ema = EMA(self.backend.raw_model, self.t.ema_decay)
+                if self.is_main:
+                    print(f"train.ema_decay={self.t.ema_decay}: checkpoint {ckpt['path']} has no EMA; it starts "
+                          "from the resumed weights", flush=True)
+        set_rng_state(ckpt["rng"])
+        self.start_step = state.step
+        self.run_id = state.mlflow_run_id if self.resumed_from is None else None
+        self.best_psnr = state.best
+        if state.global_batch not in (None, self.global_batch):
+            raise ConfigError(
+                f"checkpoint {ckpt['path']} was made with data.batch_size={state.global_batch}; "
+                f"resuming with {self.global_batch} would change the data order. Use the same global batch "
+                "or a new --output-dir"
+            )
+        if self.is_main:
+            print(f"resuming stage {self.stage_name} from {ckpt['path']} (step {self.start_step} of {self.t.steps})",
+                  flush=True)
+
+    def _open_loader(self) -> None:
+        self.loader = open_train_loader(
+            self.cfg, self.train_pairs, self.saved if self.start_step > 0 else None, self.ckpt_path,
+            global_batch=self.global_batch, accum=self.accum, world=self.world, rank=self.rank,
+            start_step=self.start_step, device=self.device, announce=self.is_main,
+        )
+        self.batches = iter(self.loader)
+
+    def _start_tracking(self) -> None:
+        """The MLflow run (main process only): new, or continued after a resume; params on a new one."""
+        cfg, paths, stage = self.cfg, self.paths, self.stage_name
+        # the resolved config as a record, passwords in URIs (tracking.uri, s3 endpoints) replaced by ***
+        resolved_yaml = yaml.safe_dump(redact_config_dict(to_dict(cfg)), sort_keys=False)
+        if self.is_main:
+            paths.stage_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(paths.stage_dir / "config.yaml", resolved_yaml.encode())
+        tags = {"golf.stage": stage, "golf.output_dir": str(paths.output_dir.resolve())}
+        if self.resumed_from:
+            tags["golf.resumed_from"] = self.resumed_from
+        f_info: dict[str, str] = {}
+        if stage == "g":
+            f_info = {"f_weights": str(self.f_path.resolve()), "f_weights_sha256": sha256_file(self.f_path)}
+            f_run_file = StagePaths(paths.output_dir, "f").run_info
+            if f_run_file.is_file():
+                f_info["f_run_id"] = json.loads(f_run_file.read_text()).get("mlflow_run_id") or ""
+            tags["golf.f_run_id"] = f_info.get("f_run_id", "")
+        self.tracker = Tracker(self.is_main, cfg.tracking.uri, cfg.tracking.experiment,
+                               metrics_file=paths.stage_dir / "metrics.jsonl")
+        self.tracker.start(run_name=f"{stage}-{paths.output_dir.name}", resume_run_id=self.run_id, tags=tags)
+        if self.start_step == 0 or self.tracker.new_run:  # a new MLflow run (also one resumed from elsewhere)
+            self.tracker.log_params({
+                **flatten(to_dict(cfg)), "stage": stage, "per_device_batch": self.per_device,
+                "global_batch": self.global_batch, "grad_accum": self.accum, "device": str(self.device),
+                **f_info, **run_params(self.accelerator),
+            })
+            self.tracker.log_text(resolved_yaml, "config.yaml")
+        if self.is_main:
+            print(
+                f"stage {stage}: {self.t.steps} steps, global batch {self.global_batch} = {self.world} process(es) x "
+                f"{self.per_device} per device x {self.accum} accumulation, crop {cfg.data.crop}, device {self.device}"
+                + self.stage.describe()
+                + ("" if self.vgg is not None else ", perceptual term off (loss.perceptual_weight=0)"),
+                flush=True,
+            )
+
+    # ---- the loop ------------------------------------------------------------------------------------
+
+    def train(self) -> dict[str, Any]:
+        self.setup()
+        try:
+            stopped = self._run_steps()
+            result = self._stop_for_preemption(*stopped) if stopped else self.export()
+        except BaseException as err:
+            self.close("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            raise
+        return result
+
+    def _run_steps(self) -> tuple[int, str, StopCheck] | None:
+        """Steps from the resumed one to train.steps; (step, reason, stop check) when asked to stop early."""
+        t, acc = self.t, self.accelerator
+        stop = StopCheck(self.paths.stage_dir, self.world, self.is_main)  # SIGUSR2/SIGTERM or the STOP file
+        acc.wait_for_everyone()  # a leftover STOP file is gone before any rank looks for one
+        self.backend.model.train()
+        self.meter = StepMeter(self.device, self.global_batch,
+                               (lambda x: acc.reduce(x, "mean")) if self.world > 1 else None)
+        bar = tqdm(total=t.steps, initial=self.start_step, desc=f"stage {self.stage_name}",
+                   disable=not self.is_main, dynamic_ncols=True)
+        try:
+            for step in range(self.start_step + 1, t.steps + 1):
+                self.train_step()
+                bar.update(1)
+                if step % t.log_every == 0 or step == t.steps:
+                    self._log_window(step, bar)
+                with self.meter.paused_time():  # validation and checkpoints do not count as training time
+                    if step % t.val_every == 0 or step == t.steps:
+                        self.last_val = (step, self.validate(step))
+                        self.best_psnr = max(self.best_psnr, self.last_val[1])
+                    if step % t.checkpoint_every == 0 or step == t.steps:
+                        self.save(step)
+                # preemption: every rank agrees at this boundary, checkpoints this step, then leaves the loop
+                if step < t.steps and (reason := stop.requested()) is not None:
+                    if step % t.checkpoint_every:
+                        self.save(step)
+                    return step, reason, stop
+        finally:
+            bar.close()
+        stop.clear_marker()
+        return None
+
+    def train_step(self) -> None:
+        """One optimizer step: `accum` micro-batches forward and backward, then the step, schedule and EMA."""
+        for micro in range(self.accum):
+            with self.meter.waiting_for_data():
+                try:
+                    blur, sharp = next(self.batches)
+                except GolfError as err:
+                    raise unwrap_worker_error(err) from None
+            blur, sharp = blur.to(self.device, non_blocking=True), sharp.to(self.device, non_blocking=True)
+            losses = self.backend.micro_step(lambda: self.stage.loss(self.backend.model, blur, sharp),
+                                             last=micro == self.accum - 1)
+            self.meter.add_losses(losses, self.accum)
+        self.meter.add_step(self.backend.finish_step())
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.backend.raw_model)
+
+    def _log_window(self, step: int, bar) -> None:
+        metrics = self.meter.window()
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        # bad samples: those left out at start-up (the same on every rank) + those skipped while loading
+        skipped = torch.tensor(float(self.loader.skipped_runtime), dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            skipped = self.accelerator.reduce(skipped, "sum")
+        metrics["bad_samples_skipped"] = self.loader.excluded + skipped.item()
+        if step == self.t.steps and self.is_main and metrics["bad_samples_skipped"]:
+            print(f"skipped {int(metrics['bad_samples_skipped'])} bad training sample(s) "
+                  "(data.on_bad_sample=skip; MLflow metric bad_samples_skipped)", flush=True)
+        self.tracker.log_metrics(metrics, step)
+        bar.set_postfix(loss=f"{metrics['loss']:.5f}", crops_s=f"{metrics['crops_per_s']:.1f}")
+
+    def validate(self, step: int) -> float:
+        """Validation PSNR after F and each G iteration, logged as series; returns the one after
+        eval.iterations (the test-time count), which picks the best checkpoint."""
+        cfg, model = self.cfg, self.backend.model
+        iterations = self.stage.val_iterations
+        shown = min(cfg.eval.iterations, iterations)
+        model.eval()
+        trained = self.ema.module if self.ema is not None else self.backend.raw_model
+        f_eval, g_eval = self.stage.eval_networks(trained)
+        with torch.no_grad():
+            result = evaluate_pairs(
+                f_eval, g_eval, self.val_pairs, iterations, self.device, self.rank, self.world,
+                reduce_sum=(lambda x: self.accelerator.reduce(x, "sum")) if self.world > 1 else None,
+                limit=cfg.val.max_pairs, with_ssim=False, samples=cfg.val.sample_images if self.is_main else 0,
+                autocast=self.backend.autocast, sample_iteration=shown,
+            )
+        model.train()
+        per_iteration = result["psnr_per_iteration"]
+        metrics = {"val_psnr": per_iteration[shown], "val_input_psnr": result["input_psnr"]}
+        metrics.update({f"val_psnr_iter_{i}": v for i, v in enumerate(per_iteration)})
+        self.tracker.log_metrics(metrics, step)
+        for key, image in result["samples"]:
+            self.tracker.log_image(image, f"samples/step-{step:08d}/{key}.png")
+        if self.is_main:
+            gains = ", ".join(f"{v - result['input_psnr']:+.2f}" for v in per_iteration)
+            tqdm.write(f"step {step}: val PSNR {per_iteration[shown]:.2f} dB (input {result['input_psnr']:.2f}; gain "
+                       f"after {'F and each G iteration' if g_eval is not None else 'F'}: {gains} dB)")
+        return per_iteration[shown]
+
+    def save(self, step: int) -> None:
+        """Checkpoint after optimizer step `step` (main process writes; every rank waits for it)."""
+        # every rank's DALI reader state (position, shuffle and window generators) goes into state.json
+        reader_state = self.loader.state()
+        if reader_state is not None and self.world > 1:
+            gathered: list | None = [None] * self.world
+            torch.distributed.all_gather_object(gathered, reader_state)
+        else:
+            gathered = [reader_state] if reader_state is not None else None
+        model_state, optimizer_state = self.backend.full_state()  # a collective under DeepSpeed
+        if self.is_main:
+            state = TrainingState(
+                stage=self.stage_name, steps=self.t.steps, step=step, data_position=step * self.global_batch,
+                global_batch=self.global_batch, world_size=self.world,
+                val_psnr=self.last_val[1] if self.last_val and self.last_val[0] == step else None,
+                best_val_psnr=self.best_psnr if self.best_psnr > -math.inf else None,
+                mlflow_run_id=self.tracker.run_id, data_loader=self.loader.kind, dali_reader_states=gathered,
+                ema_updates=self.ema.updates if self.ema is not None else None,
+            )
+            written = save_checkpoint(
+                self.paths.checkpoints, step, model_state,
+                {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict()}, state.to_json(),
+                ema_state=self.ema.state_dict() if self.ema is not None else None,
+            )
+            if self.cfg.tracking.log_checkpoints:  # a copy in the run's artifact store: resume from it elsewhere
+                self.tracker.log_artifacts(written, f"checkpoints/{written.name}")
+            prune(self.paths.checkpoints, self.t.keep_last)
+        self.accelerator.wait_for_everyone()
+
+    # ---- the end -------------------------------------------------------------------------------------
+
+    def _stop_for_preemption(self, step: int, reason: str, stop: StopCheck) -> dict[str, Any]:
+        ckpt_path = self.paths.checkpoints / f"step-{step:08d}"
+        stop.write_marker(step, self.t.steps, reason, ckpt_path)
+        if self.is_main:
+            self.tracker.set_tags({"golf.preempted_at_step": str(step)})
+            self.close("KILLED")
+            print_stopped(self.stage_name, step, self.t.steps, reason, ckpt_path)
+        self.accelerator.wait_for_everyone()
+        return {"stage": self.stage_name, "steps": self.t.steps, "preempted": True, "step": step,
+                "checkpoint": str(ckpt_path)}
+
+    def export(self) -> dict[str, Any]:
+        """The final weights (the EMA when on), the best checkpoint's, the run record; ends the run."""
+        paths, stage = self.paths, self.stage_name
+        result: dict[str, Any] = {"stage": stage, "steps": self.t.steps, "weights": str(paths.weights)}
+        final_weights = self.backend.final_weights()  # fp32; a collective under DeepSpeed
+        if self.ema is not None:
+            final_weights = self.ema.state_dict()
+        if self.is_main:
+            meta = {"stage": stage, "steps": str(self.t.steps), "golf_dist": __version__,
+                    "weights": "ema" if self.ema is not None else "trained"}
+            save_weights(final_weights, paths.weights, meta)
+            best = best_checkpoint(paths.checkpoints)
+            if best is not None:  # the EMA weights when the run kept one: what validation scored
+                save_weights(exported_weights(best), paths.best_weights, meta)
+                self.tracker.log_artifact(paths.best_weights, "weights")
+            self.tracker.log_artifact(paths.weights, "weights")
+            info = {"mlflow_run_id": self.tracker.run_id, "tracking_uri": self.tracker.display_uri,
+                    "weights_sha256": sha256_file(paths.weights)}
+            write_atomic(paths.run_info, json.dumps(info, indent=2).encode())
+            if self.last_val is not None:
+                result["val_psnr"] = self.last_val[1]
+            result.update(best_val_psnr=self.best_psnr if self.best_psnr > -math.inf else None, **info)
+            self.close()  # also prints what could not be logged (counted by kind), if anything
+            result["tracking_failures"] = dict(self.tracker.failed)
+            print(f"stage {stage} done: weights {paths.weights}; MLflow run {self.tracker.run_id} at "
+                  f"{self.tracker.display_uri}", flush=True)
+        self.accelerator.wait_for_everyone()
+        return result
+
+    def close(self, status: str = "FINISHED") -> None:
+        """End the MLflow run once, as FINISHED, KILLED (preempted, interrupted) or FAILED (an exception)."""
+        if self.tracker is not None and self.is_main and not self._closed:
+            self._closed = True
+            self.tracker.end(status)
