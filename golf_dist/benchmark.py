@@ -332,7 +332,8 @@ def make_data_settings(shards: list[str], loader: str | None = None, device: str
 def _data_rate(s: DataSettings, shard_dir: str, loader: str) -> dict:
     """Crop pairs per second one loader delivers from one shard folder onto s.device."""
     from golf_dist.config import load_config
-    from golf_dist.data.dali import make_train_loader, open_pairs, resolve_loader
+    from golf_dist.data.loaders import make_train_loader, resolve_loader
+    from golf_dist.data.split_check import open_pairs
 
     pairs = open_pairs(shard_dir, s.split)
     if loader == "dali":

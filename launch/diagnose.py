@@ -31,7 +31,7 @@ from golf_dist.config import load_config, parse_overrides  # noqa: E402
 def _overfit(args) -> int:
     import torch
 
-    from golf_dist.data.dali import open_pairs
+    from golf_dist.data.split_check import open_pairs
     from golf_dist.data.loader import CropPlan, TrainCrops
     from golf_dist.diagnostics import overfit_one_batch
 

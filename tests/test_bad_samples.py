@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from golf_dist.data.dali import DaliTrainLoader, check_split, make_train_loader, open_pairs
+from golf_dist.data.dali import DaliTrainLoader
+from golf_dist.data.loaders import make_train_loader
+from golf_dist.data.split_check import check_split, open_pairs
 from golf_dist.data.loader import ShardPairs
 from golf_dist.data.shard_reader import index_shard
 from golf_dist.errors import DataError

@@ -13,13 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from golf_dist.data.dali import (
-    DaliTrainLoader,
-    check_split,
-    dali_full_frames,
-    make_train_loader,
-    resolve_loader,
-)
+from golf_dist.data.dali import DaliTrainLoader, dali_full_frames
+from golf_dist.data.loaders import make_train_loader, resolve_loader
+from golf_dist.data.split_check import check_split
 from golf_dist.data.loader import ShardPairs, full_frame_loader, paired_crop, to_tensor
 from golf_dist.errors import ConfigError
 

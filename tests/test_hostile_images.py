@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from golf_dist.data import formats
-from golf_dist.data.dali import check_split, image_size
+from golf_dist.data.split_check import check_split, image_size
 from golf_dist.data.gopro import Pair, check_pair
 from golf_dist.data.loader import ShardPairs
 from golf_dist.data.shard_reader import index_shard, read_manifest, shard_paths

@@ -18,7 +18,7 @@ import torch
 
 from golf_dist.checkpoints import list_checkpoints, load_latest, read_state
 from golf_dist.config import Config
-from golf_dist.data.dali import make_train_loader, resolve_loader
+from golf_dist.data.loaders import make_train_loader, resolve_loader
 from golf_dist.errors import ConfigError, DataError
 from golf_dist.training.state import TrainingState
 

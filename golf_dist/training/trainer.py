@@ -27,7 +27,7 @@ from golf_dist.checkpoints import (
     set_rng_state,
 )
 from golf_dist.config import Config, flatten, to_dict
-from golf_dist.data.dali import open_pairs
+from golf_dist.data.split_check import open_pairs
 from golf_dist.data.loader import ShardPairs, unwrap_worker_error
 from golf_dist.data.shard_reader import sha256_file
 from golf_dist.data.storage import write_atomic

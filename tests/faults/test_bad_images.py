@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from golf_dist.data.dali import DaliTrainLoader, check_split
+from golf_dist.data.dali import DaliTrainLoader
+from golf_dist.data.split_check import check_split
 from golf_dist.data.loader import ShardPairs
 from golf_dist.data.shard_reader import index_shard, read_manifest, shard_paths
 from golf_dist.data.sharding import shard_gopro
@@ -197,7 +198,8 @@ def test_an_rgba_member_is_a_named_bad_sample_for_both_loaders(shards, tmp_path,
 
 def test_a_frame_smaller_than_the_crop_is_a_skipped_bad_sample(shards, tmp_path, record):
     from golf_dist.config import load_config
-    from golf_dist.data.dali import make_train_loader, open_pairs
+    from golf_dist.data.loaders import make_train_loader
+    from golf_dist.data.split_check import open_pairs
 
     record.expect(FAULT, "frame smaller than data.crop, data.on_bad_sample=skip")
     small = _save(Image.fromarray(np.zeros((16, 16, 3), np.uint8)))
