@@ -1,74 +1,15 @@
+#!/usr/bin/env python
 """Benchmark the Golf networks, or the data loaders, on one machine; prints one JSON line.
 
-    python launch/benchmark.py [--what model] [--device cpu|cuda] [--batch 16] [--crop 256] [--unroll 8]
-        [--precision fp32|bf16] [--steps K] [--warmup W] [--memory-unrolls 4,8,16,32]
-        [--skip-memory] [--skip-720p] [--perceptual] [--vgg-weights PATH]
-    python launch/benchmark.py --what data --shards DIR [DIR ...] [--loader dali|torch] [--device cpu|gpu]
-        [--batch 16] [--crop 256] [--crops-per-frame K] [--steps N] [--warmup W] [--workers W] [--repeats R]
-
---what model (the default): the networks' training and inference cost on random tensors. Settings left
-out take the device's defaults (golf_dist.benchmark.DEFAULTS): small on CPU.
---what data: (blur, sharp) crop pairs per second each loader delivers onto the device from each shard
-folder (one folder per format), `pairs_per_s` keyed "format/loader"; both loaders unless --loader.
+A thin wrapper over golf_dist/commands/benchmark.py, installed as the command `golf-benchmark` as well; --help says more.
 """
 
-from __future__ import annotations
+import sys
+from pathlib import Path
 
-import argparse
-import json
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
-from golf_dist.benchmark import make_data_settings, make_settings, run_benchmark, run_data_benchmark
-from golf_dist.cli import run_main
-
-
-def _unroll_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 4,8,16, got {text!r}") from None
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--what", choices=["model", "data"], default="model", help="the networks (default) or the loaders")
-    p.add_argument("--device", choices=["cpu", "cuda", "gpu"], default="cpu", help="gpu is cuda")
-    p.add_argument("--batch", type=int, help="crops per training step (model: cpu 4, cuda 16; data: 16)")
-    p.add_argument("--crop", type=int, help="crop side in pixels (model: cpu 64, cuda 256; data: 256)")
-    p.add_argument("--shards", nargs="+", help="data: shard folders (made by shard_gopro.py), e.g. one per format")
-    p.add_argument("--loader", choices=["dali", "torch"], help="data: only this loader (default: both)")
-    p.add_argument("--crops-per-frame", type=int, help="data: windows cut from each decoded pair (1)")
-    p.add_argument("--workers", type=int, help="data: torch loader processes = DALI threads (default: all CPUs)")
-    p.add_argument("--split", default="train", help="data: the split to read (train)")
-    p.add_argument("--repeats", type=int, help="data: interleaved rounds, the median is reported (3)")
-    p.add_argument("--unroll", type=int, help="applications of G per stage-g training step (8)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--steps", type=int, help="model: timed steps, the median is reported (cpu 5, cuda 10); data: timed batches (20)")
-    p.add_argument("--warmup", type=int, help="untimed steps (batches) first (model: cpu 1, cuda 3; data: 3)")
-    p.add_argument("--memory-unrolls", type=_unroll_list, help="unroll depths of the memory table (4,8,16,32)")
-    p.add_argument("--skip-memory", action="store_true", help="leave out the memory table")
-    p.add_argument("--skip-720p", action="store_true", help="leave out the 1280x720 inference time (null)")
-    p.add_argument("--perceptual", action="store_true", help="add the VGG perceptual term (lambda 5e-6)")
-    p.add_argument("--vgg-weights", help="vgg11_bn-6002323d.pth; without it torch hub's cache, else random VGG weights")
-    a = p.parse_args(argv)
-    if a.what == "data":
-        data = make_data_settings(
-            a.shards or [], a.loader, a.device, split=a.split, crop=a.crop, batch=a.batch,
-            crops_per_frame=a.crops_per_frame, batches=a.steps, warmup=a.warmup, workers=a.workers,
-            repeats=a.repeats,
-        )
-        print(json.dumps(run_data_benchmark(data)), flush=True)
-        return 0
-    if a.shards or a.loader or a.crops_per_frame or a.workers or a.repeats:
-        p.error("--shards, --loader, --crops-per-frame, --workers and --repeats belong to --what data")
-    settings = make_settings(
-        "cuda" if a.device == "gpu" else a.device, batch=a.batch, crop=a.crop, unroll=a.unroll, precision=a.precision,
-        steps=a.steps,
-        warmup=a.warmup, memory_unrolls=a.memory_unrolls, skip_memory=a.skip_memory, skip_720p=a.skip_720p,
-        perceptual=a.perceptual, vgg_weights=a.vgg_weights,
-    )
-    print(json.dumps(run_benchmark(settings)), flush=True)
-    return 0
-
+from golf_dist.commands.benchmark import cli  # noqa: E402
 
 if __name__ == "__main__":
-    run_main(main)
+    cli()

@@ -1,36 +1,15 @@
 #!/usr/bin/env python
 """Deblur your own images (PNG/JPEG files or folders, any size) with a trained F + G; writes PNGs.
 
-    python launch/deblur.py --output-dir runs/demo photo.jpg more_photos/ --out deblurred/
+A thin wrapper over golf_dist/commands/deblur.py, installed as the command `golf-deblur` as well; --help says more.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
-from golf_dist.cli import run_main  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", required=True, help="training output folder holding f.safetensors and g.safetensors")
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (searched recursively)")
-    parser.add_argument("--out", required=True, help="folder for the deblurred PNGs")
-    parser.add_argument("--iterations", type=int, default=3, help="G iterations after F (default: %(default)s, the paper's)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    args = parser.parse_args(argv)
-    if args.iterations < 0:
-        parser.error("--iterations must be 0 or more")
-    from golf_dist.deblur import deblur_files
-
-    written = deblur_files(Path(args.output_dir), args.inputs, Path(args.out), args.iterations, args.device)
-    print(f"wrote {len(written)} image(s) to {args.out}")
-    return 0
-
+from golf_dist.commands.deblur import cli  # noqa: E402
 
 if __name__ == "__main__":
-    run_main(main)
+    cli()

@@ -91,3 +91,25 @@ def test_the_readme_layout_names_every_module():
     layout = (PACKAGE.parent / "README.md").read_text().split("## Layout", 1)[1]
     missing = [p.name for p in PACKAGE.rglob("*.py") if p.name != "__init__.py" and p.name not in layout]
     assert not missing, f"README's Layout leaves out {missing}"
+
+
+def test_every_entry_point_answers_help(capsys):
+    """pyproject.toml's [project.scripts] point at functions that exist and whose command lines parse --help;
+    the launch/ and data_prep/ scripts are wrappers over the same modules."""
+    import importlib
+    import tomllib
+
+    import pytest
+
+    scripts = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == {"golf-train", "golf-evaluate", "golf-deblur", "golf-benchmark", "golf-shard"}
+    for name, target in scripts.items():
+        module_name, func = target.split(":")
+        module = importlib.import_module(module_name)
+        assert callable(getattr(module, func)), target
+        with pytest.raises(SystemExit) as stopped:
+            module.main(["--help"])
+        assert stopped.value.code == 0 and "usage:" in capsys.readouterr().out, name
+        wrapper = {"shard": "data_prep/shard_gopro.py"}.get(module_name.rsplit(".", 1)[1],
+                                                            f"launch/{module_name.rsplit('.', 1)[1]}.py")
+        assert f"from {module_name} import cli" in (PACKAGE.parent / wrapper).read_text(), wrapper

@@ -1,0 +1,34 @@
+"""Deblur your own images (PNG/JPEG files or folders, any size) with a trained F + G; writes PNGs.
+
+    python launch/deblur.py --output-dir runs/demo photo.jpg more_photos/ --out deblurred/
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+from golf_dist.cli import run_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", required=True, help="training output folder holding f.safetensors and g.safetensors")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (searched recursively)")
+    parser.add_argument("--out", required=True, help="folder for the deblurred PNGs")
+    parser.add_argument("--iterations", type=int, default=3, help="G iterations after F (default: %(default)s, the paper's)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    args = parser.parse_args(argv)
+    if args.iterations < 0:
+        parser.error("--iterations must be 0 or more")
+    from golf_dist.deblur import deblur_files
+
+    written = deblur_files(Path(args.output_dir), args.inputs, Path(args.out), args.iterations, args.device)
+    print(f"wrote {len(written)} image(s) to {args.out}")
+    return 0
+
+
+def cli() -> None:
+    """The `golf-deblur` command (pyproject.toml [project.scripts]); launch/deblur.py runs the same."""
+    run_main(main)

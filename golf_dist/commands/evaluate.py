@@ -1,0 +1,50 @@
+"""Evaluate a trained F + G on full frames of the test shards: PSNR and SSIM of the output and of the
+blurred input, and the mean PSNR after each G iteration 0..N (the 'golf' convergence).
+
+    python launch/evaluate.py --output-dir runs/demo --iterations 3
+    accelerate launch launch/evaluate.py --output-dir runs/gopro     # pairs spread over ranks, exact mean
+
+The last line printed is one JSON object (psnr, ssim, input_psnr, input_ssim, psnr_per_iteration, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+from golf_dist.cli import run_main
+from golf_dist.config import DEFAULT_CONFIG, load_config, parse_overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", required=True, help="training output folder (f.safetensors, g.safetensors)")
+    parser.add_argument("--iterations", type=int, default=None, help="G iterations (default: eval.iterations of the run's config, paper: 3)")
+    parser.add_argument("--shards", help="shard folder (default: data.shards of the run's config)")
+    parser.add_argument("--split", default="test", help="split to evaluate (default: %(default)s)")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N pairs")
+    parser.add_argument("--config", help="config for tracking.* and eval.* (default: the run's resolved config)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. tracking.uri=...")
+    args = parser.parse_args(argv)
+    out = Path(args.output_dir)
+    config = args.config
+    if config is None:
+        resolved = [out / s / "config.yaml" for s in ("g", "f") if (out / s / "config.yaml").is_file()]
+        config = resolved[0] if resolved else DEFAULT_CONFIG
+    cfg = load_config(config, overrides=parse_overrides(args.overrides))
+    iterations = cfg.eval.iterations if args.iterations is None else args.iterations
+    if iterations < 0:
+        parser.error("--iterations must be 0 or more")
+
+    from golf_dist.evaluate import print_result, run_evaluation
+
+    result = run_evaluation(out, args.shards or cfg.data.shards, args.split, iterations, args.limit, cfg.tracking)
+    if result is not None:
+        print_result(result)
+    return 0
+
+
+def cli() -> None:
+    """The `golf-evaluate` command (pyproject.toml [project.scripts]); launch/evaluate.py runs the same."""
+    run_main(main)
