@@ -8,7 +8,7 @@ receptive field of either network is about 93x93 pixels: every pixel of a 64x64 
 of a 256x256 one, sees the padding. With zero padding the networks learn features calibrated to black
 surroundings and then, on whole frames, shift colours and over-sharpen (measured on the demo: frames
 of mild blur lost up to 2.8 dB against their blurred input); reflected borders look like the inside,
-so what is learnt on crops carries over to frames (README, "Training recipe").
+so what is learnt on crops carries over to frames (docs/training-recipe.md).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Instruments for a run that does not learn (see the README's "Training recipe").
+"""Instruments for a run that does not learn (see docs/training-recipe.md).
 
     python launch/diagnose.py overfit --config configs/demo.yaml --stage f      # can F fit one batch?
     python launch/diagnose.py overfit --config configs/demo.yaml --stage g      # G on a fixed F

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Print the README's reliability table from the fault-injection suite's results.
+"""Print the reliability table of docs/reliability.md from the fault-injection suite's results.
 
     python -m pytest -q tests/faults          # injects the faults, writes runs/faults/results.jsonl
     python launch/reliability_table.py        # that file as a Markdown table, with totals

@@ -113,3 +113,37 @@ def test_every_entry_point_answers_help(capsys):
         wrapper = {"shard": "data_prep/shard_gopro.py"}.get(module_name.rsplit(".", 1)[1],
                                                             f"launch/{module_name.rsplit('.', 1)[1]}.py")
         assert f"from {module_name} import cli" in (PACKAGE.parent / wrapper).read_text(), wrapper
+
+
+def test_imports_follow_the_tiers_of_docs_architecture():
+    """docs/architecture.md's tier table lists every module once, and no import points to a higher tier."""
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text().split("## Tiers", 1)[1]
+    tiers: dict[str, int] = {}
+    for rank, row in enumerate(line for line in text.splitlines() if line.startswith("| ") and "---" not in line):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        if cells[0] == "tier":
+            continue
+        for name in cells[1].split(","):
+            module = "golf_dist" if name.strip() == "golf_dist" else f"golf_dist.{name.strip()}"
+            assert module not in tiers, f"{module} listed twice"
+            tiers[module] = rank  # 1 = the top tier
+    graph = import_graph()
+    assert set(tiers) == set(graph), (set(graph) - set(tiers), set(tiers) - set(graph))
+    upward = [(a, b) for a, targets in graph.items() for b in targets if tiers[b] < tiers[a]]
+    assert not upward, f"imports up the tiers: {upward}"
+
+
+def test_the_readme_layout_names_every_top_level_entry():
+    import subprocess
+
+    import pytest
+
+    root = PACKAGE.parent
+    listed = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True)
+    if listed.returncode != 0 or not listed.stdout:
+        pytest.skip("not a git checkout")
+    layout = (root / "README.md").read_text().split("## Layout", 1)[1]
+    top = {path.split("/", 1)[0] + ("/" if "/" in path else "") for path in listed.stdout.splitlines()}
+    top -= {".gitignore"}
+    named = {entry for entry in top if entry in layout or entry.rstrip("/") + "/run" in layout}
+    assert named == top, f"README's Layout leaves out {sorted(top - named)}"

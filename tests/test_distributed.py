@@ -24,7 +24,7 @@ from conftest import ROOT, free_port, run_cli, write_config
 CONFIGS = ROOT / "configs" / "accelerate"
 SHORT = {"steps": 3, "checkpoint_every": 3, "val_every": 3}
 # the PyTorch loader: its sample order is a function of the global position only, so it does not depend
-# on the world size or the accumulation (DALI's per-rank shard readers do; see the README)
+# on the world size or the accumulation (DALI's per-rank shard readers do; see docs/scaling.md)
 TORCH_LOADER = {"loader": "torch"}
 
 

@@ -6,7 +6,7 @@ Every fault test appends one JSON line per fault it injected to the results file
     {"fault": ..., "target": ..., "injections": N, "outcome": "identical" | "named error" | "data lost", "detail": ...}
 and still asserts the outcome it expects: a "data lost" row fails its test. A test that fails before it
 records anything leaves a row with outcome "failed". launch/reliability_table.py turns the file into the
-README's table.
+docs/reliability.md's table.
 """
 
 from __future__ import annotations
