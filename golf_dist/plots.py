@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from golf_dist.log import get_logger
+
+log = get_logger(__name__)
 
 
 def _pyplot():
@@ -66,10 +69,10 @@ def read_metrics(jsonl: Path) -> dict[str, list[tuple[int, float]]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:  # a line cut short by a full disk or a killed writer: skip it, say which
-            print(f"warning: {jsonl} line {number} is not a JSON record (cut short?); skipped", file=sys.stderr)
+            log.warning(f"warning: {jsonl} line {number} is not a JSON record (cut short?); skipped")
             continue
         if not isinstance(row, dict):
-            print(f"warning: {jsonl} line {number} is not a JSON object; skipped", file=sys.stderr)
+            log.warning(f"warning: {jsonl} line {number} is not a JSON object; skipped")
             continue
         step = int(row.get("step", 0))
         for key, value in row.items():

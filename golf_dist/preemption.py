@@ -25,10 +25,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import threading
 from pathlib import Path
 from typing import Any
+
+from golf_dist.log import get_logger
+
+log = get_logger(__name__)
 
 STOP_FILE_ENV = "GOLF_STOP_FILE"
 STOP_NAME = "STOP"
@@ -102,7 +105,7 @@ class StopCheck:
             for path in leftovers:
                 if path.exists():
                     path.unlink()
-                    print(f"removed {path} left by an earlier stop", flush=True)
+                    log.info(f"removed {path} left by an earlier stop")
 
     def _local(self) -> int:
         if _received:
@@ -151,9 +154,7 @@ class StopCheck:
 
 
 def print_stopped(stage: str, step: int, steps: int, reason: str, checkpoint: Path | None) -> None:
-    print(
+    log.info(
         f"stage {stage} stopped for preemption ({reason}) after step {step} of {steps}; checkpoint "
-        f"{checkpoint}; run the same command again (or let the SLURM job requeue) to resume",
-        file=sys.stdout,
-        flush=True,
+        f"{checkpoint}; run the same command again (or let the SLURM job requeue) to resume"
     )

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -27,6 +26,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
+
+from golf_dist.log import get_logger
+
+log = get_logger(__name__)
 
 _MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 
@@ -80,11 +83,8 @@ def redact_config_dict(tree: Any) -> Any:
 
 
 def _say(line: str) -> None:
-    """One line on stderr, on its own line even while a tqdm progress bar is drawn there."""
-    from tqdm import tqdm
-
-    tqdm.write(line, file=sys.stderr)
-    sys.stderr.flush()
+    """One dated warning line on stderr, on its own line even while a tqdm progress bar is drawn there."""
+    log.warning(line)
 
 
 def bound_http_retries() -> None:

@@ -4,6 +4,7 @@ per test session through the project's own command lines."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -23,6 +24,12 @@ from PIL import Image
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
+_LOG_DATE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
+
+
+def log_lines(text: str) -> list[str]:
+    """The lines of a run's stdout or stderr with golf_dist.log's date taken off each log line."""
+    return [_LOG_DATE.sub("", line) for line in text.splitlines()]
 
 
 def run_cli(script: str, *args: str, env: dict | None = None, timeout: int = 600, check: bool = False):

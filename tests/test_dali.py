@@ -19,7 +19,7 @@ from golf_dist.data.split_check import check_split
 from golf_dist.data.loader import ShardPairs, full_frame_loader, paired_crop, to_tensor
 from golf_dist.errors import ConfigError
 
-from conftest import ROOT, run_cli, write_config
+from conftest import ROOT, log_lines, run_cli, write_config
 from test_loader import coordinate_shards  # noqa: F401  (pytest fixture: pixels that encode their coordinates)
 
 
@@ -187,7 +187,7 @@ def test_auto_falls_back_to_torch_with_one_line_and_dali_without_dali_is_an_erro
     cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out", train={"steps": 1, "log_every": 1})
     env = _no_dali_env(tmp_path)
     proc = run_cli("launch/train.py", "--config", cfg, "--stage", "f", "data.loader=auto", env=env, check=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("data loader:")]
+    lines = [line for line in log_lines(proc.stdout) if line.startswith("data loader:")]
     assert lines == [lines[0]] and lines[0].startswith("data loader: torch (data.loader=auto and DALI is not usable")
     assert "simulated: not installed" in lines[0]
     proc = run_cli("launch/train.py", "--config", cfg, "--stage", "f", "data.loader=dali",

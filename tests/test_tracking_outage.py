@@ -13,17 +13,17 @@ import subprocess
 import sys
 import time
 
-from conftest import ROOT, free_port, run_cli, write_config
+from conftest import ROOT, free_port, log_lines, run_cli, write_config
 from mlflow_servers import MlflowServer
 
 
 def _tracking_warnings(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("warning:") and "MLflow" in line]
+    return [line for line in log_lines(stderr) if line.startswith("warning:") and "MLflow" in line]
 
 
 def _summary(stderr: str) -> tuple[int, float, str]:
     """(calls not logged, seconds stalled, the line) from the end-of-run report."""
-    lines = [line for line in stderr.splitlines() if line.startswith("tracking: ")]
+    lines = [line for line in log_lines(stderr) if line.startswith("tracking: ")]
     assert len(lines) == 1, stderr[-3000:]
     found = re.search(r"tracking: (\d+) MLflow call\(s\) could not be logged .*?; ([\d.]+) s spent waiting", lines[0])
     assert found, lines[0]

@@ -20,7 +20,10 @@ from golf_dist.checkpoints import list_checkpoints, load_latest, read_state
 from golf_dist.config import Config
 from golf_dist.data.loaders import make_train_loader, resolve_loader
 from golf_dist.errors import ConfigError, DataError
+from golf_dist.log import get_logger
 from golf_dist.training.state import TrainingState
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -145,7 +148,7 @@ def open_train_loader(cfg: Config, pairs, saved: TrainingState | None, ckpt_path
             "data.loader=torch, whose order does not depend on it, for a new run)"
         )
     if announce:
-        print(f"data loader: {kind} ({why})", flush=True)
+        log.info(f"data loader: {kind} ({why})")
     return make_train_loader(
         cfg, pairs, global_batch=global_batch, accum=accum, world=world, rank=rank, start_step=start_step,
         device=device, loader=kind, reader_state=reader_states[rank] if reader_states else None,

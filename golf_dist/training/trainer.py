@@ -33,6 +33,7 @@ from golf_dist.data.shard_reader import sha256_file
 from golf_dist.data.storage import write_atomic
 from golf_dist.errors import ConfigError, GolfError
 from golf_dist.evaluate import evaluate_pairs
+from golf_dist.log import get_logger
 from golf_dist.losses import GolfLoss, find_vgg_weights, load_vgg_features, vgg_weights_missing_message
 from golf_dist.models import f_net
 from golf_dist.optim import EMA, make_scheduler
@@ -44,6 +45,8 @@ from golf_dist.training.meter import StepMeter
 from golf_dist.training.resume import StagePaths, open_train_loader, resolve_f_weights, resume_checkpoint
 from golf_dist.training.stages import FStage, GStage
 from golf_dist.training.state import TrainingState
+
+log = get_logger(__name__)
 
 
 def train_stage(cfg: Config, stage: str) -> dict[str, Any]:
@@ -121,14 +124,14 @@ class Trainer:
         self.cfg.train.mixed_precision = self.accelerator.mixed_precision  # DeepSpeed's JSON may set it
         # the weights' moving average: validation, the best-checkpoint choice and the exports use it when on
         self.ema = EMA(self.backend.raw_model, t.ema_decay) if t.ema_decay > 0 else None
-        if self.is_main and self.backend.describe():
-            print(self.backend.describe(), flush=True)
+        if self.backend.describe():
+            log.info(self.backend.describe())
 
     def _resume(self) -> None:
         paths, t = self.paths, self.t
         if self.is_main:  # what a killed or disk-full writer left under a temporary name (before this run writes)
             for stale in clean_stale_temporaries(paths.checkpoints) + clean_stale_temporaries(paths.output_dir):
-                print(f"removed the leftover {stale} of an earlier run", flush=True)
+                log.info(f"removed the leftover {stale} of an earlier run")
         self.accelerator.wait_for_everyone()
         self.start_step, self.run_id, self.resumed_from = 0, None, None
         self.ckpt_path: Path | None = None
@@ -163,9 +166,8 @@ class Trainer:
                 self.ema.load_state_dict(ckpt["ema"], state.ema_updates if state.ema_updates is not None else state.step)
             else:  # EMA switched on for a run that had none: start the average at the resumed weights
                 self.ema = EMA(self.backend.raw_model, self.t.ema_decay)
-                if self.is_main:
-                    print(f"train.ema_decay={self.t.ema_decay}: checkpoint {ckpt['path']} has no EMA; it starts "
-                          "from the resumed weights", flush=True)
+                log.info(f"train.ema_decay={self.t.ema_decay}: checkpoint {ckpt['path']} has no EMA; it starts "
+                         "from the resumed weights")
         set_rng_state(ckpt["rng"])
         self.start_step = state.step
         self.run_id = state.mlflow_run_id if self.resumed_from is None else None
@@ -176,9 +178,7 @@ class Trainer:
                 f"resuming with {self.global_batch} would change the data order. Use the same global batch "
                 "or a new --output-dir"
             )
-        if self.is_main:
-            print(f"resuming stage {self.stage_name} from {ckpt['path']} (step {self.start_step} of {self.t.steps})",
-                  flush=True)
+        log.info(f"resuming stage {self.stage_name} from {ckpt['path']} (step {self.start_step} of {self.t.steps})")
 
     def _open_loader(self) -> None:
         self.loader = open_train_loader(
@@ -216,14 +216,12 @@ class Trainer:
                 **f_info, **run_params(self.accelerator),
             })
             self.tracker.log_text(resolved_yaml, "config.yaml")
-        if self.is_main:
-            print(
-                f"stage {stage}: {self.t.steps} steps, global batch {self.global_batch} = {self.world} process(es) x "
-                f"{self.per_device} per device x {self.accum} accumulation, crop {cfg.data.crop}, device {self.device}"
-                + self.stage.describe()
-                + ("" if self.vgg is not None else ", perceptual term off (loss.perceptual_weight=0)"),
-                flush=True,
-            )
+        log.info(
+            f"stage {stage}: {self.t.steps} steps, global batch {self.global_batch} = {self.world} process(es) x "
+            f"{self.per_device} per device x {self.accum} accumulation, crop {cfg.data.crop}, device {self.device}"
+            + self.stage.describe()
+            + ("" if self.vgg is not None else ", perceptual term off (loss.perceptual_weight=0)"),
+        )
 
     # ---- the loop ------------------------------------------------------------------------------------
 
@@ -294,9 +292,9 @@ class Trainer:
         if self.world > 1:
             skipped = self.accelerator.reduce(skipped, "sum")
         metrics["bad_samples_skipped"] = self.loader.excluded + skipped.item()
-        if step == self.t.steps and self.is_main and metrics["bad_samples_skipped"]:
-            print(f"skipped {int(metrics['bad_samples_skipped'])} bad training sample(s) "
-                  "(data.on_bad_sample=skip; MLflow metric bad_samples_skipped)", flush=True)
+        if step == self.t.steps and metrics["bad_samples_skipped"]:
+            log.info(f"skipped {int(metrics['bad_samples_skipped'])} bad training sample(s) "
+                     "(data.on_bad_sample=skip; MLflow metric bad_samples_skipped)")
         self.tracker.log_metrics(metrics, step)
         bar.set_postfix(loss=f"{metrics['loss']:.5f}", crops_s=f"{metrics['crops_per_s']:.1f}")
 
@@ -325,7 +323,7 @@ class Trainer:
             self.tracker.log_image(image, f"samples/step-{step:08d}/{key}.png")
         if self.is_main:
             gains = ", ".join(f"{v - result['input_psnr']:+.2f}" for v in per_iteration)
-            tqdm.write(f"step {step}: val PSNR {per_iteration[shown]:.2f} dB (input {result['input_psnr']:.2f}; gain "
+            log.info(f"step {step}: val PSNR {per_iteration[shown]:.2f} dB (input {result['input_psnr']:.2f}; gain "
                        f"after {'F and each G iteration' if g_eval is not None else 'F'}: {gains} dB)")
         return per_iteration[shown]
 
@@ -395,8 +393,8 @@ class Trainer:
             result.update(best_val_psnr=self.best_psnr if self.best_psnr > -math.inf else None, **info)
             self.close()  # also prints what could not be logged (counted by kind), if anything
             result["tracking_failures"] = dict(self.tracker.failed)
-            print(f"stage {stage} done: weights {paths.weights}; MLflow run {self.tracker.run_id} at "
-                  f"{self.tracker.display_uri}", flush=True)
+            log.info(f"stage {stage} done: weights {paths.weights}; MLflow run {self.tracker.run_id} at "
+                     f"{self.tracker.display_uri}")
         self.accelerator.wait_for_everyone()
         return result
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_bucket, run_cli, tmpfs
+from conftest import log_lines, make_bucket, run_cli, tmpfs
 
 from .conftest import (
     SHARD_ARGS,
@@ -74,7 +74,7 @@ def _full_disk_run(forkserver, references, folder: Path, size: int) -> dict:
         state["broken"] = broken
         resize(out, ROOM)
         again = forkserver.run(argv, folder / "again").check()
-        state["resumed"] = [line for line in again.stdout.splitlines() if line.startswith("resuming stage f")]
+        state["resumed"] = [line for line in log_lines(again.stdout) if line.startswith("resuming stage f")]
         state["diffs"] = differences(references.get("torch", "f"), out, "f")
         state["after_temporaries"] = leftovers(out)
     return state
@@ -264,7 +264,7 @@ def test_disk_full_while_metrics_are_logged(forkserver, tmp_path, record):
             for step in range(31, 41):
                 tracker.log_metrics(values, step)
             tracker.end()
-        warned = [line for line in stderr.getvalue().splitlines() if line.startswith("warning: cannot append to")]
+        warned = [line for line in log_lines(stderr.getvalue()) if line.startswith("warning: cannot append to")]
         assert len(warned) == 1 and str(metrics_file) in warned[0], stderr.getvalue()
         failed = tracker.failed["metrics file"]
         assert failed > 0, "the disk never filled: no fault was injected"

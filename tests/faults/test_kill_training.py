@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import log_lines  # tests/conftest.py
 
 from .conftest import STEPS, differences, in_parallel, leftovers, train_argv, train_config
 
@@ -62,7 +63,7 @@ def kill_chain(server, references, loader: str, stage: str, folder: Path) -> dic
         events.append({"after_step": logged_steps(metrics, before)[-1], "delay_s": round(delay, 3),
                        "mid_checkpoint": mid_write})
     final = server.run(argv, folder / "final").check()
-    resumed = [line for line in final.stdout.splitlines() if line.startswith(f"resuming stage {stage} from")]
+    resumed = [line for line in log_lines(final.stdout) if line.startswith(f"resuming stage {stage} from")]
     return {"events": events, "resumed": resumed, "diffs": differences(references.get(loader, stage), out, stage),
             "leftovers": leftovers(out)}
 

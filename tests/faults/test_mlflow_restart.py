@@ -15,6 +15,7 @@ import re
 import signal
 import time
 
+from conftest import log_lines  # tests/conftest.py
 from mlflow_servers import MlflowServer
 
 from .conftest import STEPS, differences, train_argv, train_config
@@ -67,7 +68,7 @@ def test_mlflow_server_killed_and_restarted_mid_run(forkserver, references, tmp_
 
         diffs = differences(ref, out, "f")
         steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "loss" in line]
-        summary = [line for line in run.stderr.splitlines() if line.startswith("tracking: ")]
+        summary = [line for line in log_lines(run.stderr) if line.startswith("tracking: ")]
         assert len(summary) == 1 and re.search(r"tracking: \d+ MLflow call\(s\) could not be logged", summary[0]), \
             run.stderr[-3000:]
         run_id = json.loads((out / "f_run.json").read_text())["mlflow_run_id"]
