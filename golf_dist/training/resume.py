@@ -64,10 +64,10 @@ def resolve_f_weights(cfg: Config, output_dir: Path) -> Path:
         return path
     f_ckpts = list_checkpoints(StagePaths(output_dir, "f").checkpoints)
     if f_ckpts:
-        state = read_state(f_ckpts[-1])
+        state = TrainingState.from_json(read_state(f_ckpts[-1]))
         raise DataError(
             f"stage g needs a trained F, but stage f in {output_dir} has not finished "
-            f"(newest checkpoint: step {state.get('step')} of {state.get('steps')}); "
+            f"(newest checkpoint: step {state.step} of {state.steps}); "
             f"let it finish (rerun stage f with the same --output-dir to resume) or set train.f_weights=PATH"
         )
     raise DataError(

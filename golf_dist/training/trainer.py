@@ -1,7 +1,8 @@
 """Trainer: one stage of the Golf Optimizer trained as configured, in parts a reader finds by name.
 
     setup()       Accelerate, every check that can fail (batch split, F weights, VGG weights, data, the
-                  loader a resumed run needs), the networks, resume; the tracking run starts last
+                  loader a resumed run needs), the networks, resume(); the tracking run starts last
+    resume()      the checkpoint every rank loads: weights, Adam, schedule, EMA, RNG, data position
     train_step()  one optimizer step (accumulated micro-batches)
     validate()    PSNR on the validation split, after F and after each G iteration
     save()        an atomic checkpoint that every rank can resume from
@@ -69,7 +70,7 @@ class Trainer:
         self._start_accelerator()
         self._check_inputs()
         self._build()
-        self._resume()
+        self.resume()
         self._open_loader()
         self._start_tracking()
 
@@ -127,7 +128,9 @@ class Trainer:
         if self.backend.describe():
             log.info(self.backend.describe())
 
-    def _resume(self) -> None:
+    def resume(self) -> None:
+        """Start from step 0, or from the checkpoint every rank agrees on (the stage's newest that loads, else
+        train.resume_from)."""
         paths, t = self.paths, self.t
         if self.is_main:  # what a killed or disk-full writer left under a temporary name (before this run writes)
             for stale in clean_stale_temporaries(paths.checkpoints) + clean_stale_temporaries(paths.output_dir):
