@@ -147,3 +147,17 @@ def test_the_readme_layout_names_every_top_level_entry():
     top -= {".gitignore"}
     named = {entry for entry in top if entry in layout or entry.rstrip("/") + "/run" in layout}
     assert named == top, f"README's Layout leaves out {sorted(top - named)}"
+
+
+def test_functions_and_modules_stay_readable():
+    """No function in golf_dist longer than about 80 lines, no module longer than about 400 (85 and 420 here,
+    so a docstring line more does not fail the suite; the point is that nothing grows back to 350)."""
+    long_functions, long_modules = [], []
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        if len(text.splitlines()) > 420:
+            long_modules.append(f"{path.relative_to(PACKAGE)}: {len(text.splitlines())}")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 85:
+                long_functions.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}")
+    assert not long_functions and not long_modules, (long_functions, long_modules)

@@ -167,3 +167,19 @@ def test_corrupt_data_dali_stops_naming_the_sample(shards, tmp_path):
         for _ in range(6):
             next(loader)
     assert key in str(caught.value) and str(folder / SHARD) in str(caught.value)
+
+
+def test_a_run_that_fails_mid_training_ends_its_mlflow_run_as_failed(shards, tmp_path):
+    """Corrupt data found only when decoded stops training after the tracking run has started; the trainer's
+    close() ends that run FAILED instead of leaving it RUNNING in the MLflow UI."""
+    from mlflow.tracking import MlflowClient
+
+    folder, key = broken_shards(shards, tmp_path / "s", "corrupt_data")
+    cfg = write_config(tmp_path / "c.yaml", folder, tmp_path / "out",
+                       data={"loader": "torch", "on_bad_sample": "error", "num_workers": 0},
+                       train={"steps": 8, "log_every": 2, "val_every": 100, "checkpoint_every": 100})
+    proc = run_cli("launch/train.py", "--config", cfg, "--stage", "f")
+    assert proc.returncode == 1 and key in proc.stderr, proc.stdout + proc.stderr
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("golf-test").experiment_id])
+    assert run.info.status == "FAILED"

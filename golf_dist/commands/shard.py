@@ -18,9 +18,7 @@ def _splits(text: str) -> tuple[str, ...]:
     return splits
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="""\
+DESCRIPTION = """\
 Pack GOPRO_Large into WebDataset tar shards plus a manifest.
 
 Reads SRC as shipped: SRC/{train,test}/<scene>/{blur,blur_gamma,sharp}/<frame>.png.
@@ -51,13 +49,21 @@ each one missing, truncated or changed (exit 1).
 In parallel (a SLURM job array): --num-parts N --part I writes the shards whose global
 index (train first, then test) is I modulo N plus OUT/parts/part-IIIII-of-NNNNN.json;
 then the same command with --merge (and no --part) checks every part and writes the
-manifest, the same bytes as a single run.""",
-        epilog="""\
+manifest, the same bytes as a single run."""
+
+EPILOG = """\
 No GoPro? Download GOPRO_Large from the GoPro deblurring dataset page (Nah et al.,
 CC BY 4.0) and unpack it so that GOPRO_Large/train/<scene>/blur/*.png exists,
 or make a synthetic set in the same layout:
   python data_prep/synth_gopro.py --out GOPRO_Large
-Then point training at the shards: `data.shards: GOPRO_shards` (the --out folder).""",
+Then point training at the shards: `data.shards: GOPRO_shards` (the --out folder)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of golf-shard / data_prep/shard_gopro.py."""
+    parser = argparse.ArgumentParser(
+        description=DESCRIPTION,
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--src", default="GOPRO_Large", help="the GOPRO_Large folder (default: ./GOPRO_Large)")
@@ -109,6 +115,11 @@ Then point training at the shards: `data.shards: GOPRO_shards` (the --out folder
         "--merge", action="store_true", help="after all --num-parts parts ran: check them and write the manifest"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.verify is not None:
         result = verify_shards(args.verify, progress=not args.no_progress)
