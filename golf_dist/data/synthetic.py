@@ -221,6 +221,26 @@ def _render_scene(scene: _Scene, height: int, width: int, seed: int, root: Path,
         Image.fromarray(blur).save(blur_dir / f"{frame}.png", format="PNG", compress_level=PNG_COMPRESS_LEVEL)
 
 
+def _render_all(scenes: list, height: int, width: int, seed: int, folder: Path, kernel: int | None,
+                workers: int, progress: bool) -> None:
+    """Every scene into `folder`, by `workers` processes, with one progress bar over the pairs."""
+    total = sum(len(scene.frames) for scene in scenes)
+    with tqdm(total=total, unit="pair", desc="synthetic GoPro", disable=not progress) as bar:
+        if workers == 1:
+            for scene in scenes:
+                _render_scene(scene, height, width, seed, folder, kernel)
+                bar.update(len(scene.frames))
+            return
+        pool = ProcessPoolExecutor(workers)
+        try:
+            futures = {pool.submit(_render_scene, sc, height, width, seed, folder, kernel): sc for sc in scenes}
+            for future in as_completed(futures):
+                future.result()
+                bar.update(len(futures[future].frames))
+        finally:
+            pool.shutdown(cancel_futures=True)
+
+
 def make_synthetic_gopro(
     out: str | Path,
     *,
@@ -273,20 +293,7 @@ def make_synthetic_gopro(
         shutil.rmtree(stale, ignore_errors=True)
     tmp = parent / f"{tmp_prefix}{os.getpid()}"
     try:
-        with tqdm(total=train_pairs + test_pairs, unit="pair", desc="synthetic GoPro", disable=not progress) as bar:
-            if workers == 1:
-                for scene in scenes:
-                    _render_scene(scene, height, width, seed, tmp, kernel)
-                    bar.update(len(scene.frames))
-            else:
-                pool = ProcessPoolExecutor(workers)
-                try:
-                    futures = {pool.submit(_render_scene, sc, height, width, seed, tmp, kernel): sc for sc in scenes}
-                    for future in as_completed(futures):
-                        future.result()
-                        bar.update(len(futures[future].frames))
-                finally:
-                    pool.shutdown(cancel_futures=True)
+        _render_all(scenes, height, width, seed, tmp, kernel, workers, progress)
         if not out.exists():
             os.replace(tmp, out)
         else:
