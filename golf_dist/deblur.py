@@ -11,7 +11,8 @@ from tqdm import tqdm
 from golf_dist.data.formats import MAX_PIXELS, decode_pil
 from golf_dist.data.loader import to_tensor
 from golf_dist.errors import DataError
-from golf_dist.evaluate import golf_iterates, load_trained, to_uint8
+from golf_dist.evaluate import load_trained, to_uint8
+from golf_dist.tiling import check_tiling, tiled_iterates
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # No PNG or JPEG of MAX_PIXELS pixels is larger (16-bit RGBA stored uncompressed, plus room for metadata):
@@ -40,8 +41,11 @@ def collect_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:
     return found
 
 
-def deblur_files(output_dir: Path, inputs: list[str], out_dir: Path, iterations: int = 3, device: str | None = None) -> list[Path]:
-    """Run F then `iterations` G steps on every input image; write PNGs under out_dir."""
+def deblur_files(output_dir: Path, inputs: list[str], out_dir: Path, iterations: int = 3, device: str | None = None,
+                 tile: int | None = None, overlap: int = 32) -> list[Path]:
+    """Run F then `iterations` G steps on every input image (whole, or on overlapping tiles of side `tile`:
+    golf_dist.tiling); write PNGs under out_dir."""
+    check_tiling(tile, overlap)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     files = collect_inputs(inputs)
     f, g = load_trained(Path(output_dir), dev, iterations)
@@ -56,7 +60,7 @@ def deblur_files(output_dir: Path, inputs: list[str], out_dir: Path, iterations:
             raise DataError(f"image {src} is {image.shape[1]}x{image.shape[0]} pixels; the networks' reflected "
                             f"borders need at least {MIN_SIDE} pixels a side")
         with torch.no_grad():
-            restored = golf_iterates(f, g, to_tensor(image).unsqueeze(0).to(dev), iterations)[-1]
+            restored = tiled_iterates(f, g, to_tensor(image).unsqueeze(0).to(dev), iterations, tile, overlap)[-1]
         dest = out_dir / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.tmp")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from golf_dist.losses import GolfLoss, unrolled_loss
-from golf_dist.models import f_net, g_net, unroll
+from golf_dist.models import f_net, g_net, golf_iterates, unroll
 
 
 def overfit_one_batch(
@@ -139,7 +139,6 @@ def gain_on_crops_and_frames(
     (as evaluation measures). G that gains on crops and not on frames learnt to correct F's estimate near
     a crop's border, which a whole frame does not have. `frames`: (blur, sharp) HxWx3 uint8 pairs."""
     from golf_dist.data.loader import to_tensor
-    from golf_dist.evaluate import golf_iterates
     from golf_dist.metrics import psnr
 
     rng = np.random.default_rng(seed)

@@ -18,17 +18,7 @@ from golf_dist import plots
 from golf_dist.data.loader import ShardPairs, full_frame_loader
 from golf_dist.data.storage import write_atomic
 from golf_dist.metrics import SSIM_VARIANT, psnr, ssim
-
-
-@torch.no_grad()
-def golf_iterates(f: torch.nn.Module, g: torch.nn.Module | None, blur: torch.Tensor, iterations: int) -> list[torch.Tensor]:
-    """[x0 = F(y), G(x0), G(G(x0)), ...]: the estimate after each of the `iterations` G steps."""
-    x = f(blur)
-    out = [x]
-    for _ in range(iterations if g is not None else 0):
-        x = g(x)
-        out.append(x)
-    return out
+from golf_dist.tiling import tiled_iterates
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -62,6 +52,8 @@ def evaluate_pairs(
     autocast=None,
     sample_iteration: int | None = None,
     keep_frames: int = 0,
+    tile: int | None = None,
+    overlap: int = 32,
 ) -> dict[str, Any]:
     """Metrics of F (+ G iterations) on full frames of `pairs`, reduced over ranks.
 
@@ -70,7 +62,7 @@ def evaluate_pairs(
     0..N, the pair count, and up to `samples` (key, blur|output|sharp image) triplets from this rank, the
     output being the estimate after `sample_iteration` G iterations (default: the last), and the first
     `keep_frames` frames of this rank from different scenes, as HxWx3 float arrays (key, blur, f: F's estimate,
-    final, sharp).
+    final, sharp). `tile`: run on overlapping tiles of that side (golf_dist.tiling); None: whole frames.
     """
     steps = iterations if g is not None else 0
     # sums: count, psnr, ssim, input psnr, input ssim, psnr after iteration 0..steps
@@ -82,9 +74,9 @@ def evaluate_pairs(
         sharp = sharp.unsqueeze(0).to(device)
         if autocast is not None:
             with autocast():
-                estimates = golf_iterates(f, g, blur, steps)
+                estimates = tiled_iterates(f, g, blur, steps, tile, overlap)
         else:
-            estimates = golf_iterates(f, g, blur, steps)
+            estimates = tiled_iterates(f, g, blur, steps, tile, overlap)
         estimates = [e.float() for e in estimates]
         final = estimates[-1]
         row = [1.0, psnr(final, sharp).item(), 0.0, psnr(blur, sharp).item(), 0.0]
@@ -141,7 +133,7 @@ def load_trained(output_dir: Path, device: torch.device, iterations: int):
 
 
 def run_evaluation(output_dir: Path, shards: str, split: str, iterations: int, limit: int | None,
-                   tracking_cfg) -> dict[str, Any] | None:
+                   tracking_cfg, tile: int | None = None, overlap: int = 32) -> dict[str, Any] | None:
     """The command line's work: evaluate F + G of `output_dir`, log to MLflow; the result on rank 0."""
     from accelerate import Accelerator
 
@@ -157,11 +149,12 @@ def run_evaluation(output_dir: Path, shards: str, split: str, iterations: int, l
         reduce_sum=(lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None,
         limit=limit, samples=2 if accelerator.is_main_process else 0,
         progress=accelerator.is_main_process, keep_frames=2 if accelerator.is_main_process else 0,
+        tile=tile, overlap=overlap,
     )
     if not accelerator.is_main_process:
         return None
     samples, frames = result.pop("samples"), result.pop("frames")
-    result.update(iterations=iterations, split=split, shards=str(shards))
+    result.update(iterations=iterations, split=split, shards=str(shards), tile=tile, overlap=overlap if tile else None)
     # what a person looks at, beside the numbers: PSNR against G iteration and blur | F | F + N G | sharp
     figures = {"psnr_by_iteration": plots.psnr_by_iteration(
         result["psnr_per_iteration"], result["input_psnr"], output_dir / "psnr_by_iteration.png",
@@ -172,7 +165,8 @@ def run_evaluation(output_dir: Path, shards: str, split: str, iterations: int, l
     tracker = Tracker(True, tracking_cfg.uri, tracking_cfg.experiment)
     tracker.start(run_name=f"eval-{output_dir.name}", tags={"golf.stage": "eval"})
     tracker.log_params({"output_dir": str(output_dir.resolve()), "shards": str(shards), "split": split,
-                        "iterations": iterations, "pairs": result["pairs"], "ssim_variant": SSIM_VARIANT})
+                        "iterations": iterations, "pairs": result["pairs"], "ssim_variant": SSIM_VARIANT,
+                        "tile": tile or "whole", "overlap": overlap if tile else 0})
     metrics = {k: result[k] for k in ("psnr", "ssim", "input_psnr", "input_ssim")}
     tracker.log_metrics({f"test_{k}": v for k, v in metrics.items()}, step=0)
     for i, value in enumerate(result["psnr_per_iteration"]):

@@ -119,3 +119,14 @@ def unroll(g: nn.Module, x0: Tensor, steps: int, checkpoint: bool = True) -> lis
         x = _checkpoint(g, x, use_reentrant=False) if use_ckpt else g(x)
         iterates.append(x)
     return iterates
+
+
+@torch.no_grad()
+def golf_iterates(f: torch.nn.Module, g: torch.nn.Module | None, blur: torch.Tensor, iterations: int) -> list[torch.Tensor]:
+    """[x0 = F(y), G(x0), G(G(x0)), ...]: the estimate after each of the `iterations` G steps."""
+    x = f(blur)
+    out = [x]
+    for _ in range(iterations if g is not None else 0):
+        x = g(x)
+        out.append(x)
+    return out

@@ -330,6 +330,19 @@ def test_crops_command_on_a_trained_run(small_run):
     assert all(math.isfinite(v) for v in result["crops"] + result["frames"])
 
 
+def test_deblur_on_tiles_writes_the_whole_image(small_run, tmp_path):
+    import numpy as np
+
+    src = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(src)
+    run_cli("launch/deblur.py", "--output-dir", small_run["out"], src, "--out", tmp_path / "out",
+            "--tile", "32", "--overlap", "8", check=True)
+    assert Image.open(tmp_path / "out" / "photo.png").size == (70, 50)
+    bad = run_cli("launch/deblur.py", "--output-dir", small_run["out"], src, "--out", tmp_path / "bad",
+                  "--tile", "32", "--overlap", "20")
+    assert bad.returncode == 2 and "--overlap" in bad.stderr and not (tmp_path / "bad").exists()
+
+
 def test_gpu_recipe_runs_at_a_small_size_on_cpu(shards, tmp_path):
     """configs/gpu_quick.yaml as it is, shrunk by overrides only (crop, batch, steps, fp32): both stages train,
     with its warm-up, cosine schedule, EMA and two crops per decoded frame."""

@@ -19,12 +19,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for the deblurred PNGs")
     parser.add_argument("--iterations", type=int, default=3, help="G iterations after F (default: %(default)s, the paper's)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--tile", type=int, help="run on overlapping tiles of this side, for images too large to "
+                        "run whole (default: whole images)")
+    parser.add_argument("--overlap", type=int, default=32, help="pixels tiles overlap by (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.iterations < 0:
         parser.error("--iterations must be 0 or more")
     from golf_dist.deblur import deblur_files
 
-    written = deblur_files(Path(args.output_dir), args.inputs, Path(args.out), args.iterations, args.device)
+    written = deblur_files(Path(args.output_dir), args.inputs, Path(args.out), args.iterations, args.device,
+                           tile=args.tile, overlap=args.overlap)
     print(f"wrote {len(written)} image(s) to {args.out}")
     return 0
 

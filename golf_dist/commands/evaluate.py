@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", help="shard folder (default: data.shards of the run's config)")
     parser.add_argument("--split", default="test", help="split to evaluate (default: %(default)s)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N pairs")
+    parser.add_argument("--tile", type=int, help="run on overlapping tiles of this side (default: whole frames)")
+    parser.add_argument("--overlap", type=int, default=32, help="pixels tiles overlap by (default: %(default)s)")
     parser.add_argument("--config", help="config for tracking.* and eval.* (default: the run's resolved config)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. tracking.uri=...")
     args = parser.parse_args(argv)
@@ -39,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from golf_dist.evaluate import print_result, run_evaluation
 
-    result = run_evaluation(out, args.shards or cfg.data.shards, args.split, iterations, args.limit, cfg.tracking)
+    from golf_dist.tiling import check_tiling
+
+    check_tiling(args.tile, args.overlap)
+    result = run_evaluation(out, args.shards or cfg.data.shards, args.split, iterations, args.limit, cfg.tracking,
+                            tile=args.tile, overlap=args.overlap)
     if result is not None:
         print_result(result)
     return 0

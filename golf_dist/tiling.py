@@ -1,0 +1,70 @@
+"""Tiled inference, for images too large to run whole: F and the G iterations run on overlapping square
+tiles, and the tiles' outputs are blended with weights that fall off linearly across the overlap, so no
+seam shows where tiles meet. Whole-image inference stays the default: InstanceNorm normalises with the
+statistics of what it sees, so a tile's output is not the same crop of the whole image's output, and
+tiling costs some PSNR (docs/training.md, "Evaluation", measures how much on the demo)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from golf_dist.errors import ConfigError
+from golf_dist.models import golf_iterates
+
+MIN_TILE = 16
+
+
+def check_tiling(tile: int | None, overlap: int) -> None:
+    """A tile side of at least MIN_TILE pixels and an overlap in [0, tile / 2]; errors name the flag."""
+    if tile is None:
+        return
+    if tile < MIN_TILE:
+        raise ConfigError(f"--tile must be at least {MIN_TILE} pixels, got {tile}")
+    if not 0 <= overlap <= tile // 2:
+        raise ConfigError(f"--overlap must be between 0 and half of --tile ({tile // 2}), got {overlap}")
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Where tiles of `tile` pixels start along a side of `size`, `tile - overlap` apart, the last one flush
+    with the end (so it may overlap its neighbour more)."""
+    if size <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, size - tile, stride))
+    return starts + [size - tile]
+
+
+def _ramp(length: int, overlap: int, device: torch.device) -> Tensor:
+    """1 inside, falling linearly towards both ends over `overlap` pixels, never 0."""
+    position = torch.arange(length, device=device, dtype=torch.float32)
+    if overlap == 0:
+        return torch.ones(length, device=device)
+    to_edge = torch.minimum(position, length - 1 - position)
+    return torch.clamp((to_edge + 0.5) / overlap, max=1.0)
+
+
+@torch.no_grad()
+def tiled_iterates(f: torch.nn.Module, g: torch.nn.Module | None, blur: Tensor, iterations: int,
+                   tile: int | None, overlap: int = 32) -> list[Tensor]:
+    """golf_iterates (F, then each G iteration) of a 1x3xHxW image, run on tiles when `tile` is set and
+    the image is larger than one tile; each iterate blended from the tiles' iterates."""
+    height, width = blur.shape[-2:]
+    if tile is None or (height <= tile and width <= tile):
+        return golf_iterates(f, g, blur, iterations)
+    check_tiling(tile, overlap)
+    sums: list[Tensor] | None = None
+    weights = torch.zeros(1, 1, height, width, device=blur.device)
+    for top in tile_starts(height, tile, overlap):
+        for left in tile_starts(width, tile, overlap):
+            window = (..., slice(top, top + tile), slice(left, left + tile))
+            outputs = golf_iterates(f, g, blur[window], iterations)
+            h, w = outputs[0].shape[-2:]
+            weight = _ramp(h, overlap, blur.device)[:, None] * _ramp(w, overlap, blur.device)[None, :]
+            if sums is None:
+                sums = [torch.zeros(out.shape[:-2] + (height, width), device=blur.device, dtype=out.dtype)
+                        for out in outputs]
+            for total, out in zip(sums, outputs):
+                total[window] += out * weight
+            weights[window] += weight
+    return [total / weights for total in sums]
