@@ -103,12 +103,15 @@ def test_server_killed_mid_run_training_finishes_and_nothing_is_lost(shards, tmp
     logged = [m.step for m in client.get_metric_history(run_id, "loss")]
     logged_val = [m.step for m in client.get_metric_history(run_id, "val_psnr")]
     assert logged[:2] == [2, 4] and len(logged) < steps // 2, logged
-    # every metric batch that is not in MLflow was counted as not logged (and no more)
+    # every metric batch that is not in MLflow was counted as not logged, and at most one more: a call in
+    # flight when the server died may have landed in the store without its answer reaching the trainer,
+    # which then (rightly) cannot count it as logged
     missing = (steps // 2 - len(logged)) + (3 - len(logged_val))
-    assert _kinds(line)["log metrics"] == missing, (logged, logged_val, line)
+    assert missing <= _kinds(line)["log metrics"] <= missing + 1, (logged, logged_val, line)
     uploaded = {p.parent.name for p in (store / "art").rglob("checkpoints/step-*/state.json")}
     assert "step-00000005" in uploaded, "the checkpoint uploaded before the kill is in the artifact store"
-    assert _kinds(line)["log artifacts"] == steps // 5 - len(uploaded), (uploaded, line)
+    not_uploaded = steps // 5 - len(uploaded)
+    assert not_uploaded <= _kinds(line)["log artifacts"] <= not_uploaded + 1, (uploaded, line)
 
 
 def test_server_down_from_the_start_training_runs_and_reports(shards, tmp_path):
