@@ -19,6 +19,19 @@ from golf_dist.optim import clip_gradients
 LossOf = Callable[[], dict[str, torch.Tensor]]
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP and torch.compile wrappers. Not accelerator.unwrap_model: it imports
+    DeepSpeed whenever DeepSpeed is installed, and DeepSpeed's import prints its "Setting accelerator to
+    CPU" warning into every CPU run, DeepSpeed or not."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
 class AccelerateBackend:
     """DDP (or one process) through Accelerate: backward with no_sync on all but the last micro-batch, then
     clip, step and zero the gradients."""
@@ -27,7 +40,7 @@ class AccelerateBackend:
         self.accelerator, self.accum, self.grad_clip = accelerator, accum, grad_clip
         self.autocast = accelerator.autocast
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        self.raw_model = accelerator.unwrap_model(self.model)
+        self.raw_model = unwrap(self.model)
 
     def describe(self) -> str | None:
         return None
