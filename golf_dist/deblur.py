@@ -10,9 +10,11 @@ from tqdm import tqdm
 
 from golf_dist.data.formats import MAX_PIXELS, decode_pil
 from golf_dist.data.loader import to_tensor
-from golf_dist.errors import DataError
-from golf_dist.evaluate import load_trained, to_uint8
-from golf_dist.tiling import check_tiling, tiled_iterates
+from golf_dist.errors import ConfigError, DataError
+from golf_dist.evaluate import load_trained
+from golf_dist.ensemble import check_ensemble
+from golf_dist.inference import ENGINES, load_onnx, restore_iterates, to_uint8
+from golf_dist.tiling import check_tiling
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # No PNG or JPEG of MAX_PIXELS pixels is larger (16-bit RGBA stored uncompressed, plus room for metadata):
@@ -42,13 +44,20 @@ def collect_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:
 
 
 def deblur_files(output_dir: Path, inputs: list[str], out_dir: Path, iterations: int = 3, device: str | None = None,
-                 tile: int | None = None, overlap: int = 32) -> list[Path]:
+                 tile: int | None = None, overlap: int = 32, ensemble: str = "x1", engine: str = "torch") -> list[Path]:
     """Run F then `iterations` G steps on every input image (whole, or on overlapping tiles of side `tile`:
-    golf_dist.tiling); write PNGs under out_dir."""
+    golf_dist.tiling; averaged over flips and transposes with `ensemble`: golf_dist.ensemble) with PyTorch on
+    OUTPUT_DIR's safetensors or with ONNX Runtime on its f.onnx and g.onnx (`engine`); write PNGs under out_dir."""
     check_tiling(tile, overlap)
+    check_ensemble(ensemble)
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     files = collect_inputs(inputs)
-    f, g = load_trained(Path(output_dir), dev, iterations)
+    if engine == "torch":
+        f, g = load_trained(Path(output_dir), dev, iterations)
+    else:
+        f, g = load_onnx(Path(output_dir), iterations)
     written = []
     for src, rel in tqdm(files, desc="deblur", disable=len(files) < 2):
         size = src.stat().st_size
@@ -60,7 +69,8 @@ def deblur_files(output_dir: Path, inputs: list[str], out_dir: Path, iterations:
             raise DataError(f"image {src} is {image.shape[1]}x{image.shape[0]} pixels; the networks' reflected "
                             f"borders need at least {MIN_SIDE} pixels a side")
         with torch.no_grad():
-            restored = tiled_iterates(f, g, to_tensor(image).unsqueeze(0).to(dev), iterations, tile, overlap)[-1]
+            blur = to_tensor(image).unsqueeze(0).to(dev)
+            restored = restore_iterates(f, g, blur, iterations, tile, overlap, ensemble)[-1]
         dest = out_dir / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.tmp")

@@ -21,6 +21,10 @@ class DataError(GolfError):
     """Missing, mismatched or undecodable data: the message names the file or shard."""
 
 
+class TrackingError(GolfError):
+    """The MLflow store could not do what the command was asked to do there (register a model)."""
+
+
 class StorageFullError(DataError):
     """The disk (or the quota) ran out while writing: the partial temporary is already removed, and the
     message names the path and the space left, so the user knows where to free space."""

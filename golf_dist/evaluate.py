@@ -6,7 +6,9 @@ metrics in float64 and the sums and counts are all-reduced, so the mean is the s
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +19,11 @@ from tqdm import tqdm
 from golf_dist import plots
 from golf_dist.data.loader import ShardPairs, full_frame_loader
 from golf_dist.data.storage import write_atomic
+from golf_dist.inference import restore_iterates, to_uint8
+from golf_dist.log import get_logger
 from golf_dist.metrics import SSIM_VARIANT, psnr, ssim
-from golf_dist.tiling import tiled_iterates
 
-
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """3xHxW float in [0, 1] (clamped) -> HxWx3 uint8, rounded."""
-    return (image.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
+log = get_logger(__name__)
 
 
 def to_float_hwc(image: torch.Tensor) -> np.ndarray:
@@ -54,6 +54,7 @@ def evaluate_pairs(
     keep_frames: int = 0,
     tile: int | None = None,
     overlap: int = 32,
+    ensemble: str = "x1",
 ) -> dict[str, Any]:
     """Metrics of F (+ G iterations) on full frames of `pairs`, reduced over ranks.
 
@@ -63,23 +64,26 @@ def evaluate_pairs(
     output being the estimate after `sample_iteration` G iterations (default: the last), and the first
     `keep_frames` frames of this rank from different scenes, as HxWx3 float arrays (key, blur, f: F's estimate,
     final, sharp). `tile`: run on overlapping tiles of that side (golf_dist.tiling); None: whole frames.
+    `ensemble`: average over flips and transposes (golf_dist.ensemble; x1: none). `seconds_per_pair`: the
+    mean wall time of one frame's restoration (F, the G iterations, tiles and ensemble; not the metrics).
     """
     steps = iterations if g is not None else 0
     # sums: count, psnr, ssim, input psnr, input ssim, psnr after iteration 0..steps
-    sums = torch.zeros(5 + steps + 1, dtype=torch.float64)
+    sums = torch.zeros(6 + steps + 1, dtype=torch.float64)
     shown, kept = [], []
     loader = full_frame_loader(pairs, rank, world, limit=limit, num_workers=1)
     for blur, sharp, key, _ in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
         blur = blur.unsqueeze(0).to(device)
         sharp = sharp.unsqueeze(0).to(device)
-        if autocast is not None:
-            with autocast():
-                estimates = tiled_iterates(f, g, blur, steps, tile, overlap)
-        else:
-            estimates = tiled_iterates(f, g, blur, steps, tile, overlap)
+        started = time.perf_counter()
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            estimates = restore_iterates(f, g, blur, steps, tile, overlap, ensemble)
         estimates = [e.float() for e in estimates]
+        if estimates[-1].is_cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
         final = estimates[-1]
-        row = [1.0, psnr(final, sharp).item(), 0.0, psnr(blur, sharp).item(), 0.0]
+        row = [1.0, psnr(final, sharp).item(), 0.0, psnr(blur, sharp).item(), 0.0, seconds]
         if with_ssim:
             row[2] = ssim(final, sharp).item()
             row[4] = ssim(blur, sharp).item()
@@ -102,7 +106,8 @@ def evaluate_pairs(
         "pairs": count,
         "psnr": mean[1],
         "input_psnr": mean[3],
-        "psnr_per_iteration": mean[5:],
+        "psnr_per_iteration": mean[6:],
+        "seconds_per_pair": mean[5],
         "samples": shown,
         "frames": kept,
     }
@@ -133,7 +138,8 @@ def load_trained(output_dir: Path, device: torch.device, iterations: int):
 
 
 def run_evaluation(output_dir: Path, shards: str, split: str, iterations: int, limit: int | None,
-                   tracking_cfg, tile: int | None = None, overlap: int = 32) -> dict[str, Any] | None:
+                   tracking_cfg, tile: int | None = None, overlap: int = 32, ensemble: str = "x1",
+                   register: str | None = None) -> dict[str, Any] | None:
     """The command line's work: evaluate F + G of `output_dir`, log to MLflow; the result on rank 0."""
     from accelerate import Accelerator
 
@@ -149,12 +155,13 @@ def run_evaluation(output_dir: Path, shards: str, split: str, iterations: int, l
         reduce_sum=(lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None,
         limit=limit, samples=2 if accelerator.is_main_process else 0,
         progress=accelerator.is_main_process, keep_frames=2 if accelerator.is_main_process else 0,
-        tile=tile, overlap=overlap,
+        tile=tile, overlap=overlap, ensemble=ensemble,
     )
     if not accelerator.is_main_process:
         return None
     samples, frames = result.pop("samples"), result.pop("frames")
-    result.update(iterations=iterations, split=split, shards=str(shards), tile=tile, overlap=overlap if tile else None)
+    result.update(iterations=iterations, split=split, shards=str(shards), tile=tile, overlap=overlap if tile else None,
+                  ensemble=ensemble)
     # what a person looks at, beside the numbers: PSNR against G iteration and blur | F | F + N G | sharp
     figures = {"psnr_by_iteration": plots.psnr_by_iteration(
         result["psnr_per_iteration"], result["input_psnr"], output_dir / "psnr_by_iteration.png",
@@ -166,8 +173,9 @@ def run_evaluation(output_dir: Path, shards: str, split: str, iterations: int, l
     tracker.start(run_name=f"eval-{output_dir.name}", tags={"golf.stage": "eval"})
     tracker.log_params({"output_dir": str(output_dir.resolve()), "shards": str(shards), "split": split,
                         "iterations": iterations, "pairs": result["pairs"], "ssim_variant": SSIM_VARIANT,
-                        "tile": tile or "whole", "overlap": overlap if tile else 0})
+                        "tile": tile or "whole", "overlap": overlap if tile else 0, "ensemble": ensemble})
     metrics = {k: result[k] for k in ("psnr", "ssim", "input_psnr", "input_ssim")}
+    metrics["seconds_per_pair"] = result["seconds_per_pair"]
     tracker.log_metrics({f"test_{k}": v for k, v in metrics.items()}, step=0)
     for i, value in enumerate(result["psnr_per_iteration"]):
         tracker.log_metrics({"test_psnr_by_iteration": value}, step=i)
@@ -175,11 +183,33 @@ def run_evaluation(output_dir: Path, shards: str, split: str, iterations: int, l
         tracker.log_image(image, f"samples/{key}.png")
     for path in figures.values():
         tracker.log_artifact(path, "figures")
+    if register:
+        result["registered"] = register_model(tracker, output_dir, iterations, ensemble, register, result["psnr"])
     tracker.end()
     result["mlflow_run_id"] = tracker.run_id
     write_atomic(output_dir / "evaluation.json", json.dumps(result, indent=2, sort_keys=True).encode())
     result["figures"]["json"] = str(output_dir / "evaluation.json")
     return result
+
+
+def register_model(tracker, output_dir: Path, iterations: int, ensemble: str, name: str,
+                   test_psnr: float) -> dict[str, str]:
+    """Log F + G (run as evaluated: `iterations`, `ensemble`) as a pyfunc model into the evaluation's MLflow run and register it as NAME, its test PSNR a
+    tag of the new version. Unlike metrics, this does not survive an unreachable store: it is what was asked."""
+    import mlflow
+
+    from golf_dist.errors import TrackingError
+    from golf_dist.mlflow_model import log_model
+
+    if tracker.run_id is None:
+        raise TrackingError(f"--register {name}: the MLflow store at {tracker.display_uri} did not take the "
+                            "evaluation's run, so there is no run to log the model into")
+    mlflow.set_tracking_uri(tracker.uri)
+    with mlflow.start_run(run_id=tracker.run_id):
+        info = log_model(output_dir, iterations, ensemble)
+    version = mlflow.register_model(info.model_uri, name, tags={"test_psnr": f"{test_psnr:.4f}"})
+    log.info(f"registered model {name} version {version.version} ({info.model_uri}; test PSNR {test_psnr:.2f} dB)")
+    return {"name": name, "version": str(version.version), "model_uri": info.model_uri}
 
 
 def print_result(result: dict) -> None:

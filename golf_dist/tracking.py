@@ -32,6 +32,10 @@ from golf_dist.log import get_logger
 log = get_logger(__name__)
 
 _MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+# MLflow 3's UI opens an experiment on the view its kind names; without the tag it guesses and opens
+# the GenAI traces overview. "custom_model_development" is its model-training view (runs, metrics, charts).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 # MLflow defaults: 7 retries, backoff factor 2, 120 s timeout (about 4 min per call on a dead server).
 # These bound one failed call to ~3 s when the server refuses connections, ~95 s when it black-holes
@@ -189,11 +193,16 @@ class Tracker:
 
         def _start() -> str:
             exp = self._client.get_experiment_by_name(self.experiment)
-            exp_id = (
-                exp.experiment_id
-                if exp is not None
-                else self._client.create_experiment(self.experiment, artifact_location=local_artifact_root(self.uri))
-            )
+            if exp is None:
+                exp_id = self._client.create_experiment(self.experiment, artifact_location=local_artifact_root(self.uri),
+                                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            else:
+                exp_id = exp.experiment_id
+                if EXPERIMENT_KIND_TAG not in exp.tags:  # an older experiment; a kind a user chose is kept
+                    try:
+                        self._client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+                    except mlflow.exceptions.MlflowException:
+                        pass  # e.g. a team server where this user may run but not edit the experiment
             if resume_run_id:
                 try:
                     self._client.update_run(resume_run_id, status="RUNNING")

@@ -75,6 +75,20 @@ def write_config(path: Path, shards: Path, output_dir: Path, **sections) -> Path
     return path
 
 
+@pytest.fixture(scope="session")
+def small_run(shards, tmp_path_factory):
+    """Stage f (4 steps, clipping on), stage g (unroll 3) and an evaluation with 4 G iterations; what each
+    command printed on stderr is kept for the tests that read it."""
+    base = tmp_path_factory.mktemp("small_run")
+    out = base / "out"
+    cfg = write_config(base / "c.yaml", shards, out, train={"grad_clip": 0.01, "steps": 4, "val_every": 2,
+                                                              "log_every": 2, "checkpoint_every": 4})
+    procs = [run_cli("launch/train.py", "--config", cfg, "--stage", "f", check=True),
+             run_cli("launch/train.py", "--config", cfg, "--stage", "g", "--unroll", "3", check=True),
+             run_cli("launch/evaluate.py", "--output-dir", out, "--iterations", "4", check=True)]
+    return {"out": out, "db": base / "mlflow.db", "stderr": [p.stderr for p in procs]}
+
+
 def write_gopro(root: Path, train: int = 4, test: int = 2, height: int = 32, width: int = 48) -> Path:
     """A GOPRO_Large-shaped folder of noise frames (no synthetic blur: only the layout matters here)."""
     rng = np.random.default_rng(0)

@@ -239,19 +239,6 @@ def test_kill_and_resume_with_ema_is_bitwise_exact(shards, tmp_path, nproc):
     assert state["ema_updates"] == 16
 
 
-@pytest.fixture(scope="module")
-def small_run(shards, tmp_path_factory):
-    """Stage f (4 steps, clipping on), stage g (unroll 3) and an evaluation with 4 G iterations."""
-    base = tmp_path_factory.mktemp("small_run")
-    out = base / "out"
-    cfg = write_config(base / "c.yaml", shards, out, train={"grad_clip": 0.01, "steps": 4, "val_every": 2,
-                                                              "log_every": 2, "checkpoint_every": 4})
-    run_cli("launch/train.py", "--config", cfg, "--stage", "f", check=True)
-    run_cli("launch/train.py", "--config", cfg, "--stage", "g", "--unroll", "3", check=True)
-    run_cli("launch/evaluate.py", "--output-dir", out, "--iterations", "4", check=True)
-    return {"out": out, "db": base / "mlflow.db"}
-
-
 def test_grad_norm_and_per_iteration_validation_are_logged(small_run):
     from golf_dist.plots import read_metrics
 

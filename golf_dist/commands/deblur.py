@@ -1,13 +1,14 @@
 """Deblur your own images (PNG/JPEG files or folders, any size) with a trained F + G; writes PNGs.
 
     python launch/deblur.py --output-dir runs/demo photo.jpg more_photos/ --out deblurred/
+    python launch/deblur.py --output-dir runs/demo photo.jpg --out deblurred/ --ensemble x8   # 8 passes, averaged
+    python launch/deblur.py --output-dir onnx/ photo.jpg --out deblurred/ --engine onnxruntime  # launch/export.py's
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
 
 from golf_dist.cli import run_main
 
@@ -22,13 +23,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tile", type=int, help="run on overlapping tiles of this side, for images too large to "
                         "run whole (default: whole images)")
     parser.add_argument("--overlap", type=int, default=32, help="pixels tiles overlap by (default: %(default)s)")
+    parser.add_argument("--ensemble", default="x1", choices=("x1", "x2", "x4", "x8"),
+                        help="self-ensemble: average over x8 flips and transposes, x4 flips, x2 a horizontal flip; "
+                        "costs that many passes (default: %(default)s, none)")
+    parser.add_argument("--engine", default="torch", choices=("torch", "onnxruntime"),
+                        help="torch: OUTPUT_DIR's f/g.safetensors; onnxruntime: its f.onnx and g.onnx, written by "
+                        "launch/export.py --onnx (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.iterations < 0:
         parser.error("--iterations must be 0 or more")
     from golf_dist.deblur import deblur_files
 
     written = deblur_files(Path(args.output_dir), args.inputs, Path(args.out), args.iterations, args.device,
-                           tile=args.tile, overlap=args.overlap)
+                           tile=args.tile, overlap=args.overlap, ensemble=args.ensemble, engine=args.engine)
     print(f"wrote {len(written)} image(s) to {args.out}")
     return 0
 

@@ -2,6 +2,7 @@
 blurred input, and the mean PSNR after each G iteration 0..N (the 'golf' convergence).
 
     python launch/evaluate.py --output-dir runs/demo --iterations 3
+    python launch/evaluate.py --output-dir runs/demo --ensemble x8 --register golf-demo   # + an MLflow model
     accelerate launch launch/evaluate.py --output-dir runs/gopro     # pairs spread over ranks, exact mean
 
 The last line printed is one JSON object (psnr, ssim, input_psnr, input_ssim, psnr_per_iteration, ...).
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
 
 from golf_dist.cli import run_main
 from golf_dist.config import DEFAULT_CONFIG, load_config, parse_overrides
@@ -26,6 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="evaluate only the first N pairs")
     parser.add_argument("--tile", type=int, help="run on overlapping tiles of this side (default: whole frames)")
     parser.add_argument("--overlap", type=int, default=32, help="pixels tiles overlap by (default: %(default)s)")
+    parser.add_argument("--ensemble", default="x1", choices=("x1", "x2", "x4", "x8"),
+                        help="self-ensemble: average over x8 flips and transposes, x4 flips, x2 a horizontal flip; "
+                        "costs that many passes (default: %(default)s, none)")
+    parser.add_argument("--register", metavar="NAME", help="log F + G as an MLflow pyfunc model into the evaluation's "
+                        "run and register it as NAME, with its test PSNR as a tag")
     parser.add_argument("--config", help="config for tracking.* and eval.* (default: the run's resolved config)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. tracking.uri=...")
     args = parser.parse_args(argv)
@@ -45,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     check_tiling(args.tile, args.overlap)
     result = run_evaluation(out, args.shards or cfg.data.shards, args.split, iterations, args.limit, cfg.tracking,
-                            tile=args.tile, overlap=args.overlap)
+                            tile=args.tile, overlap=args.overlap, ensemble=args.ensemble, register=args.register)
     if result is not None:
         print_result(result)
     return 0

@@ -1,0 +1,106 @@
+"""A trained F + G as one MLflow pyfunc model, so `mlflow models predict` and `mlflow models serve` run it
+without this project's command lines: `launch/evaluate.py --register NAME` logs it into the evaluation's
+run and registers it with its test PSNR as a tag.
+
+Input: a table with one image per row, in the column `image` (an HxWx3 array of 0..255 values, as nested
+lists in JSON) or `path` (a PNG or JPEG file the server can read); one request gives one of the two columns
+(MLflow's JSON parser cannot type an `image` column with empty rows). Output: a table with the deblurred
+image of each row in the column `image` (HxWx3 uint8), the same pixels `launch/deblur.py` writes. The
+weights travel as the safetensors files training exported and this package travels as the model's code,
+so the model loads where golf-dist is not installed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+
+from golf_dist.errors import DataError
+
+IMAGE, PATH = "image", "path"
+
+
+def signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import DataType
+    from mlflow.types.schema import Array, ColSpec, Schema
+
+    image = Array(Array(Array(DataType.long)))  # HxWx3; rows may differ in size
+    return ModelSignature(inputs=Schema([ColSpec(image, IMAGE, required=False), ColSpec(DataType.string, PATH, required=False)]),
+                          outputs=Schema([ColSpec(image, IMAGE)]))
+
+
+def _row_image(row: pd.Series, index: int) -> np.ndarray:
+    """The row's image as HxWx3 uint8: from `image` when set, else decoded from `path`."""
+    from golf_dist.data.formats import decode_pil
+
+    value = row.get(IMAGE)
+    if value is not None and not (isinstance(value, float) and np.isnan(value)):
+        image = np.asarray(value)
+        if image.ndim != 3 or image.shape[2] != 3 or image.min() < 0 or image.max() > 255:
+            raise DataError(f"row {index}: '{IMAGE}' must be an HxWx3 array of values 0..255, got shape {image.shape}")
+        return image.astype(np.uint8)
+    path = row.get(PATH)
+    if not isinstance(path, str) or not path:
+        raise DataError(f"row {index}: give an '{IMAGE}' array or a '{PATH}'")
+    if not Path(path).is_file():
+        raise DataError(f"row {index}: image {path} does not exist")
+    return decode_pil(Path(path).read_bytes(), f"image {path}")
+
+
+class GolfModel(mlflow.pyfunc.PythonModel):
+    """F, then `iterations` G steps, self-ensembled as `ensemble` says (model_config: what the evaluation
+    that registered it measured), on whole images, on the CPU or the first GPU."""
+
+    def load_context(self, context) -> None:
+        from golf_dist.checkpoints import load_into
+        from golf_dist.models import f_net, g_net
+
+        config = context.model_config or {}
+        self.iterations, self.ensemble = int(config.get("iterations", 3)), str(config.get("ensemble", "x1"))
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.f = load_into(f_net(), Path(context.artifacts["f"]), "F").to(self.device).eval()
+        self.g = (load_into(g_net(), Path(context.artifacts["g"]), "G").to(self.device).eval()
+                  if self.iterations > 0 else None)
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        from golf_dist.data.loader import to_tensor
+        from golf_dist.inference import restore_iterates, to_uint8
+
+        if isinstance(model_input, dict):
+            model_input = pd.DataFrame([model_input])
+        outputs = []
+        for index, (_, row) in enumerate(model_input.iterrows()):
+            blur = to_tensor(_row_image(row, index)).unsqueeze(0).to(self.device)
+            with torch.no_grad():
+                restored = restore_iterates(self.f, self.g, blur, self.iterations, ensemble=self.ensemble)[-1]
+            outputs.append(to_uint8(restored[0]))
+        return pd.DataFrame({IMAGE: outputs})
+
+
+def log_model(output_dir: Path, iterations: int, ensemble: str = "x1", name: str = "model"):
+    """Log F + G of a training output folder as a pyfunc model into the active MLflow run; the ModelInfo."""
+    import golf_dist
+
+    output_dir = Path(output_dir)
+    artifacts = {"f": str(output_dir / "f.safetensors")}
+    if iterations > 0:
+        artifacts["g"] = str(output_dir / "g.safetensors")
+    for what, path in artifacts.items():
+        if not Path(path).is_file():
+            raise DataError(f"no trained {what.upper()} at {path} to put in the MLflow model")
+    example = pd.DataFrame({IMAGE: [np.full((8, 8, 3), 128, dtype=np.uint8).tolist()]})
+    versions = {"torch": torch.__version__.split("+")[0], "numpy": np.__version__, "pandas": pd.__version__,
+                "mlflow": mlflow.__version__}
+    requirements = [f"{package}=={version}" for package, version in versions.items()]
+    requirements += ["safetensors", "pillow"]
+    return mlflow.pyfunc.log_model(
+        name=name, python_model=str(Path(__file__).with_name("mlflow_model_code.py")), artifacts=artifacts, model_config={"iterations": iterations, "ensemble": ensemble},
+        code_paths=[str(Path(golf_dist.__file__).parent)], signature=signature(), input_example=example,
+        pip_requirements=requirements,
+    )
