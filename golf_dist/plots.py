@@ -164,3 +164,81 @@ def comparison(frames: Sequence[dict], path: Path, region: int = 96, iterations:
         return _save(fig, path)
     finally:
         plt.close(fig)
+
+
+def two_pixel(surfaces: dict[str, np.ndarray], path: Path, title: str = "") -> Path:
+    """The paper's figures 10 to 14 as one PNG: the discriminative prior p (10), its blur logit (12), the
+    prior integrated from the learned gradient (13), the optimal prior (14), and their slices along
+    u1 = u2 (11)."""
+    plt = _pyplot()
+    grid = surfaces["grid"]
+    u1, u2 = np.meshgrid(grid, grid, indexing="xy")
+    fig = plt.figure(figsize=(15, 8.4))
+    panels = (("p", "Fig. 10: discriminative prior p(u)"), ("logit", "Fig. 12: its logit (no softmax)"),
+              ("learned", "Fig. 13: prior integrated from learned -grad p"), ("optimal", "Fig. 14: optimal p* = (u1+u2)^2/2"))
+    for index, (key, label) in enumerate(panels):
+        ax = fig.add_subplot(2, 3, index + 1 + (index >= 2), projection="3d")
+        ax.plot_surface(u1, u2, surfaces[key], cmap="coolwarm", linewidth=0, antialiased=True)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("u1")
+        ax.set_ylabel("u2")
+    ax = fig.add_subplot(2, 3, 3)
+    diagonal = np.arange(len(grid))  # u = (t, t)
+    for key, label in (("p", "discriminative p"), ("learned", "learned (Golf)"), ("optimal", "optimal p*")):
+        ax.plot(grid, surfaces[key][diagonal, diagonal], label=label)
+    ax.set_title("Fig. 11: slices along u1 = u2 = t", fontsize=9)
+    ax.set_xlabel("t")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.suptitle(title or "The two-pixel prior", fontsize=11)
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def forgetting(curves: dict[str, dict[str, list]], phase_steps: int, path: Path) -> Path:
+    """The paper's Figure 5 (a) to (d): per schedule, task 1's PSNR (F on sharp input, left axis) and task
+    2's gain over the blurred input (right axis) against the step, the phase change marked."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4), squeeze=False)
+    for ax, (name, curve) in zip(axes[0], curves.items()):
+        ax.plot(curve["step"], curve["task1_psnr"], color="tab:blue", marker=".", label="task 1: PSNR of F(sharp)")
+        ax.set_ylabel("task 1 PSNR (dB)", color="tab:blue")
+        twin = ax.twinx()
+        twin.plot(curve["step"], curve["task2_gain"], color="tab:red", marker=".", label="task 2: gain of F(blur)")
+        twin.set_ylabel("task 2 gain over input (dB)", color="tab:red")
+        ax.axvline(phase_steps, color="tab:gray", linestyle="--", linewidth=1)
+        ax.set_xlabel("step")
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Catastrophic forgetting (Fig. 5): one F, two tasks; dashed: the phase change", fontsize=10)
+    fig.tight_layout()
+    try:
+        return _save(fig, path, {"golf:series": json.dumps(curves)})
+    finally:
+        plt.close(fig)
+
+
+def lambda_sweep(frames: Sequence[dict], path: Path, region: int = 96) -> Path:
+    """The paper's Figure 8: one test region, blurred input | the output of each run | sharp, each titled with
+    its label and PSNR. `frames`: dicts with blur, f (the run's output), sharp and label, of the same frame."""
+    plt = _pyplot()
+    first = frames[0]
+    size = min(region, *first["sharp"].shape[:2])
+    top, left = _region(first["blur"], first["f"], first["sharp"], size)
+    window = (slice(top, top + size), slice(left, left + size))
+    panels = [("blurred input", first["blur"][window])] + [(f["label"], f["f"][window]) for f in frames]
+    panels.append(("sharp", first["sharp"][window]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.0), squeeze=False)
+    sharp = first["sharp"][window]
+    for ax, (label, image) in zip(axes[0], panels):
+        ax.imshow(np.clip(image, 0, 1), interpolation="nearest")
+        ax.set_title(label if label == "sharp" else f"{label}: {_psnr(image, sharp):.2f} dB", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{first['key']}: the output of F for each perceptual weight (Fig. 8)", fontsize=9)
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)

@@ -103,7 +103,7 @@ def test_every_entry_point_answers_help(capsys):
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+; the README also names 3.10
 
     scripts = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]["scripts"]
-    assert set(scripts) == {"golf-train", "golf-evaluate", "golf-deblur", "golf-benchmark", "golf-shard", "golf-export"}
+    assert set(scripts) == {"golf-train", "golf-evaluate", "golf-deblur", "golf-benchmark", "golf-shard", "golf-export", "golf-experiment"}
     for name, target in scripts.items():
         module_name, func = target.split(":")
         module = importlib.import_module(module_name)

@@ -1,0 +1,50 @@
+"""G's convergence (the paper: F + G converges after 2 to 4 iterations): PSNR on the test split after F and
+after each G iteration 1..N, N beyond what training unrolled, for a trained output folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from golf_dist.data.loader import ShardPairs
+from golf_dist.evaluate import evaluate_pairs, load_trained
+
+
+def run_experiment(output_dir: Path, shards: str, iterations: int, out: Path, limit: int | None,
+                   tracking_uri: str | None, experiment: str = "golf-paper") -> dict:
+    from golf_dist import plots
+    from golf_dist.data.storage import write_atomic
+    from golf_dist.tracking import Tracker
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    f, g = load_trained(Path(output_dir), device, iterations)
+    measured = evaluate_pairs(f, g, ShardPairs(shards, "test"), iterations, device, limit=limit, with_ssim=False,
+                              progress=True)
+    series = measured["psnr_per_iteration"]
+    changes = np.diff(series).tolist()
+    result = {
+        "output_dir": str(output_dir), "shards": str(shards), "pairs": measured["pairs"],
+        "input_psnr": measured["input_psnr"], "psnr_per_iteration": series, "change_per_iteration": changes,
+        "best_iteration": int(np.argmax(series)),
+        # the first iteration after which no later one moves PSNR by 0.01 dB or more
+        "settled_after": next((i for i in range(len(changes) + 1) if all(abs(c) < 0.01 for c in changes[i:])), None),
+    }
+    figure = plots.psnr_by_iteration(series, measured["input_psnr"], out / "g_convergence.png",
+                                     title=f"{measured['pairs']} test pairs of {Path(output_dir).name}: "
+                                     f"PSNR against G iteration 0..{iterations}")
+    result["figure"] = str(figure)
+    tracker = Tracker(tracking_uri is not None, tracking_uri, experiment)
+    tracker.start(run_name="g-convergence", tags={"golf.experiment": "g-convergence"})
+    tracker.log_params({"output_dir": str(Path(output_dir).resolve()), "shards": str(shards),
+                        "iterations": iterations, "pairs": measured["pairs"]})
+    for i, value in enumerate(series):
+        tracker.log_metrics({"test_psnr_by_iteration": value}, step=i)
+    tracker.log_artifact(figure, "figures")
+    tracker.end()
+    write_atomic(out / "g_convergence.json", json.dumps(result, indent=2).encode())
+    return result
