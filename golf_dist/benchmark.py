@@ -1,5 +1,5 @@
-"""Throughput, latency and memory of the two training stages and of inference, on one device; and
-(run_data_benchmark) the paired crops per second the data loaders deliver from shards.
+"""Throughput, latency and memory of the two training stages and of inference, on one device, eager and
+with the speed layer (golf_dist/speed.py) side by side. The data path: golf_dist/benchmark_data.py.
 
 Random tensors stand in for data: the figures are the networks' cost, not the loader's. Stage g is
 the real recipe: frozen F under no_grad gives x0, G is unrolled N times (checkpointed per step),
@@ -9,8 +9,6 @@ Eq. 4's mean loss, one Adam step.
 from __future__ import annotations
 
 import contextlib
-import os
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -19,9 +17,11 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from golf_dist.config import SpeedConfig
 from golf_dist.errors import ConfigError, GolfError
 from golf_dist.losses import GolfLoss, VGGFeatures, find_vgg_weights, load_vgg_features
 from golf_dist.models import f_net, g_net
+from golf_dist.speed import EAGER, Speed, adam_options, apply_backend_flags, prepare_input, prepare_module, resolve
 from golf_dist.training.stages import FStage, GStage
 
 PAPER_PERCEPTUAL_WEIGHT = 5e-6
@@ -62,6 +62,11 @@ class Settings:
     skip_720p: bool = False
     perceptual: bool = False
     vgg_weights: str | None = None
+    # the speed layer's column (golf_dist/speed.py): compile on by default, so a CPU run shows it too
+    skip_speed: bool = False
+    compile: str = "on"
+    compile_backend: str = "inductor"
+    channels_last: str = "auto"
 
 
 def make_settings(device: str = "cpu", **overrides) -> Settings:
@@ -79,6 +84,9 @@ def make_settings(device: str = "cpu", **overrides) -> Settings:
         raise ConfigError(f"warmup must be >= 0, got {s.warmup}")
     if any(n < 1 for n in s.memory_unrolls):
         raise ConfigError(f"memory unrolls must be >= 1, got {list(s.memory_unrolls)}")
+    for name in ("compile", "channels_last"):
+        if getattr(s, name) not in ("auto", "on", "off"):
+            raise ConfigError(f"--{name.replace('_', '-')} must be auto, on or off, got {getattr(s, name)!r}")
     if s.precision not in ("fp32", "bf16"):
         raise ConfigError(f"precision must be fp32 or bf16, got {s.precision!r}")
     if s.perceptual and s.crop < 32:
@@ -224,24 +232,25 @@ def checkpoint_memory_ratio(steps: int = 16, batch: int = 1, crop: int = 32, dev
     return stage_g_peak_bytes(steps, True, batch, crop, device) / stage_g_peak_bytes(steps, False, batch, crop, device)
 
 
-def run_benchmark(s: Settings) -> dict:
-    """All figures for settings `s`, as one JSON-ready dict."""
+THROUGHPUT_KEYS = ("train_f_crops_per_s", "train_g_crops_per_s", "train_f_step_ms", "train_g_step_ms",
+                   "infer_ms_256", "infer_ms_720p")
+
+
+def _throughput(s: Settings, speed: Speed, loss_fn: GolfLoss, blur: torch.Tensor, sharp: torch.Tensor) -> dict:
+    """Stage f and stage g training steps and F + 3 G inference with the switches of `speed` (EAGER: none)."""
     dev = s.device
+    apply_backend_flags(speed)
     torch.manual_seed(0)
-    loss_fn, vgg_used = make_loss(s.perceptual, s.vgg_weights, dev)
-    blur, sharp = _batch(s.batch, s.crop, dev)
-
-    f = f_net().to(dev)
-    opt_f = torch.optim.Adam(f.parameters(), lr=1e-3)
+    blur, sharp = prepare_input(blur, speed), prepare_input(sharp, speed)
+    f = prepare_module(f_net().to(dev), speed)
+    opt_f = torch.optim.Adam(f.parameters(), lr=1e-3, **adam_options(speed, torch.device(dev)))
     f_ms = _median_ms(lambda: f_train_step(f, opt_f, loss_fn, blur, sharp, s.precision), dev, s.warmup, s.steps)
-
     f.requires_grad_(False)
-    g = g_net().to(dev)
-    opt_g = torch.optim.Adam(g.parameters(), lr=1e-3)
+    g = prepare_module(g_net().to(dev), speed)
+    opt_g = torch.optim.Adam(g.parameters(), lr=1e-3, **adam_options(speed, torch.device(dev)))
     g_ms = _median_ms(
         lambda: g_train_step(f, g, opt_g, loss_fn, blur, sharp, s.unroll, True, s.precision), dev, s.warmup, s.steps
     )
-
     f.eval()
     g.eval()
 
@@ -251,13 +260,35 @@ def run_benchmark(s: Settings) -> dict:
             for _ in range(3):
                 y = g(y)
 
-    x256 = torch.rand(1, 3, 256, 256, device=dev)
+    x256 = prepare_input(torch.rand(1, 3, 256, 256, device=dev), speed)
     infer_256 = _median_ms(lambda: infer(x256), dev, 1, s.infer_repeats_256)
     infer_720 = None
     if not s.skip_720p:
-        # One full frame: on a 2-core CPU a single run takes ~20 s, so no warm-up there.
-        x720 = torch.rand(1, 3, 720, 1280, device=dev)
-        infer_720 = round(_median_ms(lambda: infer(x720), dev, 1 if dev == "cuda" else 0, s.infer_repeats_720p), 2)
+        # One full frame: on a 2-core CPU a single eager run takes ~20 s, so no warm-up there (except to compile).
+        x720 = prepare_input(torch.rand(1, 3, 720, 1280, device=dev), speed)
+        warm = 1 if dev == "cuda" or speed.compile else 0
+        infer_720 = round(_median_ms(lambda: infer(x720), dev, warm, s.infer_repeats_720p), 2)
+    return {"train_f_crops_per_s": round(s.batch / (f_ms / 1e3), 3), "train_g_crops_per_s": round(s.batch / (g_ms / 1e3), 3),
+            "train_f_step_ms": round(f_ms, 2), "train_g_step_ms": round(g_ms, 2), "infer_ms_256": round(infer_256, 2),
+            "infer_ms_720p": infer_720}
+
+
+def run_benchmark(s: Settings) -> dict:
+    """All figures for settings `s`, as one JSON-ready dict: eager at the top level, the speed layer's
+    under "speed_layer" and their ratios (speed layer / eager for rates, eager / speed layer for times)."""
+    dev = s.device
+    torch.manual_seed(0)
+    loss_fn, vgg_used = make_loss(s.perceptual, s.vgg_weights, dev)
+    blur, sharp = _batch(s.batch, s.crop, dev)
+    eager = _throughput(s, EAGER, loss_fn, blur, sharp)
+    speed_layer, speedup = None, None
+    if not s.skip_speed:
+        speed = resolve(SpeedConfig(compile=s.compile, compile_backend=s.compile_backend,
+                                    channels_last=s.channels_last), torch.device(dev), training=False)
+        speed_layer = {"options": speed.describe(), **_throughput(s, speed, loss_fn, blur, sharp)}
+        speedup = {key: round(speed_layer[key] / eager[key] if "per_s" in key else eager[key] / speed_layer[key], 3)
+                   for key in THROUGHPUT_KEYS if eager[key] and speed_layer[key]}
+    apply_backend_flags(EAGER)
 
     memory = []
     if not s.skip_memory:
@@ -272,132 +303,10 @@ def run_benchmark(s: Settings) -> dict:
         "torch": torch.__version__,
         "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()},
         "vgg_weights": vgg_used,
-        "train_f_crops_per_s": round(s.batch / (f_ms / 1e3), 3),
-        "train_g_crops_per_s": round(s.batch / (g_ms / 1e3), 3),
-        "train_f_step_ms": round(f_ms, 2),
-        "train_g_step_ms": round(g_ms, 2),
-        "infer_ms_256": round(infer_256, 2),
-        "infer_ms_720p": infer_720,
+        **eager,
+        "speed_layer": speed_layer,
+        "speedup": speedup,
         "memory": memory,
         "memory_method": MEMORY_METHOD[dev],
         "cpu_threads": torch.get_num_threads(),
     }
-
-
-# ---- the data path: paired crops delivered per second -------------------------------------------------
-
-DATA_LOADERS = ("torch", "dali")
-
-
-@dataclass
-class DataSettings:
-    """What one data benchmark does: every loader over every shard folder, the same crops and batch."""
-
-    shards: tuple[str, ...]
-    loaders: tuple[str, ...] = DATA_LOADERS
-    device: str = "cpu"  # where the crops are delivered: cpu, or cuda (DALI then decodes jp2 on the GPU)
-    split: str = "train"
-    crop: int = 256
-    batch: int = 16
-    crops_per_frame: int = 1
-    batches: int = 20  # timed batches per (folder, loader)
-    warmup: int = 3
-    repeats: int = 3  # rounds over every (folder, loader), interleaved; the median is reported
-    workers: int | None = None  # torch loader processes = DALI threads; default: every CPU
-
-
-def make_data_settings(shards: list[str], loader: str | None = None, device: str = "cpu", **overrides) -> DataSettings:
-    """DataSettings from the command line; device gpu means cuda."""
-    if not shards:
-        raise ConfigError("--what data needs --shards DIR (one or more shard folders)")
-    device = "cuda" if device == "gpu" else device
-    if device not in ("cpu", "cuda"):
-        raise ConfigError(f"unknown device {device!r}: use cpu or gpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise GolfError("--device gpu: no CUDA device is visible to torch")
-    if loader is not None and loader not in DATA_LOADERS:
-        raise ConfigError(f"--loader must be one of {', '.join(DATA_LOADERS)}, got {loader!r}")
-    s = DataSettings(tuple(shards), (loader,) if loader else DATA_LOADERS, device,
-                     **{k: v for k, v in overrides.items() if v is not None})
-    for name in ("crop", "batch", "crops_per_frame", "batches", "repeats"):
-        if getattr(s, name) < 1:
-            raise ConfigError(f"{name} must be >= 1, got {getattr(s, name)}")
-    if s.batch % s.crops_per_frame:
-        raise ConfigError(f"--crops-per-frame {s.crops_per_frame} must divide --batch {s.batch}")
-    if s.workers is None:
-        s.workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return s
-
-
-def _data_rate(s: DataSettings, shard_dir: str, loader: str) -> dict:
-    """Crop pairs per second one loader delivers from one shard folder onto s.device."""
-    from golf_dist.config import load_config
-    from golf_dist.data.loaders import make_train_loader, resolve_loader
-    from golf_dist.data.split_check import open_pairs
-
-    pairs = open_pairs(shard_dir, s.split)
-    if loader == "dali":
-        resolve_loader("dali")  # a clear ConfigError when DALI does not import
-    cfg = load_config(None, "f", [
-        f"data.shards={shard_dir}", f"data.crop={s.crop}", f"data.num_workers={s.workers}",
-        f"data.crops_per_frame={s.crops_per_frame}", f"train.steps={s.warmup + s.batches + 1}",
-    ])
-    device = torch.device(s.device)
-    batches = make_train_loader(cfg, pairs, global_batch=s.batch, accum=1, world=1, rank=0, start_step=0,
-                                device=device, loader=loader)
-    for _ in range(s.warmup):
-        blur, sharp = next(batches)
-    _sync(s.device)
-    t0 = time.perf_counter()
-    for _ in range(s.batches):
-        blur, sharp = next(batches)
-        blur, sharp = blur.to(device, non_blocking=True), sharp.to(device, non_blocking=True)
-    _sync(s.device)
-    elapsed = time.perf_counter() - t0
-    batches.close()  # its worker processes or pipeline threads end before the next measurement starts
-    frame = pairs.frame_size
-    return {
-        "shards": shard_dir,
-        "format": pairs.checked.fmt,
-        "loader": loader,
-        "frame": f"{frame[1]}x{frame[0]}" if frame else "mixed",
-        "pairs_per_s": round(s.batches * s.batch / elapsed, 2),
-    }
-
-
-def run_data_benchmark(s: DataSettings) -> dict:
-    """pairs_per_s of (blur, sharp) crop pairs delivered, per shard folder (format) and loader, as one dict."""
-    import gc
-
-    # Rounds interleave the measurements, so a change in the machine's load hits every figure alike; each
-    # measurement builds its loader afresh (no batches prefetched while another loader was being timed).
-    runs: dict[tuple[str, str], list[dict]] = {}
-    for _ in range(s.repeats):
-        for shard_dir in s.shards:
-            for loader in s.loaders:
-                runs.setdefault((shard_dir, loader), []).append(_data_rate(s, shard_dir, loader))
-                gc.collect()
-    results = []
-    for rounds in runs.values():
-        rates = [r["pairs_per_s"] for r in rounds]
-        results.append({**rounds[0], "pairs_per_s": round(statistics.median(rates), 2), "rounds": rates})
-    return {
-        "what": "data",
-        "device": device_name(s.device),
-        "machine": platform.node(),
-        "cpu": device_name("cpu"),
-        "torch": torch.__version__,
-        "dali": _dali_version(),
-        "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(s).items()},
-        "pairs_per_s": {f"{r['format']}/{r['loader']}": r["pairs_per_s"] for r in results},
-        "results": results,
-    }
-
-
-def _dali_version() -> str | None:
-    try:
-        import nvidia.dali
-
-        return nvidia.dali.__version__
-    except Exception:  # not installed or broken: the torch figures still stand
-        return None

@@ -91,6 +91,19 @@ class TrackingConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """golf_dist/speed.py. auto: on where a CUDA GPU runs the work, off on a CPU (where results stay exact)."""
+
+    compile: str = "auto"  # torch.compile F and G (G compiled once, reused by every unrolled step): auto | on | off
+    compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: tracing without code generation)
+    channels_last: str = "auto"  # NHWC weights and inputs (cuDNN's fast convolutions): auto | on | off
+    tf32: bool = True  # TF32 for fp32 convolutions and matmuls on GPUs that have it (no effect on a CPU)
+    cudnn_benchmark: str = "auto"  # auto: on for evaluation, deblurring and benchmarks, off in training, whose
+    #                                resume is promised bitwise exact | on | off
+    fused_adam: str = "auto"  # Adam's fused CUDA kernel: auto | on | off
+
+
+@dataclass
 class Config:
     seed: int = 0
     output_dir: str = "runs/gopro"
@@ -100,6 +113,7 @@ class Config:
     val: ValConfig = field(default_factory=ValConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
 
 
 # ---------------------------------------------------------------------------------- building
@@ -220,6 +234,8 @@ def _coerce(tp: Any, value: Any, dotted: str) -> Any:
                 raise wrong from None
         raise wrong
     if tp is str:
+        if isinstance(value, bool) and dotted.startswith("speed."):  # YAML 1.1 reads on/off as booleans
+            return "on" if value else "off"
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise wrong
@@ -254,6 +270,10 @@ def validate(cfg: Config, stage: str | None = None) -> None:
     need(cfg.data.crops_per_frame >= 1, "data.crops_per_frame", "must be at least 1")
     need(cfg.data.on_bad_sample in ("error", "skip"), "data.on_bad_sample", "must be error or skip")
     need(cfg.loss.perceptual_weight >= 0, "loss.perceptual_weight", "must be 0 or more")
+    for key in ("compile", "channels_last", "cudnn_benchmark", "fused_adam"):
+        need(getattr(cfg.speed, key) in ("auto", "on", "off"), f"speed.{key}", "must be auto, on or off")
+    need(cfg.speed.compile_backend in ("inductor", "aot_eager", "eager", "cudagraphs"), "speed.compile_backend",
+         "must be inductor, aot_eager, eager or cudagraphs")
     t = cfg.train
     need(t.steps >= 1, "train.steps", "must be at least 1")
     need(t.lr > 0, "train.lr", "must be positive")

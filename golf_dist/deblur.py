@@ -14,6 +14,7 @@ from golf_dist.errors import ConfigError, DataError
 from golf_dist.evaluate import load_trained
 from golf_dist.ensemble import check_ensemble
 from golf_dist.inference import ENGINES, load_onnx, restore_iterates, to_uint8
+from golf_dist.speed import for_inference
 from golf_dist.tiling import check_tiling
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -56,6 +57,7 @@ def deblur_files(output_dir: Path, inputs: list[str], out_dir: Path, iterations:
     files = collect_inputs(inputs)
     if engine == "torch":
         f, g = load_trained(Path(output_dir), dev, iterations)
+        f, g = for_inference(f, g, None, dev)  # the speed layer (golf_dist/speed.py): all off on a CPU
     else:
         f, g = load_onnx(Path(output_dir), iterations)
     written = []

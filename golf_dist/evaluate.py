@@ -22,6 +22,7 @@ from golf_dist.data.storage import write_atomic
 from golf_dist.inference import restore_iterates, to_uint8
 from golf_dist.log import get_logger
 from golf_dist.metrics import SSIM_VARIANT, psnr, ssim
+from golf_dist.speed import for_inference
 
 log = get_logger(__name__)
 
@@ -139,7 +140,7 @@ def load_trained(output_dir: Path, device: torch.device, iterations: int):
 
 def run_evaluation(output_dir: Path, shards: str, split: str, iterations: int, limit: int | None,
                    tracking_cfg, tile: int | None = None, overlap: int = 32, ensemble: str = "x1",
-                   register: str | None = None) -> dict[str, Any] | None:
+                   register: str | None = None, speed_cfg=None) -> dict[str, Any] | None:
     """The command line's work: evaluate F + G of `output_dir`, log to MLflow; the result on rank 0."""
     from accelerate import Accelerator
 
@@ -148,6 +149,7 @@ def run_evaluation(output_dir: Path, shards: str, split: str, iterations: int, l
     accelerator = Accelerator()
     output_dir = Path(output_dir)
     f, g = load_trained(output_dir, accelerator.device, iterations)
+    f, g = for_inference(f, g, speed_cfg, accelerator.device)  # golf_dist/speed.py: all off on a CPU
     pairs = ShardPairs(shards, split)
     result = evaluate_pairs(
         f, g, pairs, iterations, accelerator.device,

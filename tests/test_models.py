@@ -94,8 +94,9 @@ def _run_cli(*args):
 
 
 def test_benchmark_cli_prints_one_json_line():
+    # the speed layer's column with channels_last alone: compiling on a 2-core CPU takes minutes
     r = _run_cli("--batch", "1", "--crop", "32", "--steps", "1", "--warmup", "0",
-                 "--memory-unrolls", "2,4", "--skip-720p")
+                 "--memory-unrolls", "2,4", "--skip-720p", "--compile", "off", "--channels-last", "on")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 1
@@ -109,6 +110,10 @@ def test_benchmark_cli_prints_one_json_line():
     for m in out["memory"]:
         assert 0 < m["peak_bytes_checkpointed"] < m["peak_bytes_plain"]
     assert out["settings"]["batch"] == 1 and out["settings"]["crop"] == 32
+    # eager and the speed layer measured in the same run, with their ratios
+    assert out["speed_layer"]["options"] == "channels_last" and out["speed_layer"]["train_f_crops_per_s"] > 0
+    assert out["speedup"]["train_f_crops_per_s"] == pytest.approx(
+        out["speed_layer"]["train_f_crops_per_s"] / out["train_f_crops_per_s"], rel=1e-2)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

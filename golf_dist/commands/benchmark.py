@@ -3,11 +3,14 @@
     python launch/benchmark.py [--what model] [--device cpu|cuda] [--batch 16] [--crop 256] [--unroll 8]
         [--precision fp32|bf16] [--steps K] [--warmup W] [--memory-unrolls 4,8,16,32]
         [--skip-memory] [--skip-720p] [--perceptual] [--vgg-weights PATH]
+        [--compile on|off|auto] [--compile-backend inductor|aot_eager] [--channels-last auto|on|off] [--skip-speed]
     python launch/benchmark.py --what data --shards DIR [DIR ...] [--loader dali|torch] [--device cpu|gpu]
         [--batch 16] [--crop 256] [--crops-per-frame K] [--steps N] [--warmup W] [--workers W] [--repeats R]
 
 --what model (the default): the networks' training and inference cost on random tensors. Settings left
-out take the device's defaults (golf_dist.benchmark.DEFAULTS): small on CPU.
+out take the device's defaults (golf_dist.benchmark.DEFAULTS): small on CPU. Eager PyTorch and the speed
+layer (golf_dist/speed.py: torch.compile, channels_last, TF32, cudnn.benchmark, fused Adam) are measured in
+the same run: eager at the top level, the speed layer under "speed_layer", their ratios under "speedup".
 --what data: (blur, sharp) crop pairs per second each loader delivers onto the device from each shard
 folder (one folder per format), `pairs_per_s` keyed "format/loader"; both loaders unless --loader.
 """
@@ -17,7 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from golf_dist.benchmark import make_data_settings, make_settings, run_benchmark, run_data_benchmark
+from golf_dist.benchmark import make_settings, run_benchmark
+from golf_dist.benchmark_data import make_data_settings, run_data_benchmark
 from golf_dist.cli import run_main
 
 
@@ -49,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-720p", action="store_true", help="leave out the 1280x720 inference time (null)")
     p.add_argument("--perceptual", action="store_true", help="add the VGG perceptual term (lambda 5e-6)")
     p.add_argument("--vgg-weights", help="vgg11_bn-6002323d.pth; without it torch hub's cache, else random VGG weights")
+    p.add_argument("--skip-speed", action="store_true", help="model: leave out the speed layer's column")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="on",
+                   help="model, speed layer: torch.compile F and G (default: %(default)s)")
+    p.add_argument("--compile-backend", choices=["inductor", "aot_eager", "eager", "cudagraphs"], default="inductor",
+                   help="model, speed layer: torch.compile's backend (default: %(default)s)")
+    p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
+                   help="model, speed layer: NHWC weights and inputs (default: %(default)s, on for cuda)")
     a = p.parse_args(argv)
     if a.what == "data":
         data = make_data_settings(
@@ -64,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         "cuda" if a.device == "gpu" else a.device, batch=a.batch, crop=a.crop, unroll=a.unroll, precision=a.precision,
         steps=a.steps,
         warmup=a.warmup, memory_unrolls=a.memory_unrolls, skip_memory=a.skip_memory, skip_720p=a.skip_720p,
-        perceptual=a.perceptual, vgg_weights=a.vgg_weights,
+        perceptual=a.perceptual, vgg_weights=a.vgg_weights, skip_speed=a.skip_speed, compile=a.compile,
+        compile_backend=a.compile_backend, channels_last=a.channels_last,
     )
     print(json.dumps(run_benchmark(settings)), flush=True)
     return 0

@@ -40,6 +40,8 @@ from golf_dist.models import f_net
 from golf_dist.optim import EMA, make_scheduler
 from golf_dist.preemption import StopCheck, print_stopped
 from golf_dist.run_info import run_params
+from golf_dist.speed import adam_options, apply_backend_flags, prepare_input, prepare_module
+from golf_dist.speed import resolve as resolve_speed
 from golf_dist.tracking import Tracker, redact_config_dict
 from golf_dist.training.backend import make_accelerator, make_backend
 from golf_dist.training.meter import StepMeter
@@ -110,6 +112,9 @@ class Trainer:
     def _build(self) -> None:
         cfg, t = self.cfg, self.t
         torch.manual_seed(cfg.seed)
+        # the speed layer (golf_dist/speed.py): all off on a CPU; on a GPU compile, channels_last, TF32, fused Adam
+        self.speed = resolve_speed(cfg.speed, self.device, training=True)
+        apply_backend_flags(self.speed)
         stage_class = FStage if self.stage_name == "f" else GStage
         model = stage_class.network()  # before F is loaded: the seed alone decides the initial weights
         loss_fn = GolfLoss(cfg.loss.perceptual_weight, self.vgg).to(self.device)
@@ -117,9 +122,15 @@ class Trainer:
             self.stage: FStage | GStage = FStage(loss_fn)
         else:
             f_model = load_into(f_net(), self.f_path, "F").requires_grad_(False).eval().to(self.device)
-            self.stage = GStage(loss_fn, f_model, t.unroll, t.gradient_checkpointing, cfg.eval.iterations)
-        optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2))
+            self.stage = GStage(loss_fn, prepare_module(f_model, self.speed), t.unroll, t.gradient_checkpointing,
+                                cfg.eval.iterations)
+        if self.speed.channels_last:  # before Adam sees the parameters
+            model = model.to(self.device, memory_format=torch.channels_last)
+        optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2),
+                                     **adam_options(self.speed, self.device))
         self.scheduler = make_scheduler(optimizer, t)  # warm-up, then exp | cosine | constant (golf_dist.optim)
+        if self.speed.compile:  # G compiled once: every unrolled (and checkpointed) step calls the same graph
+            model = torch.compile(model, backend=self.speed.compile_backend)
         self.backend = make_backend(self.accelerator, model, optimizer, accum=self.accum, grad_clip=t.grad_clip,
                                     per_device=self.per_device, global_batch=self.global_batch, device=self.device)
         self.cfg.train.mixed_precision = self.accelerator.mixed_precision  # DeepSpeed's JSON may set it
@@ -221,8 +232,8 @@ class Trainer:
             self.tracker.log_text(resolved_yaml, "config.yaml")
         log.info(
             f"stage {stage}: {self.t.steps} steps, global batch {self.global_batch} = {self.world} process(es) x "
-            f"{self.per_device} per device x {self.accum} accumulation, crop {cfg.data.crop}, device {self.device}"
-            + self.stage.describe()
+            f"{self.per_device} per device x {self.accum} accumulation, crop {cfg.data.crop}, device {self.device} "
+            f"({self.speed.describe()})" + self.stage.describe()
             + ("" if self.vgg is not None else ", perceptual term off (loss.perceptual_weight=0)"),
         )
 
@@ -279,6 +290,7 @@ class Trainer:
                 except GolfError as err:
                     raise unwrap_worker_error(err) from None
             blur, sharp = blur.to(self.device, non_blocking=True), sharp.to(self.device, non_blocking=True)
+            blur, sharp = prepare_input(blur, self.speed), prepare_input(sharp, self.speed)
             losses = self.backend.micro_step(lambda: self.stage.loss(self.backend.model, blur, sharp),
                                              last=micro == self.accum - 1)
             self.meter.add_losses(losses, self.accum)

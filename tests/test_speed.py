@@ -1,0 +1,113 @@
+"""The speed layer (golf_dist/speed.py): what each switch resolves to, and that each option computes what
+eager PyTorch computes (outputs and gradients within float tolerance) on the CPU. torch.compile is checked
+with the aot_eager backend: Dynamo's capture and AOTAutograd's backward, as inductor uses them, without
+inductor's C++ code generation, which takes minutes on a 2-core CPU per network."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import run_cli, write_config
+from golf_dist.config import SpeedConfig, load_config
+from golf_dist.errors import ConfigError
+from golf_dist.models import f_net, g_net, unroll
+from golf_dist.speed import EAGER, Speed, adam_options, prepare_input, prepare_module, resolve
+
+# fp32 summed in another order (NHWC kernels, fused graphs): within 1e-4 of the largest value, plus 1e-6
+RELATIVE, ABSOLUTE = 1e-4, 1e-6
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a - b).abs().max().item() <= ABSOLUTE + RELATIVE * b.abs().max().item()
+
+
+def test_auto_is_off_on_a_cpu_and_on_on_a_gpu_with_cudnn_benchmark_off_in_training():
+    assert resolve(SpeedConfig(), torch.device("cpu"), training=True) == EAGER
+    assert resolve(SpeedConfig(), torch.device("cpu"), training=False) == EAGER
+    gpu_training = resolve(SpeedConfig(), torch.device("cuda"), training=True)
+    assert gpu_training.compile and gpu_training.channels_last and gpu_training.tf32 and gpu_training.fused_adam
+    assert not gpu_training.cudnn_benchmark  # resume is promised bitwise exact
+    assert resolve(SpeedConfig(), torch.device("cuda"), training=False).cudnn_benchmark
+    forced = resolve(SpeedConfig(compile="on", channels_last="on", tf32=True), torch.device("cpu"), training=True)
+    assert forced.compile and forced.channels_last and not forced.tf32  # TF32 exists on GPUs only
+    assert adam_options(Speed(fused_adam=True), torch.device("cpu")) == {}
+
+
+def test_bad_speed_values_name_the_key():
+    with pytest.raises(ConfigError, match="speed.compile"):
+        load_config(None, overrides=["speed.compile=maybe"])
+    with pytest.raises(ConfigError, match="speed.compile_backend"):
+        load_config(None, overrides=["speed.compile_backend=tvm"])
+    # YAML 1.1 reads on/off as booleans; they mean on and off here
+    assert load_config(None, overrides=["speed.channels_last=on"]).speed.channels_last == "on"
+
+
+def _outputs_and_grads(net, x):
+    out = net(x)
+    (grad,) = torch.autograd.grad((out * torch.linspace(0, 1, out.numel()).view_as(out)).sum(), x)
+    return out.detach(), grad
+
+
+@pytest.mark.parametrize("make", [f_net, g_net], ids=["F", "G"])
+def test_channels_last_computes_what_eager_computes(make):
+    torch.manual_seed(0)
+    eager = make(zero_init_last=False)
+    fast = make(zero_init_last=False)
+    fast.load_state_dict(eager.state_dict())
+    speed = Speed(channels_last=True)
+    fast = prepare_module(fast, speed)
+    x = torch.rand(2, 3, 24, 40, requires_grad=True)
+    a, grad_a = _outputs_and_grads(eager, x)
+    b, grad_b = _outputs_and_grads(fast, prepare_input(x, speed))
+    assert close(b, a) and close(grad_b, grad_a)
+    weights = {k: (v - fast.state_dict()[k]).abs().max().item() for k, v in eager.state_dict().items()}
+    assert max(weights.values()) == 0
+
+
+def test_compiled_unrolled_checkpointed_g_gives_the_eager_gradients():
+    """G compiled once and called by every unrolled, checkpointed step: the weights' gradients of Eq. 4's
+    mean loss equal eager's."""
+    torch.manual_seed(0)
+    eager = g_net(zero_init_last=False)
+    compiled_g = g_net(zero_init_last=False)
+    compiled_g.load_state_dict(eager.state_dict())
+    compiled = prepare_module(compiled_g, Speed(compile=True, compile_backend="aot_eager"))
+    x0, sharp = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    grads = []
+    for net, params in ((eager, eager), (compiled, compiled_g)):
+        iterates = unroll(net, x0, 3, checkpoint=True)
+        loss = torch.stack([((it - sharp) ** 2).mean() for it in iterates]).mean()
+        grads.append(torch.autograd.grad(loss, list(params.parameters())))
+    assert all(close(b, a) for a, b in zip(*grads))
+
+
+def test_stage_g_trains_with_compile_and_channels_last(small_run, shards, tmp_path):
+    """The trainer with the speed layer forced on a CPU: compiled G (aot_eager), channels_last weights and
+    inputs; it trains, checkpoints (contiguous safetensors) and validates, and its weights stay close to an
+    eager run's."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for name, speed in (("eager", []), ("fast", ["speed.compile=on", "speed.compile_backend=aot_eager",
+                                                  "speed.channels_last=on"])):
+        out[name] = tmp_path / name
+        out[name].mkdir()
+        shutil.copy(small_run["out"] / "f.safetensors", out[name] / "f.safetensors")
+        cfg = write_config(tmp_path / f"{name}.yaml", shards, out[name],
+                           train={"steps": 2, "val_every": 2, "checkpoint_every": 2, "log_every": 1},
+                           data={"loader": "torch"})
+        proc = run_cli("launch/train.py", "--config", cfg, "--stage", "g", "--unroll", "2", *speed, check=True)
+        assert ("compile (aot_eager), channels_last" in proc.stdout) == (name == "fast")
+    from golf_dist.plots import read_metrics
+
+    a, b = (load_file(str(out[n] / "g.safetensors")) for n in ("eager", "fast"))
+    # Adam moves each weight by about lr per step whatever the gradient's size, so a gradient that is ~0 and
+    # differs in its last bits may move a weight the other way: the bound is 2 steps x lr (1e-3) per weight
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 2 * 2 * 1e-3
+    psnr = [read_metrics(out[n] / "g" / "metrics.jsonl")["val_psnr"][-1][1] for n in ("eager", "fast")]
+    assert abs(psnr[0] - psnr[1]) < 0.01
+    assert json.loads((out["fast"] / "g_run.json").read_text())["weights_sha256"]
