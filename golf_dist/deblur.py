@@ -11,8 +11,8 @@ from tqdm import tqdm
 from golf_dist.data.formats import MAX_PIXELS, decode_pil
 from golf_dist.data.loader import to_tensor
 from golf_dist.errors import ConfigError, DataError
-from golf_dist.evaluate import load_trained
 from golf_dist.ensemble import check_ensemble
+from golf_dist.evaluate import load_trained
 from golf_dist.inference import ENGINES, load_onnx, restore_iterates, to_uint8
 from golf_dist.speed import for_inference
 from golf_dist.tiling import check_tiling

@@ -22,9 +22,10 @@ from golf_dist.models import f_net, g_net, golf_iterates, unroll
 
 def overfit_one_batch(
     stage: str, blur: torch.Tensor, sharp: torch.Tensor, *, steps: int = 200, lr: float = 1e-3,
-    f_model: torch.nn.Module | None = None, unroll_steps: int = 3, seed: int = 0,
+    f_model: torch.nn.Module | None = None, unroll_steps: int = 3, seed: int = 0, stop_below: float | None = None,
 ) -> list[float]:
-    """The content loss at every step of Adam on one fixed (blur, sharp) batch, first value before any step.
+    """The content loss at every step of Adam on one fixed (blur, sharp) batch, first value before any step;
+    with `stop_below`, it stops at the first loss below that fraction of the first.
 
     Stage f trains a fresh F; stage g a fresh G on top of `f_model` (frozen; a fresh, untrained F when None,
     which is a fixed map all the same), with the Eq. 4 mean over `unroll_steps` iterates."""
@@ -49,6 +50,8 @@ def overfit_one_batch(
     for _ in range(steps):
         value = loss()
         history.append(value.item())
+        if stop_below is not None and history[-1] <= history[0] * stop_below:
+            return history
         opt.zero_grad(set_to_none=True)
         value.backward()
         opt.step()

@@ -69,7 +69,7 @@ def evaluate_pairs(
     mean wall time of one frame's restoration (F, the G iterations, tiles and ensemble; not the metrics).
     """
     steps = iterations if g is not None else 0
-    # sums: count, psnr, ssim, input psnr, input ssim, psnr after iteration 0..steps
+    # sums: count, psnr, ssim, input psnr, input ssim, seconds, psnr after iteration 0..steps
     sums = torch.zeros(6 + steps + 1, dtype=torch.float64)
     shown, kept = [], []
     loader = full_frame_loader(pairs, rank, world, limit=limit, num_workers=1)
@@ -186,7 +186,11 @@ def run_evaluation(output_dir: Path, shards: str, split: str, iterations: int, l
     for path in figures.values():
         tracker.log_artifact(path, "figures")
     if register:
-        result["registered"] = register_model(tracker, output_dir, iterations, ensemble, register, result["psnr"])
+        try:
+            result["registered"] = register_model(tracker, output_dir, iterations, ensemble, register, result["psnr"])
+        except BaseException:
+            tracker.end("FAILED")  # the run asked for a model it did not get
+            raise
     tracker.end()
     result["mlflow_run_id"] = tracker.run_id
     write_atomic(output_dir / "evaluation.json", json.dumps(result, indent=2, sort_keys=True).encode())
@@ -196,8 +200,9 @@ def run_evaluation(output_dir: Path, shards: str, split: str, iterations: int, l
 
 def register_model(tracker, output_dir: Path, iterations: int, ensemble: str, name: str,
                    test_psnr: float) -> dict[str, str]:
-    """Log F + G (run as evaluated: `iterations`, `ensemble`) as a pyfunc model into the evaluation's MLflow run and register it as NAME, its test PSNR a
-    tag of the new version. Unlike metrics, this does not survive an unreachable store: it is what was asked."""
+    """Log F + G (run as evaluated: `iterations`, `ensemble`) as a pyfunc model into the evaluation's MLflow
+    run and register it as NAME, its test PSNR a tag of the new version. Unlike metrics, this does not
+    survive an unreachable store: it is what was asked for."""
     import mlflow
 
     from golf_dist.errors import TrackingError

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -138,9 +137,10 @@ def test_overfit_one_batch(one_batch, stage, steps):
     (on the demo data, 4 crops of 32x32: F reaches 0.1 of its first loss by step 91, G by step 130)."""
     from golf_dist.diagnostics import overfit_one_batch
 
-    history = overfit_one_batch(stage, *one_batch, steps=steps, lr=1e-3)
+    history = overfit_one_batch(stage, *one_batch, steps=steps, lr=1e-3, stop_below=0.1)
     assert history[0] > 1e-4  # a batch with something to learn (blurred differs from sharp)
     assert min(history) <= history[0] / 10, [round(h / history[0], 3) for h in history[:: steps // 10]]
+    assert history[-1] <= history[0] / 10 and all(h > history[0] / 10 for h in history[:-1])  # stopped there
 
 
 def test_overfit_command_reports_pass(shards, tmp_path):

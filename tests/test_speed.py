@@ -87,27 +87,23 @@ def test_compiled_unrolled_checkpointed_g_gives_the_eager_gradients():
 
 def test_stage_g_trains_with_compile_and_channels_last(small_run, shards, tmp_path):
     """The trainer with the speed layer forced on a CPU: compiled G (aot_eager), channels_last weights and
-    inputs; it trains, checkpoints (contiguous safetensors) and validates, and its weights stay close to an
-    eager run's."""
+    inputs. It trains, checkpoints (contiguous safetensors), validates and exports; the log names the
+    switches. (That each switch computes what eager does is checked above, network by network.)"""
     from safetensors.torch import load_file
 
-    out = {}
-    for name, speed in (("eager", []), ("fast", ["speed.compile=on", "speed.compile_backend=aot_eager",
-                                                  "speed.channels_last=on"])):
-        out[name] = tmp_path / name
-        out[name].mkdir()
-        shutil.copy(small_run["out"] / "f.safetensors", out[name] / "f.safetensors")
-        cfg = write_config(tmp_path / f"{name}.yaml", shards, out[name],
-                           train={"steps": 2, "val_every": 2, "checkpoint_every": 2, "log_every": 1},
-                           data={"loader": "torch"})
-        proc = run_cli("launch/train.py", "--config", cfg, "--stage", "g", "--unroll", "2", *speed, check=True)
-        assert ("compile (aot_eager), channels_last" in proc.stdout) == (name == "fast")
     from golf_dist.plots import read_metrics
 
-    a, b = (load_file(str(out[n] / "g.safetensors")) for n in ("eager", "fast"))
-    # Adam moves each weight by about lr per step whatever the gradient's size, so a gradient that is ~0 and
-    # differs in its last bits may move a weight the other way: the bound is 2 steps x lr (1e-3) per weight
-    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 2 * 2 * 1e-3
-    psnr = [read_metrics(out[n] / "g" / "metrics.jsonl")["val_psnr"][-1][1] for n in ("eager", "fast")]
-    assert abs(psnr[0] - psnr[1]) < 0.01
-    assert json.loads((out["fast"] / "g_run.json").read_text())["weights_sha256"]
+    out = tmp_path / "fast"
+    out.mkdir()
+    shutil.copy(small_run["out"] / "f.safetensors", out / "f.safetensors")
+    cfg = write_config(tmp_path / "fast.yaml", shards, out, data={"loader": "torch"},
+                       train={"steps": 2, "val_every": 2, "checkpoint_every": 2, "log_every": 1})
+    proc = run_cli("launch/train.py", "--config", cfg, "--stage", "g", "--unroll", "2", "speed.compile=on",
+                   "speed.compile_backend=aot_eager", "speed.channels_last=on", check=True)
+    assert "(compile (aot_eager), channels_last)" in proc.stdout
+    exported = load_file(str(out / "g.safetensors"))
+    assert set(exported) == set(g_net().state_dict()) and all(torch.isfinite(v).all() for v in exported.values())
+    assert (out / "g" / "checkpoints" / "step-00000002" / "model.safetensors").is_file()
+    psnr = read_metrics(out / "g" / "metrics.jsonl")["val_psnr"]
+    assert [step for step, _ in psnr] == [2] and 10 < psnr[0][1] < 60
+    assert json.loads((out / "g_run.json").read_text())["weights_sha256"]

@@ -20,11 +20,12 @@ LossOf = Callable[[], dict[str, torch.Tensor]]
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DDP and torch.compile wrappers. Not accelerator.unwrap_model: it imports
-    DeepSpeed whenever DeepSpeed is installed, and DeepSpeed's import prints its "Setting accelerator to
-    CPU" warning into every CPU run, DeepSpeed or not."""
+    """The module inside DDP, DeepSpeed-engine and torch.compile wrappers. Not accelerator.unwrap_model: it
+    imports DeepSpeed whenever DeepSpeed is installed, and DeepSpeed's import prints its "Setting accelerator
+    to CPU" warning into every CPU run, DeepSpeed or not."""
     while True:
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        # DDP and DeepSpeed's engine both hold the wrapped network as `.module`
+        if isinstance(getattr(model, "module", None), torch.nn.Module):
             model = model.module
         elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
             model = model._orig_mod

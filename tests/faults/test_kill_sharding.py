@@ -47,6 +47,8 @@ def _kill_when(proc: subprocess.Popen, count, shards_done: int, fraction: float)
         return -1
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
+    if proc.returncode == 0:  # it finished between the poll above and the kill: the kill landed on nothing
+        return -1
     return seen
 
 
