@@ -13,7 +13,7 @@ from golf_dist.data.loader import to_tensor
 from golf_dist.errors import ConfigError, DataError
 from golf_dist.ensemble import check_ensemble
 from golf_dist.evaluate import load_trained
-from golf_dist.inference import ENGINES, load_onnx, restore_iterates, to_uint8
+from golf_dist.inference import ENGINES, MIN_SIDE, load_onnx, restore_iterates, to_uint8
 from golf_dist.speed import for_inference
 from golf_dist.tiling import check_tiling
 
@@ -21,7 +21,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # No PNG or JPEG of MAX_PIXELS pixels is larger (16-bit RGBA stored uncompressed, plus room for metadata):
 # a larger file is refused before it is read into memory. Pixels beyond the cap: decode_pil refuses.
 MAX_INPUT_BYTES = 8 * MAX_PIXELS + (1 << 20)
-MIN_SIDE = 4  # a 7x7 convolution pads 3 pixels by reflection, which needs 4 pixels to reflect
 
 
 def collect_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:

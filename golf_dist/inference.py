@@ -15,6 +15,7 @@ from golf_dist.errors import DataError
 from golf_dist.tiling import tiled_iterates
 
 ENGINES = ("torch", "onnxruntime")
+MIN_SIDE = 4  # a 7x7 convolution pads 3 pixels by reflection, which needs 4 pixels to reflect
 ONNX_FILES = {"f": "f.onnx", "g": "g.onnx"}
 
 

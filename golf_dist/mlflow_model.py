@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from golf_dist.errors import DataError
+from golf_dist.inference import MIN_SIDE
 
 IMAGE, PATH = "image", "path"
 
@@ -36,7 +37,16 @@ def signature():
 
 
 def _row_image(row: pd.Series, index: int) -> np.ndarray:
-    """The row's image as HxWx3 uint8: from `image` when set, else decoded from `path`."""
+    """The row's image as HxWx3 uint8: from `image` when set, else decoded from `path`; at least MIN_SIDE
+    pixels a side, as launch/deblur.py asks."""
+    image = _decode_row(row, index)
+    if min(image.shape[:2]) < MIN_SIDE:
+        raise DataError(f"row {index}: the image is {image.shape[1]}x{image.shape[0]} pixels; the networks' "
+                        f"reflected borders need at least {MIN_SIDE} pixels a side")
+    return image
+
+
+def _decode_row(row: pd.Series, index: int) -> np.ndarray:
     from golf_dist.data.formats import decode_pil
 
     value = row.get(IMAGE)

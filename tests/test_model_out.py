@@ -146,6 +146,8 @@ def test_registered_mlflow_model_predicts_what_deblur_writes(small_run, tmp_path
     assert np.array_equal(from_path, expected)
     with pytest.raises(Exception, match="does not exist"):
         model.predict(pd.DataFrame({"path": [str(tmp_path / "missing.png")]}))
+    with pytest.raises(Exception, match="at least 4 pixels"):
+        model.predict(pd.DataFrame({"image": [np.zeros((3, 8, 3), dtype=np.uint8)]}))
 
 
 def _env_without_uri():
