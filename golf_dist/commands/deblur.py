@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from golf_dist.cli import run_main
+from golf_dist.cli import add_ensemble_argument, run_main
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,9 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tile", type=int, help="run on overlapping tiles of this side, for images too large to "
                         "run whole (default: whole images)")
     parser.add_argument("--overlap", type=int, default=32, help="pixels tiles overlap by (default: %(default)s)")
-    parser.add_argument("--ensemble", default="x1", choices=("x1", "x2", "x4", "x8"),
-                        help="self-ensemble: average over x8 flips and transposes, x4 flips, x2 a horizontal flip; "
-                        "costs that many passes (default: %(default)s, none)")
+    add_ensemble_argument(parser)
     parser.add_argument("--engine", default="torch", choices=("torch", "onnxruntime"),
                         help="torch: OUTPUT_DIR's f/g.safetensors; onnxruntime: its f.onnx and g.onnx, written by "
                         "launch/export.py --onnx (default: %(default)s)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from golf_dist.cli import run_main
+from golf_dist.cli import add_ensemble_argument, run_main
 from golf_dist.config import DEFAULT_CONFIG, load_config, parse_overrides
 
 
@@ -26,9 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="evaluate only the first N pairs")
     parser.add_argument("--tile", type=int, help="run on overlapping tiles of this side (default: whole frames)")
     parser.add_argument("--overlap", type=int, default=32, help="pixels tiles overlap by (default: %(default)s)")
-    parser.add_argument("--ensemble", default="x1", choices=("x1", "x2", "x4", "x8"),
-                        help="self-ensemble: average over x8 flips and transposes, x4 flips, x2 a horizontal flip; "
-                        "costs that many passes (default: %(default)s, none)")
+    add_ensemble_argument(parser)
     parser.add_argument("--register", metavar="NAME", help="log F + G as an MLflow pyfunc model into the evaluation's "
                         "run and register it as NAME, with its test PSNR as a tag")
     parser.add_argument("--config", help="config for tracking.* and eval.* (default: the run's resolved config)")

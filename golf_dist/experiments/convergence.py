@@ -3,7 +3,6 @@ after each G iteration 1..N, N beyond what training unrolled, for a trained outp
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +15,7 @@ from golf_dist.evaluate import evaluate_pairs, load_trained
 def run_experiment(output_dir: Path, shards: str, iterations: int, out: Path, limit: int | None,
                    tracking_uri: str | None, experiment: str = "golf-paper") -> dict:
     from golf_dist import plots
-    from golf_dist.data.storage import write_atomic
-    from golf_dist.tracking import Tracker
+    from golf_dist.experiments import record
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -38,13 +36,8 @@ def run_experiment(output_dir: Path, shards: str, iterations: int, out: Path, li
                                      title=f"{measured['pairs']} test pairs of {Path(output_dir).name}: "
                                      f"PSNR against G iteration 0..{iterations}")
     result["figure"] = str(figure)
-    tracker = Tracker(tracking_uri is not None, tracking_uri, experiment)
-    tracker.start(run_name="g-convergence", tags={"golf.experiment": "g-convergence"})
-    tracker.log_params({"output_dir": str(Path(output_dir).resolve()), "shards": str(shards),
-                        "iterations": iterations, "pairs": measured["pairs"]})
-    for i, value in enumerate(series):
-        tracker.log_metrics({"test_psnr_by_iteration": value}, step=i)
-    tracker.log_artifact(figure, "figures")
-    tracker.end()
-    write_atomic(out / "g_convergence.json", json.dumps(result, indent=2).encode())
+    params = {"output_dir": str(Path(output_dir).resolve()), "shards": str(shards), "iterations": iterations,
+              "pairs": measured["pairs"]}
+    record("g-convergence", out, result, params,
+           (({"test_psnr_by_iteration": value}, i) for i, value in enumerate(series)), figure, tracking_uri, experiment)
     return result

@@ -11,7 +11,6 @@ deconvolution (d) - the reason F and G are trained apart.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -126,8 +125,7 @@ def run_schedule(phases: tuple[str, str], train: CropBank, val: tuple[torch.Tens
 def run_experiment(shards: str, out: Path, cfg: ForgettingConfig, tracking_uri: str | None,
                    experiment: str = "golf-paper") -> dict:
     from golf_dist import plots
-    from golf_dist.data.storage import write_atomic
-    from golf_dist.tracking import Tracker
+    from golf_dist.experiments import record
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -141,14 +139,7 @@ def run_experiment(shards: str, out: Path, cfg: ForgettingConfig, tracking_uri: 
                     "task2_gain_after_phase1": c["task2_gain"][c["step"].index(cfg.steps_per_phase)]}
              for name, c in curves.items()}
     result = {"config": asdict(cfg), "shards": str(shards), "curves": curves, "final": final, "figure": str(figure)}
-    tracker = Tracker(tracking_uri is not None, tracking_uri, experiment)
-    tracker.start(run_name="forgetting", tags={"golf.experiment": "forgetting"})
-    tracker.log_params({**asdict(cfg), "shards": str(shards)})
-    for name, c in curves.items():
-        tag = name.split(":")[0]
-        for step, t1, t2 in zip(c["step"], c["task1_psnr"], c["task2_gain"]):
-            tracker.log_metrics({f"{tag}_task1_psnr": t1, f"{tag}_task2_gain": t2}, step=step)
-    tracker.log_artifact(figure, "figures")
-    tracker.end()
-    write_atomic(out / "forgetting.json", json.dumps(result, indent=2).encode())
+    metrics = (({f"{name.split(':')[0]}_task1_psnr": t1, f"{name.split(':')[0]}_task2_gain": t2}, step)
+               for name, c in curves.items() for step, t1, t2 in zip(c["step"], c["task1_psnr"], c["task2_gain"]))
+    record("forgetting", out, result, {**asdict(cfg), "shards": str(shards)}, metrics, figure, tracking_uri, experiment)
     return result

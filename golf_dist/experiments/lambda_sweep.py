@@ -9,7 +9,6 @@ check runs before any training, and the error says where the file goes.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -25,8 +24,7 @@ from golf_dist.training.trainer import train_stage
 def run_experiment(config: str, overrides: list[str], lambdas: list[float], out: Path, limit: int | None,
                    tracking_uri: str | None, experiment: str = "golf-paper") -> dict:
     from golf_dist import plots
-    from golf_dist.data.storage import write_atomic
-    from golf_dist.tracking import Tracker
+    from golf_dist.experiments import record
 
     if any(value < 0 for value in lambdas):
         raise ConfigError(f"--lambdas must be 0 or more, got {lambdas}")
@@ -50,12 +48,8 @@ def run_experiment(config: str, overrides: list[str], lambdas: list[float], out:
         frames.append({**measured["frames"][0], "label": f"lambda {value:g}"})
     figure = plots.lambda_sweep(frames, out / "lambda_sweep.png")
     result = {"config": str(config), "overrides": overrides, "rows": rows, "figure": str(figure)}
-    tracker = Tracker(tracking_uri is not None, tracking_uri, experiment)
-    tracker.start(run_name="lambda-sweep", tags={"golf.experiment": "lambda-sweep"})
-    tracker.log_params({"config": str(config), "lambdas": ",".join(f"{v:g}" for v in lambdas)})
-    for index, row in enumerate(rows):
-        tracker.log_metrics({"lambda": row["lambda"], "test_psnr": row["psnr"], "test_ssim": row["ssim"]}, step=index)
-    tracker.log_artifact(figure, "figures")
-    tracker.end()
-    write_atomic(out / "lambda_sweep.json", json.dumps(result, indent=2).encode())
+    params = {"config": str(config), "lambdas": ",".join(f"{v:g}" for v in lambdas)}
+    metrics = (({"lambda": row["lambda"], "test_psnr": row["psnr"], "test_ssim": row["ssim"]}, index)
+               for index, row in enumerate(rows))
+    record("lambda-sweep", out, result, params, metrics, figure, tracking_uri, experiment)
     return result

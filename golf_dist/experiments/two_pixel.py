@@ -19,7 +19,6 @@ p*(u) = (u1 + u2)^2 / 2, whose gradient step lands exactly on u~.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -176,8 +175,7 @@ def run_experiment(out: Path, seeds: list[int], cfg: ToyConfig, tracking_uri: st
                    experiment: str = "golf-paper") -> dict:
     """Every seed, the summary, the figure (of the first seed) and the JSON under OUT; one MLflow run."""
     from golf_dist import plots
-    from golf_dist.data.storage import write_atomic
-    from golf_dist.tracking import Tracker
+    from golf_dist.experiments import record
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -190,13 +188,8 @@ def run_experiment(out: Path, seeds: list[int], cfg: ToyConfig, tracking_uri: st
                              title=f"The two-pixel prior, seed {seeds[0]}")
     result = {"config": asdict(cfg), "seeds": rows, "median": summary, "figure": str(figure),
               "paper": {"accuracy": 0.99, "mse_discriminative": 0.4849, "mse_gradient_learning": 2e-3}}
-    tracker = Tracker(tracking_uri is not None, tracking_uri, experiment)
-    tracker.start(run_name="two-pixel", tags={"golf.experiment": "two-pixel"})
-    tracker.log_params({**asdict(cfg), "seeds": ",".join(map(str, seeds))})
-    for index, row in enumerate(rows):
-        tracker.log_metrics({k: float(v) for k, v in row.items() if k != "seed"}, step=index)
-    tracker.log_metrics({f"median_{k}": v for k, v in summary.items()}, step=0)
-    tracker.log_artifact(figure, "figures")
-    tracker.end()
-    write_atomic(out / "two_pixel.json", json.dumps(result, indent=2).encode())
+    metrics = [({k: float(v) for k, v in row.items() if k != "seed"}, index) for index, row in enumerate(rows)]
+    metrics.append(({f"median_{k}": v for k, v in summary.items()}, 0))
+    record("two-pixel", out, result, {**asdict(cfg), "seeds": ",".join(map(str, seeds))}, metrics, figure,
+           tracking_uri, experiment)
     return result
