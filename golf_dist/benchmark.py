@@ -12,6 +12,7 @@ import contextlib
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -21,6 +22,7 @@ from golf_dist.config import SpeedConfig
 from golf_dist.errors import ConfigError, GolfError
 from golf_dist.losses import GolfLoss, VGGFeatures, find_vgg_weights, load_vgg_features
 from golf_dist.models import f_net, g_net
+from golf_dist.profiling import top_operators, write_profile
 from golf_dist.speed import EAGER, Speed, adam_options, apply_backend_flags, prepare_input, prepare_module, resolve
 from golf_dist.training.stages import FStage, GStage
 
@@ -67,6 +69,9 @@ class Settings:
     compile: str = "on"
     compile_backend: str = "inductor"
     channels_last: str = "auto"
+    fused_norm: str = "auto"
+    # a folder: also write the top operators (kernels on a GPU) of each measured step there
+    profile: str | None = None
 
 
 def make_settings(device: str = "cpu", **overrides) -> Settings:
@@ -236,21 +241,35 @@ THROUGHPUT_KEYS = ("train_f_crops_per_s", "train_g_crops_per_s", "train_f_step_m
                    "infer_ms_256", "infer_ms_720p")
 
 
-def _throughput(s: Settings, speed: Speed, loss_fn: GolfLoss, blur: torch.Tensor, sharp: torch.Tensor) -> dict:
-    """Stage f and stage g training steps and F + 3 G inference with the switches of `speed` (EAGER: none)."""
+def _throughput(s: Settings, speed: Speed, loss_fn: GolfLoss, blur: torch.Tensor, sharp: torch.Tensor,
+                column: str = "eager") -> dict:
+    """Stage f and stage g training steps and F + 3 G inference with the switches of `speed` (EAGER: none);
+    with `s.profile`, each one's top operators too (files profile_<step>_<column>.txt, key "profile")."""
     dev = s.device
     apply_backend_flags(speed)
     torch.manual_seed(0)
     blur, sharp = prepare_input(blur, speed), prepare_input(sharp, speed)
     f = prepare_module(f_net().to(dev), speed)
     opt_f = torch.optim.Adam(f.parameters(), lr=1e-3, **adam_options(speed, torch.device(dev)))
-    f_ms = _median_ms(lambda: f_train_step(f, opt_f, loss_fn, blur, sharp, s.precision), dev, s.warmup, s.steps)
+    profiled: dict[str, list[dict]] = {}
+
+    def profiled_step(name: str, fn: Callable[[], None]) -> None:
+        if s.profile:
+            rows, table = top_operators(fn, dev, warmup=0, repeats=max(1, min(3, s.steps)))
+            write_profile(Path(s.profile), f"{name}_{column}", rows, table,
+                          f"{name}, {column} ({speed.describe()}), {device_name(dev)}, {s.precision}, "
+                          f"batch {s.batch} of {s.crop}x{s.crop}, unroll {s.unroll}")
+            profiled[name] = rows
+
+    step_f = lambda: f_train_step(f, opt_f, loss_fn, blur, sharp, s.precision)  # noqa: E731
+    f_ms = _median_ms(step_f, dev, s.warmup, s.steps)
+    profiled_step("train_f", step_f)
     f.requires_grad_(False)
     g = prepare_module(g_net().to(dev), speed)
     opt_g = torch.optim.Adam(g.parameters(), lr=1e-3, **adam_options(speed, torch.device(dev)))
-    g_ms = _median_ms(
-        lambda: g_train_step(f, g, opt_g, loss_fn, blur, sharp, s.unroll, True, s.precision), dev, s.warmup, s.steps
-    )
+    step_g = lambda: g_train_step(f, g, opt_g, loss_fn, blur, sharp, s.unroll, True, s.precision)  # noqa: E731
+    g_ms = _median_ms(step_g, dev, s.warmup, s.steps)
+    profiled_step("train_g", step_g)
     f.eval()
     g.eval()
 
@@ -262,6 +281,7 @@ def _throughput(s: Settings, speed: Speed, loss_fn: GolfLoss, blur: torch.Tensor
 
     x256 = prepare_input(torch.rand(1, 3, 256, 256, device=dev), speed)
     infer_256 = _median_ms(lambda: infer(x256), dev, 1, s.infer_repeats_256)
+    profiled_step("infer_256", lambda: infer(x256))
     infer_720 = None
     if not s.skip_720p:
         # One full frame: on a 2-core CPU a single eager run takes ~20 s, so no warm-up there (except to compile).
@@ -270,7 +290,7 @@ def _throughput(s: Settings, speed: Speed, loss_fn: GolfLoss, blur: torch.Tensor
         infer_720 = round(_median_ms(lambda: infer(x720), dev, warm, s.infer_repeats_720p), 2)
     return {"train_f_crops_per_s": round(s.batch / (f_ms / 1e3), 3), "train_g_crops_per_s": round(s.batch / (g_ms / 1e3), 3),
             "train_f_step_ms": round(f_ms, 2), "train_g_step_ms": round(g_ms, 2), "infer_ms_256": round(infer_256, 2),
-            "infer_ms_720p": infer_720}
+            "infer_ms_720p": infer_720, **({"profile": profiled} if s.profile else {})}
 
 
 def run_benchmark(s: Settings) -> dict:
@@ -284,8 +304,9 @@ def run_benchmark(s: Settings) -> dict:
     speed_layer, speedup = None, None
     if not s.skip_speed:
         speed = resolve(SpeedConfig(compile=s.compile, compile_backend=s.compile_backend,
-                                    channels_last=s.channels_last), torch.device(dev), training=False)
-        speed_layer = {"options": speed.describe(), **_throughput(s, speed, loss_fn, blur, sharp)}
+                                    channels_last=s.channels_last, fused_norm=s.fused_norm),
+                        torch.device(dev), training=False)
+        speed_layer = {"options": speed.describe(), **_throughput(s, speed, loss_fn, blur, sharp, "speed_layer")}
         speedup = {key: round(speed_layer[key] / eager[key] if "per_s" in key else eager[key] / speed_layer[key], 3)
                    for key in THROUGHPUT_KEYS if eager[key] and speed_layer[key]}
     apply_backend_flags(EAGER)

@@ -101,6 +101,11 @@ class SpeedConfig:
     cudnn_benchmark: str = "auto"  # auto: on for evaluation, deblurring and benchmarks, off in training, whose
     #                                resume is promised bitwise exact | on | off
     fused_adam: str = "auto"  # Adam's fused CUDA kernel: auto | on | off
+    fused_norm: str = "auto"  # InstanceNorm + ReLU as one Triton kernel (golf_dist/fused_norm.py): auto (on with
+    #                           CUDA and Triton, unless compile is on) | on (the PyTorch fallback where the kernel
+    #                           cannot run) | off
+    cuda_graphs: str = "auto"  # CUDA graphs through compile (reduce-overhead) on CUDA: auto (off until measured on
+    #                            a GPU) | on | off; on needs compile
 
 
 @dataclass
@@ -270,8 +275,10 @@ def validate(cfg: Config, stage: str | None = None) -> None:
     need(cfg.data.crops_per_frame >= 1, "data.crops_per_frame", "must be at least 1")
     need(cfg.data.on_bad_sample in ("error", "skip"), "data.on_bad_sample", "must be error or skip")
     need(cfg.loss.perceptual_weight >= 0, "loss.perceptual_weight", "must be 0 or more")
-    for key in ("compile", "channels_last", "cudnn_benchmark", "fused_adam"):
+    for key in ("compile", "channels_last", "cudnn_benchmark", "fused_adam", "fused_norm", "cuda_graphs"):
         need(getattr(cfg.speed, key) in ("auto", "on", "off"), f"speed.{key}", "must be auto, on or off")
+    need(not (cfg.speed.cuda_graphs == "on" and cfg.speed.compile == "off"), "speed.cuda_graphs",
+         "on needs speed.compile auto or on (CUDA graphs are recorded through torch.compile)")
     need(cfg.speed.compile_backend in ("inductor", "aot_eager", "eager", "cudagraphs"), "speed.compile_backend",
          "must be inductor, aot_eager, eager or cudagraphs")
     t = cfg.train

@@ -123,10 +123,14 @@ def unroll(g: nn.Module, x0: Tensor, steps: int, checkpoint: bool = True) -> lis
 
 @torch.no_grad()
 def golf_iterates(f: torch.nn.Module, g: torch.nn.Module | None, blur: torch.Tensor, iterations: int) -> list[torch.Tensor]:
-    """[x0 = F(y), G(x0), G(G(x0)), ...]: the estimate after each of the `iterations` G steps."""
+    """[x0 = F(y), G(x0), G(G(x0)), ...]: the estimate after each of the `iterations` G steps.
+
+    On CUDA each kept iterate is a copy: networks replayed as CUDA graphs (speed.cuda_graphs) write their
+    outputs into buffers that the next replay reuses."""
+    keep = (lambda t: t.clone()) if blur.is_cuda else (lambda t: t)
     x = f(blur)
-    out = [x]
+    out = [keep(x)]
     for _ in range(iterations if g is not None else 0):
         x = g(x)
-        out.append(x)
+        out.append(keep(x))
     return out

@@ -1,5 +1,6 @@
 """The speed layer, in one place for training, evaluation, deblurring and the benchmark (config section
-`speed:`): torch.compile, channels_last, TF32, cudnn.benchmark and fused Adam.
+`speed:`): torch.compile, channels_last, TF32, cudnn.benchmark, fused Adam and the fused InstanceNorm + ReLU
+kernel (golf_dist/fused_norm.py).
 
 Each switch is auto, on or off; auto means on where a CUDA GPU runs the work and off on a CPU, so CPU runs
 stay exactly what eager PyTorch computes (the tests' bitwise resume, the demo's figures). cudnn.benchmark
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from golf_dist.fused_norm import fuse_norm_relu, kernel_available
+
 
 @dataclass(frozen=True)
 class Speed:
@@ -24,9 +27,12 @@ class Speed:
     tf32: bool = False
     cudnn_benchmark: bool = False
     fused_adam: bool = False
+    fused_norm: bool = False
+    cuda_graphs: bool = False  # compile's "reduce-overhead" mode: each shape's launches recorded once, replayed
 
     def describe(self) -> str:
-        on = [name for name in ("compile", "channels_last", "tf32", "cudnn_benchmark", "fused_adam") if getattr(self, name)]
+        names = ("compile", "channels_last", "tf32", "cudnn_benchmark", "fused_adam", "fused_norm", "cuda_graphs")
+        on = [name for name in names if getattr(self, name)]
         if self.compile:
             on[0] = f"compile ({self.compile_backend})"
         return ", ".join(on) or "eager, no speed options"
@@ -42,13 +48,20 @@ def _switch(value: str, default: bool) -> bool:
 def resolve(speed_cfg, device: torch.device, training: bool) -> Speed:
     """The config's switches (golf_dist.config.SpeedConfig) for work on `device`."""
     cuda = device.type == "cuda"
+    compile_on = _switch(speed_cfg.compile, cuda)
     return Speed(
-        compile=_switch(speed_cfg.compile, cuda),
+        compile=compile_on,
         compile_backend=speed_cfg.compile_backend,
         channels_last=_switch(speed_cfg.channels_last, cuda),
         tf32=bool(speed_cfg.tf32) and cuda,
         cudnn_benchmark=_switch(speed_cfg.cudnn_benchmark, cuda and not training),
         fused_adam=_switch(speed_cfg.fused_adam, cuda),
+        # auto: where Triton runs it and torch.compile does not already generate its own fused kernels
+        fused_norm=_switch(speed_cfg.fused_norm, cuda and kernel_available() and not compile_on),
+        # CUDA graphs ride on torch.compile (inductor's reduce-overhead mode, which keeps static input buffers and
+        # copies each batch into them; each input shape is recorded once). auto stays off until the path has been
+        # measured on a GPU (docs/benchmark.md); on: for any work on CUDA with compile on
+        cuda_graphs=compile_on and cuda and _switch(speed_cfg.cuda_graphs, False),
     )
 
 
@@ -60,12 +73,16 @@ def apply_backend_flags(speed: Speed) -> None:
 
 
 def prepare_module(module: torch.nn.Module, speed: Speed) -> torch.nn.Module:
-    """channels_last weights, then torch.compile; returns the module to call (the compiled wrapper keeps the
-    original's parameters, so optimizers, EMA and state dicts see the same tensors)."""
+    """The fused InstanceNorm + ReLU (in place), channels_last weights, then torch.compile; returns the module to
+    call (the compiled wrapper keeps the original's parameters, so optimizers, EMA and state dicts see the same
+    tensors under the same names)."""
+    if speed.fused_norm:
+        fuse_norm_relu(module)
     if speed.channels_last:
         module = module.to(memory_format=torch.channels_last)
     if speed.compile:
-        module = torch.compile(module, backend=speed.compile_backend)
+        mode = "reduce-overhead" if speed.cuda_graphs and speed.compile_backend == "inductor" else None
+        module = torch.compile(module, backend=speed.compile_backend, mode=mode)
     return module
 
 

@@ -89,14 +89,16 @@ def test_benchmark_settings_take_device_defaults_then_overrides():
 
 def _run_cli(*args):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, str(ROOT / "launch" / "benchmark.py"), *args],
+    return subprocess.run([sys.executable, str(ROOT / "launch" / "benchmark.py"), *map(str, args)],
                           capture_output=True, text=True, env=env, timeout=300)
 
 
-def test_benchmark_cli_prints_one_json_line():
-    # the speed layer's column with channels_last alone: compiling on a 2-core CPU takes minutes
+def test_benchmark_cli_prints_one_json_line(tmp_path):
+    # the speed layer's column with channels_last and the fused norm (its PyTorch fallback on a CPU):
+    # compiling on a 2-core CPU takes minutes
     r = _run_cli("--batch", "1", "--crop", "32", "--steps", "1", "--warmup", "0",
-                 "--memory-unrolls", "2,4", "--skip-720p", "--compile", "off", "--channels-last", "on")
+                 "--memory-unrolls", "2,4", "--skip-720p", "--compile", "off", "--channels-last", "on",
+                 "--fused-norm", "on", "--profile", tmp_path / "profile")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 1
@@ -111,9 +113,19 @@ def test_benchmark_cli_prints_one_json_line():
         assert 0 < m["peak_bytes_checkpointed"] < m["peak_bytes_plain"]
     assert out["settings"]["batch"] == 1 and out["settings"]["crop"] == 32
     # eager and the speed layer measured in the same run, with their ratios
-    assert out["speed_layer"]["options"] == "channels_last" and out["speed_layer"]["train_f_crops_per_s"] > 0
+    assert out["speed_layer"]["options"] == "channels_last, fused_norm"
+    assert out["speed_layer"]["train_f_crops_per_s"] > 0
     assert out["speedup"]["train_f_crops_per_s"] == pytest.approx(
         out["speed_layer"]["train_f_crops_per_s"] / out["train_f_crops_per_s"], rel=1e-2)
+    # --profile: each step's top operators, per column, in files and in the JSON
+    for column, result in (("eager", out), ("speed_layer", out["speed_layer"])):
+        for step in ("train_f", "train_g", "infer_256"):
+            rows = result["profile"][step]
+            assert rows and all(r["self_ms"] > 0 and 0 < r["share"] <= 1 for r in rows)
+            assert sum(r["share"] for r in rows) <= 1.0001
+            assert any("conv" in r["name"] for r in rows), rows  # the convolutions are where the time goes
+            text = (tmp_path / "profile" / f"profile_{step}_{column}.txt").read_text()
+            assert rows[0]["name"] in text and "self ms/step" in text
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

@@ -5,15 +5,20 @@ inductor's C++ code generation, which takes minutes on a 2-core CPU per network.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import run_cli, write_config
+from conftest import ROOT, run_cli, write_config
 from golf_dist.config import SpeedConfig, load_config
 from golf_dist.errors import ConfigError
+from golf_dist.fused_norm import fuse_norm_relu, kernel_available
 from golf_dist.models import f_net, g_net, unroll
 from golf_dist.speed import EAGER, Speed, adam_options, prepare_input, prepare_module, resolve
 
@@ -107,3 +112,85 @@ def test_stage_g_trains_with_compile_and_channels_last(small_run, shards, tmp_pa
     psnr = read_metrics(out / "g" / "metrics.jsonl")["val_psnr"]
     assert [step for step, _ in psnr] == [2] and 10 < psnr[0][1] < 60
     assert json.loads((out / "g_run.json").read_text())["weights_sha256"]
+
+
+def test_fused_norm_and_cuda_graphs_switches():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    # auto: off on a CPU; on CUDA only where compile (which fuses by itself) is off
+    assert not resolve(SpeedConfig(fused_norm="auto"), cpu, training=True).fused_norm
+    assert not resolve(SpeedConfig(), gpu, training=True).fused_norm  # compile is on there
+    assert resolve(SpeedConfig(compile="off"), gpu, training=True).fused_norm == kernel_available()
+    assert resolve(SpeedConfig(fused_norm="on"), cpu, training=True).fused_norm  # runs the fallback
+    # CUDA graphs: off until measured on a GPU; on needs CUDA and compile
+    assert not resolve(SpeedConfig(), gpu, training=False).cuda_graphs
+    assert resolve(SpeedConfig(cuda_graphs="on"), gpu, training=False).cuda_graphs
+    assert not resolve(SpeedConfig(cuda_graphs="on", compile="on"), cpu, training=False).cuda_graphs
+    with pytest.raises(ConfigError, match="speed.cuda_graphs"):
+        load_config(None, overrides=["speed.cuda_graphs=on", "speed.compile=off"])
+    with pytest.raises(ConfigError, match="speed.fused_norm"):
+        load_config(None, overrides=["speed.fused_norm=yes"])
+
+
+@pytest.mark.parametrize("make,pairs", [(f_net, 16), (g_net, 16)], ids=["F", "G"])
+def test_fused_norm_fallback_keeps_names_and_computes_what_eager_computes(make, pairs):
+    torch.manual_seed(0)
+    eager = make(zero_init_last=False)
+    fast = make(zero_init_last=False)
+    fast.load_state_dict(eager.state_dict())
+    assert fuse_norm_relu(fast) == pairs  # two IN -> ReLU pairs in each of the 8 basic blocks
+    assert list(fast.state_dict()) == list(eager.state_dict())  # checkpoints load either way
+    x = torch.rand(2, 3, 24, 40, requires_grad=True)
+    a, grad_a = _outputs_and_grads(eager, x)
+    b, grad_b = _outputs_and_grads(fast, x)
+    if not kernel_available(x):  # the PyTorch fallback: eager's own ops, bit for bit
+        assert torch.equal(a, b) and torch.equal(grad_a, grad_b)
+    assert close(b, a) and close(grad_b, grad_a)
+
+
+KERNEL_CHECK = r"""
+import torch, torch.nn.functional as F
+from golf_dist.fused_norm import fuse_norm_relu, instance_norm_relu, kernel_available
+from golf_dist.models import g_net
+assert kernel_available(torch.zeros(1)), "the interpreter should run the kernel on a CPU tensor"
+torch.manual_seed(0)
+worst = 0.0
+def err(a, b):
+    return ((a - b).abs().max() / (b.abs().max() + 1e-6)).item()
+# 5 channels over blocks of 16 and 7x9 = 63 pixels over tiles of 64: the masks; 70 channels, 130 pixels: the loops
+for n, c, h, w in ((2, 5, 7, 9), (1, 70, 10, 13)):
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = (torch.randn(n, c, h, w) * 3 + 1).contiguous(memory_format=layout).requires_grad_(True)
+        wt = torch.randn(c, requires_grad=True)
+        b = torch.randn(c, requires_grad=True)
+        y = instance_norm_relu(x, wt, b)
+        assert y.is_contiguous(memory_format=layout)
+        g = torch.randn_like(y)
+        got = torch.autograd.grad((y * g).sum(), (x, wt, b))
+        ref_y = F.relu(F.instance_norm(x, weight=wt, bias=b))
+        want = torch.autograd.grad((ref_y * g).sum(), (x, wt, b))
+        worst = max(worst, err(y, ref_y), *(err(p, q) for p, q in zip(got, want)))
+# a whole G with the kernel against eager G: outputs and input gradients
+eager = g_net(zero_init_last=False)
+fast = g_net(zero_init_last=False)
+fast.load_state_dict(eager.state_dict())
+fuse_norm_relu(fast)
+x = torch.rand(1, 3, 20, 24, requires_grad=True)
+ya, yb = eager(x), fast(x)
+ga, = torch.autograd.grad(ya.sum(), x)
+gb, = torch.autograd.grad(yb.sum(), x)
+worst = max(worst, err(yb, ya), err(gb, ga))
+print("worst relative error", worst)
+assert worst < 1e-4, worst
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_fused_norm_kernel_under_the_triton_interpreter_matches_eager(tmp_path):
+    """The Triton kernel itself (forward and backward, NCHW and NHWC, masked tails, several tiles) run by
+    Triton's interpreter on the CPU, against eager InstanceNorm + ReLU and against an eager G."""
+    script = tmp_path / "kernel_check.py"
+    script.write_text(KERNEL_CHECK)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "worst relative error" in proc.stdout

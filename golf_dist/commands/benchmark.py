@@ -60,7 +60,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="model, speed layer: torch.compile's backend (default: %(default)s)")
     p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
                    help="model, speed layer: NHWC weights and inputs (default: %(default)s, on for cuda)")
+    p.add_argument("--fused-norm", choices=["auto", "on", "off"], default="auto",
+                   help="model, speed layer: InstanceNorm + ReLU as one Triton kernel (default: %(default)s: "
+                        "on for cuda when --compile is off)")
+    p.add_argument("--profile", metavar="DIR",
+                   help="model: also write each step's top operators (kernels on cuda) to DIR/profile_*.txt, "
+                        "eager and speed layer, and put them in the JSON under \"profile\"")
     a = p.parse_args(argv)
+    if a.what == "data" and a.profile:
+        p.error("--profile belongs to --what model")
     if a.what == "data":
         data = make_data_settings(
             a.shards or [], a.loader, a.device, split=a.split, crop=a.crop, batch=a.batch,
@@ -76,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         steps=a.steps,
         warmup=a.warmup, memory_unrolls=a.memory_unrolls, skip_memory=a.skip_memory, skip_720p=a.skip_720p,
         perceptual=a.perceptual, vgg_weights=a.vgg_weights, skip_speed=a.skip_speed, compile=a.compile,
-        compile_backend=a.compile_backend, channels_last=a.channels_last,
+        compile_backend=a.compile_backend, channels_last=a.channels_last, fused_norm=a.fused_norm,
+        profile=a.profile,
     )
     print(json.dumps(run_benchmark(settings)), flush=True)
     return 0
