@@ -225,8 +225,12 @@ def train_loader(
     end_step: int,
     num_workers: int,
     skip_bad: bool = False,
+    pin_memory: bool = False,
 ) -> torch.utils.data.DataLoader:
-    """Batches of (blur, sharp, skipped) for this rank, step by step from `start_step`, `accum` per step."""
+    """Batches of (blur, sharp, skipped) for this rank, step by step from `start_step`, `accum` per step.
+
+    `pin_memory` (for a CUDA device) puts each batch in page-locked memory, so the trainer's
+    `.to(device, non_blocking=True)` overlaps the copy with the GPU's work instead of waiting for it."""
     sampler = RankBatches(global_batch, accum, world, rank, start_step, end_step)
     return torch.utils.data.DataLoader(
         TrainCrops(pairs, plan, skip_bad),
@@ -234,6 +238,7 @@ def train_loader(
         num_workers=num_workers,
         persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
+        pin_memory=pin_memory,
     )
 
 
