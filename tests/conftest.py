@@ -47,12 +47,14 @@ def run_cli(script: str, *args: str, env: dict | None = None, timeout: int = 600
 
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory) -> Path:
-    """12 train + 4 test synthetic pairs of 64x96, sharded 4 pairs per shard."""
+    """12 train + 4 test synthetic pairs of 64x96, sharded 4 pairs per shard, PNG in both splits (not the
+    CLI's npy default for training): the bad-sample tests rewrite PNG members; npy shards have their own
+    fixtures (tests/test_dali.py, tests/test_shard_formats.py)."""
     base = tmp_path_factory.mktemp("data")
     run_cli("data_prep/synth_gopro.py", "--out", base / "GOPRO_Large", "--train-pairs", 12, "--test-pairs", 4,
             "--height", 64, "--width", 96, "--seed", 3, check=True)
     run_cli("data_prep/shard_gopro.py", "--src", base / "GOPRO_Large", "--out", base / "shards",
-            "--maxcount", 4, "--workers", 1, check=True)
+            "--maxcount", 4, "--workers", 1, "--format", "png", check=True)
     return base / "shards"
 
 

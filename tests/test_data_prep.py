@@ -333,7 +333,14 @@ def test_clis_end_to_end_with_default_paths(tmp_path):
     proc = _cli("shard_gopro.py", "--no-progress", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "GOPRO_shards" in proc.stdout and "manifest.json" in proc.stdout
-    assert read_manifest(tmp_path / "GOPRO_shards")["splits"]["train"]["pairs"] == 4
+    manifest = read_manifest(tmp_path / "GOPRO_shards")
+    assert manifest["splits"]["train"]["pairs"] == 4
+    # the default formats: npy for training (the fastest to load), png for the test split (compact)
+    for split, ext in (("train", "npy"), ("test", "png")):
+        for shard in sorted((tmp_path / "GOPRO_shards" / split).glob("*.tar")):
+            with tarfile.open(shard) as tar:
+                names = tar.getnames()
+            assert names and all(n.endswith((f".blur.{ext}", f".sharp.{ext}", ".json")) for n in names), names
     proc = _cli("synth_gopro.py", "--out", "GOPRO_Large", "--height", "48", "--width", "64", cwd=tmp_path)
     assert proc.returncode == 1 and "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -511,7 +518,10 @@ def test_lost_index_is_rewritten_on_rerun(dp_gopro, dp_shards, tmp_path):
 
 def test_parts_then_merge_give_the_single_run_bytes(dp_gopro, dp_shards, tmp_path):
     out = tmp_path / "shards"
-    common = ("--src", str(dp_gopro), "--out", str(out), "--maxcount", "4", "--workers", "1", "--no-progress")
+    # PNG in both splits, as the library call that made dp_shards writes them (the CLI's default for
+    # training is npy)
+    common = ("--src", str(dp_gopro), "--out", str(out), "--maxcount", "4", "--workers", "1", "--no-progress",
+              "--format", "png")
     proc = _cli("shard_gopro.py", *common, "--num-parts", "2", "--part", "1")
     assert proc.returncode == 0, proc.stderr
     assert sorted(_tree(out)) == ["parts/part-00001-of-00002.json", "train/train-000001.idx", "train/train-000001.tar"]

@@ -28,6 +28,12 @@ from PIL import Image, UnidentifiedImageError
 from golf_dist.errors import DataError
 
 FORMATS = ("png", "jp2", "npy")
+# What data_prep/shard_gopro.py writes when not told (docs/data.md has the measurements): the training split
+# as npy, the fastest to feed to a GPU (no decode; DALI crops before it copies; about 2,500 pairs/s on a
+# 16-core H100 machine against 137 for PNG) at about twice PNG's disk; the test split as PNG, which
+# evaluation reads once per frame, so the compact format costs nothing there.
+DEFAULT_TRAIN_FORMAT = "npy"
+DEFAULT_TEST_FORMAT = "png"
 # Extensions decode() understands: the shard formats plus JPEG (for images handed to deblur).
 _PIL_EXTS = {"png", "jp2", "jpg", "jpeg"}
 # The most pixels one image may have: 16 GoPro frames (a 4K or 12-megapixel photo fits); beyond it the
