@@ -160,3 +160,57 @@ def gain_on_crops_and_frames(
             on_crops.append(gains(blur[window], sharp[window]))
         on_frames.append(gains(blur, sharp))
     return {"crops": np.mean(on_crops, axis=0).tolist(), "frames": np.mean(on_frames, axis=0).tolist()}
+
+
+def _patches(image: torch.Tensor, kernel: int) -> torch.Tensor:
+    """(H*W) x (3*k*k + 1): each pixel's k x k neighbourhood in every channel (reflected at the border, as the
+    networks pad) and a constant 1, in float64."""
+    pad = kernel // 2
+    padded = torch.nn.functional.pad(image[None].double(), (pad, pad, pad, pad), mode="reflect")
+    cols = torch.nn.functional.unfold(padded, kernel)[0].T
+    return torch.cat([cols, torch.ones(len(cols), 1, dtype=cols.dtype)], 1)
+
+
+@torch.no_grad()
+def linear_headroom(
+    f: torch.nn.Module, g: torch.nn.Module | None, train_frames: list[tuple[np.ndarray, np.ndarray]],
+    test_frames: list[tuple[np.ndarray, np.ndarray]], *, kernel: int = 7, samples_per_frame: int = 6000,
+    iterations: int = 3, seed: int = 0,
+) -> dict[str, Any]:
+    """How much is left for G to correct, measured with the simplest corrector there is: the least-squares
+    linear filter (k x k, 3 -> 3 channels, plus an offset) from F's estimate x0 to the residual sharp - x0,
+    fitted on `samples_per_frame` random pixels of each training frame and applied to the test frames.
+
+    Returns the filter's mean PSNR gain over F alone on the test frames ("linear_gain") and, with `g`, G's
+    gain after each iteration on the same frames ("g_gains"). A G that gains far less than the filter has an
+    optimisation problem; a filter that gains little says F's estimate leaves little that a local linear
+    correction (a sharpening, a deconvolution of what blur is left) could undo. Frames: (blur, sharp) HxWx3
+    uint8 pairs."""
+    from golf_dist.data.loader import to_tensor
+    from golf_dist.metrics import psnr
+
+    if kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"kernel must be an odd number >= 1, got {kernel}")
+    gen = torch.Generator().manual_seed(seed)
+    rows, targets = [], []
+    for blur, sharp in train_frames:
+        x0 = f(to_tensor(blur)[None])[0]
+        feats = _patches(x0, kernel)
+        pick = torch.randperm(len(feats), generator=gen)[:samples_per_frame]
+        rows.append(feats[pick])
+        targets.append((to_tensor(sharp).double() - x0.double()).reshape(3, -1).T[pick])
+    weights = torch.linalg.lstsq(torch.cat(rows), torch.cat(targets)).solution  # (3k^2 + 1) x 3
+    linear, by_iteration = [], []
+    for blur, sharp in test_frames:
+        target = to_tensor(sharp)[None]
+        iterates = golf_iterates(f, g, to_tensor(blur)[None], iterations if g is not None else 0)
+        x0 = iterates[0][0]
+        corrected = x0 + (_patches(x0, kernel) @ weights).T.reshape(x0.shape).float()
+        base = float(psnr(x0[None].clamp(0, 1), target))
+        linear.append(float(psnr(corrected[None].clamp(0, 1), target)) - base)
+        by_iteration.append([float(psnr(x.clamp(0, 1), target)) - base for x in iterates[1:]])
+    result: dict[str, Any] = {"kernel": kernel, "train_frames": len(train_frames), "test_frames": len(test_frames),
+                              "samples": int(sum(len(r) for r in rows)), "linear_gain": float(np.mean(linear))}
+    if g is not None:
+        result["g_gains"] = np.mean(by_iteration, axis=0).tolist()
+    return result

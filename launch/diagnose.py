@@ -6,13 +6,16 @@
     python launch/diagnose.py loaders --config configs/demo.yaml --crops 64     # DALI's first crops vs torch's
     python launch/diagnose.py curves runs/demo --out runs/demo/curves.png       # validation / loss / grad norm
     python launch/diagnose.py crops --output-dir runs/demo                       # G's gain on crops vs frames
+    python launch/diagnose.py headroom --output-dir runs/demo                    # what a linear fix of F gains
 
 overfit: Adam on one fixed batch of training crops; passes (exit 0) when the loss falls by --factor within
 --steps. loaders: the same statistics for the first crops of each loader, and every crop checked against
 its source pair decoded by the shard reader; exit 1 when a crop does not match its source. curves: the
 metrics.jsonl of each stage of each output folder, as one PNG. crops: a trained G's gain over F after each
 iteration on random crops (F run on the crop, as stage g trains) and on the same whole frames (as
-evaluation measures). The last line printed is one JSON object.
+evaluation measures). headroom: the best linear correction of F's output (a k x k filter fitted by least
+squares on training frames) scored on test frames, beside G's gain on the same frames: how much a simple
+corrector finds left to correct. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from golf_dist.cli import run_main  # noqa: E402
 from golf_dist.config import load_config, parse_overrides  # noqa: E402
+from golf_dist.errors import ConfigError  # noqa: E402
 
 
 def _overfit(args) -> int:
@@ -89,6 +93,16 @@ def _curves(args) -> int:
     return 0
 
 
+def _shards_of(out: Path, given: str | None) -> str:
+    """The shard folder: --shards, else data.shards of the run's resolved config (stage g's, else stage f's)."""
+    if given is not None:
+        return given
+    resolved = next((p for p in (out / "g" / "config.yaml", out / "f" / "config.yaml") if p.is_file()), None)
+    if resolved is None:
+        raise ConfigError(f"no config.yaml in {out / 'g'} or {out / 'f'}: pass --shards")
+    return load_config(resolved).data.shards
+
+
 def _crops(args) -> int:
     import torch
 
@@ -97,13 +111,7 @@ def _crops(args) -> int:
     from golf_dist.evaluate import load_trained
 
     out = Path(args.output_dir)
-    shards = args.shards
-    if shards is None:
-        resolved = out / "g" / "config.yaml"
-        if not resolved.is_file():
-            print(f"no {resolved}: pass --shards", file=sys.stderr)
-            return 2
-        shards = load_config(resolved).data.shards
+    shards = _shards_of(out, args.shards)
     f, g = load_trained(out, torch.device("cpu"), args.iterations)
     pairs = ShardPairs(shards, args.split)
     frames = [pairs.load(i)[:2] for i in range(min(args.pairs, len(pairs)))]
@@ -113,6 +121,31 @@ def _crops(args) -> int:
         print(f"G's gain over F on {args.split} {where}, iterations 1..{args.iterations}: "
               + ", ".join(f"{v:+.4f}" for v in result[where]) + " dB")
     print(json.dumps({"split": args.split, "pairs": len(frames), "crop": args.crop, **result}))
+    return 0
+
+
+def _headroom(args) -> int:
+    import torch
+
+    from golf_dist.data.loader import ShardPairs
+    from golf_dist.diagnostics import linear_headroom
+    from golf_dist.evaluate import load_trained
+
+    out = Path(args.output_dir)
+    shards = _shards_of(out, args.shards)
+    with_g = (out / "g.safetensors").is_file()
+    f, g = load_trained(out, torch.device("cpu"), args.iterations if with_g else 0)
+    train, test = ShardPairs(shards, "train"), ShardPairs(shards, "test")
+    result = linear_headroom(
+        f, g, [train.load(i)[:2] for i in range(min(args.train_pairs, len(train)))],
+        [test.load(i)[:2] for i in range(min(args.test_pairs, len(test)))], kernel=args.kernel,
+        samples_per_frame=args.samples, iterations=args.iterations, seed=args.seed)
+    print(f"best linear {args.kernel}x{args.kernel} correction of F's output, fitted on {result['train_frames']} "
+          f"training frames: {result['linear_gain']:+.4f} dB over F on {result['test_frames']} test frames")
+    if "g_gains" in result:
+        print("G's gain over F on the same frames, iterations 1..{}: {} dB".format(
+            args.iterations, ", ".join(f"{v:+.4f}" for v in result["g_gains"])))
+    print(json.dumps(result))
     return 0
 
 
@@ -151,6 +184,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iterations", type=int, default=3, help="G iterations (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the crop windows (default: %(default)s)")
     p.set_defaults(func=_crops)
+    p = sub.add_parser("headroom", help="the best linear correction of F's output (least squares) beside G's gain")
+    p.add_argument("--output-dir", required=True, help="training output folder holding f.safetensors (and g.safetensors)")
+    p.add_argument("--shards", help="shard folder (default: data.shards of OUTPUT_DIR/g/config.yaml)")
+    p.add_argument("--train-pairs", type=int, default=48, help="training frames to fit on (default: %(default)s)")
+    p.add_argument("--test-pairs", type=int, default=16, help="test frames to score on (default: %(default)s)")
+    p.add_argument("--kernel", type=int, default=7, help="filter side, odd (default: %(default)s)")
+    p.add_argument("--samples", type=int, default=6000, help="pixels sampled per training frame (default: %(default)s)")
+    p.add_argument("--iterations", type=int, default=3, help="G iterations (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled pixels (default: %(default)s)")
+    p.set_defaults(func=_headroom)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -315,6 +316,13 @@ def test_crops_command_on_a_trained_run(small_run):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["pairs"] == 2 and len(result["crops"]) == len(result["frames"]) == 2
     assert all(math.isfinite(v) for v in result["crops"] + result["frames"])
+    # the headroom instrument on the same run: the linear filter and G side by side
+    proc = run_cli("launch/diagnose.py", "headroom", "--output-dir", small_run["out"], "--train-pairs", "4",
+                   "--test-pairs", "2", "--samples", "500", "--kernel", "5", "--iterations", "2", check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["train_frames"] == 4 and result["test_frames"] == 2 and result["samples"] == 2000
+    assert len(result["g_gains"]) == 2 and math.isfinite(result["linear_gain"])
+    assert "best linear 5x5 correction of F's output" in proc.stdout
 
 
 def test_deblur_on_tiles_writes_the_whole_image(small_run, tmp_path):
@@ -345,3 +353,36 @@ def test_gpu_recipe_runs_at_a_small_size_on_cpu(shards, tmp_path):
             assert weights.metadata()["weights"] == "ema"
     resolved = (out / "g" / "config.yaml").read_text()
     assert "schedule: cosine" in resolved and "crops_per_frame: 2" in resolved and "ema_decay: 0.995" in resolved
+
+
+def test_linear_headroom_finds_a_known_blur_and_nothing_where_there_is_none():
+    """The headroom instrument on frames with a known answer: with F the identity and blur a 3x3 box filter of
+    the sharp frame, a least-squares 7x7 filter undoes much of it (several dB); where the sharp frame differs
+    from the blurred one by independent noise, nothing a filter of the blurred frame does predicts it."""
+    from golf_dist.diagnostics import linear_headroom
+
+    rng = np.random.default_rng(0)
+
+    def frame():
+        sharp = rng.random((40, 48, 3))
+        sharp = (sharp + np.roll(sharp, 1, 0) + np.roll(sharp, 1, 1)) / 3  # some structure between pixels
+        padded = np.pad(sharp, ((1, 1), (1, 1), (0, 0)), mode="reflect")
+        blur = sum(padded[dy:dy + 40, dx:dx + 48] for dy in range(3) for dx in range(3)) / 9
+        return (blur * 255).round().astype(np.uint8), (sharp * 255).round().astype(np.uint8)
+
+    train, test = [frame() for _ in range(4)], [frame() for _ in range(2)]
+    identity = torch.nn.Identity()
+    blurred = linear_headroom(identity, None, train, test, kernel=7, samples_per_frame=1500)
+    assert blurred["linear_gain"] > 3.0, blurred
+    assert blurred["samples"] == 4 * 1500 and "g_gains" not in blurred
+
+    def noisy(pair):
+        sharp = pair[1].astype(float) + rng.normal(0, 8, pair[1].shape)
+        return pair[1], sharp.clip(0, 255).round().astype(np.uint8)
+
+    unpredictable = linear_headroom(identity, identity, [noisy(p) for p in train], [noisy(p) for p in test],
+                                    kernel=7, samples_per_frame=1500, iterations=2)
+    assert -0.5 < unpredictable["linear_gain"] < 0.05, unpredictable  # at most what fitting noise costs
+    assert unpredictable["g_gains"] == [0.0, 0.0]  # an identity G changes nothing
+    with pytest.raises(ValueError, match="odd"):
+        linear_headroom(identity, None, train, test, kernel=4)
