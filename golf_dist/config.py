@@ -24,6 +24,7 @@ from golf_dist.errors import ConfigError
 
 STAGES = ("f", "g")
 SCHEDULES = ("exp", "cosine", "constant")
+UNROLL_WEIGHTINGS = ("uniform", "linear")  # golf_dist.losses.iterate_weights
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "gopro.yaml"
 
 
@@ -61,6 +62,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     unroll: int = 5  # N, the unrolled G steps of Eq. 4 (stage g)
+    unroll_weighting: str = "uniform"  # the weights of the N iterates in Eq. 4: uniform (the paper's mean) | linear
+    #                                    (iterate i weighs i: later iterates count more, so G learns to converge)
     gradient_checkpointing: bool = True  # checkpoint each unrolled G step (stage g)
     grad_accum: int = 1
     mixed_precision: str = "no"  # no | bf16 | fp16
@@ -294,6 +297,7 @@ def validate(cfg: Config, stage: str | None = None) -> None:
     need(0 <= t.beta1 < 1, "train.beta1", "must be in [0, 1)")
     need(0 <= t.beta2 < 1, "train.beta2", "must be in [0, 1)")
     need(t.unroll >= 1, "train.unroll", "must be at least 1")
+    need(t.unroll_weighting in UNROLL_WEIGHTINGS, "train.unroll_weighting", f"must be one of {', '.join(UNROLL_WEIGHTINGS)}")
     need(t.grad_accum >= 1, "train.grad_accum", "must be at least 1")
     need(t.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision", "must be no, bf16 or fp16")
     for key in ("log_every", "val_every", "checkpoint_every", "keep_last"):

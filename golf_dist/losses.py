@@ -146,10 +146,24 @@ class GolfLoss(nn.Module):
         return {"total": total, "content": content, "perceptual": perceptual}
 
 
+def iterate_weights(n: int, weighting: str = "uniform") -> list[float]:
+    """The weights of iterates 1..n in Eq. 4, summing to 1: uniform is the paper's mean; linear weighs
+    iterate i by i, so the later iterates, the ones test time keeps, count more."""
+    if weighting == "uniform":
+        raw = [1.0] * n
+    elif weighting == "linear":
+        raw = [float(i) for i in range(1, n + 1)]
+    else:
+        raise ValueError(f"unknown iterate weighting {weighting!r}: use uniform or linear")
+    return [w / sum(raw) for w in raw]
+
+
 def unrolled_loss(
-    loss_fn: Callable[..., dict[str, Tensor]], iterates: list[Tensor], target: Tensor, checkpoint: bool
+    loss_fn: Callable[..., dict[str, Tensor]], iterates: list[Tensor], target: Tensor, checkpoint: bool,
+    weighting: str = "uniform",
 ) -> dict[str, Tensor]:
-    """Eq. 4: the mean over i = 1..N of loss_fn(iterate_i, target), for each key.
+    """Eq. 4: the mean over i = 1..N of loss_fn(iterate_i, target), for each key (`weighting` linear: the
+    mean weighted by i, see iterate_weights).
 
     With `checkpoint` (and grad enabled) each loss call is checkpointed, so VGG activations are
     not held for all N iterates at once. A GolfLoss gets the target's VGG features once.
@@ -160,10 +174,13 @@ def unrolled_loss(
     if isinstance(loss_fn, GolfLoss):
         extra = (loss_fn.target_features(target),)
     use_ckpt = checkpoint and torch.is_grad_enabled()
+    weights = iterate_weights(len(iterates), weighting)
     sums: dict[str, Tensor] = {}
-    for x in iterates:
+    for x, weight in zip(iterates, weights):
         terms = _checkpoint(loss_fn, x, target, *extra, use_reentrant=False) if use_ckpt else loss_fn(x, target, *extra)
         for k, v in terms.items():
-            sums[k] = sums[k] + v if k in sums else v
+            # uniform keeps the plain sum / N, the arithmetic of every earlier run (bitwise resume of old runs)
+            term = v if weighting == "uniform" else v * weight
+            sums[k] = sums[k] + term if k in sums else term
     n = len(iterates)
-    return {k: v / n for k, v in sums.items()}
+    return {k: (v / n if weighting == "uniform" else v) for k, v in sums.items()}

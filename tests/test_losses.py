@@ -12,6 +12,7 @@ from golf_dist.losses import (
     GolfLoss,
     VGGFeatures,
     find_vgg_weights,
+    iterate_weights,
     load_vgg_features,
     unrolled_loss,
     vgg_weights_missing_message,
@@ -193,6 +194,20 @@ def test_eq4_is_the_mean_over_iterates_by_hand(checkpoint):
     # d/ds of mean_i (1 - x_i)^2 with x1 = 0.5, x2 = s x1 + 0.5, x3 = s x2 + 0.5 at s = 0.5
     # dx1 = 0, dx2 = x1 = 0.5, dx3 = x2 + s dx2 = 1.0; grad = mean_i -2 (1 - x_i) dx_i
     assert g.scale.grad.item() == pytest.approx((0 - 2 * 0.25 * 0.5 - 2 * 0.125 * 1.0) / 3)
+
+
+def test_linear_weighting_weighs_iterate_i_by_i():
+    # the iterates of the test above, weighted 1/6, 2/6, 3/6
+    assert iterate_weights(3, "linear") == pytest.approx([1 / 6, 2 / 6, 3 / 6])
+    assert iterate_weights(4, "uniform") == [0.25] * 4
+    g = AffineMap()
+    its = unroll(g, torch.zeros(2, 3, 4, 4), 3, False)
+    terms = unrolled_loss(GolfLoss(0.0, None), its, torch.ones(2, 3, 4, 4), False, weighting="linear")
+    assert terms["total"].item() == pytest.approx((1 * 0.25 + 2 * 0.0625 + 3 * 0.015625) / 6)
+    terms["total"].backward()
+    assert g.scale.grad.item() == pytest.approx((0 - 2 * 2 * 0.25 * 0.5 - 3 * 2 * 0.125 * 1.0) / 6)
+    with pytest.raises(ValueError, match="uniform or linear"):
+        iterate_weights(3, "quadratic")
 
 
 def test_checkpointing_changes_neither_loss_nor_gradients():

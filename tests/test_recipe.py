@@ -99,6 +99,7 @@ def test_ema_arithmetic():
     ("train.ema_decay", "1.0"),
     ("train.ema_decay", "-0.1"),
     ("train.schedule", "linear"),
+    ("train.unroll_weighting", "quadratic"),
 ])
 def test_bad_recipe_values_name_the_key(key, value):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -50,11 +50,12 @@ class GStage:
     name = "g"
 
     def __init__(self, loss_fn: LossFn, f_model: nn.Module, unroll_steps: int, checkpointing: bool,
-                 eval_iterations: int = 0):
+                 eval_iterations: int = 0, weighting: str = "uniform"):
         self.loss_fn = loss_fn
         self.f_model = f_model  # F(blur) runs without gradients; the trainer also freezes F and sets eval mode
         self.unroll_steps = unroll_steps
         self.checkpointing = checkpointing
+        self.weighting = weighting  # of the N iterates in Eq. 4 (golf_dist.losses.iterate_weights)
         # validation runs max(N, eval.iterations) G iterations and logs each as its own series
         self.val_iterations = max(unroll_steps, eval_iterations)
 
@@ -63,15 +64,17 @@ class GStage:
         return g_net()
 
     def loss(self, model: nn.Module, blur: Tensor, sharp: Tensor) -> dict[str, Tensor]:
-        """Eq. 4: the mean over i = 1..N of L(G^(i)(x0), sharp), x0 = F(blur) without gradients."""
+        """Eq. 4: the mean over i = 1..N of L(G^(i)(x0), sharp) (weighted by i with weighting linear),
+        x0 = F(blur) without gradients."""
         with torch.no_grad():
             x0 = self.f_model(blur)
         iterates = unroll(model, x0, self.unroll_steps, checkpoint=self.checkpointing)
-        return unrolled_loss(self.loss_fn, iterates, sharp, checkpoint=self.checkpointing)
+        return unrolled_loss(self.loss_fn, iterates, sharp, checkpoint=self.checkpointing, weighting=self.weighting)
 
     def eval_networks(self, trained: nn.Module) -> tuple[nn.Module, nn.Module]:
         """(F, G) that validation runs: the frozen F, then the G being trained."""
         return self.f_model, trained
 
     def describe(self) -> str:
-        return f", unroll {self.unroll_steps} (checkpointing {'on' if self.checkpointing else 'off'})"
+        weights = "" if self.weighting == "uniform" else f", iterates weighted {self.weighting}"
+        return f", unroll {self.unroll_steps} (checkpointing {'on' if self.checkpointing else 'off'}{weights})"

@@ -123,7 +123,7 @@ class Trainer:
         else:
             f_model = load_into(f_net(), self.f_path, "F").requires_grad_(False).eval().to(self.device)
             self.stage = GStage(loss_fn, prepare_module(f_model, self.speed), t.unroll, t.gradient_checkpointing,
-                                cfg.eval.iterations)
+                                cfg.eval.iterations, t.unroll_weighting)
         if self.speed.channels_last:  # before Adam sees the parameters
             model = model.to(self.device, memory_format=torch.channels_last)
         optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2),
