@@ -219,8 +219,12 @@ def _kill_after_first_checkpoint(cfg, out, nproc):
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_kill_and_resume_with_ema_is_bitwise_exact(shards, tmp_path, nproc):
     """With EMA, warm-up, cosine and clipping on, a run killed after its first checkpoint and started again
-    ends with the same trained weights and the same EMA, bit for bit, as an uninterrupted one."""
+    ends with the same trained weights and the same EMA, bit for bit, as an uninterrupted one. The one-process
+    run also has the speed layer's switches that promise exact resume forced on (channels_last and the fused
+    InstanceNorm + ReLU, its PyTorch fallback on a CPU)."""
     sections = {"train": EMA_TRAIN, "data": {"loader": "torch"}}
+    if nproc == 1:
+        sections["speed"] = {"channels_last": "on", "fused_norm": "on"}
     ref = write_config(tmp_path / "ref.yaml", shards, tmp_path / "ref", **sections)
     _run_to_end(ref, nproc)
     cut_cfg = write_config(tmp_path / "cut.yaml", shards, tmp_path / "cut", **sections)

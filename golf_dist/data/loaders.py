@@ -89,5 +89,5 @@ def make_train_loader(
     return TorchTrainLoader(
         pairs, plan, d.on_bad_sample == "skip", global_batch=global_batch, accum=accum, world=world, rank=rank,
         start_step=start_step, end_step=cfg.train.steps, num_workers=d.num_workers,
-        pin_memory=device.type == "cuda",
+        pin_memory=torch.device(device).type == "cuda",
     )

@@ -124,13 +124,12 @@ class Trainer:
             f_model = load_into(f_net(), self.f_path, "F").requires_grad_(False).eval().to(self.device)
             self.stage = GStage(loss_fn, prepare_module(f_model, self.speed), t.unroll, t.gradient_checkpointing,
                                 cfg.eval.iterations, t.unroll_weighting)
-        if self.speed.channels_last:  # before Adam sees the parameters
-            model = model.to(self.device, memory_format=torch.channels_last)
+        # fused InstanceNorm + ReLU, channels_last, compile (G compiled once: every unrolled, checkpointed step
+        # calls the same graph); the compiled wrapper hands Adam the network's own parameters
+        model = prepare_module(model.to(self.device), self.speed)
         optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2),
                                      **adam_options(self.speed, self.device))
         self.scheduler = make_scheduler(optimizer, t)  # warm-up, then exp | cosine | constant (golf_dist.optim)
-        if self.speed.compile:  # G compiled once: every unrolled (and checkpointed) step calls the same graph
-            model = torch.compile(model, backend=self.speed.compile_backend)
         self.backend = make_backend(self.accelerator, model, optimizer, accum=self.accum, grad_clip=t.grad_clip,
                                     per_device=self.per_device, global_batch=self.global_batch, device=self.device)
         self.cfg.train.mixed_precision = self.accelerator.mixed_precision  # DeepSpeed's JSON may set it
