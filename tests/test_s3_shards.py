@@ -53,7 +53,7 @@ def _no_secrets(*texts: str) -> None:
 
 def _shard_to_s3(shards: Path, env: dict, url: str, *extra) -> subprocess.CompletedProcess:
     return run_cli("data_prep/shard_gopro.py", "--src", shards.parent / "GOPRO_Large", "--out", url,
-                   "--maxcount", 4, "--workers", 2, "--no-progress", *extra, env=env)
+                   "--maxcount", 4, "--workers", 2, "--no-progress", "--format", "png", *extra, env=env)
 
 
 @pytest.fixture()

@@ -262,7 +262,7 @@ def test_shard_job_array_and_merge_write_the_same_shards_as_one_process(slurm, s
     env = {**slurm, "GOLF_ROOT": str(ROOT), "GOLF_SBATCH_ARGS": "--cpus-per-task=1"}
     proc = subprocess.run(
         ["bash", str(ROOT / "infra/slurm/submit_shards.sh"), "--parts", "2", "--src", str(shards.parent / "GOPRO_Large"),
-         "--out", str(out), "--maxcount", "4"],
+         "--out", str(out), "--maxcount", "4", "--format", "png"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 0, proc.stderr

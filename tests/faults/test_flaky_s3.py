@@ -19,7 +19,7 @@ from .conftest import files_of
 from .s3proxy import FlakyS3Proxy
 
 BOUND_S = 120  # the longest any one command may take under faults
-ARGS = ("--maxcount", 4, "--workers", 2, "--no-progress")  # the session shards: 4 shards, 9 objects
+ARGS = ("--maxcount", 4, "--workers", 2, "--no-progress", "--format", "png")  # the session shards: 4 shards, 9 objects
 RATES = (0.2, 0.5)
 FAULT = "unreliable S3 (500/503, resets, cut and stalled answers)"
 
