@@ -15,6 +15,8 @@ CPU tests check it); everywhere else the module computes F.instance_norm then F.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 
 import torch
@@ -22,101 +24,29 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-try:  # ships with CUDA builds of torch; CPU builds may lack it
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
-
 BLOCK_HW = 64  # rows (pixels) per tile
 BLOCK_C = 16   # channels per program: F has 32 and G 16 channels, the last layers 3
 
 
+@functools.cache
+def _triton_installed() -> bool:  # ships with CUDA builds of torch; CPU builds may lack it
+    return importlib.util.find_spec("triton") is not None
+
+
+def _kernels():
+    """The kernel module (golf_dist/fused_norm_kernels.py), imported on first use: Triton costs ~0.2 s to import."""
+    from golf_dist import fused_norm_kernels
+
+    return fused_norm_kernels
+
+
 def kernel_available(x: Tensor | None = None) -> bool:
     """Whether the Triton kernel can run (on `x`'s device, when given)."""
-    if triton is None:
+    if not _triton_installed():
         return False
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True
     return x is None or x.is_cuda
-
-
-if triton is not None:
-
-    @triton.jit
-    def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, HW, C, s_n, s_hw, s_c, eps,
-                    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-        n = tl.program_id(0)
-        cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = cs < C
-        base = n * s_n
-        # pass 1: the mean; pass 2: the variance around it (two passes: no cancellation on large frames)
-        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for start in range(0, HW, BLOCK_HW):
-            rows = start + tl.arange(0, BLOCK_HW)
-            m = (rows < HW)[:, None] & cmask[None, :]
-            offs = base + rows[:, None] * s_hw + cs[None, :] * s_c
-            acc += tl.sum(tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32), axis=0)
-        mean = acc / HW
-        acc2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for start in range(0, HW, BLOCK_HW):
-            rows = start + tl.arange(0, BLOCK_HW)
-            m = (rows < HW)[:, None] & cmask[None, :]
-            offs = base + rows[:, None] * s_hw + cs[None, :] * s_c
-            d = tl.where(m, tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) - mean[None, :], 0.0)
-            acc2 += tl.sum(d * d, axis=0)
-        rstd = 1.0 / tl.sqrt(acc2 / HW + eps)
-        w = tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
-        scale = w * rstd
-        shift = b - mean * scale
-        for start in range(0, HW, BLOCK_HW):
-            rows = start + tl.arange(0, BLOCK_HW)
-            m = (rows < HW)[:, None] & cmask[None, :]
-            offs = base + rows[:, None] * s_hw + cs[None, :] * s_c
-            x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            y = tl.maximum(x * scale[None, :] + shift[None, :], 0.0)
-            tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=m)
-        tl.store(mean_ptr + n * C + cs, mean, mask=cmask)
-        tl.store(rstd_ptr + n * C + cs, rstd, mask=cmask)
-
-    @triton.jit
-    def _bwd_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, HW, C,
-                    s_n, s_hw, s_c, g_n, g_hw, g_c, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-        n = tl.program_id(0)
-        cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = cs < C
-        mean = tl.load(mean_ptr + n * C + cs, mask=cmask, other=0.0)
-        rstd = tl.load(rstd_ptr + n * C + cs, mask=cmask, other=0.0)
-        w = tl.load(w_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + cs, mask=cmask, other=0.0).to(tl.float32)
-        # pass 1: sum(dz) and sum(dz * xhat) over the image, dz = dy where the ReLU let z = w xhat + b through
-        s1 = tl.zeros([BLOCK_C], dtype=tl.float32)
-        s2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for start in range(0, HW, BLOCK_HW):
-            rows = start + tl.arange(0, BLOCK_HW)
-            m = (rows < HW)[:, None] & cmask[None, :]
-            x = tl.load(x_ptr + n * s_n + rows[:, None] * s_hw + cs[None, :] * s_c, mask=m, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + n * g_n + rows[:, None] * g_hw + cs[None, :] * g_c, mask=m, other=0.0).to(tl.float32)
-            xhat = (x - mean[None, :]) * rstd[None, :]
-            dz = tl.where(m & (xhat * w[None, :] + b[None, :] > 0), dy, 0.0)
-            s1 += tl.sum(dz, axis=0)
-            s2 += tl.sum(dz * xhat, axis=0)
-        tl.store(db_ptr + n * C + cs, s1, mask=cmask)  # per image; summed over the batch by the caller
-        tl.store(dw_ptr + n * C + cs, s2, mask=cmask)
-        mean_dz = s1 / HW
-        mean_dzx = s2 / HW
-        # pass 2: dx = w rstd (dz - mean(dz) - xhat mean(dz xhat)), written in x's layout
-        for start in range(0, HW, BLOCK_HW):
-            rows = start + tl.arange(0, BLOCK_HW)
-            m = (rows < HW)[:, None] & cmask[None, :]
-            offs = n * s_n + rows[:, None] * s_hw + cs[None, :] * s_c
-            x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + n * g_n + rows[:, None] * g_hw + cs[None, :] * g_c, mask=m, other=0.0).to(tl.float32)
-            xhat = (x - mean[None, :]) * rstd[None, :]
-            dz = tl.where(xhat * w[None, :] + b[None, :] > 0, dy, 0.0)
-            dx = (w * rstd)[None, :] * (dz - mean_dz[None, :] - xhat * mean_dzx[None, :])
-            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
 
 
 def _flat_strides(t: Tensor) -> tuple[int, int, int]:
@@ -141,8 +71,9 @@ class _InstanceNormReLU(torch.autograd.Function):
         y = torch.empty_like(x)  # keeps x's layout
         mean = torch.empty(n, c, device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
-        grid = (n, triton.cdiv(c, BLOCK_C))
-        _fwd_kernel[grid](x, weight, bias, y, mean, rstd, h * w, c, *_flat_strides(x), eps,
+        k = _kernels()
+        grid = (n, k.triton.cdiv(c, BLOCK_C))
+        k.fwd_kernel[grid](x, weight, bias, y, mean, rstd, h * w, c, *_flat_strides(x), eps,
                           BLOCK_HW=BLOCK_HW, BLOCK_C=BLOCK_C)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         return y
@@ -155,8 +86,9 @@ class _InstanceNormReLU(torch.autograd.Function):
         dx = torch.empty_like(x)
         dw = torch.empty(n, c, device=x.device, dtype=torch.float32)
         db = torch.empty_like(dw)
-        grid = (n, triton.cdiv(c, BLOCK_C))
-        _bwd_kernel[grid](x, dy, weight, bias, mean, rstd, dx, dw, db, h * w, c, *_flat_strides(x),
+        k = _kernels()
+        grid = (n, k.triton.cdiv(c, BLOCK_C))
+        k.bwd_kernel[grid](x, dy, weight, bias, mean, rstd, dx, dw, db, h * w, c, *_flat_strides(x),
                           *_flat_strides(dy), BLOCK_HW=BLOCK_HW, BLOCK_C=BLOCK_C)
         return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype), None
 

@@ -3,12 +3,15 @@ per test session through the project's own command lines."""
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import io
 import tarfile
@@ -58,8 +61,20 @@ def shards(tmp_path_factory) -> Path:
     return base / "shards"
 
 
+@functools.cache
+def mlflow_template() -> Path:
+    """An empty MLflow SQLite store with its schema in place, made once per session by MLflow itself."""
+    folder = Path(tempfile.mkdtemp(prefix="golf-mlflow-template-"))
+    atexit.register(shutil.rmtree, folder, True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    subprocess.run([sys.executable, str(ROOT / "tests" / "mlflow_template.py"), str(folder / "mlflow.db")],
+                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    return folder / "mlflow.db"
+
+
 def write_config(path: Path, shards: Path, output_dir: Path, **sections) -> Path:
-    """A tiny CPU config: 32x32 crops, batch 4, no perceptual term, MLflow in a temporary store."""
+    """A tiny CPU config: 32x32 crops, batch 4, no perceptual term, MLflow in a SQLite store beside the config
+    (a copy of `mlflow_template()` where none is there yet, unless `tracking` names another store)."""
     cfg = {
         "seed": 1,
         "output_dir": str(output_dir),
@@ -71,8 +86,12 @@ def write_config(path: Path, shards: Path, output_dir: Path, **sections) -> Path
         "eval": {"iterations": 2},
         "tracking": {"uri": f"sqlite:///{path.parent / 'mlflow.db'}", "experiment": "golf-test"},
     }
+    default_uri = cfg["tracking"]["uri"]
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
+    db = path.parent / "mlflow.db"
+    if cfg["tracking"]["uri"] == default_uri and not db.exists():
+        shutil.copyfile(mlflow_template(), db)
     path.write_text(yaml.safe_dump(cfg))
     return path
 

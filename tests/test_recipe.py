@@ -107,10 +107,12 @@ def test_bad_recipe_values_name_the_key(key, value):
 
 
 def test_a_bad_recipe_value_stops_the_trainer_before_any_work(shards, tmp_path):
-    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out")
+    store = tmp_path / "store" / "mlflow.db"  # not the suite's pre-made store: none must appear
+    store.parent.mkdir()
+    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out", tracking={"uri": f"sqlite:///{store}"})
     proc = run_cli("launch/train.py", "--config", cfg, "--stage", "f", "train.warmup_steps=6")
     assert proc.returncode == 2 and "train.warmup_steps" in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "out").exists() and not store.exists()
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "gpu_quick.yaml", "gopro.yaml"])

@@ -254,7 +254,7 @@ def forkserver(tmp_path_factory):
     base = tmp_path_factory.mktemp("forkserver")
     template = base / "mlflow-template.db"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    maker = subprocess.Popen([sys.executable, str(HERE / "mlflow_template.py"), str(template)], cwd=ROOT, env=env,
+    maker = subprocess.Popen([sys.executable, str(HERE.parent / "mlflow_template.py"), str(template)], cwd=ROOT, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     server = ForkServer()
     try:
