@@ -20,7 +20,19 @@ def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | N
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    release_process_group()
     sys.exit(code or 0)
+
+
+def release_process_group() -> None:
+    """Leave the torch.distributed process group this process joined (Accelerate under torchrun) once its work
+    is done, as PyTorch asks. Left to interpreter shutdown, the group's communication threads can be torn down
+    while still joinable: a rank that had finished its work then aborts ("terminate called without an active
+    exception") and the launcher reports a failure. Only on success: after an error, ranks may still be waiting
+    in a collective, and the exit status already says what happened."""
+    dist = sys.modules.get("torch.distributed")  # imported by the work if it ran distributed; never here
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def add_ensemble_argument(parser: argparse.ArgumentParser) -> None:
