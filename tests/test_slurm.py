@@ -93,7 +93,8 @@ def _preempt_and_wait_for_requeue(env, job: str, log: Path) -> dict[str, str]:
     deadline = time.time() + 300
     while True:  # the job checkpoints, asks for its requeue and waits (Reason=BeginTime)
         info = _job(env, job)
-        if info["JobState"] == "PENDING" and int(info.get("Restarts", "0")) >= 1:
+        # Reason=None: requeued, but the scheduler has not looked at it yet (seen on a loaded machine)
+        if info["JobState"] == "PENDING" and int(info.get("Restarts", "0")) >= 1 and info.get("Reason") != "None":
             subprocess.run(["scontrol", "hold", job], env=env, check=True, timeout=30)
             assert info["Reason"] == "BeginTime", f"job {job} pending for {info['Reason']}, not BeginTime"
             return info
