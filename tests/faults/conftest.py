@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli, write_config  # tests/conftest.py (this folder is the package `faults`)
+from conftest import ROOT, mlflow_template, run_cli, write_config  # tests/conftest.py (this folder is the package `faults`)
 
 HERE = Path(__file__).resolve().parent
 OUTCOMES = ("identical", "named error", "data lost")
@@ -248,33 +247,21 @@ class ForkServer:
 
 
 @pytest.fixture(scope="session")
-def forkserver(tmp_path_factory):
-    """The fork server, and an initialised MLflow store (made at the same time, in its own process) that
-    `train_config` copies into each run's folder."""
-    base = tmp_path_factory.mktemp("forkserver")
-    template = base / "mlflow-template.db"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    maker = subprocess.Popen([sys.executable, str(HERE.parent / "mlflow_template.py"), str(template)], cwd=ROOT, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def forkserver():
+    """The fork server; `mlflow_template` is the suite's initialised MLflow store (tests/conftest.py), which
+    `write_config` copies into each run's folder and the tests that make a store themselves copy too."""
     server = ForkServer()
     try:
         server.ready()
-        _, err = maker.communicate(timeout=300)
-        assert maker.returncode == 0 and template.is_file(), err[-2000:]
-        server.mlflow_template = template
+        server.mlflow_template = mlflow_template()
         yield server
     finally:
         server.close()
-        if maker.poll() is None:
-            maker.kill()
 
 
-def train_config(path: Path, shards: Path, output_dir: Path, template: Path, **sections) -> Path:
+def train_config(path: Path, shards: Path, output_dir: Path, **sections) -> Path:
     """The suite's tiny config (TRAIN) writing MLflow to a copy of the initialised store beside it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    db = path.parent / "mlflow.db"
-    if not db.exists():
-        shutil.copyfile(template, db)
     train = {**TRAIN, **sections.pop("train", {})}
     cfg = write_config(path, shards, output_dir, train=train, val={"max_pairs": 2, "sample_images": 0},
                        eval={"iterations": 2}, **sections)
@@ -307,7 +294,7 @@ class References:
 
     def _make(self, loader: str, stage: str) -> Path:
         folder = self.base / f"{loader}-{stage}"
-        cfg = train_config(folder / "cfg.yaml", self.shards, folder / "out", self.server.mlflow_template)
+        cfg = train_config(folder / "cfg.yaml", self.shards, folder / "out")
         run = self.server.run(train_argv(cfg, stage, *self.overrides(loader, stage)), folder / "run")
         run.check()
         return folder / "out"

@@ -36,7 +36,7 @@ def test_damaged_newest_and_oldest_checkpoints(forkserver, references, tmp_path,
     kind = rng.choice(["truncated weights", "zeroed optimizer file", "deleted RNG file", "state.json not an object"])
     ref = references.get("torch", "f")
     out = tmp_path / "out"
-    cfg = train_config(tmp_path / "cfg.yaml", references.shards, out, forkserver.mlflow_template,
+    cfg = train_config(tmp_path / "cfg.yaml", references.shards, out,
                        train={"keep_last": 4, "checkpoint_every": 1})  # neither changes the weights: the reference holds
     argv = train_argv(cfg, "f", *references.overrides("torch", "f"))
     metrics = out / "f" / "metrics.jsonl"

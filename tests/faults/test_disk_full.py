@@ -52,7 +52,7 @@ def _checkpoint_bytes(ref_out: Path) -> int:
 def _full_disk_run(forkserver, references, folder: Path, size: int) -> dict:
     """A stage f run whose output folder is a tmpfs of `size` bytes; then the tmpfs grown and the run again."""
     out = folder / "out"
-    cfg = train_config(folder / "cfg.yaml", references.shards, out, forkserver.mlflow_template)
+    cfg = train_config(folder / "cfg.yaml", references.shards, out)
     argv = train_argv(cfg, "f", *references.overrides("torch", "f"))
     with tmpfs(out, size):
         run = forkserver.run(argv, folder / "full")

@@ -39,7 +39,7 @@ def kill_chain(server, references, loader: str, stage: str, folder: Path) -> dic
     """Run, kill at a random step, restart ... KILLS times, then let it finish; what happened, for the record."""
     rng = random.Random(f"kill-training-{loader}-{stage}")
     targets = sorted(rng.sample(range(1, STEPS - 1), KILLS))  # never the last two steps: the kill must land
-    cfg = train_config(folder / "cfg.yaml", references.shards, folder / "out", server.mlflow_template)
+    cfg = train_config(folder / "cfg.yaml", references.shards, folder / "out")
     argv = train_argv(cfg, stage, *references.overrides(loader, stage))
     out = folder / "out"
     metrics = out / stage / "metrics.jsonl"

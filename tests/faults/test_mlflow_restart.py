@@ -38,7 +38,7 @@ def test_mlflow_server_killed_and_restarted_mid_run(forkserver, references, tmp_
     server = MlflowServer(args, log=store / "server.log", env=quick)
     restarted = None
     out = tmp_path / "out"
-    cfg = train_config(tmp_path / "run" / "cfg.yaml", references.shards, out, forkserver.mlflow_template,
+    cfg = train_config(tmp_path / "run" / "cfg.yaml", references.shards, out,
                        tracking={"uri": server.url})
     run = forkserver.run(train_argv(cfg, "f", *references.overrides("torch", "f")), tmp_path / "train")
     metrics = out / "f" / "metrics.jsonl"
