@@ -16,7 +16,6 @@ CPU tests check it); everywhere else the module computes F.instance_norm then F.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 
 import torch
@@ -29,24 +28,22 @@ BLOCK_C = 16   # channels per program: F has 32 and G 16 channels, the last laye
 
 
 @functools.cache
-def _triton_installed() -> bool:  # ships with CUDA builds of torch; CPU builds may lack it
-    return importlib.util.find_spec("triton") is not None
-
-
 def _kernels():
-    """The kernel module (golf_dist/fused_norm_kernels.py), imported on first use: Triton costs ~0.2 s to import."""
-    from golf_dist import fused_norm_kernels
-
+    """The kernel module (golf_dist/fused_norm_kernels.py), imported on first use (Triton costs ~0.2 s to import),
+    or None where Triton cannot be imported (it ships with CUDA builds of torch; CPU builds may lack it)."""
+    try:
+        from golf_dist import fused_norm_kernels
+    except ImportError:
+        return None
     return fused_norm_kernels
 
 
 def kernel_available(x: Tensor | None = None) -> bool:
-    """Whether the Triton kernel can run (on `x`'s device, when given)."""
-    if not _triton_installed():
+    """Whether the Triton kernel can run (on `x`'s device, when given). A CPU tensor outside Triton's
+    interpreter answers False without importing Triton."""
+    if x is not None and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         return False
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return True
-    return x is None or x.is_cuda
+    return _kernels() is not None
 
 
 def _flat_strides(t: Tensor) -> tuple[int, int, int]:
