@@ -75,6 +75,7 @@ def mlflow_template() -> Path:
 def write_config(path: Path, shards: Path, output_dir: Path, **sections) -> Path:
     """A tiny CPU config: 32x32 crops, batch 4, no perceptual term, MLflow in a SQLite store beside the config
     (a copy of `mlflow_template()` where none is there yet, unless `tracking` names another store)."""
+    db = path.parent / "mlflow.db"
     cfg = {
         "seed": 1,
         "output_dir": str(output_dir),
@@ -84,13 +85,11 @@ def write_config(path: Path, shards: Path, output_dir: Path, **sections) -> Path
                   "checkpoint_every": 3, "keep_last": 2},
         "val": {"max_pairs": 2, "sample_images": 1},
         "eval": {"iterations": 2},
-        "tracking": {"uri": f"sqlite:///{path.parent / 'mlflow.db'}", "experiment": "golf-test"},
+        "tracking": {"uri": f"sqlite:///{db}", "experiment": "golf-test"},
     }
-    default_uri = cfg["tracking"]["uri"]
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
-    db = path.parent / "mlflow.db"
-    if cfg["tracking"]["uri"] == default_uri and not db.exists():
+    if cfg["tracking"]["uri"] == f"sqlite:///{db}" and not db.exists():
         shutil.copyfile(mlflow_template(), db)
     path.write_text(yaml.safe_dump(cfg))
     return path
