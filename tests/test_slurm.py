@@ -139,16 +139,25 @@ def test_f_then_g_chain_with_afterok_completes(slurm, shards, tmp_path):
         assert (out / stage / "checkpoints" / "step-00000006").is_dir()
 
 
-def test_preempted_job_checkpoints_requeues_resumes_and_matches_an_uninterrupted_run(slurm, shards, reference, tmp_path):
+def test_preempted_job_requeues_falls_back_past_a_torn_checkpoint_and_matches_an_uninterrupted_run(
+        slurm, shards, reference, tmp_path):
+    """One preemption, everything a requeue must survive: USR2 checkpoints and requeues the job; a job
+    chained on it keeps waiting, and runs once F completes; a stage g submitted meanwhile fails naming the unfinished stage f; the newest
+    checkpoint is torn while the job waits; the requeued job says so, resumes from the previous one and ends
+    equal to the uninterrupted run. One job does all of it: each requeue costs SLURM's begin-time wait."""
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", shards, out, train=LONG)
     job = _sbatch(slurm, tmp_path, "--config", cfg, "--stage", "f", "--output-dir", out,
                   sbatch_opts=["--cpus-per-task=1"])
     log = _log(tmp_path, job)
-    # stage g chained on it: a requeue must keep it waiting (the F job has not completed yet)
-    job_chained = _sbatch(slurm, tmp_path, "--config", cfg, "--stage", "g", "--output-dir", out,
-                          sbatch_opts=[f"--dependency=afterok:{job}", "--cpus-per-task=1"])
-    _first_checkpoints(out / "f" / "checkpoints", slurm, job, 1, log)
+    # a job chained on it (afterok): a requeue must keep it waiting, as F has not completed yet. A bare
+    # `true` here (the chain test runs a real stage g after F): a G started and cancelled would hold a CPU
+    # for a while after this test
+    chained = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/chained-%j.log", "--cpus-per-task=1",
+                              f"--dependency=afterok:{job}", "--wrap", "true"],
+                             env=slurm, capture_output=True, text=True, timeout=60, check=True)
+    job_chained = chained.stdout.strip().split(";")[0]
+    _first_checkpoints(out / "f" / "checkpoints", slurm, job, 2, log)  # so one is left when the newest is torn
     _preempt_and_wait_for_requeue(slurm, job, log)
     chained = _job(slurm, job_chained)
     assert (chained["JobState"], chained["Reason"]) == ("PENDING", "Dependency")
@@ -156,7 +165,8 @@ def test_preempted_job_checkpoints_requeues_resumes_and_matches_an_uninterrupted
     stopped = re.search(r"stopped for preemption \(stop file .*STOP\) after step (\d+) of 60", text)
     assert stopped, text[-3000:]
     step = int(stopped.group(1))
-    assert (out / "f" / "checkpoints" / f"step-{step:08d}").is_dir()
+    newest = out / "f" / "checkpoints" / f"step-{step:08d}"
+    assert newest.is_dir()
     assert f"training checkpointed after step {step} of 60; requeueing job {job}" in text
     assert not (out / "f.safetensors").exists()
 
@@ -169,43 +179,27 @@ def test_preempted_job_checkpoints_requeues_resumes_and_matches_an_uninterrupted
     assert f"stage g needs a trained F, but stage f in {out} has not finished (newest checkpoint: step {step} of 60)" in log_g
     assert "golf: error: training failed" in log_g and not (out / "g").joinpath("checkpoints").exists()
 
+    # the checkpoint the preemption wrote is torn, as a dying node could leave it; an older one is whole
+    ckpts = sorted((out / "f" / "checkpoints").glob("step-*"))
+    assert ckpts[-1] == newest and len(ckpts) >= 2, ckpts
+    previous = ckpts[-2]
+    damaged = newest / "model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+
     _release(slurm, job)
     info = _wait_state(slurm, job, {"COMPLETED", "FAILED", "CANCELLED"}, log)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1, text[-3000:]
     assert f"job {job} (restart 1)" in text  # one log, appended to across the requeue
-    assert f"resuming stage f from {out / 'f' / 'checkpoints' / f'step-{step:08d}'} (step {step} of 60)" in text
-    assert not (out / "f" / "PREEMPTED").exists() and not (out / "f" / "STOP").exists()
-    assert_weights_equal(reference, out / "f.safetensors")
-    # F completed: the chained G is released (cancelled here once it is; the chain test runs a G to the end)
-    deadline = time.time() + 60
-    while _job(slurm, job_chained)["Reason"] == "Dependency":
-        assert time.time() < deadline, "stage g stayed blocked after stage f completed"
-        time.sleep(0.5)
-    subprocess.run(["scancel", job_chained], env=slurm, check=True, timeout=30)
-
-
-def test_requeued_job_whose_checkpoint_is_corrupt_falls_back_and_says_so(slurm, shards, reference, tmp_path):
-    out = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", shards, out, train=LONG)
-    job = _sbatch(slurm, tmp_path, "--config", cfg, "--stage", "f", "--output-dir", out,
-                  sbatch_opts=["--cpus-per-task=1"])
-    log = _log(tmp_path, job)
-    _first_checkpoints(out / "f" / "checkpoints", slurm, job, 2, log)
-    _preempt_and_wait_for_requeue(slurm, job, log)
-    ckpts = sorted((out / "f" / "checkpoints").glob("step-*"))
-    newest, previous = ckpts[-1], ckpts[-2]
-    damaged = newest / "model.safetensors"
-    damaged.write_bytes(damaged.read_bytes()[:100])  # a torn write, as a dying node could leave it
-
-    _release(slurm, job)
-    info = _wait_state(slurm, job, {"COMPLETED", "FAILED", "CANCELLED"}, log)
-    text = log.read_text()
-    assert info["JobState"] == "COMPLETED", text[-3000:]
     assert f"weights file {damaged} is not a readable safetensors file" in text
     assert "falling back to the previous checkpoint" in text
-    assert f"resuming stage f from {previous}" in text
+    assert f"resuming stage f from {previous} (step {int(previous.name[5:])} of 60)" in text, text[-3000:]
+    assert not (out / "f" / "PREEMPTED").exists() and not (out / "f" / "STOP").exists()
     assert_weights_equal(reference, out / "f.safetensors")
+    # F completed: the chained job is released and runs
+    info = _wait_state(slurm, job_chained, {"COMPLETED", "FAILED", "CANCELLED"}, tmp_path / f"chained-{job_chained}.log",
+                       timeout=60)
+    assert info["JobState"] == "COMPLETED", info
 
 
 def test_scancel_checkpoints_the_job_stays_cancelled_and_a_resubmission_resumes(slurm, shards, tmp_path):
