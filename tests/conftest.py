@@ -95,6 +95,20 @@ def write_config(path: Path, shards: Path, output_dir: Path, **sections) -> Path
     return path
 
 
+# A stage f long enough to be interrupted mid-run (preemption, SLURM requeue), and its uninterrupted run
+# with one thread (sums in one order), which every interrupted run must end equal to, bit for bit.
+LONG_F = {"steps": 60, "checkpoint_every": 6, "val_every": 30, "log_every": 6, "keep_last": 4}
+
+
+@pytest.fixture(scope="session")
+def long_f_reference(shards, tmp_path_factory) -> Path:
+    """f.safetensors of LONG_F run without interruption (OMP_NUM_THREADS=1)."""
+    base = tmp_path_factory.mktemp("long_f_reference")
+    cfg = write_config(base / "ref.yaml", shards, base / "out", train=LONG_F)
+    run_cli("launch/train.py", "--config", cfg, "--stage", "f", env={"OMP_NUM_THREADS": "1"}, check=True)
+    return base / "out" / "f.safetensors"
+
+
 @pytest.fixture(scope="session")
 def small_run(shards, tmp_path_factory):
     """Stage f (4 steps, clipping on), stage g (unroll 3) and an evaluation with 4 G iterations; what each

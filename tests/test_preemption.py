@@ -9,12 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
-
-from conftest import ROOT, run_cli, write_config
-
-TRAIN = {"steps": 60, "checkpoint_every": 6, "val_every": 30, "log_every": 6, "keep_last": 3}
+from conftest import LONG_F as TRAIN, ROOT, assert_weights_equal, run_cli, write_config
 
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the same in every run compared bitwise: thread count changes float sums
@@ -37,10 +32,8 @@ def _steps(ckpts: Path) -> list[int]:
     return sorted(int(p.name[5:]) for p in ckpts.iterdir() if p.name.startswith("step-"))
 
 
-def test_sigusr2_checkpoints_exits_cleanly_and_the_rerun_matches_an_uninterrupted_run(shards, tmp_path):
-    ref_cfg = write_config(tmp_path / "ref.yaml", shards, tmp_path / "ref", train=TRAIN)
-    run_cli("launch/train.py", "--config", ref_cfg, "--stage", "f", env=ONE_THREAD, check=True)
-
+def test_sigusr2_checkpoints_exits_cleanly_and_the_rerun_matches_an_uninterrupted_run(shards, long_f_reference,
+                                                                                       tmp_path):
     out = tmp_path / "cut"
     cfg = write_config(tmp_path / "cut.yaml", shards, out, train=TRAIN)
     proc = subprocess.Popen([sys.executable, str(ROOT / "launch/train.py"), "--config", str(cfg), "--stage", "f"],
@@ -62,10 +55,7 @@ def test_sigusr2_checkpoints_exits_cleanly_and_the_rerun_matches_an_uninterrupte
     resumed = run_cli("launch/train.py", "--config", cfg, "--stage", "f", env=ONE_THREAD, check=True)
     assert f"resuming stage f from {out / 'f' / 'checkpoints' / f'step-{stopped_at:08d}'}" in resumed.stdout
     assert not (out / "f" / "PREEMPTED").exists(), "a finished run keeps no preemption marker"
-    ref, cut = load_file(str(tmp_path / "ref" / "f.safetensors")), load_file(str(out / "f.safetensors"))
-    assert ref.keys() == cut.keys()
-    for key in ref:
-        assert torch.equal(ref[key], cut[key]), key
+    assert_weights_equal(long_f_reference, out / "f.safetensors")
 
 
 def test_stop_file_stops_two_ranks_at_the_same_step_and_the_rerun_finishes(shards, tmp_path):

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, assert_weights_equal, run_cli, write_config
+from conftest import LONG_F, ROOT, assert_weights_equal, run_cli, write_config
 
 CLUSTER = ROOT / "infra" / "slurm" / "local_cluster.sh"
 TRAIN_SBATCH = ROOT / "infra" / "slurm" / "train.sbatch"
-LONG = {"steps": 60, "checkpoint_every": 6, "val_every": 30, "log_every": 6, "keep_last": 4}
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # every run compared bitwise uses one thread (sums in one order)
 
 
@@ -108,15 +107,6 @@ def _release(env, job: str) -> None:
     subprocess.run(["scontrol", "release", job], env=env, check=True, timeout=30)
 
 
-@pytest.fixture(scope="module")
-def reference(shards, tmp_path_factory):
-    """The uninterrupted run (one process, no SLURM) that preempted jobs must end equal to."""
-    base = tmp_path_factory.mktemp("reference")
-    cfg = write_config(base / "ref.yaml", shards, base / "out", train=LONG)
-    run_cli("launch/train.py", "--config", cfg, "--stage", "f", env=ONE_THREAD, check=True)
-    return base / "out" / "f.safetensors"
-
-
 def test_f_then_g_chain_with_afterok_completes(slurm, shards, tmp_path):
     """Stage f with two CPU processes (torchrun + gloo), stage g waiting on it with --dependency=afterok."""
     out = tmp_path / "run"
@@ -140,13 +130,13 @@ def test_f_then_g_chain_with_afterok_completes(slurm, shards, tmp_path):
 
 
 def test_preempted_job_requeues_falls_back_past_a_torn_checkpoint_and_matches_an_uninterrupted_run(
-        slurm, shards, reference, tmp_path):
+        slurm, shards, long_f_reference, tmp_path):
     """One preemption, everything a requeue must survive: USR2 checkpoints and requeues the job; a job
     chained on it keeps waiting, and runs once F completes; a stage g submitted meanwhile fails naming the unfinished stage f; the newest
     checkpoint is torn while the job waits; the requeued job says so, resumes from the previous one and ends
     equal to the uninterrupted run. One job does all of it: each requeue costs SLURM's begin-time wait."""
     out = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", shards, out, train=LONG)
+    cfg = write_config(tmp_path / "c.yaml", shards, out, train=LONG_F)
     job = _sbatch(slurm, tmp_path, "--config", cfg, "--stage", "f", "--output-dir", out,
                   sbatch_opts=["--cpus-per-task=1"])
     log = _log(tmp_path, job)
@@ -195,7 +185,7 @@ def test_preempted_job_requeues_falls_back_past_a_torn_checkpoint_and_matches_an
     assert "falling back to the previous checkpoint" in text
     assert f"resuming stage f from {previous} (step {int(previous.name[5:])} of 60)" in text, text[-3000:]
     assert not (out / "f" / "PREEMPTED").exists() and not (out / "f" / "STOP").exists()
-    assert_weights_equal(reference, out / "f.safetensors")
+    assert_weights_equal(long_f_reference, out / "f.safetensors")
     # F completed: the chained job is released and runs
     info = _wait_state(slurm, job_chained, {"COMPLETED", "FAILED", "CANCELLED"}, tmp_path / f"chained-{job_chained}.log",
                        timeout=60)
