@@ -143,10 +143,10 @@ def test_preempted_job_requeues_falls_back_past_a_torn_checkpoint_and_matches_an
     # a job chained on it (afterok): a requeue must keep it waiting, as F has not completed yet. A bare
     # `true` here (the chain test runs a real stage g after F): a G started and cancelled would hold a CPU
     # for a while after this test
-    chained = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/chained-%j.log", "--cpus-per-task=1",
-                              f"--dependency=afterok:{job}", "--wrap", "true"],
-                             env=slurm, capture_output=True, text=True, timeout=60, check=True)
-    job_chained = chained.stdout.strip().split(";")[0]
+    submitted = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/chained-%j.log", "--cpus-per-task=1",
+                                f"--dependency=afterok:{job}", "--wrap", "true"],
+                               env=slurm, capture_output=True, text=True, timeout=60, check=True)
+    job_chained = submitted.stdout.strip().split(";")[0]
     _first_checkpoints(out / "f" / "checkpoints", slurm, job, 2, log)  # so one is left when the newest is torn
     _preempt_and_wait_for_requeue(slurm, job, log)
     chained = _job(slurm, job_chained)
