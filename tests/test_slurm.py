@@ -132,9 +132,10 @@ def test_f_then_g_chain_with_afterok_completes(slurm, shards, tmp_path):
 def test_preempted_job_requeues_falls_back_past_a_torn_checkpoint_and_matches_an_uninterrupted_run(
         slurm, shards, long_f_reference, tmp_path):
     """One preemption, everything a requeue must survive: USR2 checkpoints and requeues the job; a job
-    chained on it keeps waiting, and runs once F completes; a stage g submitted meanwhile fails naming the unfinished stage f; the newest
-    checkpoint is torn while the job waits; the requeued job says so, resumes from the previous one and ends
-    equal to the uninterrupted run. One job does all of it: each requeue costs SLURM's begin-time wait."""
+    chained on it keeps waiting, and runs once F completes; a stage g submitted meanwhile fails naming the
+    unfinished stage f; the newest checkpoint is torn while the job waits; the requeued job says so, resumes
+    from the previous one and ends equal to the uninterrupted run. One job does all of it: each requeue
+    costs SLURM's begin-time wait."""
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", shards, out, train=LONG_F)
     job = _sbatch(slurm, tmp_path, "--config", cfg, "--stage", "f", "--output-dir", out,
@@ -187,8 +188,8 @@ def test_preempted_job_requeues_falls_back_past_a_torn_checkpoint_and_matches_an
     assert not (out / "f" / "PREEMPTED").exists() and not (out / "f" / "STOP").exists()
     assert_weights_equal(long_f_reference, out / "f.safetensors")
     # F completed: the chained job is released and runs
-    info = _wait_state(slurm, job_chained, {"COMPLETED", "FAILED", "CANCELLED"}, tmp_path / f"chained-{job_chained}.log",
-                       timeout=60)
+    info = _wait_state(slurm, job_chained, {"COMPLETED", "FAILED", "CANCELLED"},
+                       tmp_path / f"chained-{job_chained}.log", timeout=60)
     assert info["JobState"] == "COMPLETED", info
 
 
