@@ -98,14 +98,15 @@ def write_config(path: Path, shards: Path, output_dir: Path, **sections) -> Path
 # A stage f long enough to be interrupted mid-run (preemption, SLURM requeue), and its uninterrupted run
 # with one thread (sums in one order), which every interrupted run must end equal to, bit for bit.
 LONG_F = {"steps": 60, "checkpoint_every": 6, "val_every": 30, "log_every": 6, "keep_last": 4}
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the same in every run compared bitwise: thread count changes float sums
 
 
 @pytest.fixture(scope="session")
 def long_f_reference(shards, tmp_path_factory) -> Path:
-    """f.safetensors of LONG_F run without interruption (OMP_NUM_THREADS=1)."""
+    """f.safetensors of LONG_F run without interruption, with ONE_THREAD."""
     base = tmp_path_factory.mktemp("long_f_reference")
     cfg = write_config(base / "ref.yaml", shards, base / "out", train=LONG_F)
-    run_cli("launch/train.py", "--config", cfg, "--stage", "f", env={"OMP_NUM_THREADS": "1"}, check=True)
+    run_cli("launch/train.py", "--config", cfg, "--stage", "f", env=ONE_THREAD, check=True)
     return base / "out" / "f.safetensors"
 
 

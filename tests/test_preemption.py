@@ -9,10 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import LONG_F as TRAIN, ROOT, assert_weights_equal, run_cli, write_config
-
-
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the same in every run compared bitwise: thread count changes float sums
+from conftest import LONG_F, ONE_THREAD, ROOT, assert_weights_equal, run_cli, write_config
 
 
 def _env():
@@ -35,7 +32,7 @@ def _steps(ckpts: Path) -> list[int]:
 def test_sigusr2_checkpoints_exits_cleanly_and_the_rerun_matches_an_uninterrupted_run(shards, long_f_reference,
                                                                                        tmp_path):
     out = tmp_path / "cut"
-    cfg = write_config(tmp_path / "cut.yaml", shards, out, train=TRAIN)
+    cfg = write_config(tmp_path / "cut.yaml", shards, out, train=LONG_F)
     proc = subprocess.Popen([sys.executable, str(ROOT / "launch/train.py"), "--config", str(cfg), "--stage", "f"],
                             cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_first_checkpoint(proc, out / "f" / "checkpoints")
@@ -61,7 +58,7 @@ def test_sigusr2_checkpoints_exits_cleanly_and_the_rerun_matches_an_uninterrupte
 def test_stop_file_stops_two_ranks_at_the_same_step_and_the_rerun_finishes(shards, tmp_path):
     """torchrun does not forward SIGUSR2, so the batch script touches OUTPUT_DIR/<stage>/STOP."""
     out = tmp_path / "two"
-    cfg = write_config(tmp_path / "two.yaml", shards, out, train=TRAIN)
+    cfg = write_config(tmp_path / "two.yaml", shards, out, train=LONG_F)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "launch/train.py"), "--config", str(cfg), "--stage", "f"]
     env = {**_env(), "ACCELERATE_USE_CPU": "1"}

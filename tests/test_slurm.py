@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LONG_F, ROOT, assert_weights_equal, run_cli, write_config
+from conftest import LONG_F, ONE_THREAD, ROOT, assert_weights_equal, run_cli, write_config
 
 CLUSTER = ROOT / "infra" / "slurm" / "local_cluster.sh"
 TRAIN_SBATCH = ROOT / "infra" / "slurm" / "train.sbatch"
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # every run compared bitwise uses one thread (sums in one order)
 
 
 @pytest.fixture(scope="module")

@@ -248,12 +248,12 @@ class ForkServer:
 
 @pytest.fixture(scope="session")
 def forkserver():
-    """The fork server; `mlflow_template` is the suite's initialised MLflow store (tests/conftest.py), which
-    `write_config` copies into each run's folder and the tests that make a store themselves copy too."""
+    """The fork server. Runs write MLflow to a copy of the suite's initialised store (tests/conftest.py,
+    `mlflow_template`), which `write_config` makes and the tests that make a store themselves make too."""
     server = ForkServer()
     try:
         server.ready()
-        server.mlflow_template = mlflow_template()
+        mlflow_template()  # made while the server imports, not inside the first test's timing
         yield server
     finally:
         server.close()

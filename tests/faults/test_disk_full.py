@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import log_lines, make_bucket, run_cli, tmpfs
+from conftest import log_lines, make_bucket, mlflow_template, run_cli, tmpfs
 
 from .conftest import (
     SHARD_ARGS,
@@ -227,7 +227,7 @@ def test_disk_full_in_the_s3_shard_cache(shards, s3_server, tmp_path, monkeypatc
 # ---------------------------------------------------------------- metrics
 
 
-def test_disk_full_while_metrics_are_logged(forkserver, tmp_path, record):
+def test_disk_full_while_metrics_are_logged(tmp_path, record):
     """Tracker with a real MLflow store (SQLite) and its metrics.jsonl on a tmpfs that fills: training goes on
     (no exception), a warning names the file, every metric reaches MLflow, and once there is room again the
     file takes new lines and stays readable (plots.read_metrics)."""
@@ -239,7 +239,7 @@ def test_disk_full_while_metrics_are_logged(forkserver, tmp_path, record):
 
     record.expect("ENOSPC while metrics are logged", "metrics.jsonl (golf_dist.tracking.Tracker)")
     db = tmp_path / "mlflow.db"
-    shutil.copyfile(forkserver.mlflow_template, db)
+    shutil.copyfile(mlflow_template(), db)
     disk = tmp_path / "disk"
     with tmpfs(disk, 64 << 10):
         metrics_file = disk / "f" / "metrics.jsonl"

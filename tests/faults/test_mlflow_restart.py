@@ -15,7 +15,7 @@ import re
 import signal
 import time
 
-from conftest import log_lines  # tests/conftest.py
+from conftest import log_lines, mlflow_template  # tests/conftest.py
 from mlflow_servers import MlflowServer
 
 from .conftest import STEPS, differences, train_argv, train_config
@@ -32,7 +32,7 @@ def test_mlflow_server_killed_and_restarted_mid_run(forkserver, references, tmp_
     ref = references.get("torch", "f")
     store = tmp_path / "store"
     store.mkdir()
-    shutil.copyfile(forkserver.mlflow_template, store / "mlflow.db")
+    shutil.copyfile(mlflow_template(), store / "mlflow.db")
     args = ["--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "art")]
     quick = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job workers: a server up in half the time
     server = MlflowServer(args, log=store / "server.log", env=quick)
