@@ -24,7 +24,7 @@ from golf_dist.errors import ConfigError
 
 STAGES = ("f", "g")
 SCHEDULES = ("exp", "cosine", "constant")
-UNROLL_WEIGHTINGS = ("uniform", "linear")  # golf_dist.losses.iterate_weights
+UNROLL_WEIGHTINGS = ("uniform", "linear", "last")  # golf_dist.losses.iterate_weights
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "gopro.yaml"
 
 
@@ -62,8 +62,9 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     unroll: int = 5  # N, the unrolled G steps of Eq. 4 (stage g)
-    unroll_weighting: str = "uniform"  # the weights of the N iterates in Eq. 4: uniform (the paper's mean) | linear
-    #                                    (iterate i weighs i: later iterates count more, so G learns to converge)
+    # the weights of the N iterates in Eq. 4: uniform (the paper's mean) | linear (iterate i weighs i: later
+    # iterates count more, so G learns to converge) | last (iterate N alone: G's N-th step is the one that lands)
+    unroll_weighting: str = "uniform"
     gradient_checkpointing: bool = True  # checkpoint each unrolled G step (stage g)
     grad_accum: int = 1
     mixed_precision: str = "no"  # no | bf16 | fp16

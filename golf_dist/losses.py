@@ -148,13 +148,16 @@ class GolfLoss(nn.Module):
 
 def iterate_weights(n: int, weighting: str = "uniform") -> list[float]:
     """The weights of iterates 1..n in Eq. 4, summing to 1: uniform is the paper's mean; linear weighs
-    iterate i by i, so the later iterates, the ones test time keeps, count more."""
+    iterate i by i, so the later iterates, the ones test time keeps, count more; last scores iterate n
+    alone, so G learns steps whose n-th lands on the target (the earlier iterates are on the way there)."""
     if weighting == "uniform":
         raw = [1.0] * n
     elif weighting == "linear":
         raw = [float(i) for i in range(1, n + 1)]
+    elif weighting == "last":
+        raw = [0.0] * (n - 1) + [1.0]
     else:
-        raise ValueError(f"unknown iterate weighting {weighting!r}: use uniform or linear")
+        raise ValueError(f"unknown iterate weighting {weighting!r}: use uniform, linear or last")
     return [w / sum(raw) for w in raw]
 
 
@@ -163,7 +166,7 @@ def unrolled_loss(
     weighting: str = "uniform",
 ) -> dict[str, Tensor]:
     """Eq. 4: the mean over i = 1..N of loss_fn(iterate_i, target), for each key (`weighting` linear: the
-    mean weighted by i, see iterate_weights).
+    mean weighted by i; last: iterate N alone; see iterate_weights). Iterates of weight 0 are not scored.
 
     With `checkpoint` (and grad enabled) each loss call is checkpointed, so VGG activations are
     not held for all N iterates at once. A GolfLoss gets the target's VGG features once.
@@ -177,6 +180,8 @@ def unrolled_loss(
     weights = iterate_weights(len(iterates), weighting)
     sums: dict[str, Tensor] = {}
     for x, weight in zip(iterates, weights):
+        if weight == 0.0:
+            continue
         terms = _checkpoint(loss_fn, x, target, *extra, use_reentrant=False) if use_ckpt else loss_fn(x, target, *extra)
         for k, v in terms.items():
             # uniform keeps the plain sum / N, the arithmetic of every earlier run (bitwise resume of old runs)

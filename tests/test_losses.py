@@ -206,8 +206,21 @@ def test_linear_weighting_weighs_iterate_i_by_i():
     assert terms["total"].item() == pytest.approx((1 * 0.25 + 2 * 0.0625 + 3 * 0.015625) / 6)
     terms["total"].backward()
     assert g.scale.grad.item() == pytest.approx((0 - 2 * 2 * 0.25 * 0.5 - 3 * 2 * 0.125 * 1.0) / 6)
-    with pytest.raises(ValueError, match="uniform or linear"):
+    with pytest.raises(ValueError, match="uniform, linear or last"):
         iterate_weights(3, "quadratic")
+
+
+def test_last_weighting_scores_the_last_iterate_alone():
+    # the iterates of the tests above: only x3 = 0.875 counts, (1 - 0.875)^2 = 0.015625
+    assert iterate_weights(3, "last") == [0.0, 0.0, 1.0]
+    assert iterate_weights(1, "last") == [1.0]
+    g = AffineMap()
+    its = unroll(g, torch.zeros(2, 3, 4, 4), 3, True)
+    terms = unrolled_loss(GolfLoss(0.0, None), its, torch.ones(2, 3, 4, 4), True, weighting="last")
+    assert terms["total"].item() == pytest.approx(0.015625)
+    terms["total"].backward()
+    # d/ds (1 - x3)^2 = -2 (1 - x3) dx3, dx3 = 1.0 at s = 0.5
+    assert g.scale.grad.item() == pytest.approx(-2 * 0.125 * 1.0)
 
 
 def test_checkpointing_changes_neither_loss_nor_gradients():
