@@ -207,14 +207,15 @@ def register_model(tracker, output_dir: Path, iterations: int, ensemble: str, na
 
     from golf_dist.errors import TrackingError
     from golf_dist.mlflow_model import log_model
+    from golf_dist.tracking import fluent_tracking_uri
 
     if tracker.run_id is None:
         raise TrackingError(f"--register {name}: the MLflow store at {tracker.display_uri} did not take the "
                             "evaluation's run, so there is no run to log the model into")
-    mlflow.set_tracking_uri(tracker.uri)
-    with mlflow.start_run(run_id=tracker.run_id):
-        info = log_model(output_dir, iterations, ensemble)
-    version = mlflow.register_model(info.model_uri, name, tags={"test_psnr": f"{test_psnr:.4f}"})
+    with fluent_tracking_uri(tracker.uri):
+        with mlflow.start_run(run_id=tracker.run_id):
+            info = log_model(output_dir, iterations, ensemble)
+        version = mlflow.register_model(info.model_uri, name, tags={"test_psnr": f"{test_psnr:.4f}"})
     log.info(f"registered model {name} version {version.version} ({info.model_uri}; test PSNR {test_psnr:.2f} dB)")
     return {"name": name, "version": str(version.version), "model_uri": info.model_uri}
 

@@ -15,12 +15,14 @@ HTTP client retries a failed request for about four minutes by default; the Trac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -105,6 +107,24 @@ def resolve_uri(config_uri: str | None) -> str:
     elif "://" not in uri and not uri.startswith("databricks"):
         uri = Path(uri).resolve().as_uri()  # a plain folder: a file store
     return uri
+
+
+@contextlib.contextmanager
+def fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (mlflow.start_run, register_model, pyfunc.load_model) pointed at `uri` for the
+    block only. mlflow.set_tracking_uri also writes MLFLOW_TRACKING_URI into os.environ (MLflow 3, for
+    subprocesses), and resolve_uri lets that variable win: left set, it would send every later run in
+    this process to this store whatever its config says. So the variable is put back as it was."""
+    import mlflow
+
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)  # clears MLflow's own setting and the variable it wrote
+        if saved is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
 def local_artifact_root(uri: str) -> str | None:

@@ -30,6 +30,18 @@ ROOT = Path(__file__).resolve().parent.parent
 _LOG_DATE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_tracking_uri_left_as_it_was():
+    """MLFLOW_TRACKING_URI wins over a config's tracking.uri (golf_dist.tracking.resolve_uri), so a test that
+    leaves it changed (mlflow.set_tracking_uri writes it) sends the runs of every later test in its pytest
+    process to another store. Under pytest-xdist one did: the disk-full fault test found its metrics missing
+    from its own store. Fail the test that leaves it changed instead."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    after = os.environ.get("MLFLOW_TRACKING_URI")
+    assert after == before, f"the test left MLFLOW_TRACKING_URI={after!r} (it was {before!r})"
+
+
 def log_lines(text: str) -> list[str]:
     """The lines of a run's stdout or stderr with golf_dist.log's date taken off each log line."""
     return [_LOG_DATE.sub("", line) for line in text.splitlines()]

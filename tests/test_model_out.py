@@ -5,6 +5,7 @@ kept out of runs that do not use it."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from conftest import run_cli
 from golf_dist.ensemble import ENSEMBLES, _forward, _inverse, ensemble_iterates
 from golf_dist.errors import ConfigError
 from golf_dist.models import f_net, golf_iterates
+from golf_dist.tracking import fluent_tracking_uri, resolve_uri
 
 # ---- self-ensemble ------------------------------------------------------------------------------------
 
@@ -136,12 +138,8 @@ def test_registered_mlflow_model_predicts_what_deblur_writes(small_run, tmp_path
     assert predict.returncode == 0, predict.stderr[-3000:]
     rows = json.loads(response.read_text())["predictions"]
     assert len(rows) == 1 and np.array_equal(np.asarray(rows[0]["image"], dtype=np.uint8), expected)
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(db)
-    try:
+    with fluent_tracking_uri(db):
         model = mlflow.pyfunc.load_model("models:/golf-small/1")
-    finally:
-        mlflow.set_tracking_uri(previous)
     from_path = model.predict(pd.DataFrame({"path": [str(src)]}))["image"][0]
     assert np.array_equal(from_path, expected)
     with pytest.raises(Exception, match="does not exist"):
@@ -150,9 +148,28 @@ def test_registered_mlflow_model_predicts_what_deblur_writes(small_run, tmp_path
         model.predict(pd.DataFrame({"image": [np.zeros((3, 8, 3), dtype=np.uint8)]}))
 
 
-def _env_without_uri():
-    import os
+@pytest.mark.parametrize("user_uri", [None, "sqlite:////srv/team/mlflow.db"])
+def test_fluent_tracking_uri_puts_mlflow_tracking_uri_back(monkeypatch, tmp_path, user_uri):
+    """register_model points MLflow's fluent API at the evaluation's store for one block; afterwards
+    MLFLOW_TRACKING_URI is as the user had it (absent, or their own), so a later run in the same process
+    goes where its config (or the user's variable) says, not to the evaluation's store."""
+    import mlflow
 
+    if user_uri is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", user_uri)
+    store = f"sqlite:///{tmp_path / 'evaluation.db'}"
+    with fluent_tracking_uri(store):
+        assert mlflow.get_tracking_uri() == store
+    assert os.environ.get("MLFLOW_TRACKING_URI") == user_uri
+    config_uri = f"sqlite:///{tmp_path / 'next_run.db'}"
+    assert resolve_uri(config_uri) == (user_uri or config_uri)
+    if user_uri is not None:
+        assert mlflow.get_tracking_uri() == user_uri
+
+
+def _env_without_uri():
     return {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
 
 
