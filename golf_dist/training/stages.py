@@ -64,9 +64,8 @@ class GStage:
         return g_net()
 
     def loss(self, model: nn.Module, blur: Tensor, sharp: Tensor) -> dict[str, Tensor]:
-        """Eq. 4: the mean over i = 1..N of L(G^(i)(x0), sharp) (weighted by i with weighting linear;
-        iterate N alone with last),
-        x0 = F(blur) without gradients."""
+        """Eq. 4: the mean over i = 1..N of L(G^(i)(x0), sharp), x0 = F(blur) without gradients (weighted
+        by i with weighting linear; iterate N alone with last)."""
         with torch.no_grad():
             x0 = self.f_model(blur)
         iterates = unroll(model, x0, self.unroll_steps, checkpoint=self.checkpointing)
