@@ -151,13 +151,30 @@ def _relative_gap(a: Path, b: Path, init: dict) -> float:
     return float(gap / moved)
 
 
+def _loss_and_grad_norm(db: Path) -> dict:
+    """{(stage, world size): {"loss": [...], "grad_norm": [...]}} of every run in the store, by step."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    series = {}
+    for run in client.search_runs([client.get_experiment_by_name("golf-test").experiment_id]):
+        key = (run.data.tags["golf.stage"], run.data.params["world_size"])
+        series[key] = {name: [m.value for m in sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step)]
+                       for name in ("loss", "grad_norm")}
+    return series
+
+
 def test_two_processes_match_one_with_the_same_global_batch(shards, tmp_path):
     """DDP over gloo, stage f and stage g with checkpointed unrolling, against a single process.
 
-    Float tolerance, not bit equality: two ranks sum gradients in another order, and Adam scales
-    every gradient element to about +-lr, so elements whose gradient is at rounding level may move
-    differently. The test bounds the runs' distance relative to the distance training covered
-    (measured here: 1e-4 to 8e-3).
+    What DDP guarantees is checked tightly: each logged loss and global gradient norm (a rank that
+    trained on its half of the batch alone would log its half's) matches the single process's.
+    The weights get a float tolerance, not bit equality: two ranks sum gradients in another order,
+    and Adam scales every gradient element to about +-lr, so elements whose gradient is at rounding
+    level move differently. G's zero-initialised last convolution puts all its inner gradients at
+    that level in the first steps, so its weights differ most: measured ||w_2 - w_1|| / ||w_1 - w_init||
+    of 1e-4 to 8e-3 on the AVX-512 EPYC that first ran this test and 2.6e-2 on an AVX2-only EPYC
+    (F: 1e-5 there), with the losses still within 1e-4 and the gradient norms within 3e-3.
     """
     from golf_dist.models import f_net, g_net
 
@@ -170,12 +187,18 @@ def test_two_processes_match_one_with_the_same_global_batch(shards, tmp_path):
     # both G runs start from the same F, so they differ only by the world size
     for n in (1, 2):
         _torchrun(n, cfgs[n], "g", "--unroll", "2", f"train.f_weights={outs[1] / 'f.safetensors'}")
+    series = _loss_and_grad_norm(tmp_path / "mlflow.db")
+    for stage in ("f", "g"):
+        one, two = series[(stage, "1")], series[(stage, "2")]
+        assert len(one["loss"]) == len(two["loss"]) == 2, (stage, one, two)  # steps 2 and 3
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-3), stage
+        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-2), stage
     torch.manual_seed(1)  # the config's seed: the trainer's initial weights
     f_init = f_net().state_dict()
     torch.manual_seed(1)
     g_init = g_net().state_dict()
     assert _relative_gap(outs[1] / "f.safetensors", outs[2] / "f.safetensors", f_init) < 2e-2
-    assert _relative_gap(outs[1] / "g.safetensors", outs[2] / "g.safetensors", g_init) < 2e-2
+    assert _relative_gap(outs[1] / "g.safetensors", outs[2] / "g.safetensors", g_init) < 1e-1
 
 
 # ---- bad input: a clear message naming the thing, non-zero exit, nothing half-written -------------
