@@ -171,10 +171,10 @@ def test_two_processes_match_one_with_the_same_global_batch(shards, tmp_path):
     trained on its half of the batch alone would log its half's) matches the single process's.
     The weights get a float tolerance, not bit equality: two ranks sum gradients in another order,
     and Adam scales every gradient element to about +-lr, so elements whose gradient is at rounding
-    level move differently. G's zero-initialised last convolution puts all its inner gradients at
-    that level in the first steps, so its weights differ most: measured ||w_2 - w_1|| / ||w_1 - w_init||
-    of 1e-4 to 8e-3 on the AVX-512 EPYC that first ran this test and 2.6e-2 on an AVX2-only EPYC
-    (F: 1e-5 there), with the losses still within 1e-4 and the gradient norms within 3e-3.
+    level move differently. G's zero-initialised last convolution keeps its inner gradients tiny in
+    the first steps (zero in the first), so its weights differ most: measured ||w_2 - w_1|| / ||w_1 - w_init||
+    of 1e-4 to 8e-3 on the 2-core EPYC machines of earlier sessions and 2.6e-2 on one whose CPU has
+    AVX2 but no AVX-512 (F: 1e-5 there), its losses still within 1e-4 and gradient norms within 3e-3.
     """
     from golf_dist.models import f_net, g_net
 
