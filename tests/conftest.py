@@ -19,6 +19,14 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+# Under pytest-xdist the workers share the cores: unless OMP_NUM_THREADS is set, each worker, and every
+# command it runs (they inherit its environment), gets cores / workers threads. Two workers whose torch each
+# ran a thread per core would keep twice as many busy threads as cores, waiting on each other.
+# Set before numpy and torch are imported: both size their thread pools at import.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.environ:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ["OMP_NUM_THREADS"] = str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 import numpy as np
 import pytest
 import torch

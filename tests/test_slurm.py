@@ -27,14 +27,21 @@ def slurm(tmp_path_factory):
     if sys.platform != "linux":
         pytest.skip("SLURM tests need Linux")
     base = tmp_path_factory.mktemp("slurm")
-    proc = subprocess.run(["bash", str(CLUSTER), "start", str(base)], capture_output=True, text=True, timeout=600)
+    # Under pytest-xdist each worker that runs tests of this file starts its own cluster. Both would number
+    # their jobs from 1, and train.sbatch derives the rendezvous port from the job id: give each worker
+    # its own range (gw0: 1, gw1: 1001, ...).
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    start_env = {**os.environ, "GOLF_SLURM_FIRST_JOB_ID": str(1 + 1000 * worker)}
+    proc = subprocess.run(["bash", str(CLUSTER), "start", str(base)], capture_output=True, text=True, timeout=600,
+                          env=start_env)
     if proc.returncode == 3:
         reason = f"SLURM cannot be installed on this machine: {proc.stderr.strip()}"
         print(f"SKIP: {reason}")
         pytest.skip(reason)
     assert proc.returncode == 0, f"the local SLURM cluster did not start:\n{proc.stdout}\n{proc.stderr}"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env.update(SLURM_CONF=str(base / "etc" / "slurm.conf"), PYTHONUNBUFFERED="1", **ONE_THREAD)
+    env.update(SLURM_CONF=str(base / "etc" / "slurm.conf"), PYTHONUNBUFFERED="1", **ONE_THREAD,
+               GOLF_SLURM_FIRST_JOB_ID=start_env["GOLF_SLURM_FIRST_JOB_ID"])
     yield env
     subprocess.run(["bash", str(CLUSTER), "stop", str(base)], capture_output=True, text=True, timeout=120)
 
@@ -118,6 +125,10 @@ def test_f_then_g_chain_with_afterok_completes(slurm, shards, tmp_path):
     log_f = _log(tmp_path, job_f).read_text()
     assert info_f["JobState"] == "COMPLETED", log_f[-3000:]
     assert "2 CPU process(es) per node, torchrun + gloo" in log_f
+    # the job numbers come from this cluster's own range, and the rendezvous port from the job number
+    first = int(slurm["GOLF_SLURM_FIRST_JOB_ID"])
+    assert first <= int(job_f) < first + 1000
+    assert f":{20000 + int(job_f) % 20000}, " in log_f
     assert "global batch 4 = 2 process(es) x 2 per device" in log_f
     info_g = _wait_state(slurm, job_g, {"COMPLETED", "FAILED", "CANCELLED"}, _log(tmp_path, job_g))
     log_g = _log(tmp_path, job_g).read_text()

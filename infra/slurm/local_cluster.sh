@@ -13,11 +13,13 @@
 # select/cons_tres, JobRequeue=1; the node has `nproc` CPUs and a small RealMemory.
 #
 # Environment: GOLF_SLURM_CTLD_PORT, GOLF_SLURMD_PORT (default: free ports), GOLF_SLURM_START_TIMEOUT
-# (seconds to wait for the node to be idle, default 60).
+# (seconds to wait for the node to be idle, default 60), GOLF_SLURM_FIRST_JOB_ID (the cluster's first
+# job id, default 1: two clusters on one machine need distinct ranges, since train.sbatch derives its
+# rendezvous port from the job id).
 # Exit status: 0 ready; 3 SLURM cannot be installed here (callers skip); 1 it did not start (logs shown).
 set -euo pipefail
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 [ $# -ge 1 ] || usage 2
 case "$1" in -h|--help) usage 0 ;; esac
 [ $# -eq 2 ] || usage 2
@@ -108,9 +110,16 @@ start() {
 
   local host ctld_port slurmd_port cpus
   host=$(hostname -s)
-  cpus=$(nproc)
+  # GNU nproc answers OMP_NUM_THREADS where it is set (pytest-xdist workers set it to 1): the node
+  # would then be too small for a --cpus-per-task=2 job, which stays PENDING (PartitionConfig)
+  cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
   ctld_port=${GOLF_SLURM_CTLD_PORT:-$(free_port)}
   slurmd_port=${GOLF_SLURMD_PORT:-$(free_port)}
+  first_job_id=${GOLF_SLURM_FIRST_JOB_ID:-1}
+  if ! [[ $first_job_id =~ ^[1-9][0-9]{0,8}$ ]]; then
+    log "GOLF_SLURM_FIRST_JOB_ID=$first_job_id: expected a positive whole number below 10^9"
+    exit 1
+  fi
   if [ ! -f "$CONF" ]; then
     cat >"$CONF".tmp <<EOF
 # one-node development cluster written by infra/slurm/local_cluster.sh
@@ -136,6 +145,7 @@ SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
 MpiDefault=none
 JobRequeue=1
+FirstJobId=$first_job_id
 ReturnToService=2
 MinJobAge=3600
 SlurmdTimeout=60
