@@ -26,6 +26,8 @@ SHORT = {"steps": 3, "checkpoint_every": 3, "val_every": 3}
 # the PyTorch loader: its sample order is a function of the global position only, so it does not depend
 # on the world size or the accumulation (DALI's per-rank shard readers do; see docs/scaling.md)
 TORCH_LOADER = {"loader": "torch"}
+# the DeepSpeed runs: 4 optimizer steps of 2 micro-batches each, a checkpoint every 2
+DEEPSPEED_TRAIN = {"steps": 4, "checkpoint_every": 2, "val_every": 4, "grad_accum": 2, "keep_last": 3}
 
 
 def _env(**extra):
@@ -254,11 +256,10 @@ def test_trainer_under_accelerate_deepspeed_checkpoints_and_resumes(shards, tmp_
     ds_json["zero_optimization"]["overlap_comm"] = False
     (tmp_path / "ds_cpu.json").write_text(json.dumps(ds_json))
     ds_env = _env(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_CONFIG_FILE=str(tmp_path / "ds_cpu.json"))
-    train = {"steps": 4, "checkpoint_every": 2, "val_every": 4, "grad_accum": 2, "keep_last": 3}
     outs = {}
     for kind in ("plain", "ds"):
         outs[kind] = tmp_path / kind
-        cfg = write_config(tmp_path / f"{kind}.yaml", shards, outs[kind], train=train, data=TORCH_LOADER)
+        cfg = write_config(tmp_path / f"{kind}.yaml", shards, outs[kind], train=DEEPSPEED_TRAIN, data=TORCH_LOADER)
         cmd = _torchrun("--standalone", "--nproc_per_node", 1, "launch/train.py", "--config", cfg, "--stage", "f")
         proc = _ok(_run(cmd, ds_env if kind == "ds" else _env()))
         if kind == "ds":
@@ -285,10 +286,13 @@ def test_trainer_under_accelerate_deepspeed_checkpoints_and_resumes(shards, tmp_
     for key in final:
         torch.testing.assert_close(resumed[key], final[key], rtol=1e-5, atol=1e-6, msg=key)
 
-    # `accelerate launch` with the project's DeepSpeed YAML and JSON as they are (bf16): bf16 working
-    # weights, but the exported ones are the fp32 masters
+
+def test_accelerate_launch_with_the_deepspeed_config_exports_fp32_masters(shards, tmp_path):
+    """`accelerate launch` with the project's DeepSpeed YAML and JSON as they are (bf16): bf16 working
+    weights, but the exported ones are the fp32 masters."""
+    pytest.importorskip("transformers", reason="Accelerate's DeepSpeed integration imports transformers: pip install transformers")
     bf16_out = tmp_path / "bf16"
-    cfg = write_config(tmp_path / "bf16.yaml", shards, bf16_out, train=train, data=TORCH_LOADER)
+    cfg = write_config(tmp_path / "bf16.yaml", shards, bf16_out, train=DEEPSPEED_TRAIN, data=TORCH_LOADER)
     proc = _ok(_run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                      str(CONFIGS / "deepspeed_zero2.yaml"), "--num_processes", "1",
                      "launch/train.py", "--config", str(cfg), "--stage", "f"], _env()))
