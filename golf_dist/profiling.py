@@ -40,14 +40,15 @@ def top_operators(fn: Callable[[], None], device: str, *, warmup: int = 1, repea
             fn()
         if on_gpu:
             torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if _self_us(e, on_gpu) > 0]
+    averages = prof.key_averages()  # slow on a CPU (seconds per call): computed once for the rows and the table
+    events = [e for e in averages if _self_us(e, on_gpu) > 0]
     total = sum(_self_us(e, on_gpu) for e in events) or 1.0
     events.sort(key=lambda e: _self_us(e, on_gpu), reverse=True)
     rows = [{"name": e.key, "calls": int(e.count) // repeats,
              "self_ms": round(_self_us(e, on_gpu) / 1e3 / repeats, 4),
              "share": round(_self_us(e, on_gpu) / total, 4)} for e in events[:top]]
     sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort_by, row_limit=top)
+    table = averages.table(sort_by=sort_by, row_limit=top)
     return rows, table
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from golf_dist.fused_norm import fuse_norm_relu, kernel_available
+from golf_dist.log import get_logger
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,25 @@ def prepare_input(x: torch.Tensor, speed: Speed) -> torch.Tensor:
 def adam_options(speed: Speed, device: torch.device) -> dict:
     """Extra keyword arguments for torch.optim.Adam: the fused kernel where it is on and the device is CUDA."""
     return {"fused": True} if speed.fused_adam and device.type == "cuda" else {}
+
+
+def bf16_is_slow_here(precision: str, device: torch.device) -> bool:
+    """bf16 asked for on a CPU whose oneDNN has no bf16 kernels (no AVX-512: an AVX2-only CPU). Autocast still
+    works there, but its convolutions take a reference path many times slower than fp32: `launch/benchmark.py
+    --precision bf16` against fp32 on such a CPU shows it (docs/benchmark.md)."""
+    if precision != "bf16" or device.type != "cpu":
+        return False
+    try:
+        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):  # a build without oneDNN, or one that no longer has the query
+        return False
+
+
+def warn_if_bf16_is_slow(precision: str, device: torch.device) -> None:
+    if bf16_is_slow_here(precision, device):
+        get_logger(__name__).warning(
+            "train.mixed_precision=bf16 on a CPU without oneDNN bf16 kernels (no AVX-512): its convolutions run "
+            "many times slower than fp32 here; train.mixed_precision=no is faster")
 
 
 def for_inference(f: torch.nn.Module, g: torch.nn.Module | None, speed_cfg, device: torch.device):

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 import io
+import json
 import tarfile
 import urllib.request
 from contextlib import contextmanager
@@ -68,17 +69,40 @@ def run_cli(script: str, *args: str, env: dict | None = None, timeout: int = 600
     return proc
 
 
-@pytest.fixture(scope="session")
-def shards(tmp_path_factory) -> Path:
-    """12 train + 4 test synthetic pairs of 64x96, sharded 4 pairs per shard, PNG in both splits (not the
-    CLI's npy default for training): the bad-sample tests rewrite PNG members; npy shards have their own
-    fixtures (tests/test_dali.py, tests/test_shard_formats.py)."""
-    base = tmp_path_factory.mktemp("data")
+def built_once(tmp_path_factory, name: str, build):
+    """`build(folder)` run once per test session and its JSON result returned. Under pytest-xdist the workers
+    share it: the first to ask builds it in the session's common temp folder under a file lock, the others wait
+    and read its result (each worker would otherwise make its own copy of the same data and runs). A build
+    that failed is retried by the next worker to ask, in a fresh folder."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return build(tmp_path_factory.mktemp(name))
+    from filelock import FileLock  # a dependency of torch
+
+    common = tmp_path_factory.getbasetemp().parent  # pytest-N/, holding each worker's popen-gwN/
+    folder, result = common / f"shared-{name}", common / f"shared-{name}.json"
+    with FileLock(str(common / f"shared-{name}.lock")):
+        if not result.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            result.write_text(json.dumps(build(folder)))
+        return json.loads(result.read_text())
+
+
+def _make_shards(base: Path) -> str:
     run_cli("data_prep/synth_gopro.py", "--out", base / "GOPRO_Large", "--train-pairs", 12, "--test-pairs", 4,
             "--height", 64, "--width", 96, "--seed", 3, check=True)
     run_cli("data_prep/shard_gopro.py", "--src", base / "GOPRO_Large", "--out", base / "shards",
             "--maxcount", 4, "--workers", 1, "--format", "png", check=True)
-    return base / "shards"
+    return str(base / "shards")
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """12 train + 4 test synthetic pairs of 64x96, sharded 4 pairs per shard, PNG in both splits (not the
+    CLI's npy default for training): the bad-sample tests rewrite PNG members (of a copy: tests only read
+    this folder, which every worker shares); npy shards have their own fixtures (tests/test_dali.py,
+    tests/test_shard_formats.py)."""
+    return Path(built_once(tmp_path_factory, "data", _make_shards))
 
 
 @functools.cache
@@ -124,24 +148,29 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the same in every run compared bitwise:
 @pytest.fixture(scope="session")
 def long_f_reference(shards, tmp_path_factory) -> Path:
     """f.safetensors of LONG_F run without interruption, with ONE_THREAD."""
-    base = tmp_path_factory.mktemp("long_f_reference")
-    cfg = write_config(base / "ref.yaml", shards, base / "out", train=LONG_F)
-    run_cli("launch/train.py", "--config", cfg, "--stage", "f", env=ONE_THREAD, check=True)
-    return base / "out" / "f.safetensors"
+    def train(base: Path) -> str:
+        cfg = write_config(base / "ref.yaml", shards, base / "out", train=LONG_F)
+        run_cli("launch/train.py", "--config", cfg, "--stage", "f", env=ONE_THREAD, check=True)
+        return str(base / "out" / "f.safetensors")
+
+    return Path(built_once(tmp_path_factory, "long_f_reference", train))
 
 
 @pytest.fixture(scope="session")
 def small_run(shards, tmp_path_factory):
     """Stage f (4 steps, clipping on), stage g (unroll 3) and an evaluation with 4 G iterations; what each
-    command printed on stderr is kept for the tests that read it."""
-    base = tmp_path_factory.mktemp("small_run")
-    out = base / "out"
-    cfg = write_config(base / "c.yaml", shards, out, train={"grad_clip": 0.01, "steps": 4, "val_every": 2,
-                                                              "log_every": 2, "checkpoint_every": 4})
-    procs = [run_cli("launch/train.py", "--config", cfg, "--stage", "f", check=True),
-             run_cli("launch/train.py", "--config", cfg, "--stage", "g", "--unroll", "3", check=True),
-             run_cli("launch/evaluate.py", "--output-dir", out, "--iterations", "4", check=True)]
-    return {"out": out, "db": base / "mlflow.db", "stderr": [p.stderr for p in procs]}
+    command printed on stderr is kept for the tests that read it. Every worker shares it: tests only read it."""
+    def train(base: Path) -> dict:
+        out = base / "out"
+        cfg = write_config(base / "c.yaml", shards, out, train={"grad_clip": 0.01, "steps": 4, "val_every": 2,
+                                                                  "log_every": 2, "checkpoint_every": 4})
+        procs = [run_cli("launch/train.py", "--config", cfg, "--stage", "f", check=True),
+                 run_cli("launch/train.py", "--config", cfg, "--stage", "g", "--unroll", "3", check=True),
+                 run_cli("launch/evaluate.py", "--output-dir", out, "--iterations", "4", check=True)]
+        return {"out": str(out), "db": str(base / "mlflow.db"), "stderr": [p.stderr for p in procs]}
+
+    run = built_once(tmp_path_factory, "small_run", train)
+    return {**run, "out": Path(run["out"]), "db": Path(run["db"])}
 
 
 def write_gopro(root: Path, train: int = 4, test: int = 2, height: int = 32, width: int = 48) -> Path:

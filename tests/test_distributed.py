@@ -27,6 +27,9 @@ SHORT = {"steps": 3, "checkpoint_every": 3, "val_every": 3}
 # on the world size or the accumulation (DALI's per-rank shard readers do; see docs/scaling.md)
 TORCH_LOADER = {"loader": "torch"}
 # the DeepSpeed runs: 4 optimizer steps of 2 micro-batches each, a checkpoint every 2
+# bf16 runs validate on one frame: on a CPU without oneDNN bf16 kernels (AVX2 only) a bf16 convolution takes
+# a slow path, and F on one 64x96 frame takes seconds (golf_dist.speed.bf16_is_slow_here)
+BF16_VAL = {"max_pairs": 1}
 DEEPSPEED_TRAIN = {"steps": 4, "checkpoint_every": 2, "val_every": 4, "grad_accum": 2, "keep_last": 3}
 
 
@@ -141,8 +144,8 @@ def test_one_node_config_asks_the_trainer_for_bf16(shards, tmp_path):
     """`accelerate launch --config_file one_node.yaml`: its bf16 reaches the trainer, although the
     golf config says train.mixed_precision=no (an explicit Accelerator(mixed_precision=...) would
     otherwise override it). On a CPU-only machine `--cpu` makes it one process (Accelerate's rule)."""
-    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out", train={"steps": 2, "val_every": 2,
-                                                                            "checkpoint_every": 2})
+    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out", val=BF16_VAL,
+                       train={"steps": 2, "val_every": 2, "checkpoint_every": 2})
     _ok(_run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "one_node.yaml"),
               "--cpu", "--num_processes", "1", "launch/train.py", "--config", str(cfg), "--stage", "f"], _env()))
     params = _params(tmp_path / "mlflow.db")
@@ -292,7 +295,7 @@ def test_accelerate_launch_with_the_deepspeed_config_exports_fp32_masters(shards
     weights, but the exported ones are the fp32 masters."""
     pytest.importorskip("transformers", reason="Accelerate's DeepSpeed integration imports transformers: pip install transformers")
     bf16_out = tmp_path / "bf16"
-    cfg = write_config(tmp_path / "bf16.yaml", shards, bf16_out, train=DEEPSPEED_TRAIN, data=TORCH_LOADER)
+    cfg = write_config(tmp_path / "bf16.yaml", shards, bf16_out, train=DEEPSPEED_TRAIN, data=TORCH_LOADER, val=BF16_VAL)
     proc = _ok(_run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                      str(CONFIGS / "deepspeed_zero2.yaml"), "--num_processes", "1",
                      "launch/train.py", "--config", str(cfg), "--stage", "f"], _env()))

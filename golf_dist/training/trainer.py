@@ -41,7 +41,7 @@ from golf_dist.optim import EMA, make_scheduler
 from golf_dist.preemption import StopCheck, print_stopped
 from golf_dist.run_info import run_params
 from golf_dist.speed import adam_options, apply_backend_flags, prepare_input, prepare_module
-from golf_dist.speed import resolve as resolve_speed
+from golf_dist.speed import resolve as resolve_speed, warn_if_bf16_is_slow
 from golf_dist.tracking import Tracker, redact_config_dict
 from golf_dist.training.backend import make_accelerator, make_backend
 from golf_dist.training.meter import StepMeter
@@ -137,6 +137,7 @@ class Trainer:
         self.ema = EMA(self.backend.raw_model, t.ema_decay) if t.ema_decay > 0 else None
         if self.backend.describe():
             log.info(self.backend.describe())
+        warn_if_bf16_is_slow(self.cfg.train.mixed_precision, self.device)
 
     def resume(self) -> None:
         """Start from step 0, or from the checkpoint every rank agrees on (the stage's newest that loads, else
