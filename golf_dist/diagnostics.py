@@ -175,7 +175,7 @@ def _patches(image: torch.Tensor, kernel: int) -> torch.Tensor:
 def linear_headroom(
     f: torch.nn.Module, g: torch.nn.Module | None, train_frames: list[tuple[np.ndarray, np.ndarray]],
     test_frames: list[tuple[np.ndarray, np.ndarray]], *, kernel: int = 7, samples_per_frame: int = 6000,
-    iterations: int = 3, seed: int = 0,
+    iterations: int = 3, seed: int = 0, instance_norm: bool = False,
 ) -> dict[str, Any]:
     """How much is left for G to correct, measured with the simplest corrector there is: the least-squares
     linear filter (k x k, 3 -> 3 channels, plus an offset) from F's estimate x0 to the residual sharp - x0,
@@ -185,32 +185,63 @@ def linear_headroom(
     gain after each iteration on the same frames ("g_gains"). A G that gains far less than the filter has an
     optimisation problem; a filter that gains little says F's estimate leaves little that a local linear
     correction (a sharpening, a deconvolution of what blur is left) could undo. Frames: (blur, sharp) HxWx3
-    uint8 pairs."""
+    uint8 pairs.
+
+    With `instance_norm`, also "normalised_gain": the same filter's correction passed through what an
+    InstanceNorm does (per frame and channel: zero mean, unit standard deviation), then scaled by one factor
+    per channel fitted by least squares on the training frames. Every path through G passes an InstanceNorm,
+    so this is what G's linear part can make of the filter: its amplitude cannot follow each frame's
+    contrast."""
     from golf_dist.data.loader import to_tensor
     from golf_dist.metrics import psnr
 
     if kernel < 1 or kernel % 2 == 0:
         raise ValueError(f"kernel must be an odd number >= 1, got {kernel}")
     gen = torch.Generator().manual_seed(seed)
-    rows, targets = [], []
+    rows, targets, estimates = [], [], []
     for blur, sharp in train_frames:
         x0 = f(to_tensor(blur)[None])[0]
+        estimates.append(x0)
         feats = _patches(x0, kernel)
         pick = torch.randperm(len(feats), generator=gen)[:samples_per_frame]
         rows.append(feats[pick])
         targets.append((to_tensor(sharp).double() - x0.double()).reshape(3, -1).T[pick])
     weights = torch.linalg.lstsq(torch.cat(rows), torch.cat(targets)).solution  # (3k^2 + 1) x 3
-    linear, by_iteration = [], []
+
+    def correction(x0: torch.Tensor) -> torch.Tensor:
+        return (_patches(x0, kernel) @ weights).T.reshape(x0.shape)
+
+    if instance_norm:
+        scale = _instance_norm_scale([correction(x0) for x0 in estimates],
+                                     [to_tensor(sharp).double() - x0.double() for x0, (_, sharp) in zip(estimates, train_frames)])
+    linear, normalised, by_iteration = [], [], []
     for blur, sharp in test_frames:
         target = to_tensor(sharp)[None]
         iterates = golf_iterates(f, g, to_tensor(blur)[None], iterations if g is not None else 0)
         x0 = iterates[0][0]
-        corrected = x0 + (_patches(x0, kernel) @ weights).T.reshape(x0.shape).float()
         base = float(psnr(x0[None].clamp(0, 1), target))
-        linear.append(float(psnr(corrected[None].clamp(0, 1), target)) - base)
+        linear.append(float(psnr((x0 + correction(x0).float())[None].clamp(0, 1), target)) - base)
+        if instance_norm:
+            fixed = x0 + (scale * _instance_normalised(correction(x0))).float()
+            normalised.append(float(psnr(fixed[None].clamp(0, 1), target)) - base)
         by_iteration.append([float(psnr(x.clamp(0, 1), target)) - base for x in iterates[1:]])
     result: dict[str, Any] = {"kernel": kernel, "train_frames": len(train_frames), "test_frames": len(test_frames),
                               "samples": int(sum(len(r) for r in rows)), "linear_gain": float(np.mean(linear))}
+    if instance_norm:
+        result["normalised_gain"] = float(np.mean(normalised))
     if g is not None:
         result["g_gains"] = np.mean(by_iteration, axis=0).tolist()
     return result
+
+
+def _instance_normalised(correction: torch.Tensor) -> torch.Tensor:
+    """A 3xHxW correction as an InstanceNorm leaves it: each channel at zero mean and unit deviation."""
+    centred = correction - correction.mean((1, 2), keepdim=True)
+    return centred / centred.std((1, 2), keepdim=True).clamp_min(1e-12)
+
+
+def _instance_norm_scale(corrections: list[torch.Tensor], residuals: list[torch.Tensor]) -> torch.Tensor:
+    """Per channel, the factor a minimising sum over frames of |a * normalised(correction) - residual|^2."""
+    num = sum((_instance_normalised(c) * r).sum((1, 2)) for c, r in zip(corrections, residuals))
+    den = sum((_instance_normalised(c) ** 2).sum((1, 2)) for c in corrections)
+    return (num / den)[:, None, None]

@@ -15,7 +15,8 @@ metrics.jsonl of each stage of each output folder, as one PNG. crops: a trained 
 iteration on random crops (F run on the crop, as stage g trains) and on the same whole frames (as
 evaluation measures). headroom: the best linear correction of F's output (a k x k filter fitted by least
 squares on training frames) scored on test frames, beside G's gain on the same frames: how much a simple
-corrector finds left to correct. The last line printed is one JSON object.
+corrector finds left to correct; with --instance-norm also that correction as an InstanceNorm on G's
+paths leaves it. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -139,9 +140,12 @@ def _headroom(args) -> int:
     result = linear_headroom(
         f, g, [train.load(i)[:2] for i in range(min(args.train_pairs, len(train)))],
         [test.load(i)[:2] for i in range(min(args.test_pairs, len(test)))], kernel=args.kernel,
-        samples_per_frame=args.samples, iterations=args.iterations, seed=args.seed)
+        samples_per_frame=args.samples, iterations=args.iterations, seed=args.seed, instance_norm=args.instance_norm)
     print(f"best linear {args.kernel}x{args.kernel} correction of F's output, fitted on {result['train_frames']} "
           f"training frames: {result['linear_gain']:+.4f} dB over F on {result['test_frames']} test frames")
+    if "normalised_gain" in result:
+        print(f"the same correction through an InstanceNorm (its amplitude no longer following each frame's contrast): "
+              f"{result['normalised_gain']:+.4f} dB")
     if "g_gains" in result:
         print("G's gain over F on the same frames, iterations 1..{}: {} dB".format(
             args.iterations, ", ".join(f"{v:+.4f}" for v in result["g_gains"])))
@@ -193,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=6000, help="pixels sampled per training frame (default: %(default)s)")
     p.add_argument("--iterations", type=int, default=3, help="G iterations (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled pixels (default: %(default)s)")
+    p.add_argument("--instance-norm", action="store_true",
+                   help="also score the filter's correction through an InstanceNorm (per frame and channel: zero mean, "
+                        "unit deviation, one fitted factor per channel), as every path through G passes one")
     p.set_defaults(func=_headroom)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -325,11 +325,12 @@ def test_crops_command_on_a_trained_run(small_run):
     assert all(math.isfinite(v) for v in result["crops"] + result["frames"])
     # the headroom instrument on the same run: the linear filter and G side by side
     proc = run_cli("launch/diagnose.py", "headroom", "--output-dir", small_run["out"], "--train-pairs", "4",
-                   "--test-pairs", "2", "--samples", "500", "--kernel", "5", "--iterations", "2", check=True)
+                   "--test-pairs", "2", "--samples", "500", "--kernel", "5", "--iterations", "2", "--instance-norm",
+                   check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["train_frames"] == 4 and result["test_frames"] == 2 and result["samples"] == 2000
-    assert len(result["g_gains"]) == 2 and math.isfinite(result["linear_gain"])
-    assert "best linear 5x5 correction of F's output" in proc.stdout
+    assert len(result["g_gains"]) == 2 and math.isfinite(result["linear_gain"]) and math.isfinite(result["normalised_gain"])
+    assert "best linear 5x5 correction of F's output" in proc.stdout and "through an InstanceNorm" in proc.stdout
 
 
 def test_deblur_on_tiles_writes_the_whole_image(small_run, tmp_path):
@@ -393,3 +394,30 @@ def test_linear_headroom_finds_a_known_blur_and_nothing_where_there_is_none():
     assert unpredictable["g_gains"] == [0.0, 0.0]  # an identity G changes nothing
     with pytest.raises(ValueError, match="odd"):
         linear_headroom(identity, None, train, test, kernel=4)
+
+
+def test_headroom_through_an_instance_norm_loses_what_follows_each_frames_contrast():
+    """`instance_norm=True` scores the filter's correction as an InstanceNorm leaves it (zero mean, unit deviation
+    per frame and channel, one fitted factor per channel). Frames of one contrast lose nothing by it; frames
+    whose contrasts differ tenfold lose much of the gain, as the correction's amplitude can no longer follow
+    them."""
+    from golf_dist.diagnostics import linear_headroom
+
+    rng = np.random.default_rng(1)
+
+    def frame(contrast):
+        sharp = rng.random((40, 48, 3))
+        sharp = (sharp + np.roll(sharp, 1, 0) + np.roll(sharp, 1, 1)) / 3
+        sharp = 0.5 + contrast * (sharp - 0.5)
+        padded = np.pad(sharp, ((1, 1), (1, 1), (0, 0)), mode="reflect")
+        blur = sum(padded[dy:dy + 40, dx:dx + 48] for dy in range(3) for dx in range(3)) / 9
+        return (blur * 255).round().astype(np.uint8), (sharp * 255).round().astype(np.uint8)
+
+    identity = torch.nn.Identity()
+    same = linear_headroom(identity, None, [frame(1.0) for _ in range(4)], [frame(1.0) for _ in range(2)],
+                           kernel=7, samples_per_frame=1500, instance_norm=True)
+    assert same["normalised_gain"] > 0.9 * same["linear_gain"] > 2.7, same
+    mixed = linear_headroom(identity, None, [frame(c) for c in (0.1, 1.0, 0.1, 1.0)], [frame(0.1), frame(1.0)],
+                            kernel=7, samples_per_frame=1500, instance_norm=True)
+    assert mixed["linear_gain"] > 2.0 and mixed["normalised_gain"] < mixed["linear_gain"] - 1.0, mixed
+    assert "normalised_gain" not in linear_headroom(identity, None, [frame(1.0)], [frame(1.0)], kernel=3)
