@@ -201,7 +201,8 @@ def linear_headroom(
     rows, targets, estimates = [], [], []
     for blur, sharp in train_frames:
         x0 = f(to_tensor(blur)[None])[0]
-        estimates.append(x0)
+        if instance_norm:
+            estimates.append(x0)  # the frames the InstanceNorm's factors are fitted on
         feats = _patches(x0, kernel)
         pick = torch.randperm(len(feats), generator=gen)[:samples_per_frame]
         rows.append(feats[pick])
@@ -219,10 +220,10 @@ def linear_headroom(
         target = to_tensor(sharp)[None]
         iterates = golf_iterates(f, g, to_tensor(blur)[None], iterations if g is not None else 0)
         x0 = iterates[0][0]
-        base = float(psnr(x0[None].clamp(0, 1), target))
-        linear.append(float(psnr((x0 + correction(x0).float())[None].clamp(0, 1), target)) - base)
+        base, fix = float(psnr(x0[None].clamp(0, 1), target)), correction(x0)
+        linear.append(float(psnr((x0 + fix.float())[None].clamp(0, 1), target)) - base)
         if instance_norm:
-            fixed = x0 + (scale * _instance_normalised(correction(x0))).float()
+            fixed = x0 + (scale * _instance_normalised(fix)).float()
             normalised.append(float(psnr(fixed[None].clamp(0, 1), target)) - base)
         by_iteration.append([float(psnr(x.clamp(0, 1), target)) - base for x in iterates[1:]])
     result: dict[str, Any] = {"kernel": kernel, "train_frames": len(train_frames), "test_frames": len(test_frames),
@@ -242,6 +243,7 @@ def _instance_normalised(correction: torch.Tensor) -> torch.Tensor:
 
 def _instance_norm_scale(corrections: list[torch.Tensor], residuals: list[torch.Tensor]) -> torch.Tensor:
     """Per channel, the factor a minimising sum over frames of |a * normalised(correction) - residual|^2."""
-    num = sum((_instance_normalised(c) * r).sum((1, 2)) for c, r in zip(corrections, residuals))
-    den = sum((_instance_normalised(c) ** 2).sum((1, 2)) for c in corrections)
+    normalised = [_instance_normalised(c) for c in corrections]
+    num = sum((n * r).sum((1, 2)) for n, r in zip(normalised, residuals))
+    den = sum((n * n).sum((1, 2)) for n in normalised)
     return (num / den)[:, None, None]
