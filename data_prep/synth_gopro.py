@@ -16,7 +16,7 @@ Write a synthetic deblurring set in the exact GOPRO_Large layout,
 OUT/{train,test}/<scene>/{blur,sharp}/<frame>.png, from the natural photographs shipped
 inside scikit-image (nothing is downloaded). A scene is one photograph seen along a slow
 camera path; a blurred frame is its sharp frame convolved with a random camera-shake
-kernel, plus light noise. Train and test scenes come from different photographs.
+kernel, plus Gaussian noise (--noise). Train and test scenes come from different photographs.
 The same arguments always give the same bytes. An interrupted run leaves OUT untouched.""",
         epilog="""\
 example: python data_prep/synth_gopro.py --out data/synth --train-pairs 48 --test-pairs 8 \\
@@ -32,6 +32,9 @@ then:    python data_prep/shard_gopro.py --src data/synth --out data/synth_shard
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default: 0)")
     parser.add_argument("--kernel-size", type=int, default=None,
                         help="blur kernel size in pixels, odd (default: about min(height, width)/24, within 7..31)")
+    parser.add_argument("--noise", type=float, nargs=2, default=[1.0, 2.0], metavar=("LOW", "HIGH"),
+                        help="sigma of the blurred frames' Gaussian noise, of 255, drawn per pair from LOW..HIGH "
+                             "(default: 1 2)")
     parser.add_argument("--frames-per-scene", type=int, default=4, help="consecutive frames per scene (default: 4)")
     parser.add_argument("--workers", type=int, default=None, help="processes rendering scenes (default: min(4, CPUs))")
     parser.add_argument(
@@ -51,6 +54,7 @@ then:    python data_prep/shard_gopro.py --src data/synth --out data/synth_shard
         overwrite=args.overwrite,
         progress=not args.no_progress,
         kernel=args.kernel_size,
+        noise=tuple(args.noise),
     )
     print(format_summary(args.out, counts))
     return 0

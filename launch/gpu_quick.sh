@@ -12,7 +12,7 @@ TRAIN_PAIRS=${TRAIN_PAIRS:-1200}
 LAUNCH=${LAUNCH:-accelerate launch --num_processes 1}
 if [ ! -d "$OUT/GOPRO_Large" ]; then
   "$PY" data_prep/synth_gopro.py --out "$OUT/GOPRO_Large" --train-pairs "$TRAIN_PAIRS" --test-pairs 32 \
-    --frames-per-scene 2 --height 720 --width 1280 --seed 0 --workers "${WORKERS:-$(nproc)}"
+    --frames-per-scene 2 --height 720 --width 1280 --seed 0 --noise 4 8 --workers "${WORKERS:-$(nproc)}"
 fi
 if [ ! -f "$OUT/shards/manifest.json" ]; then
   "$PY" data_prep/shard_gopro.py --src "$OUT/GOPRO_Large" --out "$OUT/shards" --format npy --test-format png

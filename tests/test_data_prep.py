@@ -20,7 +20,7 @@ from golf_dist.data.gopro import Pair, check_pair, scan_gopro
 from golf_dist.data.shard_reader import index_shard, read_manifest, read_member, sha256_file, shard_paths
 from golf_dist.data.sharding import shard_gopro
 from golf_dist.data.synthetic import kernel_size, make_synthetic_gopro, motion_kernel
-from golf_dist.errors import DataError
+from golf_dist.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
 SCENE_NAME = re.compile(r"^GOPR\d{4}_\d{2}_\d{2}$")
@@ -121,6 +121,25 @@ def test_blurred_frames_differ_from_sharp_but_stay_aligned(dp_gopro):
         assert err > 0.5, f"{pair.blur_path} is barely blurred"
         assert err < np.abs(blur - np.roll(sharp, 4, axis=1)).mean(), f"{pair.blur_path} is shifted against sharp"
         assert abs(blur.mean() - sharp.mean()) < 2.0, "the kernel should keep brightness"
+
+
+def test_synthetic_noise_range_sets_how_far_blurred_frames_stray_and_a_bad_range_is_refused(dp_gopro, tmp_path):
+    """--noise LOW HIGH: the sigma (of 255) of each blurred frame's Gaussian noise. The default (1 2) is what the
+    fixture set has; more noise on the same views and kernels moves the blurred frames further from the sharp ones,
+    and only the blurred ones. A reversed or negative range is refused, naming --noise, with nothing written."""
+    make_synthetic_gopro(tmp_path / "noisy", seed=0, workers=1, noise=(6.0, 8.0), **TINY)
+    light, noisy = scan_gopro(dp_gopro, "train"), scan_gopro(tmp_path / "noisy", "train")
+
+    def err(pair):
+        return np.abs(np.asarray(Image.open(pair.blur_path), float) - np.asarray(Image.open(pair.sharp_path), float)).mean()
+
+    for a, b in zip(light, noisy):
+        assert Image.open(a.sharp_path).tobytes() == Image.open(b.sharp_path).tobytes()
+        assert err(b) > err(a) + 1.0, b.blur_path
+    for bad in ((3.0, 2.0), (-1.0, 2.0)):
+        with pytest.raises(ConfigError, match="--noise"):
+            make_synthetic_gopro(tmp_path / "bad", seed=0, workers=1, noise=bad, **TINY)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_synthetic_refuses_existing_splits_unless_overwrite(tmp_path):

@@ -51,6 +51,10 @@ ANXIETIES = (0.01, 0.009, 0.008, 0.007, 0.005, 0.003)
 _PLAN, _SCENE, _PAIR = 0, 1, 2
 
 
+# sigma of the blurred frames' Gaussian noise (of 255), drawn per pair from this range
+DEFAULT_NOISE = (1.0, 2.0)
+
+
 def source_images() -> list[Path]:
     """The RGB photographs found in the installed scikit-image's data folder, in SOURCE_NAMES order."""
     spec = importlib.util.find_spec("skimage.data")
@@ -178,7 +182,8 @@ def _plan(seed: int, pairs: dict[str, int], frames_per_scene: int, sources: list
     return scenes
 
 
-def _render_scene(scene: _Scene, height: int, width: int, seed: int, root: Path, kernel: int | None = None) -> None:
+def _render_scene(scene: _Scene, height: int, width: int, seed: int, root: Path, kernel: int | None = None,
+                  noise: tuple[float, float] = DEFAULT_NOISE) -> None:
     split_id = SPLITS.index(scene.split)
     rng = np.random.default_rng([seed, _SCENE, split_id, scene.index])
     n = len(scene.frames)
@@ -216,24 +221,24 @@ def _render_scene(scene: _Scene, height: int, width: int, seed: int, root: Path,
         window = img[y : y + win_h, x : x + win_w]
         sharp = np.ascontiguousarray(window[r : r + height, r : r + width])
         psf = motion_kernel(k, pair_rng)
-        blur = blur_frame(window.astype(np.float32), psf, pair_rng.uniform(1.0, 2.0), pair_rng)
+        blur = blur_frame(window.astype(np.float32), psf, pair_rng.uniform(*noise), pair_rng)
         Image.fromarray(sharp).save(sharp_dir / f"{frame}.png", format="PNG", compress_level=PNG_COMPRESS_LEVEL)
         Image.fromarray(blur).save(blur_dir / f"{frame}.png", format="PNG", compress_level=PNG_COMPRESS_LEVEL)
 
 
 def _render_all(scenes: list, height: int, width: int, seed: int, folder: Path, kernel: int | None,
-                workers: int, progress: bool) -> None:
+                noise: tuple[float, float], workers: int, progress: bool) -> None:
     """Every scene into `folder`, by `workers` processes, with one progress bar over the pairs."""
     total = sum(len(scene.frames) for scene in scenes)
     with tqdm(total=total, unit="pair", desc="synthetic GoPro", disable=not progress) as bar:
         if workers == 1:
             for scene in scenes:
-                _render_scene(scene, height, width, seed, folder, kernel)
+                _render_scene(scene, height, width, seed, folder, kernel, noise)
                 bar.update(len(scene.frames))
             return
         pool = ProcessPoolExecutor(workers)
         try:
-            futures = {pool.submit(_render_scene, sc, height, width, seed, folder, kernel): sc for sc in scenes}
+            futures = {pool.submit(_render_scene, sc, height, width, seed, folder, kernel, noise): sc for sc in scenes}
             for future in as_completed(futures):
                 future.result()
                 bar.update(len(futures[future].frames))
@@ -254,10 +259,12 @@ def make_synthetic_gopro(
     overwrite: bool = False,
     progress: bool = True,
     kernel: int | None = None,
+    noise: tuple[float, float] = DEFAULT_NOISE,
 ) -> dict:
     """Write `out/{train,test}/<scene>/{blur,sharp}/<frame>.png`; returns {split: {"scenes": n, "pairs": n}}.
 
     `kernel` is the blur kernels' size (odd; default `kernel_size(height, width)`, about min(H, W) / 24).
+    Each blurred frame gets Gaussian noise whose sigma (of 255) is drawn uniformly from the `noise` range.
     Scenes are rendered by `workers` processes (default min(4, CPUs)). Everything is written into a
     hidden sibling folder first and moved into `out` at the end, so an interrupted run leaves nothing
     half-written there.
@@ -275,6 +282,8 @@ def make_synthetic_gopro(
     ):
         if value < low:
             raise ConfigError(f"{flag} must be at least {low}, got {value}")
+    if not 0 <= noise[0] <= noise[1] <= 64:
+        raise ConfigError(f"--noise must be LOW HIGH with 0 <= LOW <= HIGH <= 64 (sigma, of 255), got {noise[0]} {noise[1]}")
     if kernel is not None and (kernel < 3 or kernel % 2 == 0 or kernel > min(height, width) // 2):
         raise ConfigError(f"--kernel-size must be odd, at least 3 and at most half the frame's short side, got {kernel}")
     out = Path(out)
@@ -293,7 +302,7 @@ def make_synthetic_gopro(
         shutil.rmtree(stale, ignore_errors=True)
     tmp = parent / f"{tmp_prefix}{os.getpid()}"
     try:
-        _render_all(scenes, height, width, seed, tmp, kernel, workers, progress)
+        _render_all(scenes, height, width, seed, tmp, kernel, noise, workers, progress)
         if not out.exists():
             os.replace(tmp, out)
         else:
