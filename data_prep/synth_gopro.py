@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from golf_dist.cli import run_main
-from golf_dist.data.synthetic import format_summary, make_synthetic_gopro
+from golf_dist.data.synthetic import DEFAULT_NOISE, format_summary, make_synthetic_gopro
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,9 +32,9 @@ then:    python data_prep/shard_gopro.py --src data/synth --out data/synth_shard
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default: 0)")
     parser.add_argument("--kernel-size", type=int, default=None,
                         help="blur kernel size in pixels, odd (default: about min(height, width)/24, within 7..31)")
-    parser.add_argument("--noise", type=float, nargs=2, default=[1.0, 2.0], metavar=("LOW", "HIGH"),
+    parser.add_argument("--noise", type=float, nargs=2, default=list(DEFAULT_NOISE), metavar=("LOW", "HIGH"),
                         help="sigma of the blurred frames' Gaussian noise, of 255, drawn per pair from LOW..HIGH "
-                             "(default: 1 2)")
+                             f"(default: {DEFAULT_NOISE[0]:g} {DEFAULT_NOISE[1]:g})")
     parser.add_argument("--frames-per-scene", type=int, default=4, help="consecutive frames per scene (default: 4)")
     parser.add_argument("--workers", type=int, default=None, help="processes rendering scenes (default: min(4, CPUs))")
     parser.add_argument(
