@@ -2,7 +2,8 @@
 
 A scene is one source image, rescaled and flipped; its frames are crops along a slow random camera
 path, like video. Each blurred frame is its sharp frame convolved with a camera-shake kernel
-(Boracchi & Foi trajectories rasterised as in DeblurGAN's `motion_blur`), plus light Gaussian noise.
+(Boracchi & Foi trajectories rasterised as in DeblurGAN's `motion_blur`), plus Gaussian noise whose
+sigma is drawn per pair from a range (DEFAULT_NOISE, light; the quick start asks for 4-8 of 255).
 Every random draw comes from a generator seeded by (seed, what it is for, split, scene, frame), so the
 bytes written do not depend on the order of work.
 """
@@ -182,8 +183,8 @@ def _plan(seed: int, pairs: dict[str, int], frames_per_scene: int, sources: list
     return scenes
 
 
-def _render_scene(scene: _Scene, height: int, width: int, seed: int, root: Path, kernel: int | None = None,
-                  noise: tuple[float, float] = DEFAULT_NOISE) -> None:
+def _render_scene(scene: _Scene, height: int, width: int, seed: int, root: Path, kernel: int | None,
+                  noise: tuple[float, float]) -> None:
     split_id = SPLITS.index(scene.split)
     rng = np.random.default_rng([seed, _SCENE, split_id, scene.index])
     n = len(scene.frames)
