@@ -13,9 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from golf_dist.data.dali import DaliTrainLoader, dali_full_frames
+from golf_dist.data.dali import SHUFFLE_BUFFER_BYTES, DaliTrainLoader, dali_full_frames, shuffle_buffer
 from golf_dist.data.loaders import make_train_loader, resolve_loader
-from golf_dist.data.split_check import check_split
+from golf_dist.data.shard_reader import SampleRef
+from golf_dist.data.split_check import CheckedSplit, check_split
 from golf_dist.data.loader import ShardPairs, full_frame_loader, paired_crop, to_tensor
 from golf_dist.errors import ConfigError
 
@@ -143,6 +144,19 @@ def test_a_restored_reader_state_continues_the_stream_exactly(shards):
         assert torch.equal(b, b2) and torch.equal(s, s2)
     fresh = _loader(shards)
     assert not torch.equal(next(fresh)[0], expected[0][0])  # the state, not the seed, put it there
+
+
+def test_the_shuffle_buffer_holds_the_whole_part_unless_host_memory_caps_it():
+    def split(n, member_bytes):
+        refs = [SampleRef(f"k{i}", {"blur.npy": (0, member_bytes), "sharp.npy": (0, member_bytes)}) for i in range(n)]
+        return CheckedSplit(Path("shards"), "train", {}, "npy", [(Path("a.tar"), refs)])
+
+    assert shuffle_buffer(split(960, 345_000), 960) == 960  # the demo: every sample of the epoch
+    assert shuffle_buffer(split(960, 345_000), 480) == 480  # one of two ranks
+    big = 5_530_000  # a GoPro npy frame
+    assert shuffle_buffer(split(2103, big), 2103) == SHUFFLE_BUFFER_BYTES // (2 * big) < 2103
+    assert shuffle_buffer(split(100, 100 * big), 100) == 100  # never below min(part, 128)
+    assert shuffle_buffer(split(2103, 100 * big), 2103) == 128
 
 
 def test_gradient_accumulation_does_not_change_what_dali_draws(shards):
