@@ -37,7 +37,7 @@ GPU_DECODABLE = ("jp2",)
 # DALI's webdataset reader reads its shards in one fixed order and shuffles only within a buffer of
 # `initial_fill` samples. A buffer of 128 made batches of neighbours in shard order (index spread within a
 # batch of 8: 278 of 960 against 739 for the PyTorch loader's permutation); the whole-part buffer raised F
-# by 0.06 dB in the demo's 300 steps (one run, docs/training-recipe.md). The buffer holds the samples as read
+# by 0.06 and 0.29 dB (seeds 0 and 1) in the demo's 300 steps (docs/training-recipe.md). The buffer holds the samples as read
 # (host memory; DALI's checkpoint stores the reader's position, not the buffer), so it takes
 # the rank's whole part where that fits in SHUFFLE_BUFFER_BYTES, else as many samples as fit (at least 128).
 SHUFFLE_BUFFER_BYTES = 2 << 30
