@@ -35,11 +35,11 @@ from golf_dist.errors import ConfigError, DataError
 GPU_DECODABLE = ("jp2",)
 
 # DALI's webdataset reader reads its shards in one fixed order and shuffles only within a buffer of
-# `initial_fill` samples. A buffer of 128 made batches of neighbours in shard order (index spread within a
-# batch of 8: 278 of 960 against 739 for the PyTorch loader's permutation); the whole-part buffer raised F
-# by 0.06 and 0.29 dB (seeds 0 and 1) in the demo's 300 steps (docs/training-recipe.md). The buffer holds the samples as read
-# (host memory; DALI's checkpoint stores the reader's position, not the buffer), so it takes
-# the rank's whole part where that fits in SHUFFLE_BUFFER_BYTES, else as many samples as fit (at least 128).
+# `initial_fill` samples. A buffer of 128 filled each batch with neighbours in shard order, and on the demo
+# DALI then trained a worse F than the PyTorch loader's full permutation; the whole-part buffer raised F by
+# 0.06 and 0.29 dB (seeds 0 and 1) in 300 steps (docs/training-recipe.md). The buffer holds the samples as
+# read, in host memory (DALI's checkpoint stores the reader's position, not the buffer), so it takes the
+# rank's whole part where that fits in SHUFFLE_BUFFER_BYTES, else as many samples as fit (at least 128).
 SHUFFLE_BUFFER_BYTES = 2 << 30
 
 
@@ -47,7 +47,7 @@ def shuffle_buffer(checked: CheckedSplit, per_rank: int) -> int:
     """initial_fill for the training reader: the rank's samples, capped by SHUFFLE_BUFFER_BYTES."""
     sizes = [sum(size for _, size in ref.members.values()) for _, refs in checked.shards for ref in refs]
     mean_bytes = max(1, sum(sizes) // max(1, len(sizes)))
-    return max(1, min(per_rank, max(128, SHUFFLE_BUFFER_BYTES // mean_bytes)))
+    return min(per_rank, max(128, SHUFFLE_BUFFER_BYTES // mean_bytes))
 
 
 # ---- the DALI pipelines ---------------------------------------------------------------------------
