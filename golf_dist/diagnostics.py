@@ -1,16 +1,18 @@
 """Instruments for when training does not learn: can the model fit one batch, and do the two loaders hand
-out the same kind of data?
+out the same data?
 
   overfit_one_batch   trains F (or G on a fixed F) on one fixed batch and returns the loss per step: a
                       model, loss and optimizer that work bring it down by 10x or more within a few hundred
                       steps; one that cannot has a bug (wrong target, detached graph, frozen weights ...).
   loader_stream       the first crops a training loader hands out, with statistics that would show a loader
                       defect: how many distinct pairs, value range, blur-to-sharp error, blur/sharp alignment,
-                      and for every crop whether it equals the crop of its source pair decoded independently.
+                      for every crop whether it equals the crop of its source pair decoded independently, and
+                      a digest of the crops in order (the DALI and PyTorch loaders' must be equal).
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -90,6 +92,7 @@ def loader_stream(cfg, loader_kind: str, crops: int) -> dict[str, Any]:
     plan = CropPlan(len(pairs), cfg.data.crop, cfg.data.flips, cfg.seed, cfg.data.crops_per_frame)
     seen: list[int] = []
     mse, means, mismatched, aligned = [], [], 0, 0
+    stream = hashlib.sha256()  # of the crops' float32 bytes, in order: equal digests, equal streams
     position = 0
     try:
         while len(seen) < crops:
@@ -109,6 +112,7 @@ def loader_stream(cfg, loader_kind: str, crops: int) -> dict[str, Any]:
                 if not (torch.equal(to_tensor(b), blur[j]) and torch.equal(to_tensor(s), sharp[j])):
                     mismatched += 1
                 bj, sj = blur[j].numpy(), sharp[j].numpy()
+                stream.update(bj.tobytes() + sj.tobytes())
                 mse.append(float(((bj - sj) ** 2).mean()))
                 means.append(float(sj.mean()))
                 aligned += _best_shift(bj, sj) == (0, 0)
@@ -129,6 +133,7 @@ def loader_stream(cfg, loader_kind: str, crops: int) -> dict[str, Any]:
         "blur_sharp_mse_p10_p90": [float(np.percentile(mse_arr, 10)), float(np.percentile(mse_arr, 90))],
         "aligned_share": aligned / len(seen),
         "crops_not_matching_their_source": mismatched,
+        "stream_sha256": stream.hexdigest(),
     }
 
 

@@ -72,8 +72,9 @@ def _loaders(args) -> int:
     rows = [loader_stream(cfg, kind, args.crops) for kind in args.loader]
     keys = [k for k in rows[0] if k != "loader"]
     print(f"{'':34s}" + "".join(f"{r['loader']:>24s}" for r in rows))
-    for key in keys:
-        print(f"{key:34s}" + "".join(f"{json.dumps(r[key]):>24s}" for r in rows))
+    for key in keys:  # the digest cut to 16 hex digits in the table (whole in the JSON line)
+        print(f"{key:34s}" + "".join(f"{json.dumps(r[key][:16] if key == 'stream_sha256' else r[key]):>24s}"
+                                     for r in rows))
     print(json.dumps(rows))
     return 1 if any(r["crops_not_matching_their_source"] for r in rows) else 0
 

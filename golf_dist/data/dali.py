@@ -1,21 +1,23 @@
 """The DALI loader: training pipelines and full frames for evaluation.
 
-DALI is faster than the PyTorch loader (golf_dist.data.loader) and draws its windows, flips and shuffle
-from its own generators, so its order depends on the world size, and exact resume goes through DALI's
-pipeline checkpoints (one per rank, saved in the trainer's checkpoint).
+Training follows the PyTorch loader's plan (golf_dist.data.loader: CropPlan, RankBatches): at optimizer step s,
+rank r gets the pairs of the same stream positions, with the same window and flips, so the two loaders hand out
+the same crops bit for bit (tests/test_dali.py). What that buys: a run's numbers do not depend on the loader; the
+order does not depend on the world size; resuming at step s needs nothing but s, whichever loader and world
+size the run resumes with. (DALI's webdataset reader could not give this: it reads its shards in one fixed
+order and shuffles only through a buffer of `initial_fill` samples, and on the demo that buffer, at 128
+samples, trained a worse F than the PyTorch loader's permutation: docs/training-recipe.md.)
 
-Pipeline per rank: fn.readers.webdataset over the split's shards (`shard_id=rank, num_shards=world`,
-shuffled for training) -> decode (GPU 'mixed' where the format is GPU-decodable and a GPU is used,
-else CPU; raw .npy frames are not decoded at all) -> k windows per decoded pair (data.crops_per_frame),
-each one window + one (h, v) flip pair drawn once and applied to blur and sharp -> uint8 crops, copied
-to the GPU only after the crop -> float conversion in torch (the same ops as the PyTorch loader, so
-both give identical pixels for the same window and flips). It reads the samples golf_dist.data.split_check
-kept.
+Pipeline per rank: an external source hands DALI, per step, the encoded blur and sharp of the rank's frames
+(read from the shards at the offsets the shard index gives) and their window draws -> decode (GPU 'mixed'
+where the format is GPU-decodable and a GPU is used, else CPU; raw .npy frames are not decoded at all) -> k
+windows per decoded pair (data.crops_per_frame), each one window + one (h, v) flip pair applied to blur and
+sharp -> uint8 crops, copied to the GPU only after the crop -> float conversion in torch (the same ops as the
+PyTorch loader). Evaluation's full frames go through DALI's webdataset reader, in shard order.
 """
 
 from __future__ import annotations
 
-import base64
 import shutil
 import tempfile
 import weakref
@@ -26,29 +28,14 @@ import numpy as np
 import torch
 
 from golf_dist.data import formats
+from golf_dist.data.loader import CropPlan, RankBatches
 from golf_dist.data.shard_reader import SampleRef, index_path, read_member
-from golf_dist.data.split_check import FIX_BAD_SAMPLES, CheckedSplit, image_member
+from golf_dist.data.split_check import FIX_BAD_SAMPLES, CheckedPairs, CheckedSplit, image_member
 from golf_dist.errors import ConfigError, DataError
 
 # nvJPEG2000 decodes JPEG 2000 on the GPU. PNG goes through the CPU even with device='mixed' (and is
 # slower that way, docs/facts.md); .npy frames are raw pixels, nothing to decode.
 GPU_DECODABLE = ("jp2",)
-
-# DALI's webdataset reader reads its shards in one fixed order and shuffles only within a buffer of
-# `initial_fill` samples. A buffer of 128 filled each batch with neighbours in shard order, and on the demo
-# DALI then trained a worse F than the PyTorch loader's full permutation; the whole-part buffer raised F by
-# 0.06 and 0.29 dB (seeds 0 and 1) in 300 steps (docs/training-recipe.md). The buffer holds the samples as
-# read, in host memory (DALI's checkpoint stores the reader's position, not the buffer), so it takes the
-# rank's whole part where that fits in SHUFFLE_BUFFER_BYTES, else as many samples as fit (at least 128).
-SHUFFLE_BUFFER_BYTES = 2 << 30
-
-
-def shuffle_buffer(checked: CheckedSplit, per_rank: int) -> int:
-    """initial_fill for the training reader: the rank's samples, capped by SHUFFLE_BUFFER_BYTES."""
-    sizes = [sum(size for _, size in ref.members.values()) for _, refs in checked.shards for ref in refs]
-    mean_bytes = max(1, sum(sizes) // max(1, len(sizes)))
-    return min(per_rank, max(128, SHUFFLE_BUFFER_BYTES // mean_bytes))
-
 
 # ---- the DALI pipelines ---------------------------------------------------------------------------
 
@@ -129,24 +116,18 @@ def _decode(raw, fmt: str, mixed: bool):
     return fn.decoders.image(raw, device="mixed" if mixed else "cpu", output_type=types.RGB)
 
 
-def _window(image, crop: int, flips: bool):
-    """One window (top, left) inside `image` and one (hflip, vflip) draw, as DALI nodes."""
+def _window(image, crop: int, u, flips):
+    """The window's anchor (top, left) inside `image` from the draws `u` (float32 [u_top, u_left]) and the
+    flips (int32 [hflip, vflip]), as DALI nodes: loader.window_offset's float32 arithmetic."""
     from nvidia.dali import fn, types
     from nvidia.dali import math as dmath
 
     shape = fn.cast(image.shape(), dtype=types.INT32)
-    u = fn.random.uniform(range=[0.0, 1.0], shape=[2])
-    # floor(u * (extent - crop + 1)), kept <= extent - crop: the same law as CropPlan.window
     top = dmath.min(fn.cast(dmath.floor(u[0] * fn.cast(shape[0] - crop + 1, dtype=types.FLOAT)), dtype=types.INT32),
                     shape[0] - crop)
     left = dmath.min(fn.cast(dmath.floor(u[1] * fn.cast(shape[1] - crop + 1, dtype=types.FLOAT)), dtype=types.INT32),
                      shape[1] - crop)
-    if flips:
-        hflip = fn.random.coin_flip(dtype=types.INT32)
-        vflip = fn.random.coin_flip(dtype=types.INT32)
-    else:
-        hflip = vflip = types.Constant(np.int32(0))
-    return fn.stack(top, left), hflip, vflip
+    return fn.stack(top, left), flips[0], flips[1]
 
 
 def _cut(image, anchor, crop: int, hflip, vflip):
@@ -159,40 +140,59 @@ def _cut(image, anchor, crop: int, hflip, vflip):
     return fn.transpose(fn.flip(patch, horizontal=hflip, vertical=vflip), perm=[2, 0, 1])
 
 
-def build_train_pipeline(
-    checked: CheckedSplit, *, crop: int, flips: bool, crops_per_frame: int, frames_per_batch: int,
-    rank: int, world: int, seed: int, device_id: int | None, num_threads: int, checkpoint: bytes | None = None,
-):
-    """The training pipeline of one rank. Outputs, per window i < k: blur_i, sharp_i (uint8 CHW crops,
-    on the GPU when device_id is set), window_i (int32 [top, left, hflip, vflip]); last the source info."""
-    from nvidia.dali import Pipeline, fn
+class StepFrames:
+    """The external source of one rank's training pipeline. For run i (optimizer step start_step + i) it reads
+    the frames of this rank's stream positions, in the PyTorch loader's order (micro-batch by micro-batch),
+    and returns their encoded blur and sharp with each window's draws (k per frame, CropPlan.draws)."""
 
-    index = _IndexFiles(checked)
-    per_rank = max(1, checked.n_samples // world)
-    mixed = device_id is not None and checked.fmt in GPU_DECODABLE
-    pipe = Pipeline(
-        batch_size=frames_per_batch, num_threads=num_threads, device_id=device_id,
-        seed=seed * 1_000_003 + rank, enable_checkpointing=True, checkpoint=checkpoint,
-        prefetch_queue_depth=2,
-    )
+    def __init__(self, pairs: CheckedPairs, plan: CropPlan, batches: RankBatches, start_step: int):
+        self.pairs, self.plan, self.batches, self.start_step = pairs, plan, batches, start_step
+
+    def frames(self, step: int) -> list[int]:
+        """The first stream position of each frame this rank decodes at `step` (k positions share a frame)."""
+        k = self.plan.crops_per_frame
+        return [p for m in range(self.batches.accum) for p in self.batches.positions(step, m)[::k]]
+
+    def sources(self, step: int) -> list[str]:
+        refs = [self.pairs.refs[self.plan.pair_index(p)] for p in self.frames(step)]
+        return [f"shard {ref.shard} sample {ref.key}" for ref in refs]
+
+    def __call__(self, info) -> tuple[list[np.ndarray], ...]:  # info: DALI's BatchInfo
+        k = self.plan.crops_per_frame
+        blur, sharp, u, flips = [], [], [], []
+        for first in self.frames(self.start_step + info.iteration):
+            ref = self.pairs.refs[self.plan.pair_index(first)]
+            blur.append(np.frombuffer(read_member(ref.shard, *ref.blur), dtype=np.uint8))
+            sharp.append(np.frombuffer(read_member(ref.shard, *ref.sharp), dtype=np.uint8))
+            draws = [self.plan.draws(first + i) for i in range(k)]
+            u.append(np.array([d[:2] for d in draws], dtype=np.float32))
+            flips.append(np.array([d[2:] for d in draws], dtype=np.int32))
+        return blur, sharp, u, flips
+
+
+def build_train_pipeline(frames: StepFrames, *, fmt: str, crop: int, frames_per_batch: int, device_id: int | None,
+                         num_threads: int):
+    """The training pipeline of one rank. Outputs, per window i < k: blur_i, sharp_i (uint8 CHW crops of
+    each frame, on the GPU when device_id is set), window_i (int32 [top, left, hflip, vflip])."""
+    from nvidia.dali import Pipeline, fn, types
+
+    mixed = device_id is not None and fmt in GPU_DECODABLE
+    pipe = Pipeline(batch_size=frames_per_batch, num_threads=num_threads, device_id=device_id, seed=0,
+                    prefetch_queue_depth=2)
     with pipe:
-        blur_raw, sharp_raw = fn.readers.webdataset(
-            paths=_paths(checked), index_paths=index.paths, ext=[f"blur.{checked.fmt}", f"sharp.{checked.fmt}"],
-            missing_component_behavior="error", shard_id=rank, num_shards=world,
-            random_shuffle=True, initial_fill=shuffle_buffer(checked, per_rank), name="Reader",
+        blur_raw, sharp_raw, u, flips = fn.external_source(
+            source=frames, num_outputs=4, batch=True, batch_info=True,
+            dtype=[types.UINT8, types.UINT8, types.FLOAT, types.INT32],
         )
-        info = fn.get_property(blur_raw, key="source_info")
-        blur, sharp = _decode(blur_raw, checked.fmt, mixed), _decode(sharp_raw, checked.fmt, mixed)
+        blur, sharp = _decode(blur_raw, fmt, mixed), _decode(sharp_raw, fmt, mixed)
         outputs = []
-        for _ in range(crops_per_frame):
-            anchor, hflip, vflip = _window(blur, crop, flips)
+        for i in range(frames.plan.crops_per_frame):
+            anchor, hflip, vflip = _window(blur, crop, u[i], flips[i])
             pair = [_cut(img, anchor, crop, hflip, vflip) for img in (blur, sharp)]
             if device_id is not None and not mixed:
                 pair = [p.gpu() for p in pair]  # the copy to the GPU comes after the crop
-            window = fn.cat(anchor, fn.stack(hflip, vflip))
-            outputs += [*pair, window]
-        pipe.set_outputs(*outputs, info)
-    pipe._golf_index = index  # keep the index files alive as long as the pipeline
+            outputs += [*pair, fn.cat(anchor, fn.stack(hflip, vflip))]
+        pipe.set_outputs(*outputs)
     pipe.build()
     return pipe
 
@@ -209,18 +209,6 @@ def _to_torch(batch, device: torch.device) -> torch.Tensor:
         feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(device))
         return out
     return torch.from_numpy(batch.as_array()).to(device, non_blocking=True)
-
-
-def _into_float(batch, out: torch.Tensor) -> None:
-    """A DALI batch of uint8 CHW crops -> `out` (float32, N x 3 x H x W, on the training device) as x / 255,
-    in one pass on the CPU (reading DALI's output buffer in place, before the next run reuses it)."""
-    from nvidia.dali.backend import TensorListGPU
-
-    if isinstance(batch, TensorListGPU):
-        src = _to_torch(batch, out.device)
-    else:
-        src = torch.from_numpy(np.asarray(batch.as_tensor())).to(out.device, non_blocking=True)
-    torch.div(src, 255.0, out=out)  # the same bits as to_tensor's .float().div_(255.0)
 
 
 def to_float(batch: torch.Tensor, layout: str = "NCHW") -> torch.Tensor:
@@ -256,35 +244,38 @@ def _dali_failure(err: Exception, checked: CheckedSplit) -> DataError:
 
 
 class DaliTrainLoader:
-    """Endless (blur, sharp) batches of `per_device` crops for one rank, on `device`, from DALI.
+    """Endless (blur, sharp) batches of `per_device` crops for one rank, on `device`, from DALI: the PyTorch
+    loader's batches for the same seed and step, made by DALI.
 
     One pipeline run makes one optimizer step's crops of this rank (per_device x accum), handed out as
-    `accum` micro-batches: gradient accumulation does not change what DALI draws, and a checkpoint (taken
-    between steps) falls between two runs.
+    `accum` micro-batches, each in stream order (the k crops of a frame next to each other).
     """
 
     kind = "dali"
 
     def __init__(
         self, checked: CheckedSplit, *, crop: int, flips: bool, crops_per_frame: int, per_device: int,
-        rank: int, world: int, seed: int, device: torch.device, num_threads: int, state: str | None = None,
-        accum: int = 1,
+        rank: int, world: int, seed: int, device: torch.device, num_threads: int, accum: int = 1,
+        start_step: int = 0,
     ):
-        if (per_device * accum) % crops_per_frame:
+        if per_device % crops_per_frame:
             raise ConfigError(
-                f"config key 'data.crops_per_frame'={crops_per_frame} must divide the crops per step and process, "
-                f"{per_device * accum} (data.batch_size / processes)"
+                f"config key 'data.crops_per_frame'={crops_per_frame} must divide the crops per micro-batch and "
+                f"process, {per_device} (data.batch_size / processes / train.grad_accum): the DALI loader decodes "
+                "each frame once for its k crops"
             )
         self.checked, self.device = checked, torch.device(device)
         self.k, self.per_device, self.accum = crops_per_frame, per_device, accum
+        pairs = CheckedPairs(checked)  # the same pairs, in the same order, as the PyTorch loader's
+        plan = CropPlan(len(pairs), crop, flips, seed, crops_per_frame)
+        batches = RankBatches(per_device * accum * world, accum, world, rank, start_step, start_step)
+        self.frames = StepFrames(pairs, plan, batches, start_step)
+        self.step = start_step  # the optimizer step the next run makes
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         device_id = (self.device.index or 0) if self.device.type == "cuda" else None
-        self.pipe = build_train_pipeline(
-            checked, crop=crop, flips=flips, crops_per_frame=crops_per_frame,
-            frames_per_batch=per_device * accum // crops_per_frame, rank=rank, world=world, seed=seed,
-            device_id=device_id, num_threads=max(1, num_threads),
-            checkpoint=base64.b64decode(state) if state else None,
-        )
+        self.pipe = build_train_pipeline(self.frames, fmt=checked.fmt, crop=crop, device_id=device_id,
+                                         frames_per_batch=per_device * accum // crops_per_frame,
+                                         num_threads=max(1, num_threads))
         self.excluded, self.skipped_runtime = checked.n_bad, 0  # DALI cannot skip at run time: it raises
         self.last_windows: list[np.ndarray] = []  # [top, left, hflip, vflip] per crop of the last batch
         self.last_sources: list[str] = []
@@ -299,16 +290,18 @@ class DaliTrainLoader:
             out = self.pipe.run()
         except RuntimeError as err:
             raise _dali_failure(err, self.checked) from None
-        n = len(out[0])
-        blur = torch.empty((n * self.k, *out[0].as_tensor().shape()[1:]), dtype=torch.float32, device=self.device)
-        sharp = torch.empty_like(blur)
-        for i in range(self.k):  # crop i of every frame, then crop i + 1 ...
-            _into_float(out[3 * i], blur[i * n : (i + 1) * n])
-            _into_float(out[3 * i + 1], sharp[i * n : (i + 1) * n])
-        self._windows = [w for i in range(self.k) for w in np.asarray(out[3 * i + 2].as_array())]
-        self._sources = [_source(out[-1].at(j)) for j in range(len(out[-1]))] * self.k
+        n, k = len(out[0]), self.k
+        crops = {}
+        for name, column in (("blur", 0), ("sharp", 1)):  # frame-major: frame j's crop i at j * k + i
+            stacked = torch.stack([_to_torch(out[3 * i + column], self.device) for i in range(k)], dim=1)
+            crops[name] = stacked.reshape(n * k, *stacked.shape[2:]).float().div_(255.0)
+        windows = [np.asarray(out[3 * i + 2].as_array()) for i in range(k)]
+        self._windows = [windows[i][j] for j in range(n) for i in range(k)]
+        self._sources = [source for source in self.frames.sources(self.step) for _ in range(k)]
+        self.step += 1
         b = self.per_device
-        self._pending = [(blur[m * b : (m + 1) * b], sharp[m * b : (m + 1) * b]) for m in range(self.accum)]
+        self._pending = [(crops["blur"][m * b : (m + 1) * b], crops["sharp"][m * b : (m + 1) * b])
+                         for m in range(self.accum)]
         return self._micro()
 
     def _micro(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,12 +310,6 @@ class DaliTrainLoader:
         self.last_windows = self._windows[m * b : (m + 1) * b]  # of the crops just returned, for tests
         self.last_sources = self._sources[m * b : (m + 1) * b]
         return self._pending.pop(0)
-
-    def state(self) -> str:
-        """The reader's position and the generators' states after the steps returned so far (base64)."""
-        if self._pending:
-            raise RuntimeError("a DALI reader state is only defined between optimizer steps")
-        return base64.b64encode(self.pipe.checkpoint()).decode("ascii")
 
     def close(self) -> None:
         """Stop the pipeline's threads now (not whenever the garbage collector gets to it)."""

@@ -10,6 +10,8 @@ Optimizer step s consumes the global positions [s * B, (s + 1) * B) of the strea
   * ranks and loader workers never duplicate a sample, whatever their number;
   * the sample order does not depend on the world size (a preempted 8-GPU run can go on with 4);
   * resuming at step s is exact: the data position is s * B, nothing else to save.
+The DALI loader (golf_dist.data.dali) follows the same plan (CropPlan, RankBatches): the two loaders hand out
+the same crops, bit for bit, so a run's numbers do not depend on which one it used.
 """
 
 from __future__ import annotations
@@ -122,13 +124,24 @@ class CropPlan:
         epoch, offset = divmod(position // self.crops_per_frame, self.n_pairs)
         return int(_epoch_order(self.seed, epoch, self.n_pairs)[offset])
 
+    def draws(self, position: int) -> tuple[np.float32, np.float32, bool, bool]:
+        """The sample's random draws: (u_top, u_left) uniform in [0, 1) as float32, and (hflip, vflip).
+        The DALI loader is handed these and makes the window in its pipeline, with window_offset's arithmetic."""
+        rng = np.random.default_rng([self.seed, position, 1])
+        u_top, u_left = rng.random(2, dtype=np.float32)
+        hflip, vflip = (bool(b) for b in rng.integers(0, 2, size=2)) if self.flips else (False, False)
+        return u_top, u_left, hflip, vflip
+
     def window(self, position: int, height: int, width: int) -> tuple[int, int, bool, bool]:
         """(top, left, hflip, vflip), drawn once per sample and applied to blur and sharp alike."""
-        rng = np.random.default_rng([self.seed, position, 1])
-        top = int(rng.integers(0, height - self.crop + 1))
-        left = int(rng.integers(0, width - self.crop + 1))
-        hflip, vflip = (bool(b) for b in rng.integers(0, 2, size=2)) if self.flips else (False, False)
-        return top, left, hflip, vflip
+        u_top, u_left, hflip, vflip = self.draws(position)
+        return window_offset(u_top, height, self.crop), window_offset(u_left, width, self.crop), hflip, vflip
+
+
+def window_offset(u: np.float32, extent: int, crop: int) -> int:
+    """floor(u * (extent - crop + 1)) in float32, at most extent - crop: a uniform offset of a `crop` window
+    along `extent`. float32 because DALI's pipeline computes the same expression in float32 (dali._window)."""
+    return min(int(np.floor(np.float32(u) * np.float32(extent - crop + 1))), extent - crop)
 
 
 def paired_crop(
@@ -207,11 +220,15 @@ class RankBatches(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return (self.end_step - self.start_step) * self.accum
 
+    def positions(self, step: int, micro: int) -> range:
+        """This rank's stream positions in micro-batch `micro` of optimizer step `step`."""
+        first = step * self.global_batch + micro * self.micro + self.rank * self.per_rank
+        return range(first, first + self.per_rank)
+
     def __iter__(self) -> Iterator[list[int]]:
         for step in range(self.start_step, self.end_step):
             for m in range(self.accum):
-                first = step * self.global_batch + m * self.micro + self.rank * self.per_rank
-                yield list(range(first, first + self.per_rank))
+                yield list(self.positions(step, m))
 
 
 def train_loader(

@@ -1,16 +1,16 @@
 """Both training loaders behind one factory: `resolve_loader` picks DALI or PyTorch for data.loader =
 auto | dali | torch (with the reason), `make_train_loader` builds it. One contract for both: batches of
 (blur, sharp) float32 tensors, N x 3 x crop x crop in [0, 1], blur and sharp cut with one window and one
-set of flips; `state()` (what a checkpoint keeps), `excluded` and `skipped_runtime` (bad samples), `close()`.
-The PyTorch loader makes every sample a pure function of (seed, position); DALI (golf_dist.data.dali) is
-faster and resumes through its own pipeline checkpoints.
+set of flips; `excluded` and `skipped_runtime` (bad samples), `close()`. Both follow one plan, in which
+every sample is a pure function of (seed, stream position) (golf_dist.data.loader): they hand out the same
+batches, and a checkpoint needs only its step to resume either of them, at any world size.
 """
 
 from __future__ import annotations
 
 import torch
 
-from golf_dist.data.dali import DaliTrainLoader, build_train_pipeline, dali_import_error
+from golf_dist.data.dali import DaliTrainLoader, dali_import_error
 from golf_dist.data.loader import CropPlan, ShardPairs, train_loader
 from golf_dist.data.split_check import CheckedSplit, check_split
 from golf_dist.errors import ConfigError
@@ -38,9 +38,6 @@ class TorchTrainLoader:
         self.skipped_runtime += int(skipped.sum())
         return blur, sharp
 
-    def state(self) -> None:  # the PyTorch loader's position is a function of the step: nothing to save
-        return None
-
     def close(self) -> None:
         """Stop the worker processes now."""
         shutdown = getattr(self.batches, "_shutdown_workers", None)
@@ -57,9 +54,8 @@ def resolve_loader(choice: str, checked: CheckedSplit | None = None, device: tor
     problem = dali_import_error()
     if problem is None and checked is not None:
         try:  # auto also needs the pipeline to build (e.g. a DALI without the CUDA runtime it was built for)
-            build_train_pipeline(checked, crop=1, flips=False, crops_per_frame=1, frames_per_batch=1, rank=0,
-                                 world=1, seed=0, num_threads=1,
-                                 device_id=(device.index or 0) if device is not None and device.type == "cuda" else None)
+            DaliTrainLoader(checked, crop=1, flips=False, crops_per_frame=1, per_device=1, rank=0, world=1, seed=0,
+                            device=device if device is not None else torch.device("cpu"), num_threads=1).close()
         except Exception as err:  # any failure to build is a reason to fall back
             problem = f"its pipeline does not build ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})"
     if choice == "dali":
@@ -73,7 +69,7 @@ def resolve_loader(choice: str, checked: CheckedSplit | None = None, device: tor
 
 def make_train_loader(
     cfg, pairs: ShardPairs, *, global_batch: int, accum: int, world: int, rank: int, start_step: int,
-    device: torch.device, loader: str, reader_state: str | None = None,
+    device: torch.device, loader: str,
 ):
     """The training batches of this rank from `start_step`, from the loader `loader` ('dali' or 'torch')."""
     d = cfg.data
@@ -83,7 +79,7 @@ def make_train_loader(
         return DaliTrainLoader(
             checked, crop=d.crop, flips=d.flips, crops_per_frame=d.crops_per_frame, per_device=per_device,
             accum=accum, rank=rank, world=world, seed=cfg.seed, device=device, num_threads=d.num_workers,
-            state=reader_state,
+            start_step=start_step,
         )
     plan = CropPlan(len(pairs), d.crop, d.flips, cfg.seed, d.crops_per_frame)
     return TorchTrainLoader(

@@ -19,7 +19,7 @@ import torch
 from golf_dist.checkpoints import list_checkpoints, load_latest, read_state
 from golf_dist.config import Config
 from golf_dist.data.loaders import make_train_loader, resolve_loader
-from golf_dist.errors import ConfigError, DataError
+from golf_dist.errors import DataError
 from golf_dist.log import get_logger
 from golf_dist.training.state import TrainingState
 
@@ -127,29 +127,15 @@ def resume_checkpoint(folder: Path, rank: int, world: int) -> dict[str, Any] | N
 
 def open_train_loader(cfg: Config, pairs, saved: TrainingState | None, ckpt_path: Path | None, *, global_batch: int,
                       accum: int, world: int, rank: int, start_step: int, device: torch.device, announce: bool):
-    """The training loader this rank continues with (`saved`: the state of the checkpoint resumed from).
-
-    data.loader auto|dali|torch, with one line saying which and why. A DALI reader's position lives in its
-    pipeline checkpoint (one per rank), so a DALI resume needs the same loader and the same world size."""
-    if cfg.data.loader == "auto" and saved is not None and saved.data_loader == "torch":
-        kind, why = "torch", "data.loader=auto, and the checkpoint resumed was made with the torch loader"
-    else:
-        kind, why = resolve_loader(cfg.data.loader, getattr(pairs, "checked", None), device)
+    """The training loader this rank continues with from `start_step` (data.loader auto|dali|torch), with one
+    line saying which and why. Both loaders hand out the same stream, a function of the step: a run resumes
+    with either, at any world size (`saved`, `ckpt_path`: the checkpoint resumed, to say so when it changes)."""
+    kind, why = resolve_loader(cfg.data.loader, getattr(pairs, "checked", None), device)
     if saved is not None and saved.data_loader != kind:
-        raise ConfigError(
-            f"checkpoint {ckpt_path} was made with data.loader={saved.data_loader}, this run uses {kind} "
-            f"({why}): resume with config key 'data.loader'={saved.data_loader}, or start a new --output-dir"
-        )
-    reader_states = saved.dali_reader_states if saved is not None else None
-    if kind == "dali" and reader_states is not None and len(reader_states) != world:
-        raise ConfigError(
-            f"checkpoint {ckpt_path} holds the DALI reader states of {len(reader_states)} process(es), this "
-            f"run has {world}: a DALI run resumes exactly only at the same world size (or use "
-            "data.loader=torch, whose order does not depend on it, for a new run)"
-        )
+        why += f"; checkpoint {ckpt_path} was made with the {saved.data_loader} loader, which hands out the same crops"
     if announce:
         log.info(f"data loader: {kind} ({why})")
     return make_train_loader(
         cfg, pairs, global_batch=global_batch, accum=accum, world=world, rank=rank, start_step=start_step,
-        device=device, loader=kind, reader_state=reader_states[rank] if reader_states else None,
+        device=device, loader=kind,
     )

@@ -20,8 +20,9 @@ class TrainingState:
     val_psnr: float | None = None  # validation PSNR at this step, if it validated here
     best_val_psnr: float | None = None
     mlflow_run_id: str | None = None
-    data_loader: str = "torch"  # the loader that made the run (checkpoints from before DALI: torch)
-    dali_reader_states: list | None = None  # one per rank: a DALI run resumes at the same position
+    # the loader that made the run (checkpoints from before DALI: torch); either resumes it, as both hand out
+    # the same stream. (Checkpoints of DALI's old reader also hold dali_reader_states: not read any more.)
+    data_loader: str = "torch"
     ema_updates: int | None = None  # updates of the weights' moving average (None: EMA off)
 
     def to_json(self) -> dict[str, Any]:

@@ -344,13 +344,6 @@ class Trainer:
 
     def save(self, step: int) -> None:
         """Checkpoint after optimizer step `step` (main process writes; every rank waits for it)."""
-        # every rank's DALI reader state (position, shuffle and window generators) goes into state.json
-        reader_state = self.loader.state()
-        if reader_state is not None and self.world > 1:
-            gathered: list | None = [None] * self.world
-            torch.distributed.all_gather_object(gathered, reader_state)
-        else:
-            gathered = [reader_state] if reader_state is not None else None
         model_state, optimizer_state = self.backend.full_state()  # a collective under DeepSpeed
         if self.is_main:
             state = TrainingState(
@@ -358,7 +351,7 @@ class Trainer:
                 global_batch=self.global_batch, world_size=self.world,
                 val_psnr=self.last_val[1] if self.last_val and self.last_val[0] == step else None,
                 best_val_psnr=self.best_psnr if self.best_psnr > -math.inf else None,
-                mlflow_run_id=self.tracker.run_id, data_loader=self.loader.kind, dali_reader_states=gathered,
+                mlflow_run_id=self.tracker.run_id, data_loader=self.loader.kind,
                 ema_updates=self.ema.updates if self.ema is not None else None,
             )
             written = save_checkpoint(
