@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     result = train_stage(cfg, args.stage)
     if result.get("preempted"):
         # The checkpoint, the PREEMPTED marker and the MLflow run are written: exit now, without the interpreter's
-        # teardown (unloading DALI and torch took 2.5 s on an idle 2-core machine, more on a loaded node). SLURM
+        # teardown (unloading DALI and torch takes seconds, more on a loaded node). SLURM
         # SIGKILLs what still runs KillWait (30 s) after its SIGTERM, the batch script's requeue included.
         logging.shutdown()
         sys.stdout.flush()

@@ -148,8 +148,8 @@ class StepFrames:
 
     def __init__(self, pairs: CheckedPairs, plan: CropPlan, batches: RankBatches, start_step: int):
         self.pairs, self.plan, self.batches, self.start_step = pairs, plan, batches, start_step
-        # each shard mapped once: a member is a view DALI copies from the page cache, where a read() made one
-        # more copy (a batch of 16 GoPro-sized npy pairs: 60 ms read, 2 ms mapped, on the 2-core machine)
+        # each shard mapped once, a member handed to DALI as a view of the map (no copy): read() made one more
+        # copy of every frame, and npy pairs through DALI came at 199 per second instead of 356 (docs/data.md)
         self._maps: dict[Path, mmap.mmap] = {}
 
     def _member(self, shard: Path, offset: int, size: int) -> np.ndarray:
