@@ -9,7 +9,7 @@ order and shuffles only through a buffer of `initial_fill` samples, and on the d
 samples, trained a worse F than the PyTorch loader's permutation: docs/training-recipe.md.)
 
 Pipeline per rank: an external source hands DALI, per step, the encoded blur and sharp of the rank's frames
-(read from the shards at the offsets the shard index gives) and their window draws -> decode (GPU 'mixed'
+(views of the shards, each mapped once, at the offsets the shard index gives) and their window draws -> decode (GPU 'mixed'
 where the format is GPU-decodable and a GPU is used, else CPU; raw .npy frames are not decoded at all) -> k
 windows per decoded pair (data.crops_per_frame), each one window + one (h, v) flip pair applied to blur and
 sharp -> uint8 crops, copied to the GPU only after the crop -> float conversion in torch (the same ops as the
