@@ -35,6 +35,8 @@ import yaml
 from PIL import Image
 from torch import nn
 
+from fork_runs import Run, forked_run, start_forked, start_up_part
+
 ROOT = Path(__file__).resolve().parent.parent
 _LOG_DATE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
 
@@ -56,14 +58,35 @@ def log_lines(text: str) -> list[str]:
     return [_LOG_DATE.sub("", line) for line in text.splitlines()]
 
 
-def run_cli(script: str, *args: str, env: dict | None = None, timeout: int = 600, check: bool = False):
-    """Run one of the project's command lines as a user would; returns the CompletedProcess."""
-    full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    full_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / script), *map(str, args)],
-        capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT,
-    )
+def _cli_env(env: dict | None = None) -> dict[str, str]:
+    """The environment of a command line a test runs: the test's, less MLFLOW_TRACKING_URI (each config names
+    its store), unbuffered output, and `env`."""
+    full = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    full["PYTHONUNBUFFERED"] = "1"
+    return {**full, **{k: str(v) for k, v in (env or {}).items()}}
+
+
+def start_cli(script: str, *args, env: dict | None = None) -> Run:
+    """Start one of the project's command lines in a process of its own (a child of the fork server,
+    tests/fork_runs.py) and return at once: a Run to poll (`running()`, `wait()`), signal (`pid`, the leader
+    of its own process group) or kill, whose output is in `stdout` and `stderr`."""
+    return start_forked(script, args, _cli_env(env))
+
+
+def run_cli(script: str, *args: str, env: dict | None = None, timeout: int = 600, check: bool = False,
+            fresh: bool = False):
+    """Run one of the project's command lines as a user would, in a process of its own; returns the
+    CompletedProcess. Where `env` leaves the variables read at start-up (PYTHONPATH, OMP_NUM_THREADS, ...) as
+    the suite's, the process is a child of the fork server (tests/fork_runs.py), which has done the imports
+    already; otherwise, or with `fresh`, a new interpreter (what a command's own imports do is then tested)."""
+    base_env, full_env = _cli_env(), _cli_env(env)
+    if not fresh and start_up_part(full_env) == start_up_part(base_env):
+        proc = forked_run(script, [str(a) for a in args], full_env, timeout)
+    else:
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / script), *map(str, args)],
+            capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT,
+        )
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

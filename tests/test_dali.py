@@ -4,7 +4,6 @@ exact resume with either loader at another world size, loader choice."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from golf_dist.data.split_check import check_split, open_pairs
 from golf_dist.data.loader import CropPlan, ShardPairs, full_frame_loader, paired_crop, to_tensor, train_loader
 from golf_dist.errors import ConfigError
 
-from conftest import ROOT, log_lines, run_cli, write_config
+from conftest import ROOT, log_lines, run_cli, start_cli, write_config
 from test_loader import coordinate_shards  # noqa: F401  (pytest fixture: pixels that encode their coordinates)
 
 
@@ -213,16 +212,13 @@ def test_kill_and_resume_with_dali_is_bitwise_exact(shards, tmp_path):
     assert "data loader: dali" in ref.stdout
 
     cfg = write_config(tmp_path / "cut.yaml", shards, tmp_path / "cut", train=steps, data=data)
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "launch/train.py"), "--config", str(cfg), "--stage", "f"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = start_cli("launch/train.py", "--config", cfg, "--stage", "f")
     ckpts = tmp_path / "cut" / "f" / "checkpoints"
     deadline = time.time() + 300
     while not (ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir())):
-        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        assert run.running() and time.time() < deadline, f"run ended before its first checkpoint:\n{run.stderr[-3000:]}"
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    run.kill()  # SIGKILL
     assert not (tmp_path / "cut" / "f.safetensors").exists(), "the run finished before it was killed"
     first = sorted(p for p in ckpts.iterdir() if p.name.startswith("step-"))[0]
     state = json.loads((first / "state.json").read_text())

@@ -183,8 +183,12 @@ def test_two_processes_with_accumulation_match_one_process_on_stage_g(shards, tr
         out = tmp_path / f"w{world}"
         cfg = write_config(tmp_path / f"w{world}.yaml", shards, out,
                            train={**SHORT, "grad_accum": accum, "f_weights": str(trained_f)}, data=TORCH_LOADER)
-        proc = _ok(_run(_torchrun("--standalone", "--nproc_per_node", world, "launch/train.py", "--config", cfg,
-                                  "--stage", "g", "--unroll", 2), _env(ACCELERATE_USE_CPU="1")))
+        if world == 1:  # one process on its own, as a user starts it
+            proc = run_cli("launch/train.py", "--config", cfg, "--stage", "g", "--unroll", 2,
+                           env={"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}, check=True)
+        else:
+            proc = _ok(_run(_torchrun("--standalone", "--nproc_per_node", world, "launch/train.py", "--config", cfg,
+                                      "--stage", "g", "--unroll", 2), _env(ACCELERATE_USE_CPU="1")))
         assert f"{world} process(es) x {4 // (world * accum)} per device x {accum} accumulation" in proc.stdout
         assert "checkpointing on" in proc.stdout
         outs[world] = out / "g.safetensors"
@@ -265,14 +269,13 @@ def test_trainer_under_accelerate_deepspeed_checkpoints_and_resumes(shards, tmp_
     ds_json["zero_optimization"]["overlap_comm"] = False
     (tmp_path / "ds_cpu.json").write_text(json.dumps(ds_json))
     ds_env = _env(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_CONFIG_FILE=str(tmp_path / "ds_cpu.json"))
-    outs = {}
-    for kind in ("plain", "ds"):
-        outs[kind] = tmp_path / kind
-        cfg = write_config(tmp_path / f"{kind}.yaml", shards, outs[kind], train=DEEPSPEED_TRAIN, data=TORCH_LOADER)
-        cmd = _torchrun("--standalone", "--nproc_per_node", 1, "launch/train.py", "--config", cfg, "--stage", "f")
-        proc = _ok(_run(cmd, ds_env if kind == "ds" else _env()))
-        if kind == "ds":
-            assert "DeepSpeed ZeRO stage 2 (DeepSpeedZeroOptimizer)" in proc.stdout
+    outs = {kind: tmp_path / kind for kind in ("plain", "ds")}
+    cfgs = {kind: write_config(tmp_path / f"{kind}.yaml", shards, outs[kind], train=DEEPSPEED_TRAIN, data=TORCH_LOADER)
+            for kind in outs}
+    run_cli("launch/train.py", "--config", cfgs["plain"], "--stage", "f", env={"OMP_NUM_THREADS": "1"}, check=True)
+    cmd = _torchrun("--standalone", "--nproc_per_node", 1, "launch/train.py", "--config", cfgs["ds"], "--stage", "f")
+    proc = _ok(_run(cmd, ds_env))
+    assert "DeepSpeed ZeRO stage 2 (DeepSpeedZeroOptimizer)" in proc.stdout
     init = _init("f")
     assert _relative_gap(outs["plain"] / "f.safetensors", outs["ds"] / "f.safetensors", init) < 2e-2
     # the checkpoint holds Adam's plain layout, whole: the same keys and shapes DDP writes

@@ -1,9 +1,6 @@
 """F and G match paper Table 1, start as the identity, and unroll as Eq. 11; the benchmark's figures."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +11,7 @@ from golf_dist.benchmark import checkpoint_memory_ratio, make_settings
 from golf_dist.errors import GolfError
 from golf_dist.models import BasicBlock, ResidualCNN, f_net, g_net, unroll
 
-from conftest import AffineMap
+from conftest import AffineMap, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,9 +85,7 @@ def test_benchmark_settings_take_device_defaults_then_overrides():
 
 
 def _run_cli(*args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, str(ROOT / "launch" / "benchmark.py"), *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    return run_cli("launch/benchmark.py", *args, timeout=300)
 
 
 def test_benchmark_cli_prints_one_json_line(tmp_path):

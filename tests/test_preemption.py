@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import LONG_F, ONE_THREAD, ROOT, assert_weights_equal, run_cli, write_config
+from conftest import LONG_F, ONE_THREAD, ROOT, assert_weights_equal, run_cli, start_cli, write_config
+from fork_runs import Run
 
 
 def _env():
@@ -18,10 +19,11 @@ def _env():
     return env
 
 
-def _wait_for_first_checkpoint(proc: subprocess.Popen, ckpts: Path) -> None:
+def _wait_for_first_checkpoint(proc: subprocess.Popen | Run, ckpts: Path) -> None:
     deadline = time.time() + 300
     while not (ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir())):
-        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        ended = not proc.running() if isinstance(proc, Run) else proc.poll() is not None
+        assert not ended and time.time() < deadline, "run ended before its first checkpoint"
         time.sleep(0.02)
 
 
@@ -33,12 +35,12 @@ def test_sigusr2_checkpoints_exits_cleanly_and_the_rerun_matches_an_uninterrupte
                                                                                        tmp_path):
     out = tmp_path / "cut"
     cfg = write_config(tmp_path / "cut.yaml", shards, out, train=LONG_F)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "launch/train.py"), "--config", str(cfg), "--stage", "f"],
-                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_first_checkpoint(proc, out / "f" / "checkpoints")
-    proc.send_signal(signal.SIGUSR2)
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr[-3000:]
+    run = start_cli("launch/train.py", "--config", cfg, "--stage", "f", env=ONE_THREAD)
+    _wait_for_first_checkpoint(run, out / "f" / "checkpoints")
+    os.kill(run.pid, signal.SIGUSR2)
+    status = run.wait(timeout=300)
+    stdout, stderr = run.stdout, run.stderr
+    assert status == 0, stderr[-3000:]
     assert "received SIGUSR2" in stderr
     assert not (out / "f.safetensors").exists(), "the run finished before the signal arrived"
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli, write_config
+from conftest import ROOT, run_cli, start_cli, write_config
 from golf_dist.config import load_config
 from golf_dist.errors import ConfigError
 from golf_dist.optim import EMA, clip_gradients, lr_factor
@@ -186,35 +186,45 @@ EMA_TRAIN = {"steps": 16, "checkpoint_every": 4, "val_every": 8, "log_every": 4,
              "warmup_steps": 3, "schedule": "cosine", "grad_clip": 0.05}
 
 
-def _launch(cfg, nproc):
+LAUNCH_ENV = {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+
+
+def _torchrun(cfg, nproc):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
-    if nproc == 1:
-        cmd = [sys.executable, str(ROOT / "launch/train.py")]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               str(ROOT / "launch/train.py")]
-    return cmd + ["--config", str(cfg), "--stage", "f"], env
+    env.update(PYTHONUNBUFFERED="1", **LAUNCH_ENV)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(ROOT / "launch/train.py"), "--config", str(cfg), "--stage", "f"]
+    return cmd, env
 
 
 def _run_to_end(cfg, nproc):
-    cmd, env = _launch(cfg, nproc)
+    if nproc == 1:
+        return run_cli("launch/train.py", "--config", cfg, "--stage", "f", env=LAUNCH_ENV, check=True)
+    cmd, env = _torchrun(cfg, nproc)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
 def _kill_after_first_checkpoint(cfg, out, nproc):
-    cmd, env = _launch(cfg, nproc)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    if nproc == 1:
+        run = start_cli("launch/train.py", "--config", cfg, "--stage", "f", env=LAUNCH_ENV)
+        running, kill = run.running, run.kill  # SIGKILL to its process group
+    else:
+        cmd, env = _torchrun(cfg, nproc)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        running = lambda: proc.poll() is None  # noqa: E731
+
+        def kill():
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank, as a node failure would
+            proc.wait()
     ckpts = out / "f" / "checkpoints"
     deadline = time.time() + 300
     while not (ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir())):
-        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        assert running() and time.time() < deadline, "run ended before its first checkpoint"
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank, as a node failure would
-    proc.wait()
+    kill()
     assert not (out / "f.safetensors").exists(), "the run finished before it was killed"
 
 

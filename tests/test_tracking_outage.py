@@ -7,13 +7,10 @@ SIGKILL while a real training run (launch/train.py) logs to it.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 
-from conftest import ROOT, free_port, log_lines, run_cli, write_config
+from conftest import free_port, log_lines, run_cli, start_cli, write_config
 from mlflow_servers import MlflowServer
 
 
@@ -52,33 +49,25 @@ def test_server_killed_mid_run_training_finishes_and_nothing_is_lost(shards, tmp
     cfg = write_config(tmp_path / "c.yaml", shards, out,
                        train={"steps": steps, "log_every": 2, "val_every": 10, "checkpoint_every": 5, "keep_last": 10},
                        tracking={"uri": server.url, "log_checkpoints": True})
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    logs = (tmp_path / "stdout.log", tmp_path / "stderr.log")
-    with open(logs[0], "w") as out_log, open(logs[1], "w") as err_log:  # files, not pipes: nothing blocks
-        trainer = subprocess.Popen(
-            [sys.executable, str(ROOT / "launch/train.py"), "--config", str(cfg), "--stage", "f"],
-            cwd=ROOT, env=env, stdout=out_log, stderr=err_log, text=True,
-        )
+    trainer = start_cli("launch/train.py", "--config", cfg, "--stage", "f")  # output to files: nothing blocks
     try:
         # kill the server once the first checkpoint has been uploaded (all four files in its store)
         deadline = time.monotonic() + 300
         while len(list((store / "art").rglob("checkpoints/step-00000005/*"))) < 4:
-            assert trainer.poll() is None, f"the run ended before its first checkpoint:\n{logs[1].read_text()[-3000:]}"
+            assert trainer.running(), f"the run ended before its first checkpoint:\n{trainer.stderr[-3000:]}"
             assert time.monotonic() < deadline, "no checkpoint after 300 s"
             time.sleep(0.05)
         server.kill()
         killed_at = time.monotonic()
-        trainer.wait(timeout=600)
+        status = trainer.wait(timeout=600)
         after_kill = time.monotonic() - killed_at
-        stderr = logs[1].read_text()
+        stderr = trainer.stderr
     finally:
-        if trainer.poll() is None:
+        if trainer.running():
             trainer.kill()
-            trainer.wait()
         server.stop()
 
-    assert trainer.returncode == 0, stderr[-3000:]
+    assert status == 0, stderr[-3000:]
     assert (out / "f.safetensors").is_file() and (out / "f_best.safetensors").is_file()
     kept = sorted(p.name for p in (out / "f" / "checkpoints").iterdir())
     assert kept == [f"step-{s:08d}" for s in range(5, steps + 1, 5)], kept

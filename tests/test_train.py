@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli, write_config
+from conftest import ROOT, run_cli, start_cli, write_config
 
 
 def _weights(path):
@@ -113,16 +112,13 @@ def test_kill_and_resume_is_bitwise_exact(shards, tmp_path):
     run_cli("launch/train.py", "--config", ref_cfg, "--stage", "f", check=True)
 
     cfg = write_config(tmp_path / "cut.yaml", shards, tmp_path / "cut", train=steps)
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "launch/train.py"), "--config", str(cfg), "--stage", "f"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = start_cli("launch/train.py", "--config", cfg, "--stage", "f")
     ckpts = tmp_path / "cut" / "f" / "checkpoints"
     deadline = time.time() + 300
     while not (ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir())):
-        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        assert run.running() and time.time() < deadline, f"run ended before its first checkpoint:\n{run.stderr[-3000:]}"
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    run.kill()  # SIGKILL
     assert not (tmp_path / "cut" / "f.safetensors").exists(), "the run finished before it was killed"
 
     resumed = run_cli("launch/train.py", "--config", cfg, "--stage", "f", check=True)
@@ -140,6 +136,14 @@ def _torchrun(nproc, cfg, stage, *extra):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def _train(nproc, cfg, stage, *extra):
+    """`nproc` processes under torchrun, or one process on its own (launch/train.py as a user starts it)."""
+    if nproc > 1:
+        return _torchrun(nproc, cfg, stage, *extra)
+    return run_cli("launch/train.py", "--config", cfg, "--stage", stage, *extra,
+                   env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}, check=True)
 
 
 def _relative_gap(a: Path, b: Path, init: dict) -> float:
@@ -182,11 +186,11 @@ def test_two_processes_match_one_with_the_same_global_batch(shards, tmp_path):
     outs = {n: tmp_path / f"p{n}" for n in (1, 2)}
     cfgs = {n: write_config(tmp_path / f"p{n}.yaml", shards, outs[n], train=train, data={"loader": "torch"}) for n in (1, 2)}
     for n in (1, 2):
-        log = _torchrun(n, cfgs[n], "f")
+        log = _train(n, cfgs[n], "f")
         assert f"{n} process(es) x {4 // n} per device" in log.stdout
     # both G runs start from the same F, so they differ only by the world size
     for n in (1, 2):
-        _torchrun(n, cfgs[n], "g", "--unroll", "2", f"train.f_weights={outs[1] / 'f.safetensors'}")
+        _train(n, cfgs[n], "g", "--unroll", "2", f"train.f_weights={outs[1] / 'f.safetensors'}")
     series = _loss_and_grad_norm(tmp_path / "mlflow.db")
     for stage in ("f", "g"):
         one, two = series[(stage, "1")], series[(stage, "2")]

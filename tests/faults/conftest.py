@@ -13,20 +13,16 @@ from __future__ import annotations
 
 import json
 import os
-import select
-import signal
 import subprocess
-import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from conftest import ROOT, mlflow_template, run_cli, write_config  # tests/conftest.py (this folder is the package `faults`)
+from fork_runs import ForkServer, server_for
 
-HERE = Path(__file__).resolve().parent
 OUTCOMES = ("identical", "named error", "data lost")
 RESULTS_ENV = "GOLF_FAULT_RESULTS"
 
@@ -146,117 +142,16 @@ def pytest_configure(config):
 # ---------------------------------------------------------------- the fork server
 
 
-class Run:
-    """One command line running in a child of the fork server."""
-
-    def __init__(self, pid: int, out: Path):
-        self.pid, self.out = pid, out
-
-    @property
-    def rc(self) -> int | None:
-        path = Path(f"{self.out}.rc")
-        return int(path.read_text()) if path.is_file() else None
-
-    @property
-    def stdout(self) -> str:
-        return Path(f"{self.out}.stdout").read_text(errors="replace")
-
-    @property
-    def stderr(self) -> str:
-        return Path(f"{self.out}.stderr").read_text(errors="replace")
-
-    def running(self) -> bool:
-        if self.rc is not None:
-            return False
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-
-    def kill(self) -> None:
-        """SIGKILL to the run's process group (the run and anything it started)."""
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            try:  # not yet its own group leader (killed in its first microseconds)
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 30
-        while self.running() and time.monotonic() < deadline:
-            time.sleep(0.01)
-
-    def wait(self, timeout: float = 300) -> int:
-        """The exit status (None-free: -9 when it was killed); a run past `timeout` is killed and fails the test."""
-        deadline = time.monotonic() + timeout
-        while self.running():
-            if time.monotonic() > deadline:
-                self.kill()
-                raise AssertionError(f"{self.out.name}: still running after {timeout} s (killed); "
-                                     f"stderr:\n{self.stderr[-3000:]}")
-            time.sleep(0.02)
-        rc = self.rc
-        return -signal.SIGKILL if rc is None else rc
-
-    def check(self, timeout: float = 300) -> "Run":
-        rc = self.wait(timeout)
-        assert rc == 0, f"{self.out.name} exited {rc}:\n{self.stdout[-2000:]}\n{self.stderr[-3000:]}"
-        return self
-
-
-class ForkServer:
-    def __init__(self):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-        env.update(ONE_THREAD)
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "forkserver.py")], cwd=ROOT, env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True)
-        self._lock = threading.Lock()
-
-    def ready(self, timeout: float = 120) -> None:
-        self._answer(timeout)
-
-    def _answer(self, timeout: float) -> dict:
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        line = self.proc.stdout.readline() if ready else ""
-        if not line:
-            raise RuntimeError(f"the fork server did not answer (exit status {self.proc.poll()})")
-        return json.loads(line)
-
-    def run(self, argv: list, out: Path, env: dict | None = None) -> Run:
-        out = Path(out)
-        for suffix in (".rc", ".stdout", ".stderr"):
-            Path(f"{out}{suffix}").unlink(missing_ok=True)
-        request = {"argv": [str(a) for a in argv], "out": str(out), "cwd": str(ROOT), "env": {**ONE_THREAD, **(env or {})}}
-        with self._lock:
-            self.proc.stdin.write(json.dumps(request) + "\n")
-            self.proc.stdin.flush()
-            pid = self._answer(60)["pid"]
-        return Run(pid, out)
-
-    def close(self) -> None:
-        """Kill it: it holds nothing but imported modules (its children have ended or were killed by their tests)."""
-        self.proc.kill()
-        self.proc.wait()
-        for stream in (self.proc.stdin, self.proc.stdout):
-            try:
-                stream.close()
-            except OSError:
-                pass
-
-
 @pytest.fixture(scope="session")
 def forkserver():
-    """The fork server. Runs write MLflow to a copy of the suite's initialised store (tests/conftest.py,
-    `mlflow_template`), which `write_config` makes and the tests that make a store themselves make too."""
-    server = ForkServer()
-    try:
-        server.ready()
-        mlflow_template()  # made while the server imports, not inside the first test's timing
-        yield server
-    finally:
-        server.close()
+    """The fork server (tests/fork_runs.py) of single-threaded runs: the one `run_cli` uses under pytest-xdist.
+    Runs write MLflow to a copy of the suite's initialised store (tests/conftest.py, `mlflow_template`), which
+    `write_config` makes and the tests that make a store themselves make too."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    server = server_for({**env, **ONE_THREAD})
+    mlflow_template()  # made while the server imports, not inside the first test's timing
+    server.ready()
+    return server
 
 
 def train_config(path: Path, shards: Path, output_dir: Path, **sections) -> Path:
