@@ -111,9 +111,9 @@ def built_once(tmp_path_factory, name: str, build):
         return json.loads(result.read_text())
 
 
-def _make_shards(base: Path) -> str:
-    run_cli("data_prep/synth_gopro.py", "--out", base / "GOPRO_Large", "--train-pairs", 12, "--test-pairs", 4,
-            "--height", 64, "--width", 96, "--seed", 3, check=True)
+def _make_shards(base: Path, train: int = 12, test: int = 4, height: int = 64, width: int = 96) -> str:
+    run_cli("data_prep/synth_gopro.py", "--out", base / "GOPRO_Large", "--train-pairs", train, "--test-pairs", test,
+            "--height", height, "--width", width, "--seed", 3, check=True)
     run_cli("data_prep/shard_gopro.py", "--src", base / "GOPRO_Large", "--out", base / "shards",
             "--maxcount", 4, "--workers", 1, "--format", "png", check=True)
     return str(base / "shards")
@@ -126,6 +126,19 @@ def shards(tmp_path_factory) -> Path:
     this folder, which every worker shares); npy shards have their own fixtures (tests/test_dali.py,
     tests/test_shard_formats.py)."""
     return Path(built_once(tmp_path_factory, "data", _make_shards))
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """4 train + 1 test synthetic pairs of 32x48, PNG: for the bf16 runs. On a CPU without oneDNN bf16
+    kernels (AVX2 only) a bf16 convolution takes a reference path whose time grows faster than the pixel
+    count: F on one of these frames is over ten times faster than on one 64x96 frame of `shards`."""
+    return Path(built_once(tmp_path_factory, "tiny-data",
+                           functools.partial(_make_shards, train=4, test=1, height=32, width=48)))
+
+
+# the data section of the bf16 runs on `tiny_shards`: the smallest crop the config allows (32), 2 per batch
+TINY_DATA = {"crop": 32, "batch_size": 2}
 
 
 @functools.cache

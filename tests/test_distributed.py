@@ -19,17 +19,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, free_port, run_cli, write_config
+from conftest import ROOT, TINY_DATA, free_port, run_cli, write_config
 
 CONFIGS = ROOT / "configs" / "accelerate"
 SHORT = {"steps": 3, "checkpoint_every": 3, "val_every": 3}
 # the PyTorch loader: its sample order is a function of the global position only, so it does not depend
 # on the world size or the accumulation (DALI hands out the same crops: docs/data.md)
 TORCH_LOADER = {"loader": "torch"}
-# the DeepSpeed runs: 4 optimizer steps of 2 micro-batches each, a checkpoint every 2
-# bf16 runs validate on one frame: on a CPU without oneDNN bf16 kernels (AVX2 only) a bf16 convolution takes
-# a slow path, and F on one 64x96 frame takes seconds (golf_dist.speed.bf16_is_slow_here)
+# bf16 runs train on tiny_shards' small frames (tests/conftest.py) and validate on one frame: on a CPU without
+# oneDNN bf16 kernels (AVX2 only) a bf16 convolution takes a slow path (golf_dist.speed.bf16_is_slow_here)
 BF16_VAL = {"max_pairs": 1}
+# the DeepSpeed runs: 4 optimizer steps of 2 micro-batches each, a checkpoint every 2
 DEEPSPEED_TRAIN = {"steps": 4, "checkpoint_every": 2, "val_every": 4, "grad_accum": 2, "keep_last": 3}
 
 
@@ -142,11 +142,11 @@ def test_missing_or_invalid_accelerate_config_is_named(tmp_path, monkeypatch):
         check_accelerate_config(ds_yaml)
 
 
-def test_one_node_config_asks_the_trainer_for_bf16(shards, tmp_path):
+def test_one_node_config_asks_the_trainer_for_bf16(tiny_shards, tmp_path):
     """`accelerate launch --config_file one_node.yaml`: its bf16 reaches the trainer, although the
     golf config says train.mixed_precision=no (an explicit Accelerator(mixed_precision=...) would
     otherwise override it). On a CPU-only machine `--cpu` makes it one process (Accelerate's rule)."""
-    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out", val=BF16_VAL,
+    cfg = write_config(tmp_path / "c.yaml", tiny_shards, tmp_path / "out", val=BF16_VAL, data=TINY_DATA,
                        train={"steps": 2, "val_every": 2, "checkpoint_every": 2})
     _ok(_run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "one_node.yaml"),
               "--cpu", "--num_processes", "1", "launch/train.py", "--config", str(cfg), "--stage", "f"], _env()))
@@ -299,12 +299,13 @@ def test_trainer_under_accelerate_deepspeed_checkpoints_and_resumes(shards, tmp_
         torch.testing.assert_close(resumed[key], final[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_accelerate_launch_with_the_deepspeed_config_exports_fp32_masters(shards, tmp_path):
+def test_accelerate_launch_with_the_deepspeed_config_exports_fp32_masters(tiny_shards, tmp_path):
     """`accelerate launch` with the project's DeepSpeed YAML and JSON as they are (bf16): bf16 working
     weights, but the exported ones are the fp32 masters."""
     pytest.importorskip("transformers", reason="Accelerate's DeepSpeed integration imports transformers: pip install transformers")
     bf16_out = tmp_path / "bf16"
-    cfg = write_config(tmp_path / "bf16.yaml", shards, bf16_out, train=DEEPSPEED_TRAIN, data=TORCH_LOADER, val=BF16_VAL)
+    cfg = write_config(tmp_path / "bf16.yaml", tiny_shards, bf16_out, data={**TORCH_LOADER, **TINY_DATA}, val=BF16_VAL,
+                       train={**DEEPSPEED_TRAIN, "steps": 2, "val_every": 2})  # 2 optimizer steps of 2 micro-batches
     proc = _ok(_run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                      str(CONFIGS / "deepspeed_zero2.yaml"), "--num_processes", "1",
                      "launch/train.py", "--config", str(cfg), "--stage", "f"], _env()))

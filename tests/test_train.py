@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli, start_cli, write_config
+from conftest import ROOT, TINY_DATA, run_cli, start_cli, write_config
 
 
 def _weights(path):
@@ -351,9 +351,9 @@ def test_mlflow_ui_serves_the_local_store(trained):
         server.wait(timeout=30)
 
 
-def test_bf16_mixed_precision_trains_and_keeps_fp32_weights(shards, tmp_path):
-    # one validation frame: bf16 convolutions on a CPU without oneDNN bf16 kernels take seconds a frame
-    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out", val={"max_pairs": 1},
+def test_bf16_mixed_precision_trains_and_keeps_fp32_weights(tiny_shards, tmp_path):
+    # small frames and crops, one validation frame: bf16 convolutions on a CPU without oneDNN bf16 kernels are slow
+    cfg = write_config(tmp_path / "c.yaml", tiny_shards, tmp_path / "out", val={"max_pairs": 1}, data=TINY_DATA,
                        train={"steps": 2, "mixed_precision": "bf16", "val_every": 2, "checkpoint_every": 2})
     proc = run_cli("launch/train.py", "--config", cfg, "--stage", "f", check=True)
     # the warning where this CPU's oneDNN has no bf16 kernels (an AVX2-only CPU), none where it has them
