@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, run_cli, write_config
+from conftest import ROOT, mlflow_template, run_cli, write_config
 from mlflow_servers import MlflowServer
 
 ADMIN_PW = "adm-9f4c1e7a2b-pw"  # stand for credentials: they must never reach output, files or params
@@ -41,10 +42,12 @@ def _request(url: str, user: str | None = None, password: str | None = None, dat
 def server(tmp_path_factory):
     pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app needs Flask-WTF (pip install '.[test]')")
     base = tmp_path_factory.mktemp("auth")
+    shutil.copyfile(mlflow_template(), base / "mlflow.db")  # the schema in place: the server skips its migrations
     srv = MlflowServer(
         ["--backend-store-uri", f"sqlite:///{base / 'mlflow.db'}", "--artifacts", str(base / "artifacts"),
          "--auth", "basic", "--auth-dir", str(base / "auth"), "--auth-cache-seconds", "60"],
-        log=base / "server.log", env={"MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PW}, via_script=True,
+        log=base / "server.log", via_script=True,
+        env={"MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PW, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no job workers
     )
     try:
         yield {"server": srv, "base": base}
