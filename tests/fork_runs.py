@@ -2,7 +2,7 @@
 interpreter start-up and the imports. `run_cli` (tests/conftest.py) runs its command lines through here
 wherever the variables read at start-up are the suite's own; the fault suite starts its runs here directly.
 
-One server per set of start-up variables (START_UP_KEYS), made on first use and killed when the pytest
+One server per set of start-up variables (START_UP_PREFIXES), made on first use and killed when the pytest
 process ends: under pytest-xdist each worker has its own, OMP_NUM_THREADS=1 in both the fault suite's runs
 and the workers' environment (tests/conftest.py), so one server a worker serves both.
 """
@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import atexit
 import functools
+import itertools
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -171,11 +173,11 @@ def _close_servers() -> None:
 @functools.cache
 def _outputs() -> Path:
     folder = Path(tempfile.mkdtemp(prefix="golf-fork-runs-"))
-    atexit.register(lambda: __import__("shutil").rmtree(folder, ignore_errors=True))
+    atexit.register(shutil.rmtree, folder, True)
     return folder
 
 
-_count = iter(range(10**9))
+_count = itertools.count()
 
 
 def start_forked(script: str, args: list, env: dict[str, str]) -> Run:

@@ -9,8 +9,8 @@ script's folder as `python SCRIPT` sets it, its own argv, environment, working d
 stderr files, default signal dispositions) in a process of its own, so a SIGKILL sent to it is a real
 SIGKILL of a real process; only the interpreter start-up and the imports are shared. Nothing has run
 a torch operation in this process before the fork (no OpenMP pool to inherit). The variables read at
-start-up (OMP_NUM_THREADS, PYTHONPATH, ...) are the server's: tests/fork_runs.py starts one server per
-set of them and runs a command line with different ones as a plain subprocess.
+start-up (OMP_NUM_THREADS, PYTHONPATH, ...) are the server's: tests/fork_runs.py keeps one server per set
+of them, and `run_cli` runs a command line whose set differs from the suite's as a plain subprocess.
 
 Protocol (one JSON object per line on stdin, one answer per line on stdout):
     {"argv": ["launch/train.py", "--config", ...], "env": {...the whole environment...}, "cwd": ".", "out": PATH}
