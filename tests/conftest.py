@@ -73,6 +73,17 @@ def start_cli(script: str, *args, env: dict | None = None) -> Run:
     return start_forked(script, args, _cli_env(env))
 
 
+def wait_for_first_checkpoint(proc: subprocess.Popen | Run, ckpts: Path, timeout: float = 300) -> None:
+    """Until `ckpts` holds a step-* folder; fails if the run (a Popen or a `start_cli` Run) ends first."""
+    deadline = time.time() + timeout
+    while not (ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir())):
+        ended = not proc.running() if isinstance(proc, Run) else proc.poll() is not None
+        if ended or time.time() > deadline:
+            detail = proc.stderr[-3000:] if isinstance(proc, Run) else ""
+            raise AssertionError(f"run ended before its first checkpoint\n{detail}")
+        time.sleep(0.02)
+
+
 def run_cli(script: str, *args: str, env: dict | None = None, timeout: int = 600, check: bool = False,
             fresh: bool = False):
     """Run one of the project's command lines as a user would, in a process of its own; returns the

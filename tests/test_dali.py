@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from golf_dist.data.split_check import check_split, open_pairs
 from golf_dist.data.loader import CropPlan, ShardPairs, full_frame_loader, paired_crop, to_tensor, train_loader
 from golf_dist.errors import ConfigError
 
-from conftest import ROOT, log_lines, run_cli, start_cli, write_config
+from conftest import ROOT, log_lines, run_cli, start_cli, wait_for_first_checkpoint, write_config
 from test_loader import coordinate_shards  # noqa: F401  (pytest fixture: pixels that encode their coordinates)
 
 
@@ -214,10 +213,7 @@ def test_kill_and_resume_with_dali_is_bitwise_exact(shards, tmp_path):
     cfg = write_config(tmp_path / "cut.yaml", shards, tmp_path / "cut", train=steps, data=data)
     run = start_cli("launch/train.py", "--config", cfg, "--stage", "f")
     ckpts = tmp_path / "cut" / "f" / "checkpoints"
-    deadline = time.time() + 300
-    while not (ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir())):
-        assert run.running() and time.time() < deadline, f"run ended before its first checkpoint:\n{run.stderr[-3000:]}"
-        time.sleep(0.02)
+    wait_for_first_checkpoint(run, ckpts)
     run.kill()  # SIGKILL
     assert not (tmp_path / "cut" / "f.safetensors").exists(), "the run finished before it was killed"
     first = sorted(p for p in ckpts.iterdir() if p.name.startswith("step-"))[0]

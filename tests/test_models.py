@@ -1,7 +1,6 @@
 """F and G match paper Table 1, start as the identity, and unroll as Eq. 11; the benchmark's figures."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +11,6 @@ from golf_dist.errors import GolfError
 from golf_dist.models import BasicBlock, ResidualCNN, f_net, g_net, unroll
 
 from conftest import AffineMap, run_cli
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def n_params(m: nn.Module) -> int:

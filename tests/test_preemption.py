@@ -6,25 +6,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from conftest import LONG_F, ONE_THREAD, ROOT, assert_weights_equal, run_cli, start_cli, write_config
-from fork_runs import Run
+from conftest import (LONG_F, ONE_THREAD, ROOT, assert_weights_equal, run_cli, start_cli, wait_for_first_checkpoint,
+                      write_config)
 
 
 def _env():
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(PYTHONUNBUFFERED="1", **ONE_THREAD)
     return env
-
-
-def _wait_for_first_checkpoint(proc: subprocess.Popen | Run, ckpts: Path) -> None:
-    deadline = time.time() + 300
-    while not (ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir())):
-        ended = not proc.running() if isinstance(proc, Run) else proc.poll() is not None
-        assert not ended and time.time() < deadline, "run ended before its first checkpoint"
-        time.sleep(0.02)
 
 
 def _steps(ckpts: Path) -> list[int]:
@@ -36,7 +27,7 @@ def test_sigusr2_checkpoints_exits_cleanly_and_the_rerun_matches_an_uninterrupte
     out = tmp_path / "cut"
     cfg = write_config(tmp_path / "cut.yaml", shards, out, train=LONG_F)
     run = start_cli("launch/train.py", "--config", cfg, "--stage", "f", env=ONE_THREAD)
-    _wait_for_first_checkpoint(run, out / "f" / "checkpoints")
+    wait_for_first_checkpoint(run, out / "f" / "checkpoints")
     os.kill(run.pid, signal.SIGUSR2)
     status = run.wait(timeout=300)
     stdout, stderr = run.stdout, run.stderr
@@ -66,7 +57,7 @@ def test_stop_file_stops_two_ranks_at_the_same_step_and_the_rerun_finishes(shard
            str(ROOT / "launch/train.py"), "--config", str(cfg), "--stage", "f"]
     env = {**_env(), "ACCELERATE_USE_CPU": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_first_checkpoint(proc, out / "f" / "checkpoints")
+    wait_for_first_checkpoint(proc, out / "f" / "checkpoints")
     stop_file = out / "f" / "STOP"
     stop_file.touch()
     stdout, stderr = proc.communicate(timeout=300)

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli, start_cli, write_config
+from conftest import ROOT, run_cli, start_cli, wait_for_first_checkpoint, write_config
 from golf_dist.config import load_config
 from golf_dist.errors import ConfigError
 from golf_dist.optim import EMA, clip_gradients, lr_factor
@@ -209,22 +208,15 @@ def _run_to_end(cfg, nproc):
 def _kill_after_first_checkpoint(cfg, out, nproc):
     if nproc == 1:
         run = start_cli("launch/train.py", "--config", cfg, "--stage", "f", env=LAUNCH_ENV)
-        running, kill = run.running, run.kill  # SIGKILL to its process group
+        wait_for_first_checkpoint(run, out / "f" / "checkpoints")
+        run.kill()  # SIGKILL to its process group
     else:
         cmd, env = _torchrun(cfg, nproc)
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
-        running = lambda: proc.poll() is None  # noqa: E731
-
-        def kill():
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank, as a node failure would
-            proc.wait()
-    ckpts = out / "f" / "checkpoints"
-    deadline = time.time() + 300
-    while not (ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir())):
-        assert running() and time.time() < deadline, "run ended before its first checkpoint"
-        time.sleep(0.02)
-    kill()
+        wait_for_first_checkpoint(proc, out / "f" / "checkpoints")
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank, as a node failure would
+        proc.wait()
     assert not (out / "f.safetensors").exists(), "the run finished before it was killed"
 
 

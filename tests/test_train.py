@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY_DATA, run_cli, start_cli, write_config
+from conftest import ROOT, TINY_DATA, run_cli, start_cli, wait_for_first_checkpoint, write_config
 
 
 def _weights(path):
@@ -113,11 +113,7 @@ def test_kill_and_resume_is_bitwise_exact(shards, tmp_path):
 
     cfg = write_config(tmp_path / "cut.yaml", shards, tmp_path / "cut", train=steps)
     run = start_cli("launch/train.py", "--config", cfg, "--stage", "f")
-    ckpts = tmp_path / "cut" / "f" / "checkpoints"
-    deadline = time.time() + 300
-    while not (ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir())):
-        assert run.running() and time.time() < deadline, f"run ended before its first checkpoint:\n{run.stderr[-3000:]}"
-        time.sleep(0.02)
+    wait_for_first_checkpoint(run, tmp_path / "cut" / "f" / "checkpoints")
     run.kill()  # SIGKILL
     assert not (tmp_path / "cut" / "f.safetensors").exists(), "the run finished before it was killed"
 
