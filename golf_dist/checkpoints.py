@@ -10,8 +10,13 @@ A checkpoint is a folder `step-00001234/` holding
 Loading checks each listed file against its digest before reading it (a `.pt` file is never unpickled
 when its bytes differ), so a checkpoint altered after it was written (a flipped bit on a disk or in a
 bucket, a file replaced in the artifact store) is a DataError naming the file, expected and found
-digest: `load_latest` passes over it with a warning, `train.resume_from` stops. Checkpoints written
-before the digests were recorded load as before, with one warning that nothing was checked.
+digest: `load_latest` passes over it with a warning, `train.resume_from` stops. A local checkpoint written
+before the digests were recorded loads with one warning that nothing was checked; one fetched from
+elsewhere (`require_digests`, train.resume_from's artifact URIs) is refused unless train.resume_unverified.
+The digests catch corruption, not tampering: whoever can rewrite a file can rewrite state.json too. With
+GOLF_CHECKPOINT_KEY set in the environment, state.json also carries `state_hmac_sha256`, an HMAC-SHA256 of
+its other keys (the digests included) under that key, and a checkpoint without a valid one is refused
+(one without any: loaded with a warning under train.resume_unverified; a wrong one: never).
 It is written under a temporary name and renamed into place, so a kill at any moment leaves either the
 previous checkpoints or the new one complete, never a half-written folder under a final name. A full
 disk removes the partial temporary and raises StorageFullError; what a killed process left under a
@@ -20,7 +25,6 @@ temporary name (`.tmp-*`, `.old-*`) is removed by `clean_stale_temporaries` at t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -32,22 +36,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from golf_dist.checkpoint_digests import (
+    DIGESTS, HMAC, UnsignedCheckpointError, check_digests_present, check_hmac, check_weights, checkpoint_key,
+    recorded_digests, sha256_of, state_hmac, verify_file,
+)
 from golf_dist.errors import DataError, raise_if_storage_full
 
 _NAME = re.compile(r"^step-(\d{8})$")
-DIGESTS = "file_sha256"  # the state.json key: {file name: sha256 hex digest} of the folder's other files
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+RESUME = ".resume-"  # train.resume_from's download folders: .resume-<random>-<pid> (golf_dist.remote)
+PRUNED = ".tmp-pruned-"  # a pruned checkpoint's name until it is deleted (clean_stale_temporaries removes it)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -153,9 +153,11 @@ def save_checkpoint(
             with open(tmp / name, "wb") as fh:
                 torch.save(obj, fh)
         digests = {name: sha256_of(tmp / name) for name in sorted(names) if name != "state.json"}
-        (tmp / "state.json").write_text(
-            json.dumps({**state, "step": step, DIGESTS: digests}, indent=2, sort_keys=True)
-        )
+        record = {**state, "step": step, DIGESTS: digests}
+        key = checkpoint_key()
+        if key is not None:
+            record[HMAC] = state_hmac(record, key)
+        (tmp / "state.json").write_text(json.dumps(record, indent=2, sort_keys=True))
         for name in names:
             _fsync_file(tmp / name)
         _fsync_dir(tmp)  # the folder's entries are on disk before its new name is
@@ -178,6 +180,11 @@ def save_checkpoint(
     return final
 
 
+def is_checkpoint_name(name: str) -> bool:
+    """A checkpoint folder's name: step-XXXXXXXX."""
+    return bool(_NAME.match(name))
+
+
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under root, oldest first (temporary folders are ignored)."""
     root = Path(root)
@@ -194,63 +201,26 @@ def read_state(path: Path) -> dict[str, Any]:
         raise DataError(f"checkpoint {path}: state.json is unreadable: {err}") from None
     if not isinstance(state, dict):
         raise DataError(f"checkpoint {path}: state.json is unreadable: a JSON {type(state).__name__}, not an object")
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise DataError(f"checkpoint {path}: state.json's step is {step!r}, not a step number (damaged or altered)")
     return state
 
 
-def recorded_digests(path: Path, state: dict[str, Any]) -> dict[str, str] | None:
-    """The {file name: sha256} that checkpoint `path`'s state.json records; None for a checkpoint written
-    before digests were recorded; a DataError naming state.json when the record is malformed."""
-    digests = state.get(DIGESTS)
-    if digests is None:
-        return None
-    if not isinstance(digests, dict) or not digests or not all(
-        isinstance(name, str) and name not in ("", ".", "..", "state.json") and "/" not in name and "\\" not in name
-        and isinstance(value, str) and _HEX64.match(value)
-        for name, value in digests.items()
-    ):
-        raise DataError(
-            f"checkpoint {path}: state.json's {DIGESTS} is not a map of the folder's file names to sha256 "
-            "hex digests (damaged or altered)"
-        )
-    return digests
-
-
-def verify_file(path: Path, name: str, digests: dict[str, str] | None) -> Path:
-    """`path/name` after checking it against its recorded sha256 (no check when `digests` is None: an
-    older checkpoint). Missing, unlisted or different: a DataError naming the file. A safetensors file
-    that differs because it is torn says so in the words load_weights uses (its header is read, never
-    its data); a differing `.pt` file is not opened at all."""
-    file = Path(path) / name
-    if digests is None:
-        return file
-    if name not in digests:
-        raise DataError(
-            f"checkpoint file {file} is not listed in {Path(path) / 'state.json'} {DIGESTS} (added or "
-            "renamed after the checkpoint was written): not trusted"
-        )
-    expected = digests[name]
-    if not file.is_file():
-        raise DataError(f"checkpoint file {file} is missing (state.json records it with sha256 {expected})")
-    try:
-        found = sha256_of(file)
-    except OSError as err:
-        raise DataError(f"checkpoint file {file} is unreadable: {err}") from None
-    if found != expected:
-        if name.endswith(".safetensors"):
-            _check_weights(file)  # a torn file: the same message as without digests
-        raise DataError(
-            f"checkpoint file {file} does not match the sha256 its state.json records (expected {expected}, "
-            f"found {found}): damaged or altered after it was written"
-        )
-    return file
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path, *, require_digests: bool = False, allow_unverified: bool = False) -> dict[str, Any]:
     """Load one checkpoint folder; any unreadable part, or a file that differs from the sha256 state.json
-    records for it, is a DataError naming the file. Every file is checked before any is read."""
+    records for it, is a DataError naming the file. Every file is checked before any is read.
+
+    `require_digests` (a checkpoint fetched from elsewhere): one whose state.json records no digests is
+    refused unless `allow_unverified` (train.resume_unverified). With GOLF_CHECKPOINT_KEY set, state.json's
+    HMAC is checked first (see the module doc)."""
     path = Path(path)
     state = read_state(path)
+    key = checkpoint_key()
+    if key is not None:
+        check_hmac(path, state, key, allow_unverified)
     digests = recorded_digests(path, state)
+    check_digests_present(path, digests, require_digests, allow_unverified)
     names = ["model.safetensors", "optimizer.pt", "rng.pt"]
     if (path / "ema.safetensors").exists() or (digests is not None and "ema.safetensors" in digests):
         names.append("ema.safetensors")
@@ -292,25 +262,16 @@ def _check_exported(path: Path) -> None:
     digests = recorded_digests(path, read_state(path))
     verify_file(path, file.name, digests)
     if digests is None:
-        _check_weights(file)
+        check_weights(file)
 
 
-def _check_weights(path: Path) -> None:
-    """DataError naming `path` unless it is a whole safetensors file (its header and size; no data read)."""
-    if not path.is_file():
-        raise DataError(f"weights file {path} does not exist")
-    try:
-        with safe_open(str(path), "pt") as fh:
-            fh.keys()
-    except (SafetensorError, OSError, ValueError) as err:
-        raise DataError(f"weights file {path} is not a readable safetensors file: {err}") from None
-
-
-def load_latest(root: Path) -> dict[str, Any] | None:
+def load_latest(root: Path, allow_unverified: bool = False) -> dict[str, Any] | None:
     """The newest checkpoint that loads; a corrupt newer one is reported and skipped, not trusted."""
     for path in reversed(list_checkpoints(root)):
         try:
-            ckpt = load_checkpoint(path)
+            ckpt = load_checkpoint(path, allow_unverified=allow_unverified)
+        except UnsignedCheckpointError:
+            raise
         except DataError as err:
             warnings.warn(f"{err}; falling back to the previous checkpoint", stacklevel=2)
             continue
@@ -353,14 +314,22 @@ def prune(root: Path, keep_last: int, key: str = "val_psnr") -> list[Path]:
 
     Damaged checkpoints are judged like any other by their names (best_checkpoint skips them with a
     warning): an old damaged one goes, a recent one stays for load_latest to report and pass over."""
+    root = Path(root)
     all_ckpts = list_checkpoints(root)
     keep = set(all_ckpts[-keep_last:])
     best = best_checkpoint(root, key)
     if best is not None:
         keep.add(best)
     removed = [p for p in all_ckpts if p not in keep]
-    for path in removed:
-        shutil.rmtree(path)
+    # renamed first, deleted after: a kill mid-delete leaves a temporary that clean_stale_temporaries removes,
+    # not a half-deleted step-N that is neither listed nor cleaned
+    doomed = [root / f"{PRUNED}{p.name}-{os.getpid()}" for p in removed]
+    for path, temporary in zip(removed, doomed):
+        os.replace(path, temporary)
+    if removed:
+        _fsync_dir(root)
+    for temporary in doomed:
+        shutil.rmtree(temporary)
     return removed
 
 
@@ -379,8 +348,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale_temporaries(root: Path) -> list[Path]:
-    """Remove what killed or failed writers left in `root`: `.tmp-*` checkpoint folders, `.old-*` swapped-out
-    checkpoints and `.<name>.tmp-*` weights files whose owning process (the pid after the last '-') is
+    """Remove what killed or failed writers left in `root`: `.tmp-*` checkpoint folders (`.tmp-pruned-*`: ones
+    prune was deleting), `.old-*` swapped-out checkpoints, `.resume-*` downloads of train.resume_from and
+    `.<name>.tmp-*` weights files whose owning process (the pid after the last '-') is
     gone; return what went. An `.old-step-N-<pid>` whose `step-N` is missing (killed mid-swap) holds the
     only whole copy of that step: it is renamed back, not removed.
 
@@ -392,7 +362,7 @@ def clean_stale_temporaries(root: Path) -> list[Path]:
     removed, restored = [], False
     for entry in sorted(root.iterdir()):
         name = entry.name
-        if not (name.startswith((".tmp-", ".old-")) or (name.startswith(".") and ".tmp-" in name)):
+        if not (name.startswith((".tmp-", ".old-", RESUME)) or (name.startswith(".") and ".tmp-" in name)):
             continue
         pid = name.rsplit("-", 1)[-1]
         if not pid.isdigit() or (int(pid) != os.getpid() and _pid_alive(int(pid))):

@@ -74,6 +74,9 @@ class TrainConfig:
     keep_last: int = 3  # checkpoints kept besides the best by validation PSNR
     f_weights: Optional[str] = None  # stage g: trained F; default OUTPUT_DIR/f.safetensors
     resume_from: Optional[str] = None  # a checkpoint dir or an MLflow artifact URI; default: newest in DIR
+    # load a checkpoint that cannot be verified: an artifact URI's without file_sha256, or (GOLF_CHECKPOINT_KEY set)
+    # one without an HMAC; a digest or HMAC that does not match is refused even so
+    resume_unverified: bool = False
 
 
 @dataclass

@@ -153,6 +153,7 @@ class Tracker:
         self.experiment = experiment
         self.metrics_file = Path(metrics_file) if (enabled and metrics_file) else None
         self._client = None
+        self._artifact_repo = None  # the run's artifact repository, for delete_artifacts
         self._paused_until = 0.0
         self._cooldown = COOLDOWN_S
         if enabled:
@@ -292,6 +293,23 @@ class Tracker:
         """Upload a folder (e.g. a checkpoint) under `artifact_path` of the run's artifacts."""
         self._call("log artifacts", self._client_call, "log_artifacts", local_dir=str(local_dir),
                    artifact_path=artifact_path)
+
+    def delete_artifacts(self, artifact_paths: list[str]) -> None:
+        """Delete these folders or files of the run's artifacts (pruned checkpoints), through MLflow's artifact
+        repository of the run: local stores, mlflow-artifacts:/ (the server deletes), S3 and the other stores
+        whose repository implements deletion; on the others MLflow's delete does nothing and the copies stay."""
+        if not artifact_paths:
+            return
+        self._call("delete artifacts", self._delete_artifacts, artifact_paths)
+
+    def _delete_artifacts(self, artifact_paths: list[str]) -> None:
+        if self._artifact_repo is None:
+            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+            artifact_uri = self._client.get_run(self.run_id).info.artifact_uri
+            self._artifact_repo = get_artifact_repository(artifact_uri, tracking_uri=self.uri)
+        for path in artifact_paths:
+            self._artifact_repo.delete_artifacts(path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self._call("log text", self._client_call, "log_text", text=text, artifact_file=artifact_file)

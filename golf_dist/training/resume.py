@@ -10,17 +10,22 @@ A run started on a directory that holds checkpoints of its stage resumes from th
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from golf_dist.checkpoints import list_checkpoints, load_latest, read_state
 from golf_dist.config import Config
 from golf_dist.data.loaders import make_train_loader, resolve_loader
 from golf_dist.errors import DataError
 from golf_dist.log import get_logger
+from golf_dist.tracking import redact
 from golf_dist.training.state import TrainingState
 
 log = get_logger(__name__)
@@ -64,7 +69,7 @@ def resolve_f_weights(cfg: Config, output_dir: Path) -> Path:
         return path
     f_ckpts = list_checkpoints(StagePaths(output_dir, "f").checkpoints)
     if f_ckpts:
-        state = TrainingState.from_json(read_state(f_ckpts[-1]))
+        state = TrainingState.from_json(read_state(f_ckpts[-1]), source=f_ckpts[-1] / "state.json")
         raise DataError(
             f"stage g needs a trained F, but stage f in {output_dir} has not finished "
             f"(newest checkpoint: step {state.step} of {state.steps}); "
@@ -76,7 +81,7 @@ def resolve_f_weights(cfg: Config, output_dir: Path) -> Path:
     )
 
 
-def resume_checkpoint(folder: Path, rank: int, world: int) -> dict[str, Any] | None:
+def resume_checkpoint(folder: Path, rank: int, world: int, allow_unverified: bool = False) -> dict[str, Any] | None:
     """The checkpoint of `folder` that every rank resumes from, loaded, or None to start from step 0.
 
     The main rank (rank 0) chooses: the newest checkpoint that loads (`load_latest`: a damaged newer one is
@@ -84,33 +89,88 @@ def resume_checkpoint(folder: Path, rank: int, world: int) -> dict[str, Any] | N
     checkpoint, not the newest one it sees itself (a file system cache, or one rank falling back past a
     damaged checkpoint, would otherwise start ranks from different steps and weights). When a rank cannot
     load it, every rank raises the same DataError naming the chosen checkpoint, the rank and why; no rank is
-    left waiting in a collective. A collective: every rank calls it once."""
-    import torch.distributed as dist
-
+    left waiting in a collective. A collective: every rank calls it once. `allow_unverified`:
+    train.resume_unverified (a checkpoint without the HMAC GOLF_CHECKPOINT_KEY asks for)."""
     from golf_dist.checkpoints import load_checkpoint
 
     if world <= 1 or not (dist.is_available() and dist.is_initialized()):
-        return load_latest(folder)
-    ckpt, own_error, error = None, None, None
+        return load_latest(folder, allow_unverified)
+
+    def choose() -> tuple[dict[str, Any] | None, str | None]:
+        ckpt = load_latest(folder, allow_unverified)
+        return ckpt, None if ckpt is None else ckpt["path"].name
+
+    def load(name: str) -> dict[str, Any]:
+        ckpt = load_checkpoint(Path(folder) / name, allow_unverified=allow_unverified)
+        ckpt["path"] = Path(folder) / name
+        return ckpt
+
+    return _chosen_by_rank_0(
+        rank, world, choose, load, shown=lambda name: str(Path(folder) / name), where=f"in {folder}",
+        hint="OUTPUT_DIR must be one file system that every node sees the same (shared, and not stale in a cache)",
+    )
+
+
+def resume_from_checkpoint(uri: str, scratch_dir: Path, tracking_uri: str | None, rank: int, world: int,
+                           allow_unverified: bool = False) -> dict[str, Any]:
+    """train.resume_from loaded on every rank, the same checkpoint: rank 0 resolves `uri` (a folder of
+    checkpoints: its newest) to one checkpoint, loads it and sends its exact location and a fingerprint of its
+    state.json to the others, which load that one (each its own download: no shared file system assumed) and
+    stop, every rank naming it, when theirs differs (the store changed in between) or cannot be loaded.
+    A collective: every rank calls it once."""
+    from golf_dist.remote import load_resume_checkpoint
+
+    def fetch(where: str) -> dict[str, Any]:
+        return load_resume_checkpoint(where, scratch_dir, tracking_uri, allow_unverified=allow_unverified)
+
+    if world <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return fetch(uri)
+
+    def choose() -> tuple[dict[str, Any], tuple[str, str]]:
+        ckpt = fetch(uri)
+        return ckpt, (ckpt["source"], _fingerprint(ckpt["state"]))
+
+    def load(choice: tuple[str, str]) -> dict[str, Any]:
+        ckpt = fetch(choice[0])
+        if _fingerprint(ckpt["state"]) != choice[1]:
+            raise DataError("its state.json differs from the one rank 0 loaded (the checkpoint changed in the "
+                            "store between the two downloads)")
+        return ckpt
+
+    return _chosen_by_rank_0(
+        rank, world, choose, load, shown=lambda choice: redact(choice[0]), where=f"train.resume_from={redact(uri)}",
+        hint="every rank must be able to fetch train.resume_from and find the same checkpoint there",
+    )
+
+
+def _fingerprint(state: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+
+
+def _chosen_by_rank_0(rank: int, world: int, choose: Callable[[], tuple[dict[str, Any] | None, Any]],
+                      load: Callable[[Any], dict[str, Any]], shown: Callable[[Any], str], where: str,
+                      hint: str) -> dict[str, Any] | None:
+    """Rank 0 runs `choose()` -> (its checkpoint or None, a picklable choice); the choice goes to every rank,
+    and each other rank runs `load(choice)`. A failure anywhere raises the same DataError on every rank
+    (naming the checkpoint, `shown(choice)`, the ranks and why, then `hint`); no rank waits in a collective."""
+    ckpt, choice, own_error, error = None, None, None, None
     if rank == 0:
         try:
-            ckpt = load_latest(folder)
+            ckpt, choice = choose()
         except Exception as err:  # the others wait for rank 0's choice: they must hear of this too
             own_error, error = err, f"{type(err).__name__}: {err}"
-    choice = [None if ckpt is None else ckpt["path"].name, None if ckpt is None else str(ckpt["path"]), error]
-    dist.broadcast_object_list(choice, src=0)
-    name, chosen, error = choice
+    message = [choice, None if ckpt is None else str(ckpt["path"]), error]
+    dist.broadcast_object_list(message, src=0)
+    choice, chosen, error = message
     if error is not None:
         if own_error is not None:
             raise own_error
-        raise DataError(f"rank {rank}: rank 0 could not choose a checkpoint to resume from in {folder}: {error}")
-    if rank != 0 and name is not None:
-        path = Path(folder) / name
+        raise DataError(f"rank {rank}: rank 0 could not choose a checkpoint to resume from {where}: {error}")
+    if rank != 0 and choice is not None:
         try:
-            ckpt = load_checkpoint(path)
-            ckpt["path"] = path
+            ckpt = load(choice)
         except Exception as err:
-            error = f"{path}: {err}"
+            error = f"{shown(choice)}: {err}"
     failures: list[str | None] = [None] * world
     dist.all_gather_object(failures, error)
     failed = [(r, why) for r, why in enumerate(failures) if why is not None]
@@ -119,8 +179,7 @@ def resume_checkpoint(folder: Path, rank: int, world: int) -> dict[str, Any] | N
         raise DataError(
             f"rank 0 resumes from checkpoint {chosen}, but rank(s) {ranks} cannot load it ("
             + "; ".join(f"rank {r}: {why}" for r, why in failed)
-            + "). Every rank must resume from the same checkpoint: OUTPUT_DIR must be one file system that "
-            "every node sees the same (shared, and not stale in a cache)"
+            + f"). Every rank must resume from the same checkpoint: {hint}"
         )
     return ckpt
 

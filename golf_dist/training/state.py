@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
+
+from golf_dist.errors import DataError
+
+# a field's annotation -> the JSON values it takes (a bool is no number here, though Python calls it an int)
+_JSON_TYPES = {"int": (int,), "float": (int, float), "str": (str,)}
 
 
 @dataclass
@@ -32,10 +38,18 @@ class TrainingState:
         return out
 
     @classmethod
-    def from_json(cls, state: dict[str, Any]) -> "TrainingState":
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in state.items() if k in known and v is not None}
-        values["step"] = int(values.get("step", 0))
+    def from_json(cls, state: dict[str, Any], source: str | Path = "state.json") -> "TrainingState":
+        """The typed state; a value of the wrong type is a DataError naming `source` (the file) and the key."""
+        values = {}
+        for field in fields(cls):
+            value = state.get(field.name)
+            if value is None:
+                continue
+            kind = str(field.type).replace(" | None", "")
+            if isinstance(value, bool) or not isinstance(value, _JSON_TYPES[kind]):
+                raise DataError(f"checkpoint file {source}: {field.name} is {value!r}, not a{'n' if kind == 'int' else ''} "
+                                f"{kind} (damaged or altered)")
+            values[field.name] = float(value) if kind == "float" else value
         return cls(**values)
 
     @property

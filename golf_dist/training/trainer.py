@@ -45,7 +45,9 @@ from golf_dist.speed import resolve as resolve_speed, warn_if_bf16_is_slow
 from golf_dist.tracking import Tracker, redact_config_dict
 from golf_dist.training.backend import make_accelerator, make_backend
 from golf_dist.training.meter import StepMeter
-from golf_dist.training.resume import StagePaths, open_train_loader, resolve_f_weights, resume_checkpoint
+from golf_dist.training.resume import (
+    StagePaths, open_train_loader, resolve_f_weights, resume_checkpoint, resume_from_checkpoint,
+)
 from golf_dist.training.stages import FStage, GStage
 from golf_dist.training.state import TrainingState
 
@@ -144,21 +146,22 @@ class Trainer:
         train.resume_from)."""
         paths, t = self.paths, self.t
         if self.is_main:  # what a killed or disk-full writer left under a temporary name (before this run writes)
-            for stale in clean_stale_temporaries(paths.checkpoints) + clean_stale_temporaries(paths.output_dir):
+            stale_dirs = (paths.checkpoints, paths.stage_dir, paths.output_dir)  # stage_dir: .resume-* downloads
+            for stale in [entry for folder in stale_dirs for entry in clean_stale_temporaries(folder)]:
                 log.info(f"removed the leftover {stale} of an earlier run")
         self.accelerator.wait_for_everyone()
         self.start_step, self.run_id, self.resumed_from = 0, None, None
         self.ckpt_path: Path | None = None
         self.saved: TrainingState | None = None  # the state of the checkpoint resumed from
         # rank 0 picks the checkpoint, every rank loads that one (or all stop naming it and the rank that cannot)
-        ckpt = resume_checkpoint(paths.checkpoints, self.rank, self.world)
+        ckpt = resume_checkpoint(paths.checkpoints, self.rank, self.world, t.resume_unverified)
         if ckpt is None and t.resume_from:
             # The stage's own newest checkpoint wins (a requeued job goes on from there); otherwise start from
-            # train.resume_from: a local checkpoint or an MLflow artifact URI, downloaded and verified. Each rank
-            # fetches its own copy (no shared filesystem assumed); the MLflow run is a new one, tagged with it.
-            from golf_dist.remote import load_resume_checkpoint
-
-            ckpt = load_resume_checkpoint(t.resume_from, paths.stage_dir, self.cfg.tracking.uri)
+            # train.resume_from: a local checkpoint or an MLflow artifact URI, downloaded and verified. Rank 0
+            # picks the checkpoint, each rank fetches its own copy of that one (no shared filesystem assumed);
+            # the MLflow run is a new one, tagged with it.
+            ckpt = resume_from_checkpoint(t.resume_from, paths.stage_dir, self.cfg.tracking.uri, self.rank,
+                                          self.world, t.resume_unverified)
             self.resumed_from = str(ckpt["path"])
             if ckpt["state"].get("stage") not in (None, self.stage_name):
                 raise ConfigError(f"train.resume_from={self.resumed_from} is a checkpoint of stage "
@@ -170,7 +173,7 @@ class Trainer:
 
     def _load(self, ckpt: dict[str, Any]) -> None:
         """Weights, Adam, schedule, EMA, RNG and the run's place from a loaded checkpoint."""
-        state = TrainingState.from_json(ckpt["state"])
+        state = TrainingState.from_json(ckpt["state"], source=f"{ckpt['path']}/state.json")
         self.ckpt_path, self.saved = ckpt["path"], state
         # checkpoints hold Adam's plain layout whoever wrote them (DeepSpeed scatters it into ZeRO's partitions)
         self.backend.load(ckpt["model"], ckpt["optimizer"]["optimizer"])
@@ -361,7 +364,9 @@ class Trainer:
             )
             if self.cfg.tracking.log_checkpoints:  # a copy in the run's artifact store: resume from it elsewhere
                 self.tracker.log_artifacts(written, f"checkpoints/{written.name}")
-            prune(self.paths.checkpoints, self.t.keep_last)
+            pruned = prune(self.paths.checkpoints, self.t.keep_last)
+            if self.cfg.tracking.log_checkpoints:  # the uploaded copies go with the local ones
+                self.tracker.delete_artifacts([f"checkpoints/{path.name}" for path in pruned])
         self.accelerator.wait_for_everyone()
 
     # ---- the end -------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ import json
 import random
 import time
 
+from conftest import TINY_DATA, run_cli, write_config  # tests/conftest.py
+
 from .conftest import differences, leftovers, train_argv, train_config
 from .test_kill_training import line_count, logged_steps
 
@@ -72,3 +74,45 @@ def test_damaged_newest_and_oldest_checkpoints(forkserver, references, tmp_path,
     record(FAULT, "training run, stage f (torch)", 2, "identical",
            f"newest ({names[-1]}): {kind}, oldest ({names[0]}): truncated state.json; both reported, resumed from "
            f"{previous.name}, ended bitwise equal to an uninterrupted run")
+
+
+REMOTE_FAULT = "a digest-less remote checkpoint"
+
+
+def test_a_digest_less_remote_checkpoint(tiny_shards, tmp_path, record):
+    """A checkpoint uploaded by a run (tracking.log_checkpoints, a SQLite store), then its state.json's digests
+    deleted in the artifact store (what anyone who can write the store can do to swap the weights unseen):
+    train.resume_from=runs:/... must stop naming the file, write nothing, and go on only when told to
+    (train.resume_unverified=true)."""
+    target = "train.resume_from=runs:/ (SQLite store), stage f"
+    record.expect(REMOTE_FAULT, target)
+    small = {"checkpoint_every": 2, "val_every": 2, "log_every": 1, "keep_last": 1}
+    cfg = write_config(tmp_path / "a.yaml", tiny_shards, tmp_path / "a", data=TINY_DATA, train={**small, "steps": 2},
+                       tracking={"log_checkpoints": True})
+    run_cli("launch/train.py", "--config", cfg, "--stage", "f", check=True)
+    run_id = json.loads((tmp_path / "a" / "f_run.json").read_text())["mlflow_run_id"]
+    [stored] = (tmp_path / "mlartifacts").glob(f"{run_id}/artifacts/checkpoints/step-00000002/state.json")
+    state = json.loads(stored.read_text())
+    del state["file_sha256"]
+    stored.write_text(json.dumps(state))
+    record.injections = 1
+
+    uri = f"runs:/{run_id}/checkpoints/step-00000002"
+    cfg = write_config(tmp_path / "b.yaml", tiny_shards, tmp_path / "b", data=TINY_DATA, train={**small, "steps": 4})
+    argv = ("launch/train.py", "--config", cfg, "--stage", "f", f"train.resume_from={uri}")
+    proc = run_cli(*argv)
+    last = (proc.stderr.strip().splitlines() or [""])[-1]
+    written = [p.name for p in (tmp_path / "b").rglob("*") if p.name.startswith(("step-", "f.safetensors", ".resume-"))]
+    if proc.returncode == 0 or written:
+        record(REMOTE_FAULT, target, 1, "data lost", f"exit {proc.returncode}, resumed from a checkpoint nothing "
+               f"verifies or left {written}: {last}")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert last.startswith(f"error: train.resume_from={uri}: checkpoint file {uri}/state.json records no "
+                           "file_sha256"), last
+
+    again = run_cli(*argv, "train.resume_unverified=true")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming stage f from {uri} (step 2 of 4)" in again.stdout and "records no sha256" in again.stderr
+    record(REMOTE_FAULT, target, 1, "named error",
+           f"exit 1 naming {uri}/state.json, nothing written; with train.resume_unverified=true the same command "
+           "resumed (one warning) and finished")
