@@ -66,7 +66,8 @@ class AlphaChannelError(ValueError):
 
 def image_size(data: bytes, fmt: str, size: int | None = None) -> tuple[int, int]:
     """(height, width) from an image's first bytes, without decoding its pixels; ValueError if it is not
-    one, or one of more than formats.MAX_PIXELS pixels. `size`: the member's whole byte size (checks .npy)."""
+    one, or one of more than formats.MAX_PIXELS pixels. `size`: the member's whole byte size (exact for .npy,
+    at most formats.max_member_bytes for an encoded image)."""
     if fmt == "npy":
         shape = _npy_shape(data, size)
         if len(shape) != 3 or shape[2] != 3:
@@ -94,6 +95,11 @@ def image_size(data: bytes, fmt: str, size: int | None = None) -> tuple[int, int
     if width * height > formats.MAX_PIXELS:
         raise ValueError(
             f"{width}x{height} = {width * height} pixels, more than formats.MAX_PIXELS={formats.MAX_PIXELS}"
+        )
+    if fmt != "npy" and size is not None and size > formats.max_member_bytes(height, width):
+        raise ValueError(  # .npy sizes are exact (above); an encoded image has a generous bound
+            f"the member holds {size} bytes, more than the {formats.max_member_bytes(height, width)} a "
+            f"{width}x{height} image may take (formats.max_member_bytes): padding or other data appended"
         )
     return height, width
 

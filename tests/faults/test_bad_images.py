@@ -65,6 +65,8 @@ def _cases(good_png: bytes) -> list[dict]:
         {"name": "decompression bomb (20000x20000 claimed)", "fmt": "png",
          "data": _png_bytes(20000, 20000, 8, 2, b"\0" * 64), "expect": "startup"},
         {"name": "not an image", "fmt": "png", "data": b"this is not an image " * 20, "expect": "startup"},
+        {"name": "PNG followed by 2 MB of padding", "fmt": "png", "data": good_png + b"\0" * (2 << 20),
+         "expect": "startup"},
         {"name": "corrupt data behind a good header", "fmt": "png", "data": corrupt, "expect": "load"},
         {"name": "truncated PNG", "fmt": "png", "data": good_png[: len(good_png) // 2], "expect": "load"},
         {"name": "float image (TIFF, mode F)", "fmt": "png",
@@ -224,3 +226,27 @@ def test_a_frame_smaller_than_the_crop_is_a_skipped_bad_sample(shards, tmp_path,
         record(FAULT, f"frame smaller than data.crop, skip ({'DALI' if loader_kind == 'dali' else 'torch'} loader)", 1,
                outcome, detail)
     assert all(outcome == "identical" for outcome, _ in outcomes.values()), outcomes
+
+
+def test_an_exif_orientation_tag_is_ignored_alike_by_both_loaders(shards, tmp_path, record):
+    """Pillow (the PyTorch loader) ignores a PNG's EXIF orientation; DALI's decoder applies it unless told not
+    to, so a member tagged 'rotate 90' (orientation 6) would train rotated against its pair under DALI alone.
+    Both loaders must read the stored pixels."""
+    target = "PNG with an EXIF orientation tag (6: rotate 90), both loaders"
+    record.expect(FAULT, target)
+    pixels = np.random.default_rng(5).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", exif=exif)
+    assert b"eXIf" in buf.getvalue()
+    folder, shard, key = with_bad_sample(shards, tmp_path / "exif", "png", buf.getvalue())
+    checked = check_split(folder, "train", "error")
+    pairs = ShardPairs(folder, "train")
+    blur, sharp, _ = pairs.load(next(j for j, ref in enumerate(pairs.refs) if ref.key == key))
+    if not (np.array_equal(blur, pixels) and np.array_equal(sharp, pixels)):
+        record(FAULT, target, 1, "data lost", "the PyTorch loader does not read the stored pixels")
+    crop, top, left = _dali_crop_of(checked, key)
+    if not np.array_equal(crop, pixels[top : top + 32, left : left + 32]):
+        record(FAULT, target, 1, "data lost", "the DALI loader reads other pixels (the tag applied: rotated)")
+    record(FAULT, target, 1, "identical", "the tag is ignored: both loaders read the stored pixels")
