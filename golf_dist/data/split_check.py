@@ -7,6 +7,8 @@ sample key named; `skip` leaves those samples out (DALI reads through index file
 samples; the PyTorch loader through CheckedPairs) and counts them. An image whose header is fine but
 whose data is corrupt is found only when it is decoded: the PyTorch loader then skips it (skip) or names
 it (error); DALI cannot skip inside a running pipeline, so it stops and names the sample (both modes).
+The validation split's frames (the first val.max_pairs pairs) are decoded at start-up too (decode_first),
+so a corrupt one stops the run before its first step (error) or is left out and counted (skip).
 """
 
 from __future__ import annotations
@@ -261,13 +263,39 @@ class CheckedPairs(ShardPairs):
                 )
 
 
+def decode_first(checked: CheckedSplit, count: int, on_bad_sample: str) -> None:
+    """Decode the split's pairs in order until `count` of them load (validation's frames: val.max_pairs), so
+    that data corrupt behind a good header is found at start-up too: raise naming it (error), or leave it out
+    of `checked` and count it (skip; the next pair takes its place)."""
+    pairs, broken = CheckedPairs(checked), set()
+    loaded = 0
+    for index, ref in enumerate(pairs.refs):
+        if loaded == count:
+            break
+        try:
+            pairs.load(index)
+            loaded += 1
+        except DataError as err:
+            if on_bad_sample == "error":
+                raise DataError(f"bad sample: {err}; {FIX_BAD_SAMPLES}") from None
+            where = f"shard {ref.shard} sample {ref.key}"
+            checked.bad.append(BadSample(ref.shard, ref.key, str(err).removeprefix(where).lstrip(": ")))
+            broken.add((ref.shard, ref.key))
+    checked.shards = [(path, [r for r in refs if (path, r.key) not in broken]) for path, refs in checked.shards]
+    if checked.n_samples == 0:
+        raise DataError(f"shard folder {checked.shard_dir}: split {checked.split!r} holds no usable samples "
+                        f"({len(checked.bad)} bad)")
+
+
 def open_pairs(
     shard_dir: str | Path, split: str, on_bad_sample: str = "error", cache_dir: str | Path | None = None,
-    min_side: int = 0,
+    min_side: int = 0, decoded: int = 0,
 ) -> ShardPairs:
     """The PyTorch loader's pairs of a split after the start-up check (bad samples raise or are left out;
-    `min_side`: check_split)."""
+    `min_side`: check_split); `decoded`: the first that many pairs are also decoded (decode_first)."""
     checked = check_split(shard_dir, split, on_bad_sample, cache_dir, min_side)
+    if decoded:
+        decode_first(checked, decoded, on_bad_sample)
     pairs = CheckedPairs(checked) if checked.bad else ShardPairs(shard_dir, split, cache_dir)
     pairs.checked = checked
     return pairs

@@ -29,7 +29,7 @@ from golf_dist.checkpoints import (
 )
 from golf_dist.config import Config, flatten, to_dict
 from golf_dist.data.split_check import open_pairs
-from golf_dist.data.loader import ShardPairs, unwrap_worker_error
+from golf_dist.data.loader import unwrap_worker_error
 from golf_dist.data.shard_reader import sha256_file
 from golf_dist.data.storage import write_atomic
 from golf_dist.errors import ConfigError, GolfError
@@ -100,7 +100,13 @@ class Trainer:
         # every training sample's tar entry and image header checked; bad ones raise or (skip) are left out
         self.train_pairs = open_pairs(cfg.data.shards, cfg.data.train_split, cfg.data.on_bad_sample,
                                       cfg.data.cache_dir, min_side=cfg.data.crop)
-        self.val_pairs = ShardPairs(cfg.data.shards, cfg.data.val_split, cfg.data.cache_dir)
+        # the validation frames too, and they are decoded here: a corrupt one is found now, not at the first
+        # validation (where it would stop the run before that step's checkpoint, at the same step each restart)
+        self.val_pairs = open_pairs(cfg.data.shards, cfg.data.val_split, cfg.data.on_bad_sample, cfg.data.cache_dir,
+                                    decoded=cfg.val.max_pairs)
+        if self.val_pairs.checked.n_bad and self.is_main:
+            log.info(f"left out {self.val_pairs.checked.n_bad} bad validation sample(s) (data.on_bad_sample=skip): "
+                     + "; ".join(map(str, self.val_pairs.checked.bad[:3])))
         for pairs in (self.train_pairs, self.val_pairs):
             size = pairs.frame_size
             if size is not None and min(size) < cfg.data.crop:
@@ -323,15 +329,19 @@ class Trainer:
         trained = self.ema.module if self.ema is not None else self.backend.raw_model
         f_eval, g_eval = self.stage.eval_networks(trained)
         with torch.no_grad():
-            result = evaluate_pairs(
-                f_eval, g_eval, self.val_pairs, iterations, self.device, self.rank, self.world,
-                reduce_sum=(lambda x: self.accelerator.reduce(x, "sum")) if self.world > 1 else None,
-                limit=cfg.val.max_pairs, with_ssim=False, samples=cfg.val.sample_images if self.is_main else 0,
-                autocast=self.backend.autocast, sample_iteration=shown,
-            )
+            try:
+                result = evaluate_pairs(
+                    f_eval, g_eval, self.val_pairs, iterations, self.device, self.rank, self.world,
+                    reduce_sum=(lambda x: self.accelerator.reduce(x, "sum")) if self.world > 1 else None,
+                    limit=cfg.val.max_pairs, with_ssim=False, samples=cfg.val.sample_images if self.is_main else 0,
+                    autocast=self.backend.autocast, sample_iteration=shown,
+                )
+            except GolfError as err:  # raised in the frame loader's worker: its message, not the worker's traceback
+                raise unwrap_worker_error(err) from None
         model.train()
         per_iteration = result["psnr_per_iteration"]
-        metrics = {"val_psnr": per_iteration[shown], "val_input_psnr": result["input_psnr"]}
+        metrics = {"val_psnr": per_iteration[shown], "val_input_psnr": result["input_psnr"],
+                   "val_bad_samples_skipped": float(self.val_pairs.checked.n_bad)}  # left out at start-up (skip)
         metrics.update({f"val_psnr_iter_{i}": v for i, v in enumerate(per_iteration)})
         self.tracker.log_metrics(metrics, step)
         for key, image in result["samples"]:
