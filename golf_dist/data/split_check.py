@@ -26,6 +26,9 @@ from golf_dist.data.loader import PairRef, ShardPairs
 from golf_dist.data.shard_reader import SampleRef, index_shard, read_manifest, shard_paths, split_format as _format, tar_members
 from golf_dist.data.storage import local_shard_dir
 from golf_dist.errors import ConfigError, DataError
+from golf_dist.log import get_logger
+
+log = get_logger(__name__)
 
 FORMATS = formats.FORMATS  # the image formats a shard split may hold
 FIX_BAD_SAMPLES = "make the shards again (python data_prep/shard_gopro.py ... --overwrite), or set data.on_bad_sample=skip"
@@ -282,6 +285,9 @@ def decode_first(checked: CheckedSplit, count: int, on_bad_sample: str) -> None:
             checked.bad.append(BadSample(ref.shard, ref.key, str(err).removeprefix(where).lstrip(": ")))
             broken.add((ref.shard, ref.key))
     checked.shards = [(path, [r for r in refs if (path, r.key) not in broken]) for path, refs in checked.shards]
+    if broken:
+        log.info(f"left out {len(broken)} bad {checked.split} sample(s) found by decoding (data.on_bad_sample=skip): "
+                 + "; ".join(map(str, checked.bad[-len(broken):][:3])))
     if checked.n_samples == 0:
         raise DataError(f"shard folder {checked.shard_dir}: split {checked.split!r} holds no usable samples "
                         f"({len(checked.bad)} bad)")

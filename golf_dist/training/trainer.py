@@ -100,13 +100,9 @@ class Trainer:
         # every training sample's tar entry and image header checked; bad ones raise or (skip) are left out
         self.train_pairs = open_pairs(cfg.data.shards, cfg.data.train_split, cfg.data.on_bad_sample,
                                       cfg.data.cache_dir, min_side=cfg.data.crop)
-        # the validation frames too, and they are decoded here: a corrupt one is found now, not at the first
-        # validation (where it would stop the run before that step's checkpoint, at the same step each restart)
+        # the validation split too, its frames decoded: a corrupt one is found now, not at a validation step
         self.val_pairs = open_pairs(cfg.data.shards, cfg.data.val_split, cfg.data.on_bad_sample, cfg.data.cache_dir,
                                     decoded=cfg.val.max_pairs)
-        if self.val_pairs.checked.n_bad and self.is_main:
-            log.info(f"left out {self.val_pairs.checked.n_bad} bad validation sample(s) (data.on_bad_sample=skip): "
-                     + "; ".join(map(str, self.val_pairs.checked.bad[:3])))
         for pairs in (self.train_pairs, self.val_pairs):
             size = pairs.frame_size
             if size is not None and min(size) < cfg.data.crop:
@@ -329,15 +325,12 @@ class Trainer:
         trained = self.ema.module if self.ema is not None else self.backend.raw_model
         f_eval, g_eval = self.stage.eval_networks(trained)
         with torch.no_grad():
-            try:
-                result = evaluate_pairs(
-                    f_eval, g_eval, self.val_pairs, iterations, self.device, self.rank, self.world,
-                    reduce_sum=(lambda x: self.accelerator.reduce(x, "sum")) if self.world > 1 else None,
-                    limit=cfg.val.max_pairs, with_ssim=False, samples=cfg.val.sample_images if self.is_main else 0,
-                    autocast=self.backend.autocast, sample_iteration=shown,
-                )
-            except GolfError as err:  # raised in the frame loader's worker: its message, not the worker's traceback
-                raise unwrap_worker_error(err) from None
+            result = evaluate_pairs(
+                f_eval, g_eval, self.val_pairs, iterations, self.device, self.rank, self.world,
+                reduce_sum=(lambda x: self.accelerator.reduce(x, "sum")) if self.world > 1 else None,
+                limit=cfg.val.max_pairs, with_ssim=False, samples=cfg.val.sample_images if self.is_main else 0,
+                autocast=self.backend.autocast, sample_iteration=shown,
+            )
         model.train()
         per_iteration = result["psnr_per_iteration"]
         metrics = {"val_psnr": per_iteration[shown], "val_input_psnr": result["input_psnr"],

@@ -280,7 +280,7 @@ def test_a_bad_validation_image_is_found_at_start_up(shards, forkserver, tmp_pat
     record(FAULT, f"{target}, data.on_bad_sample=error", 1, "named error",
            "stopped at start-up, before any step, naming shard and sample; no traceback")
     skip.check()
-    assert "left out 1 bad validation sample(s)" in skip.stdout and key in skip.stdout, skip.stdout[-3000:]
+    assert "left out 1 bad test sample(s)" in skip.stdout and key in skip.stdout, skip.stdout[-3000:]
     metrics = [json.loads(line) for line in (tmp_path / "skip" / "out" / "f" / "metrics.jsonl").read_text().splitlines()]
     val = [m for m in metrics if "val_psnr" in m.get("metrics", m)]
     assert val and all(m.get("metrics", m)["val_bad_samples_skipped"] == 1 for m in val), val
