@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from golf_dist import plots
-from golf_dist.data.loader import ShardPairs, full_frame_loader
+from golf_dist.data.loader import ShardPairs, full_frame_loader, unwrapped_errors
 from golf_dist.data.storage import write_atomic
 from golf_dist.inference import restore_iterates, to_uint8
 from golf_dist.log import get_logger
@@ -73,7 +73,8 @@ def evaluate_pairs(
     sums = torch.zeros(6 + steps + 1, dtype=torch.float64)
     shown, kept = [], []
     loader = full_frame_loader(pairs, rank, world, limit=limit, num_workers=1)
-    for blur, sharp, key, _ in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
+    frames = tqdm(unwrapped_errors(loader), total=len(loader), desc="evaluate", disable=not progress, leave=False)
+    for blur, sharp, key, _ in frames:
         blur = blur.unsqueeze(0).to(device)
         sharp = sharp.unsqueeze(0).to(device)
         started = time.perf_counter()

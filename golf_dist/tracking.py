@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 import numpy as np
 
@@ -54,7 +54,33 @@ MAX_COOLDOWN_S = 1800.0
 _URI = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://\S*")
 
 
+# A query parameter whose name holds one of these is a credential: libpq's password and sslpassword
+# (postgresql://user@host/db?password=...), passwd, pwd, token, secret, api keys, access keys, presigned
+# URLs' signatures and session tokens (X-Amz-Signature, X-Amz-Security-Token, Azure's sig). Its value goes.
+_SECRET_PARAM = re.compile(r"pass|pwd|secret|token|key|sig|credential|session", re.IGNORECASE)
+
+
+def _redact_query(uri: str) -> str:
+    """`uri` with the value of every credential parameter of its query (see _SECRET_PARAM) replaced by ***;
+    a name is matched after percent-decoding (libpq decodes `pass%77ord` to password). No fragment is split
+    off: libpq reads `?password=a#b` as the password `a#b`, so a value runs to the next '&' or ';'."""
+    head, question, query = uri.partition("?")
+    if not question:
+        return uri
+    fields = re.split(r"([&;])", query)
+    for i, field in enumerate(fields):
+        name, equals, _ = field.partition("=")
+        if equals and _SECRET_PARAM.search(unquote_plus(name)):
+            fields[i] = f"{name}=***"
+    return f"{head}?{''.join(fields)}"
+
+
 def _redact_uri(uri: str) -> str:
+    """The userinfo (`user:password@`) and the credential query parameters of one URI, hidden."""
+    return _redact_query(_redact_userinfo(uri))  # userinfo first: a password may hold '?'
+
+
+def _redact_userinfo(uri: str) -> str:
     scheme, _, rest = uri.partition("://")
     if "@" not in rest or rest.startswith("/"):  # no '@', or no authority at all (file:///, sqlite:////)
         return uri
@@ -74,7 +100,8 @@ def _redact_uri(uri: str) -> str:
 
 def redact(text: str) -> str:
     """Replace the userinfo (`user:password@`) of every URI in `text` (tracking URIs, error messages,
-    params) with `***@`, through urllib.parse.urlsplit; a password holding '/', '@', '?' or '#' goes too."""
+    params) with `***@`, through urllib.parse.urlsplit (a password holding '/', '@', '?' or '#' goes too),
+    and the value of every credential parameter of its query (`?password=...`, `&token=...`) with `***`."""
     return _URI.sub(lambda m: _redact_uri(m.group(0)), text)
 
 

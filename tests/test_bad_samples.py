@@ -159,6 +159,34 @@ def test_corrupt_data_torch_error_names_it_and_skip_replaces_it(shards, tmp_path
             assert loader.skipped_runtime == 2  # drawn once per epoch, replaced each time
 
 
+def test_open_pairs_decodes_the_first_pairs_so_corrupt_validation_frames_are_found_at_start_up(shards, tmp_path):
+    """open_pairs(decoded=N) decodes the split's first N pairs (the trainer's validation frames: val.max_pairs):
+    error names the corrupt one; skip leaves it out, counts it, and the next pair takes its place."""
+    folder, key = broken_shards(shards, tmp_path / "s", "corrupt_data")  # pair 5 of 12 (0-based)
+    with pytest.raises(DataError) as caught:
+        open_pairs(folder, "train", "error", decoded=8)
+    assert f"shard {folder / SHARD} sample {key}" in str(caught.value), caught.value
+    assert len(open_pairs(folder, "train", "error", decoded=5)) == 12  # pairs 0-4 only: the bad one not decoded
+    pairs = open_pairs(folder, "train", "skip", decoded=8)
+    assert [b.key for b in pairs.checked.bad] == [key] and len(pairs) == 11
+    assert key not in [ref.key for ref in pairs.refs]
+
+
+def test_a_frame_that_fails_in_the_evaluation_worker_is_named_without_the_workers_traceback(shards, tmp_path):
+    """evaluate_pairs decodes frames in a DataLoader worker, which wraps an error in its traceback: the
+    DataError that reaches validation or golf-evaluate carries the sample's message alone."""
+    import torch
+
+    from golf_dist.evaluate import evaluate_pairs
+
+    folder, key = broken_shards(shards, tmp_path / "s", "corrupt_data")  # pair 5 of 12
+    with pytest.raises(DataError) as caught:
+        evaluate_pairs(torch.nn.Identity(), None, ShardPairs(folder, "train"), 0, torch.device("cpu"), limit=8,
+                       with_ssim=False)
+    message = str(caught.value)
+    assert message.startswith(f"shard {folder / SHARD} sample {key}") and "Traceback" not in message, message
+
+
 def test_corrupt_data_dali_stops_naming_the_sample(shards, tmp_path):
     folder, key = broken_shards(shards, tmp_path / "s", "corrupt_data")
     loader = DaliTrainLoader(check_split(folder, "train", "skip"), crop=32, flips=False, crops_per_frame=1,

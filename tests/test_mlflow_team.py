@@ -6,13 +6,17 @@ run in a fresh folder resumes from a checkpoint given as an MLflow artifact URI.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import boto3
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_bucket, run_cli, write_config
+from conftest import ROOT, make_bucket, run_cli, write_config
 from mlflow_servers import MlflowServer, Postgres
 
 BUCKET, PREFIX = "golf-mlflow", "team"
@@ -34,9 +38,11 @@ def team(s3_server, tmp_path_factory):
     server = None
     try:
         make_bucket(s3_server, BUCKET)
+        # the database password in the URI's query (libpq's form), not in PGPASSWORD: the hardest case for
+        # serve.py, which must pass it on without showing it (test_..._never_on_a_command_line_nor_printed)
         server = MlflowServer(
-            ["--backend-store-uri", pg.uri, "--artifacts", f"s3://{BUCKET}/{PREFIX}"],
-            log=base / "server.log", env={**s3_server, "PGPASSWORD": pg.password}, via_script=True,
+            ["--backend-store-uri", f"{pg.uri}?password={pg.password}", "--artifacts", f"s3://{BUCKET}/{PREFIX}"],
+            log=base / "server.log", env=s3_server, via_script=True,
         )
         yield {"pg": pg, "server": server, "s3": s3_server, "base": base}
     finally:
@@ -159,3 +165,47 @@ def test_resume_from_a_missing_or_corrupt_artifact_names_the_uri(team, first_run
     assert f"train.resume_from={bad}" in proc.stderr and "model.safetensors" in proc.stderr, proc.stderr[-2000:]
     print(proc.stderr.strip().splitlines()[-1])
     assert not (base / "c" / "f.safetensors").exists()
+
+
+def _group_cmdlines(pgid: int) -> list[str]:
+    """The command lines of the live processes of process group `pgid` (what `ps` shows every user)."""
+    lines = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(proc.name)) == pgid:
+                lines.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except (OSError, ProcessLookupError):
+            continue  # ended meanwhile
+    return lines
+
+
+def test_a_password_in_the_backend_uris_query_is_never_on_a_command_line_nor_printed(team):
+    """The team server was started by serve.py from postgresql://user@host/db?password=... (libpq's query form)
+    and no PGPASSWORD: it answers from PostgreSQL (the password arrived), passed in the environment, so no
+    process of the server has it on its command line (`ps`), and serve.py printed it masked."""
+    from mlflow.tracking import MlflowClient
+
+    server, password = team["server"], team["pg"].password
+    assert MlflowClient(tracking_uri=server.url).search_experiments()  # read from PostgreSQL
+    cmdlines = _group_cmdlines(server.proc.pid)
+    assert any(" server " in line for line in cmdlines), cmdlines
+    assert not [line for line in cmdlines if password in line], "the database password is on a command line"
+    log = server.log.read_text()
+    assert password not in log and "password=***" in log, log[-2000:]
+
+
+def test_an_auth_db_uri_with_a_password_in_its_query_is_refused_unwritten(tmp_path):
+    """--auth-db-uri is written to the basic-auth app's ini file, which holds no secret: a password in its query
+    is refused like one in its userinfo, and not printed."""
+    secret = "auth-db-secret-81c2"
+    refused = subprocess.run(
+        [sys.executable, str(ROOT / "infra/mlflow/serve.py"), "--backend-store-uri", f"sqlite:///{tmp_path}/m.db",
+         "--artifacts", str(tmp_path / "art"), "--auth", "basic", "--auth-dir", str(tmp_path / "auth"),
+         "--auth-db-uri", f"postgresql://mlflow@db.internal/auth?sslmode=require&password={secret}", "--dry-run"],
+        capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "--auth-db-uri" in refused.stderr and "holds a password" in refused.stderr, refused.stderr
+    assert secret not in refused.stdout + refused.stderr
+    assert not (tmp_path / "auth" / "basic_auth.ini").exists()

@@ -114,7 +114,9 @@ def _decode(raw, fmt: str, mixed: bool):
 
     if fmt == "npy":
         return fn.decoders.numpy(raw)
-    return fn.decoders.image(raw, device="mixed" if mixed else "cpu", output_type=types.RGB)
+    # adjust_orientation=False: Pillow (the PyTorch loader, formats.decode) ignores an EXIF orientation tag,
+    # and DALI would otherwise rotate that member against its pair: both loaders read the stored pixels
+    return fn.decoders.image(raw, device="mixed" if mixed else "cpu", output_type=types.RGB, adjust_orientation=False)
 
 
 def _window(image, crop: int, u, flips):

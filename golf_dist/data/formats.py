@@ -40,6 +40,12 @@ _PIL_EXTS = {"png", "jp2", "jpg", "jpeg"}
 # image is refused before it is decoded (a small file can claim a huge size: a decompression bomb).
 MAX_PIXELS = 4 * 1280 * 720 * 4
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow warns above it and raises above twice it: both refused below
+# The most bytes a PNG or JPEG 2000 member may hold for its size (.npy members: exactly header + pixels):
+# MEMBER_BYTES_RATIO times the frame's 8-bit RGB bytes (a 16-bit RGB PNG of noise, deflate's and the chunks'
+# overhead included, stays under 2.1x) plus MEMBER_BYTES_SLACK for headers, colour profiles and metadata.
+# Beyond it the member hides something else (padding, appended data) that every loader worker would read whole.
+MEMBER_BYTES_RATIO = 4
+MEMBER_BYTES_SLACK = 1 << 20
 _NPY_MAX_HEADER = 4096  # NumPy writes ~128 bytes for an image; its own limit is 10000
 _RGB_MODES = {"RGB", "RGBX", "L", "P", "1", "CMYK", "YCbCr"}  # convert to RGB keeping their meaning
 ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
@@ -111,6 +117,11 @@ def check_pixels(width: int, height: int, where: str) -> None:
             f"{where}: image of {width}x{height} = {width * height} pixels, more than the {MAX_PIXELS} "
             f"(golf_dist.data.formats.MAX_PIXELS) decoded here: a decompression bomb or no video frame; downscale it"
         )
+
+
+def max_member_bytes(height: int, width: int) -> int:
+    """The most bytes an encoded (PNG, JPEG 2000) image of `height` x `width` may take: see MEMBER_BYTES_RATIO."""
+    return MEMBER_BYTES_RATIO * height * width * 3 + MEMBER_BYTES_SLACK
 
 
 def _to_rgb(img: Image.Image, where: str) -> np.ndarray:

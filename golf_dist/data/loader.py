@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -286,6 +286,15 @@ def full_frame_loader(
         batch_size=None,
         num_workers=min(num_workers, len(indices)),
     )
+
+
+def unwrapped_errors(batches: Iterable) -> Iterator:
+    """The items of a DataLoader; a GolfError raised in one of its workers re-raised with its own message
+    (unwrap_worker_error), not a traceback of the worker."""
+    try:
+        yield from batches
+    except GolfError as err:
+        raise unwrap_worker_error(err) from None
 
 
 def unwrap_worker_error(err: GolfError) -> GolfError:

@@ -7,6 +7,8 @@ sample key named; `skip` leaves those samples out (DALI reads through index file
 samples; the PyTorch loader through CheckedPairs) and counts them. An image whose header is fine but
 whose data is corrupt is found only when it is decoded: the PyTorch loader then skips it (skip) or names
 it (error); DALI cannot skip inside a running pipeline, so it stops and names the sample (both modes).
+The validation split's frames (the first val.max_pairs pairs) are decoded at start-up too (decode_first),
+so a corrupt one stops the run before its first step (error) or is left out and counted (skip).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from golf_dist.data.loader import PairRef, ShardPairs
 from golf_dist.data.shard_reader import SampleRef, index_shard, read_manifest, shard_paths, split_format as _format, tar_members
 from golf_dist.data.storage import local_shard_dir
 from golf_dist.errors import ConfigError, DataError
+from golf_dist.log import get_logger
+
+log = get_logger(__name__)
 
 FORMATS = formats.FORMATS  # the image formats a shard split may hold
 FIX_BAD_SAMPLES = "make the shards again (python data_prep/shard_gopro.py ... --overwrite), or set data.on_bad_sample=skip"
@@ -66,7 +71,8 @@ class AlphaChannelError(ValueError):
 
 def image_size(data: bytes, fmt: str, size: int | None = None) -> tuple[int, int]:
     """(height, width) from an image's first bytes, without decoding its pixels; ValueError if it is not
-    one, or one of more than formats.MAX_PIXELS pixels. `size`: the member's whole byte size (checks .npy)."""
+    one, or one of more than formats.MAX_PIXELS pixels. `size`: the member's whole byte size (exact for .npy,
+    at most formats.max_member_bytes for an encoded image)."""
     if fmt == "npy":
         shape = _npy_shape(data, size)
         if len(shape) != 3 or shape[2] != 3:
@@ -94,6 +100,11 @@ def image_size(data: bytes, fmt: str, size: int | None = None) -> tuple[int, int
     if width * height > formats.MAX_PIXELS:
         raise ValueError(
             f"{width}x{height} = {width * height} pixels, more than formats.MAX_PIXELS={formats.MAX_PIXELS}"
+        )
+    if fmt != "npy" and size is not None and size > formats.max_member_bytes(height, width):
+        raise ValueError(  # .npy sizes are exact (above); an encoded image has a generous bound
+            f"the member holds {size} bytes, more than the {formats.max_member_bytes(height, width)} a "
+            f"{width}x{height} image may take (formats.max_member_bytes): padding or other data appended"
         )
     return height, width
 
@@ -255,13 +266,42 @@ class CheckedPairs(ShardPairs):
                 )
 
 
+def decode_first(checked: CheckedSplit, count: int, on_bad_sample: str) -> None:
+    """Decode the split's pairs in order until `count` of them load (validation's frames: val.max_pairs), so
+    that data corrupt behind a good header is found at start-up too: raise naming it (error), or leave it out
+    of `checked` and count it (skip; the next pair takes its place)."""
+    pairs, broken = CheckedPairs(checked), set()
+    loaded = 0
+    for index, ref in enumerate(pairs.refs):
+        if loaded == count:
+            break
+        try:
+            pairs.load(index)
+            loaded += 1
+        except DataError as err:
+            if on_bad_sample == "error":
+                raise DataError(f"bad sample: {err}; {FIX_BAD_SAMPLES}") from None
+            where = f"shard {ref.shard} sample {ref.key}"
+            checked.bad.append(BadSample(ref.shard, ref.key, str(err).removeprefix(where).lstrip(": ")))
+            broken.add((ref.shard, ref.key))
+    checked.shards = [(path, [r for r in refs if (path, r.key) not in broken]) for path, refs in checked.shards]
+    if broken:
+        log.info(f"left out {len(broken)} bad {checked.split} sample(s) found by decoding (data.on_bad_sample=skip): "
+                 + "; ".join(map(str, checked.bad[-len(broken):][:3])))
+    if checked.n_samples == 0:
+        raise DataError(f"shard folder {checked.shard_dir}: split {checked.split!r} holds no usable samples "
+                        f"({len(checked.bad)} bad)")
+
+
 def open_pairs(
     shard_dir: str | Path, split: str, on_bad_sample: str = "error", cache_dir: str | Path | None = None,
-    min_side: int = 0,
+    min_side: int = 0, decoded: int = 0,
 ) -> ShardPairs:
     """The PyTorch loader's pairs of a split after the start-up check (bad samples raise or are left out;
-    `min_side`: check_split)."""
+    `min_side`: check_split); `decoded`: the first that many pairs are also decoded (decode_first)."""
     checked = check_split(shard_dir, split, on_bad_sample, cache_dir, min_side)
+    if decoded:
+        decode_first(checked, decoded, on_bad_sample)
     pairs = CheckedPairs(checked) if checked.bad else ShardPairs(shard_dir, split, cache_dir)
     pairs.checked = checked
     return pairs

@@ -29,7 +29,7 @@ from golf_dist.checkpoints import (
 )
 from golf_dist.config import Config, flatten, to_dict
 from golf_dist.data.split_check import open_pairs
-from golf_dist.data.loader import ShardPairs, unwrap_worker_error
+from golf_dist.data.loader import unwrap_worker_error
 from golf_dist.data.shard_reader import sha256_file
 from golf_dist.data.storage import write_atomic
 from golf_dist.errors import ConfigError, GolfError
@@ -102,7 +102,9 @@ class Trainer:
         # every training sample's tar entry and image header checked; bad ones raise or (skip) are left out
         self.train_pairs = open_pairs(cfg.data.shards, cfg.data.train_split, cfg.data.on_bad_sample,
                                       cfg.data.cache_dir, min_side=cfg.data.crop)
-        self.val_pairs = ShardPairs(cfg.data.shards, cfg.data.val_split, cfg.data.cache_dir)
+        # the validation split too, its frames decoded: a corrupt one is found now, not at a validation step
+        self.val_pairs = open_pairs(cfg.data.shards, cfg.data.val_split, cfg.data.on_bad_sample, cfg.data.cache_dir,
+                                    decoded=cfg.val.max_pairs)
         for pairs in (self.train_pairs, self.val_pairs):
             size = pairs.frame_size
             if size is not None and min(size) < cfg.data.crop:
@@ -334,7 +336,8 @@ class Trainer:
             )
         model.train()
         per_iteration = result["psnr_per_iteration"]
-        metrics = {"val_psnr": per_iteration[shown], "val_input_psnr": result["input_psnr"]}
+        metrics = {"val_psnr": per_iteration[shown], "val_input_psnr": result["input_psnr"],
+                   "val_bad_samples_skipped": float(self.val_pairs.checked.n_bad)}  # left out at start-up (skip)
         metrics.update({f"val_psnr_iter_{i}": v for i, v in enumerate(per_iteration)})
         self.tracker.log_metrics(metrics, step)
         for key, image in result["samples"]:

@@ -38,7 +38,9 @@ Authentication (--auth):
 
 Before starting, the script checks that the PostgreSQL driver (psycopg2) is installed and that the
 database answers, so a wrong host or password is one clear line, not a gunicorn traceback. The
-password is taken by libpq from PGPASSWORD or ~/.pgpass (or PGPASSFILE); it is never printed.
+password is taken by libpq from PGPASSWORD or ~/.pgpass (or PGPASSFILE); it is never printed. The backend
+store URI reaches `mlflow server` in its environment (MLFLOW_BACKEND_STORE_URI), never on its command
+line, so a password left in it (user:pw@ or ?password=) is not visible in `ps` either.
 MLflow creates or upgrades its tables in the database on first start.
 """
 
@@ -52,16 +54,38 @@ import secrets
 import shutil
 import sys
 import warnings
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+
+# A query parameter naming a credential (libpq's password and sslpassword, tokens, keys): the rule of
+# golf_dist.tracking._SECRET_PARAM, repeated because this script runs where golf_dist may not be installed.
+_SECRET_PARAM = re.compile(r"pass|pwd|secret|token|key|sig|credential|session", re.IGNORECASE)
+
+
+def _secret_params(uri: str) -> list[str]:
+    """The names of the query parameters of `uri` that hold a credential (postgresql://u@h/db?password=...)."""
+    query = uri.partition("?")[2]  # with what urlsplit would call a fragment: see _masked
+    return [name for name, _ in parse_qsl(query, keep_blank_values=True) if _SECRET_PARAM.search(name)]
+
+
+def _holds_password(uri: str) -> bool:
+    return urlsplit(uri).password is not None or bool(_secret_params(uri))
 
 
 def _masked(uri: str) -> str:
+    """`uri` for printing: the password of its userinfo and every credential query parameter as ***."""
     parts = urlsplit(uri)
-    if parts.password is None:
+    if parts.password is not None:
+        host = parts.hostname or ""
+        uri = urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")))
+    if not _secret_params(uri):
         return uri
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    # not urlunsplit: it would drop the '//' of sqlite:////path?...; no fragment split off: libpq reads
+    # ?password=a#b as the password a#b
+    head, _, query = uri.partition("?")
+    fields = [(name, "***" if _SECRET_PARAM.search(name) else value)
+              for name, value in parse_qsl(query, keep_blank_values=True)]
+    return f"{head}?{urlencode(fields, safe='*')}"
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -111,8 +135,9 @@ def _auth_config(auth_dir: str, db_uri: str | None, permission: str, cache_secon
     except OSError as err:
         _fail(f"--auth-dir {folder}: cannot create it: {err.strerror}", 1)
     db_uri = db_uri or f"sqlite:///{os.path.join(folder, 'users.db')}"
-    if urlsplit(db_uri).password is not None:
-        _fail(f"--auth-db-uri {_masked(db_uri)} holds a password (visible in files and `ps`): "
+    if _holds_password(db_uri):  # it is written to the ini file below, which is to hold no secret
+        _fail(f"--auth-db-uri {_masked(db_uri)} holds a password (it would be written to "
+              f"{os.path.join(folder, 'basic_auth.ini')}): "
               "take it out (PGPASSWORD or ~/.pgpass)")
     username = os.environ.get("MLFLOW_AUTH_ADMIN_USERNAME") or "admin"
     for what, value in (("--auth-db-uri", db_uri), ("MLFLOW_AUTH_ADMIN_USERNAME", username)):
@@ -219,8 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         _fail("no backend store: pass --backend-store-uri postgresql://USER@HOST:PORT/DB or set MLFLOW_BACKEND_STORE_URI")
     if not args.artifacts:
         _fail("no artifact store: pass --artifacts s3://BUCKET/PREFIX or set MLFLOW_ARTIFACTS_DESTINATION")
-    if urlsplit(args.backend_store_uri).password is not None:
-        print("warning: the backend store URI holds a password (visible in `ps`); prefer PGPASSWORD or ~/.pgpass",
+    if _holds_password(args.backend_store_uri):
+        print("warning: the backend store URI holds a password (it is passed to `mlflow server` in its environment, "
+              "not on its command line, and printed masked); prefer PGPASSWORD or ~/.pgpass",
               file=sys.stderr, flush=True)
     if args.artifacts.startswith("s3://") and not os.environ.get("MLFLOW_S3_ENDPOINT_URL"):
         print("note: MLFLOW_S3_ENDPOINT_URL is not set: artifacts go to AWS S3 itself "
@@ -254,9 +280,11 @@ def main(argv: list[str] | None = None) -> int:
         # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; name the driver this setup installs
         backend = "postgresql+psycopg2://" + backend[len("postgresql://"):]
 
+    # The backend store URI goes to `mlflow server` through MLFLOW_BACKEND_STORE_URI (its --backend-store-uri
+    # reads it), never as a flag: a command line is visible to every user in `ps`, an environment is not.
+    os.environ["MLFLOW_BACKEND_STORE_URI"] = backend
     exe = shutil.which("mlflow")
-    cmd = [exe or "mlflow", "server", "--backend-store-uri", backend,
-           "--host", args.host, "--port", str(args.port), "--workers", str(args.workers)]
+    cmd = [exe or "mlflow", "server", "--host", args.host, "--port", str(args.port), "--workers", str(args.workers)]
     if args.artifact_mode == "proxy":
         cmd += ["--serve-artifacts", "--artifacts-destination", args.artifacts]
     else:
@@ -275,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.auth_default_permission} (config {ini})", flush=True)
         check_basic_auth(args.dry_run)
     shown = " ".join(_masked(c) for c in cmd)
-    print(f"mlflow team server: {shown}", flush=True)
+    print(f"mlflow team server: MLFLOW_BACKEND_STORE_URI={_masked(backend)} {shown}", flush=True)
     if args.dry_run:
         return 0
     if exe is None:

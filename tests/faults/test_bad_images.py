@@ -8,6 +8,7 @@ exception, a silent clip, or two loaders that read different pixels fail the tes
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import struct
 import zlib
@@ -25,6 +26,7 @@ from golf_dist.data.sharding import shard_gopro
 from golf_dist.errors import DataError
 
 from conftest import rewrite_shard
+from .conftest import train_argv, train_config
 
 FAULT = "bad image in a shard"
 H, W = 64, 96  # the session shards' frames
@@ -57,14 +59,21 @@ GREY16 = (np.arange(H * W, dtype=np.uint16).reshape(H, W) * 7)  # every high byt
 RGBA = np.random.default_rng(9).integers(0, 256, (H, W, 4), dtype=np.uint8)
 
 
+def _corrupt(good_png: bytes) -> bytes:
+    """A PNG whose header is good and whose pixel data is not: found only when decoded."""
+    return good_png[: 8 + 8 + 13 + 4] + struct.pack(">I", 2048) + b"IDAT" + bytes(range(256)) * 8 + b"\0" * 4
+
+
 def _cases(good_png: bytes) -> list[dict]:
     """name, format, the member bytes (blur and sharp alike), and what must happen: 'startup' (a bad sample at
     start-up), 'load' (found when decoded), or an expected HxWx3 array (decoded as documented)."""
-    corrupt = good_png[: 8 + 8 + 13 + 4] + struct.pack(">I", 2048) + b"IDAT" + bytes(range(256)) * 8 + b"\0" * 4
+    corrupt = _corrupt(good_png)
     return [
         {"name": "decompression bomb (20000x20000 claimed)", "fmt": "png",
          "data": _png_bytes(20000, 20000, 8, 2, b"\0" * 64), "expect": "startup"},
         {"name": "not an image", "fmt": "png", "data": b"this is not an image " * 20, "expect": "startup"},
+        {"name": "PNG followed by 2 MB of padding", "fmt": "png", "data": good_png + b"\0" * (2 << 20),
+         "expect": "startup"},
         {"name": "corrupt data behind a good header", "fmt": "png", "data": corrupt, "expect": "load"},
         {"name": "truncated PNG", "fmt": "png", "data": good_png[: len(good_png) // 2], "expect": "load"},
         {"name": "float image (TIFF, mode F)", "fmt": "png",
@@ -88,10 +97,10 @@ def _cases(good_png: bytes) -> list[dict]:
 # ---------------------------------------------------------------- shards holding one bad sample
 
 
-def with_bad_sample(base: Path, dest: Path, fmt: str, data: bytes) -> tuple[Path, Path, str]:
-    """A copy of the shard set `base` whose first training shard's second sample has `data` as both images."""
+def with_bad_sample(base: Path, dest: Path, fmt: str, data: bytes, split: str = "train") -> tuple[Path, Path, str]:
+    """A copy of the shard set `base` whose first `split` shard's second sample has `data` as both images."""
     shutil.copytree(base, dest)
-    shard = shard_paths(dest, read_manifest(dest), "train")[0]
+    shard = shard_paths(dest, read_manifest(dest), split)[0]
     key = index_shard(shard)[1].key
     rewrite_shard(shard, lambda name, old: data if name in (f"{key}.blur.{fmt}", f"{key}.sharp.{fmt}") else old)
     return dest, shard, key
@@ -224,3 +233,56 @@ def test_a_frame_smaller_than_the_crop_is_a_skipped_bad_sample(shards, tmp_path,
         record(FAULT, f"frame smaller than data.crop, skip ({'DALI' if loader_kind == 'dali' else 'torch'} loader)", 1,
                outcome, detail)
     assert all(outcome == "identical" for outcome, _ in outcomes.values()), outcomes
+
+
+def test_an_exif_orientation_tag_is_ignored_alike_by_both_loaders(shards, tmp_path, record):
+    """Pillow (the PyTorch loader) ignores a PNG's EXIF orientation; DALI's decoder applies it unless told not
+    to, so a member tagged 'rotate 90' (orientation 6) would train rotated against its pair under DALI alone.
+    Both loaders must read the stored pixels."""
+    target = "PNG with an EXIF orientation tag (6: rotate 90), both loaders"
+    record.expect(FAULT, target)
+    pixels = np.random.default_rng(5).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", exif=exif)
+    assert b"eXIf" in buf.getvalue()
+    folder, shard, key = with_bad_sample(shards, tmp_path / "exif", "png", buf.getvalue())
+    checked = check_split(folder, "train", "error")
+    pairs = ShardPairs(folder, "train")
+    blur, sharp, _ = pairs.load(next(j for j, ref in enumerate(pairs.refs) if ref.key == key))
+    if not (np.array_equal(blur, pixels) and np.array_equal(sharp, pixels)):
+        record(FAULT, target, 1, "data lost", "the PyTorch loader does not read the stored pixels")
+    crop, top, left = _dali_crop_of(checked, key)
+    if not np.array_equal(crop, pixels[top : top + 32, left : left + 32]):
+        record(FAULT, target, 1, "data lost", "the DALI loader reads other pixels (the tag applied: rotated)")
+    record(FAULT, target, 1, "identical", "the tag is ignored: both loaders read the stored pixels")
+
+
+def test_a_bad_validation_image_is_found_at_start_up(shards, forkserver, tmp_path, record):
+    """A validation (test split) frame corrupt behind a good header: the start-up check decodes the validation
+    frames, so `error` stops before the first step naming shard and sample (no worker traceback, no checkpoint:
+    nothing trained is lost, and a restart is not stopped at the same step each time), and `skip` leaves the
+    frame out, validates on the next one and counts it."""
+    target = "validation frame, corrupt data behind a good header"
+    record.expect(FAULT, target)
+    good_png = next((shards.parent / "GOPRO_Large").rglob("*.png")).read_bytes()
+    folder, shard, key = with_bad_sample(shards, tmp_path / "shards", "png", _corrupt(good_png), split="test")
+    runs = {}
+    for mode in ("error", "skip"):
+        cfg = train_config(tmp_path / mode / "cfg.yaml", folder, tmp_path / mode / "out",
+                           data={"on_bad_sample": mode})
+        runs[mode] = forkserver.run(train_argv(cfg, "f"), tmp_path / mode / "run")
+    error, skip = runs["error"], runs["skip"]
+    assert error.wait() == 1, error.stderr[-3000:]
+    assert f"shard {shard} sample {key}" in error.stderr and "Traceback" not in error.stderr, error.stderr[-3000:]
+    assert not any((tmp_path / "error" / "out").rglob("step-*")), "the run trained before it stopped"
+    record(FAULT, f"{target}, data.on_bad_sample=error", 1, "named error",
+           "stopped at start-up, before any step, naming shard and sample; no traceback")
+    skip.check()
+    assert "left out 1 bad test sample(s)" in skip.stdout and key in skip.stdout, skip.stdout[-3000:]
+    metrics = [json.loads(line) for line in (tmp_path / "skip" / "out" / "f" / "metrics.jsonl").read_text().splitlines()]
+    val = [m for m in metrics if "val_psnr" in m.get("metrics", m)]
+    assert val and all(m.get("metrics", m)["val_bad_samples_skipped"] == 1 for m in val), val
+    record(FAULT, f"{target}, data.on_bad_sample=skip", 1, "identical",
+           "left out at start-up and counted (val_bad_samples_skipped); training and validation ran to the end")
