@@ -59,7 +59,7 @@ def onnx_dir(small_run, tmp_path_factory):
     folder = tmp_path_factory.mktemp("onnx")
     proc = run_cli("launch/export.py", "--output-dir", small_run["out"], "--onnx", folder, check=True)
     written = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert {p.name for p in folder.iterdir()} == {"f.onnx", "g.onnx"}  # single files, no temporaries left
+    assert {p.name for p in folder.iterdir()} == {"f.onnx", "g.onnx", "onnx.json"}  # no temporaries left
     assert all(entry["max_abs_difference"] <= 1e-4 for entry in written.values())
     return folder
 
