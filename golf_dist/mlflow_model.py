@@ -24,8 +24,10 @@ import torch
 
 from golf_dist.errors import ConfigError, DataError
 from golf_dist.inference import MIN_SIDE, check_iterations
+from golf_dist.log import get_logger
 
 IMAGE, PATH = "image", "path"
+log = get_logger(__name__)
 
 
 def signature():
@@ -102,6 +104,11 @@ class GolfModel(mlflow.pyfunc.PythonModel):
                   if self.iterations > 0 else None)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """Errors reach the caller as an MlflowException with a message and no traceback: for any other
+        exception the scoring server answers with its traceback, which names the server's files."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+
         from golf_dist.data.loader import to_tensor
         from golf_dist.inference import restore_iterates, to_uint8
 
@@ -109,9 +116,17 @@ class GolfModel(mlflow.pyfunc.PythonModel):
             model_input = pd.DataFrame([model_input])
         outputs = []
         for index, (_, row) in enumerate(model_input.iterrows()):
-            blur = to_tensor(_row_image(row, index, self.path_root)).unsqueeze(0).to(self.device)
-            with torch.no_grad():
-                restored = restore_iterates(self.f, self.g, blur, self.iterations, ensemble=self.ensemble)[-1]
+            try:
+                blur = to_tensor(_row_image(row, index, self.path_root)).unsqueeze(0).to(self.device)
+            except DataError as err:
+                raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
+            try:
+                with torch.no_grad():
+                    restored = restore_iterates(self.f, self.g, blur, self.iterations, ensemble=self.ensemble)[-1]
+            except Exception:  # out of memory, a device error ...: the details stay in the server's log
+                log.exception(f"row {index}: the model failed")
+                raise MlflowException(f"row {index}: the model failed on this image (the server's log says why)",
+                                      error_code=INTERNAL_ERROR) from None
             outputs.append(to_uint8(restored[0]))
         return pd.DataFrame({IMAGE: outputs})
 

@@ -5,13 +5,18 @@ before any work, on launch/deblur.py, launch/evaluate.py and the MLflow model al
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+from mlflow.exceptions import MlflowException
 from PIL import Image
+
+import golf_dist
 
 from conftest import run_cli
 from golf_dist.data.formats import MAX_PIXELS
-from golf_dist.errors import ConfigError, DataError
+from golf_dist.errors import ConfigError
 from golf_dist.inference import MAX_ITERATIONS
 from golf_dist.tiling import MAX_TILES, check_tile_count
 from random_model import write_random_model
@@ -42,7 +47,7 @@ def _log_and_load(model_dir, tmp_path, **kwargs):
 
 
 def test_mlflow_model_reads_paths_only_under_its_root_and_says_nothing_of_other_files(model_dir, closed_model,
-                                                                                       tmp_path):
+                                                                                       tmp_path, monkeypatch):
     import pandas as pd
 
     root, elsewhere = tmp_path / "images", tmp_path / "private"
@@ -69,6 +74,17 @@ def test_mlflow_model_reads_paths_only_under_its_root_and_says_nothing_of_other_
     with pytest.raises(Exception, match="takes no 'path'"):
         closed_model.predict(pd.DataFrame({"path": [str(root / "photo.png")]}))
 
+    # what `mlflow models serve` answers: the message, no traceback naming the server's files
+    from fastapi.testclient import TestClient
+    from mlflow.pyfunc import scoring_server
+
+    monkeypatch.delenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", raising=False)  # init() sets it
+    client = TestClient(scoring_server.init(model))
+    for path in (str(elsewhere / "secret.png"), "/etc/passwd"):
+        answer = client.post("/invocations", json={"dataframe_records": [{"path": path}]})
+        assert answer.status_code == 400 and "no image at 'path'" in answer.json()["message"]
+        assert "stack_trace" not in answer.json() and str(Path(golf_dist.__file__).parent) not in answer.text
+
 
 def test_mlflow_model_holds_the_image_column_to_the_pixel_limit(closed_model):
     """An `image` over MAX_PIXELS is refused from its shape, before it is converted or run (unbounded, one
@@ -79,10 +95,10 @@ def test_mlflow_model_holds_the_image_column_to_the_pixel_limit(closed_model):
 
     model = closed_model.unwrap_python_model()
     wide = MAX_PIXELS // 4 + 1
-    with pytest.raises(DataError, match=f"row 0: image of {wide}x4 = {wide * 4} pixels, more than"):
+    with pytest.raises(MlflowException, match=f"row 0: image of {wide}x4 = {wide * 4} pixels, more than"):
         model.predict(None, pd.DataFrame({"image": [np.zeros((4, wide, 3), dtype=np.uint8)]}))
     rows = [[[0, 0, 0]] * 8] * (MAX_PIXELS // 8 + 1)  # nested lists, as JSON gives them: one row object shared
-    with pytest.raises(DataError, match=f"image of 8x{MAX_PIXELS // 8 + 1} = .* pixels, more than"):
+    with pytest.raises(MlflowException, match=f"image of 8x{MAX_PIXELS // 8 + 1} = .* pixels, more than"):
         model.predict(None, pd.DataFrame({"image": [rows]}))
 
 
