@@ -62,7 +62,8 @@ def _source(output_dir: Path, names: list[str]) -> dict[str, str]:
             try:
                 source[f"{name}_run_id"] = json.loads(paths.run_info.read_text()).get("mlflow_run_id") or ""
             except (ValueError, AttributeError):
-                log.warning(f"{paths.run_info} is unreadable: the ONNX manifest names no training run for {name.upper()}")
+                log.warning(f"{paths.run_info} is unreadable: the ONNX manifest names no training run for "
+                            f"{name.upper()}")
     return source
 
 

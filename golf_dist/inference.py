@@ -34,6 +34,11 @@ def check_iterations(iterations: int, flag: str = "--iterations") -> None:
                           f"4 G iterations), got {iterations}")
 
 
+def _no_graph(path: Path, what: str) -> DataError:
+    return DataError(f"no ONNX graph of {what} at {path}: export it first with "
+                     f"launch/export.py --output-dir DIR --onnx {path.parent}")
+
+
 class OnnxNetwork:
     """An exported network run by ONNX Runtime, called like the PyTorch module it came from (an Nx3xHxW float
     tensor in, the same shape out, on the input's device)."""
@@ -41,12 +46,12 @@ class OnnxNetwork:
     def __init__(self, path: Path, what: str, sha256: str | None = None):
         """`sha256`: the digest the graph must have (its export's manifest); checked on the very bytes loaded."""
         if not path.is_file():
-            raise DataError(f"no ONNX graph of {what} at {path}: export it first with "
-                            f"launch/export.py --output-dir DIR --onnx {path.parent}")
+            raise _no_graph(path, what)
         graph = path.read_bytes()
-        if sha256 is not None and hashlib.sha256(graph).hexdigest() != sha256:
+        found = hashlib.sha256(graph).hexdigest()
+        if sha256 is not None and found != sha256:
             raise DataError(f"ONNX graph {path} is not the {what} its export recorded in {path.parent / ONNX_MANIFEST} "
-                            f"(sha256 {hashlib.sha256(graph).hexdigest()}, recorded {sha256}): it was replaced or "
+                            f"(sha256 {found}, recorded {sha256}): it was replaced or "
                             f"damaged since; export the pair again with launch/export.py --onnx {path.parent}")
         try:
             import onnxruntime
@@ -75,7 +80,7 @@ def read_onnx_manifest(folder: Path) -> dict:
     """FOLDER's ONNX_MANIFEST; a DataError naming it when it is missing or not what launch/export.py writes."""
     path = Path(folder) / ONNX_MANIFEST
     if not path.is_file():
-        raise DataError(f"no {ONNX_MANIFEST} in {folder}: its graphs were not written as a pair by this version "
+        raise DataError(f"no ONNX manifest {path}: the graphs in {folder} were not written as a pair by this version "
                         f"of launch/export.py, so F and G may not belong together; export them again with "
                         f"launch/export.py --output-dir DIR --onnx {folder}")
     try:
@@ -93,8 +98,8 @@ def load_onnx(folder: Path, iterations: int) -> tuple[OnnxNetwork, OnnxNetwork |
     """F (and G when iterations > 0) as ONNX Runtime sessions over FOLDER/f.onnx and FOLDER/g.onnx, each only
     when its bytes are those FOLDER's manifest records (the pair one export wrote)."""
     folder = Path(folder)
-    if not (folder / ONNX_FILES["f"]).is_file():  # the plainest error first: nothing exported here
-        OnnxNetwork(folder / ONNX_FILES["f"], "F")
+    if not (folder / ONNX_FILES["f"]).is_file():  # nothing exported here: say that before asking for a manifest
+        raise _no_graph(folder / ONNX_FILES["f"], "F")
     digests = read_onnx_manifest(folder)["sha256"]
     if iterations > 0 and digests["g"] is None:
         raise DataError(f"the ONNX export in {folder} holds F alone (its training output had no G): run it with "

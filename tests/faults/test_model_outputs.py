@@ -82,7 +82,8 @@ def test_deblur_keeps_existing_outputs_without_overwrite_and_stays_inside_out(mo
         record(OVERWRITE, "an existing output, no --overwrite", 1, "data lost", "replaced without --overwrite")
     assert proc.returncode == 2 and "--overwrite" in proc.stderr and str(earlier) in proc.stderr, proc.stderr[-2000:]
     assert not (out / "photos" / "a.png").exists()  # refused before anything was written
-    record(OVERWRITE, "an existing output, no --overwrite", 1, "named error", proc.stderr.strip().splitlines()[-1][:200])
+    record(OVERWRITE, "an existing output, no --overwrite", 1, "named error",
+           proc.stderr.strip().splitlines()[-1][:200])
 
     run_cli(*args, "--overwrite", check=True)
     assert _tree(tmp_path / "out").keys() == {"photos/a.png", "photos/b.png"} and earlier.read_bytes() != kept
@@ -119,6 +120,14 @@ def test_onnx_graphs_of_two_exports_are_never_run_together(model_dir, tmp_path, 
     assert proc.returncode == 1 and str(swapped / "g.onnx") in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out-swapped").exists()
     record(STALE, "g.onnx of another export", 1, "named error", proc.stderr.strip().splitlines()[-1][:200])
+
+    # 1b. graphs no manifest vouches for (an export by an older version, or one killed half way)
+    unvouched = shutil.copytree(onnx, tmp_path / "unvouched", ignore=shutil.ignore_patterns("onnx.json"))
+    proc = _deblur_onnx(unvouched, photo, tmp_path / "out-unvouched", 1)
+    if proc.returncode == 0:
+        record(STALE, "graphs without a manifest", 1, "data lost", "deblur ran a pair nothing says belongs together")
+    assert proc.returncode == 1 and str(unvouched / "onnx.json") in proc.stderr, proc.stderr[-2000:]
+    record(STALE, "graphs without a manifest", 1, "named error", proc.stderr.strip().splitlines()[-1][:200])
 
     # 2. the training output now holds F alone (another run): its export must not leave the old G
     f_alone = tmp_path / "f-alone"
