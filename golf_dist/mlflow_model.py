@@ -3,8 +3,10 @@ without this project's command lines: `launch/evaluate.py --register NAME` logs 
 run and registers it with its test PSNR as a tag.
 
 Input: a table with one image per row, in the column `image` (an HxWx3 array of 0..255 values, as nested
-lists in JSON) or `path` (a PNG or JPEG file the server can read); one request gives one of the two columns
-(MLflow's JSON parser cannot type an `image` column with empty rows). Output: a table with the deblurred
+lists in JSON) or `path` (a PNG or JPEG file under the folder the model was logged with, `path_root`; without
+one, the column is refused, so a caller cannot read or probe the server's files); one request gives one of
+the two columns (MLflow's JSON parser cannot type an `image` column with empty rows). Every input is held to
+golf_dist.data.formats.MAX_PIXELS before it is converted or run. Output: a table with the deblurred
 image of each row in the column `image` (HxWx3 uint8), the same pixels `launch/deblur.py` writes. The
 weights travel as the safetensors files training exported and this package travels as the model's code,
 so the model loads where golf-dist is not installed.
@@ -20,10 +22,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from golf_dist.errors import DataError
-from golf_dist.inference import MIN_SIDE
+from golf_dist.errors import ConfigError, DataError
+from golf_dist.inference import MIN_SIDE, check_iterations
+from golf_dist.log import get_logger
 
 IMAGE, PATH = "image", "path"
+log = get_logger(__name__)
 
 
 def signature():
@@ -36,21 +40,33 @@ def signature():
                           outputs=Schema([ColSpec(image, IMAGE)]))
 
 
-def _row_image(row: pd.Series, index: int) -> np.ndarray:
+def _row_image(row: pd.Series, index: int, path_root: Path | None) -> np.ndarray:
     """The row's image as HxWx3 uint8: from `image` when set, else decoded from `path`; at least MIN_SIDE
-    pixels a side, as launch/deblur.py asks."""
-    image = _decode_row(row, index)
+    pixels a side, as launch/deblur.py asks, and at most MAX_PIXELS."""
+    image = _decode_row(row, index, path_root)
     if min(image.shape[:2]) < MIN_SIDE:
         raise DataError(f"row {index}: the image is {image.shape[1]}x{image.shape[0]} pixels; the networks' "
                         f"reflected borders need at least {MIN_SIDE} pixels a side")
     return image
 
 
-def _decode_row(row: pd.Series, index: int) -> np.ndarray:
-    from golf_dist.data.formats import decode_pil
+def _declared_size(value, index: int) -> tuple[int, int]:
+    """(width, height) of an `image` value, an array or nested lists, read before it is converted."""
+    shape = getattr(value, "shape", None)
+    if shape is not None and len(shape) >= 2:
+        return int(shape[1]), int(shape[0])
+    try:
+        return len(value[0]), len(value)
+    except (TypeError, IndexError, KeyError):
+        raise DataError(f"row {index}: '{IMAGE}' must be an HxWx3 array of values 0..255") from None
+
+
+def _decode_row(row: pd.Series, index: int, path_root: Path | None) -> np.ndarray:
+    from golf_dist.data.formats import check_pixels, decode_pil
 
     value = row.get(IMAGE)
     if value is not None and not (isinstance(value, float) and np.isnan(value)):
+        check_pixels(*_declared_size(value, index), f"row {index}")
         image = np.asarray(value)
         if image.ndim != 3 or image.shape[2] != 3 or image.min() < 0 or image.max() > 255:
             raise DataError(f"row {index}: '{IMAGE}' must be an HxWx3 array of values 0..255, got shape {image.shape}")
@@ -58,9 +74,15 @@ def _decode_row(row: pd.Series, index: int) -> np.ndarray:
     path = row.get(PATH)
     if not isinstance(path, str) or not path:
         raise DataError(f"row {index}: give an '{IMAGE}' array or a '{PATH}'")
-    if not Path(path).is_file():
-        raise DataError(f"row {index}: image {path} does not exist")
-    return decode_pil(Path(path).read_bytes(), f"image {path}")
+    if path_root is None:
+        raise DataError(f"row {index}: this model takes no '{PATH}' (it was logged without a folder to read images "
+                        f"from): send the pixels in '{IMAGE}'")
+    # relative to the root; links followed before the check. One message whether the file is missing, outside
+    # the root or not a file, so an answer tells the caller nothing about the server's files.
+    file = (path_root / path).resolve()
+    if not (file.is_relative_to(path_root) and file.is_file()):
+        raise DataError(f"row {index}: no image at '{PATH}' {path!r} in the model's image folder")
+    return decode_pil(file.read_bytes(), f"row {index}: image {path!r}")
 
 
 class GolfModel(mlflow.pyfunc.PythonModel):
@@ -73,12 +95,20 @@ class GolfModel(mlflow.pyfunc.PythonModel):
 
         config = context.model_config or {}
         self.iterations, self.ensemble = int(config.get("iterations", 3)), str(config.get("ensemble", "x1"))
+        check_iterations(self.iterations, "the model's iterations")
+        root = config.get("path_root")
+        self.path_root = Path(root) if root else None
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.f = load_into(f_net(), Path(context.artifacts["f"]), "F").to(self.device).eval()
         self.g = (load_into(g_net(), Path(context.artifacts["g"]), "G").to(self.device).eval()
                   if self.iterations > 0 else None)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """Errors reach the caller as an MlflowException with a message and no traceback: for any other
+        exception the scoring server answers with its traceback, which names the server's files."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+
         from golf_dist.data.loader import to_tensor
         from golf_dist.inference import restore_iterates, to_uint8
 
@@ -86,17 +116,32 @@ class GolfModel(mlflow.pyfunc.PythonModel):
             model_input = pd.DataFrame([model_input])
         outputs = []
         for index, (_, row) in enumerate(model_input.iterrows()):
-            blur = to_tensor(_row_image(row, index)).unsqueeze(0).to(self.device)
-            with torch.no_grad():
-                restored = restore_iterates(self.f, self.g, blur, self.iterations, ensemble=self.ensemble)[-1]
+            try:
+                blur = to_tensor(_row_image(row, index, self.path_root)).unsqueeze(0).to(self.device)
+            except DataError as err:
+                raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
+            try:
+                with torch.no_grad():
+                    restored = restore_iterates(self.f, self.g, blur, self.iterations, ensemble=self.ensemble)[-1]
+            except Exception:  # out of memory, a device error ...: the details stay in the server's log
+                log.exception(f"row {index}: the model failed")
+                raise MlflowException(f"row {index}: the model failed on this image (the server's log says why)",
+                                      error_code=INTERNAL_ERROR) from None
             outputs.append(to_uint8(restored[0]))
         return pd.DataFrame({IMAGE: outputs})
 
 
-def log_model(output_dir: Path, iterations: int, ensemble: str = "x1", name: str = "model"):
-    """Log F + G of a training output folder as a pyfunc model into the active MLflow run; the ModelInfo."""
+def log_model(output_dir: Path, iterations: int, ensemble: str = "x1", name: str = "model",
+              path_root: Path | None = None):
+    """Log F + G of a training output folder as a pyfunc model into the active MLflow run; the ModelInfo.
+    `path_root`: the folder whose images the served model may read through the `path` column (None: none)."""
     import golf_dist
 
+    check_iterations(iterations, "iterations")
+    if path_root is not None:
+        path_root = Path(path_root).resolve()
+        if not path_root.is_dir():
+            raise ConfigError(f"path_root {path_root} is not a folder: the model could read no images there")
     output_dir = Path(output_dir)
     artifacts = {"f": str(output_dir / "f.safetensors")}
     if iterations > 0:
@@ -109,8 +154,12 @@ def log_model(output_dir: Path, iterations: int, ensemble: str = "x1", name: str
                 "mlflow": mlflow.__version__}
     requirements = [f"{package}=={version}" for package, version in versions.items()]
     requirements += ["safetensors", "pillow"]
+    config = {"iterations": iterations, "ensemble": ensemble}
+    if path_root is not None:
+        config["path_root"] = str(path_root)
     return mlflow.pyfunc.log_model(
-        name=name, python_model=str(Path(__file__).with_name("mlflow_model_code.py")), artifacts=artifacts, model_config={"iterations": iterations, "ensemble": ensemble},
+        name=name, python_model=str(Path(__file__).with_name("mlflow_model_code.py")), artifacts=artifacts,
+        model_config=config,
         code_paths=[str(Path(golf_dist.__file__).parent)], signature=signature(), input_example=example,
         pip_requirements=requirements,
     )

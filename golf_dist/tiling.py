@@ -13,6 +13,10 @@ from golf_dist.errors import ConfigError
 from golf_dist.models import golf_iterates
 
 MIN_TILE = 16
+# Tiles per image (and per pass of the self-ensemble): a 16-pixel tile with an overlap of 8 on a 12-megapixel
+# photo would be ~190,000 passes of F and of each G iteration, hours that end in nothing useful; 10,000 tiles
+# still lets the smallest tile cover an 800x800 image (--tile 256 --overlap 32 cuts 4000x3000 into 252).
+MAX_TILES = 10_000
 
 
 def check_tiling(tile: int | None, overlap: int) -> None:
@@ -23,6 +27,16 @@ def check_tiling(tile: int | None, overlap: int) -> None:
         raise ConfigError(f"--tile must be at least {MIN_TILE} pixels, got {tile}")
     if not 0 <= overlap <= tile // 2:
         raise ConfigError(f"--overlap must be between 0 and half of --tile ({tile // 2}), got {overlap}")
+
+
+def check_tile_count(height: int, width: int, tile: int | None, overlap: int, what: str) -> None:
+    """ConfigError naming --tile and --overlap when a height x width image (`what`) takes more than MAX_TILES."""
+    if tile is None:
+        return
+    count = len(tile_starts(height, tile, overlap)) * len(tile_starts(width, tile, overlap))
+    if count > MAX_TILES:
+        raise ConfigError(f"--tile {tile} --overlap {overlap} cuts {what} ({width}x{height}) into {count} tiles, more "
+                          f"than {MAX_TILES}: pass a larger --tile or a smaller --overlap")
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -53,6 +67,7 @@ def tiled_iterates(f: torch.nn.Module, g: torch.nn.Module | None, blur: Tensor, 
     if tile is None or (height <= tile and width <= tile):
         return golf_iterates(f, g, blur, iterations)
     check_tiling(tile, overlap)
+    check_tile_count(height, width, tile, overlap, "the image")
     sums: list[Tensor] | None = None
     weights = torch.zeros(1, 1, height, width, device=blur.device)
     for top in tile_starts(height, tile, overlap):

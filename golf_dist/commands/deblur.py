@@ -11,29 +11,34 @@ import argparse
 from pathlib import Path
 
 from golf_dist.cli import add_ensemble_argument, run_main
+from golf_dist.inference import MAX_ITERATIONS
+from golf_dist.tiling import MAX_TILES, MIN_TILE
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", required=True, help="training output folder holding f.safetensors and g.safetensors")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (searched recursively)")
-    parser.add_argument("--out", required=True, help="folder for the deblurred PNGs")
-    parser.add_argument("--iterations", type=int, default=3, help="G iterations after F (default: %(default)s, the paper's)")
+    parser.add_argument("--out", required=True, help="folder for the deblurred PNGs: a file's output is OUT/NAME.png, "
+                        "a folder's OUT/FOLDER/PATH.png; never an input (refused, nothing written)")
+    parser.add_argument("--overwrite", action="store_true", help="replace outputs that exist already (default: "
+                        "refuse them, nothing written); an input is never replaced")
+    parser.add_argument("--iterations", type=int, default=3, help=f"G iterations after F, 0 to {MAX_ITERATIONS} "
+                        "(default: %(default)s, the paper's)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--tile", type=int, help="run on overlapping tiles of this side, for images too large to "
-                        "run whole (default: whole images)")
+    parser.add_argument("--tile", type=int, help=f"run on overlapping tiles of this side (at least {MIN_TILE}), for "
+                        f"images too large to run whole; at most {MAX_TILES} tiles an image (default: whole images)")
     parser.add_argument("--overlap", type=int, default=32, help="pixels tiles overlap by (default: %(default)s)")
     add_ensemble_argument(parser)
     parser.add_argument("--engine", default="torch", choices=("torch", "onnxruntime"),
                         help="torch: OUTPUT_DIR's f/g.safetensors; onnxruntime: its f.onnx and g.onnx, written by "
                         "launch/export.py --onnx (default: %(default)s)")
     args = parser.parse_args(argv)
-    if args.iterations < 0:
-        parser.error("--iterations must be 0 or more")
     from golf_dist.deblur import deblur_files
 
     written = deblur_files(Path(args.output_dir), args.inputs, Path(args.out), args.iterations, args.device,
-                           tile=args.tile, overlap=args.overlap, ensemble=args.ensemble, engine=args.engine)
+                           tile=args.tile, overlap=args.overlap, ensemble=args.ensemble, engine=args.engine,
+                           overwrite=args.overwrite)
     print(f"wrote {len(written)} image(s) to {args.out}")
     return 0
 

@@ -15,16 +15,20 @@ from pathlib import Path
 
 from golf_dist.cli import add_ensemble_argument, run_main
 from golf_dist.config import DEFAULT_CONFIG, load_config, parse_overrides
+from golf_dist.inference import MAX_ITERATIONS, check_iterations
+from golf_dist.tiling import MAX_TILES, MIN_TILE
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", required=True, help="training output folder (f.safetensors, g.safetensors)")
-    parser.add_argument("--iterations", type=int, default=None, help="G iterations (default: eval.iterations of the run's config, paper: 3)")
+    parser.add_argument("--iterations", type=int, default=None, help=f"G iterations, 0 to {MAX_ITERATIONS} (default: "
+                        "eval.iterations of the run's config, paper: 3)")
     parser.add_argument("--shards", help="shard folder (default: data.shards of the run's config)")
     parser.add_argument("--split", default="test", help="split to evaluate (default: %(default)s)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N pairs")
-    parser.add_argument("--tile", type=int, help="run on overlapping tiles of this side (default: whole frames)")
+    parser.add_argument("--tile", type=int, help=f"run on overlapping tiles of this side (at least {MIN_TILE}, at "
+                        f"most {MAX_TILES} tiles a frame; default: whole frames)")
     parser.add_argument("--overlap", type=int, default=32, help="pixels tiles overlap by (default: %(default)s)")
     add_ensemble_argument(parser)
     parser.add_argument("--register", metavar="NAME", help="log F + G as an MLflow pyfunc model into the evaluation's "
@@ -39,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         config = resolved[0] if resolved else DEFAULT_CONFIG
     cfg = load_config(config, overrides=parse_overrides(args.overrides))
     iterations = cfg.eval.iterations if args.iterations is None else args.iterations
-    if iterations < 0:
-        parser.error("--iterations must be 0 or more")
+    check_iterations(iterations, "eval.iterations" if args.iterations is None else "--iterations")
 
     from golf_dist.evaluate import print_result, run_evaluation
 
