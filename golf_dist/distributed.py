@@ -3,6 +3,7 @@ mixed precision a launcher asks for, process-group timeouts and DeepSpeed ZeRO-2
 
     python -m golf_dist.distributed check-config configs/accelerate/one_node.yaml
     python -m golf_dist.distributed torchrun -- --nnodes 2 ... launch/train.py ...   # clear rendezvous errors
+    python -m golf_dist.distributed accelerate-launch -- --config_file CFG launch/train.py ...  # see below
 
 DeepSpeed and checkpoints: under ZeRO-2 each rank holds only its slice of Adam's state, and with
 bf16 the model's parameters are bf16 copies of fp32 master weights held by the optimizer.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -129,16 +131,46 @@ def rendezvous_failure_message(args: list[str], stderr_tail: str) -> str | None:
     )
 
 
+# torchrun's agent forwards SIGTERM to its workers and takes the next one as "exit now" unless told otherwise
+# through PET_SIGNALS_TO_HANDLE, which torch reads from 2.9 on (node_launch.sh sets it)
+AGENT_SIGNALS_MIN_TORCH = (2, 9)
+
+
+def agent_sigterm_warning(torch_version: str) -> str | None:
+    """Why SIGTERM may kill a checkpointing trainer under torchrun's agent with this torch, or None."""
+    release = tuple(int(part) for part in re.findall(r"\d+", torch_version.split("+")[0])[:2])
+    if release >= AGENT_SIGNALS_MIN_TORCH:
+        return None
+    need = ".".join(map(str, AGENT_SIGNALS_MIN_TORCH))
+    return (
+        f"torch {torch_version} ignores PET_SIGNALS_TO_HANDLE (read from torch {need} on): torchrun's agent will "
+        "handle SIGTERM itself, and a second one (scancel, preemption) can kill the trainers while they write "
+        f"their checkpoint; install torch>={need} (bash launch/setup.sh installs the tested versions)"
+    )
+
+
+def warn_if_agent_handles_sigterm() -> None:
+    """Say so at start when torchrun's agent (torchrun, `accelerate launch` with several processes) cannot be
+    told to leave SIGTERM to the trainers (one stderr line; the run goes on)."""
+    message = agent_sigterm_warning(torch.__version__)
+    if message:
+        print(f"golf: warning: {message}", file=sys.stderr, flush=True)
+
+
 def run_torchrun(args: list[str]) -> int:
     """`python -m torch.distributed.run ARGS`, output passed through; a failed rendezvous ends with a
-    clear `error:` line (exit 1). SIGTERM, SIGINT and SIGUSR2 are forwarded to torchrun."""
+    clear `error:` line (exit 1). SIGTERM, SIGINT and SIGUSR2 are forwarded to torchrun unless ignored."""
     import collections
     import signal
     import subprocess
 
+    warn_if_agent_handles_sigterm()
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], stderr=subprocess.PIPE, text=True)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
-        signal.signal(sig, lambda num, _frame: proc.send_signal(num))
+        # an ignored signal stays ignored (node_launch.sh ignores SIGTERM so that the launchers outlive
+        # the trainers): a handler here would let torchrun start with SIGTERM back at its default, death
+        if signal.getsignal(sig) != signal.SIG_IGN:
+            signal.signal(sig, lambda num, _frame: proc.send_signal(num))
     tail: collections.deque[str] = collections.deque(maxlen=200)
     assert proc.stderr is not None
     for line in proc.stderr:
@@ -151,6 +183,40 @@ def run_torchrun(args: list[str]) -> int:
             print(f"error: {message}", file=sys.stderr, flush=True)
             return 1
     return code
+
+
+# ---- accelerate launch without a launcher process for a single process ----------------------------
+
+
+def accelerate_launch(args: list[str]) -> int:
+    """`accelerate launch ARGS`, except that a run Accelerate would start as one plain child process
+    (its simple launcher: one process, no multi-GPU, DeepSpeed, FSDP, TPU or SageMaker) becomes that
+    process: the command and environment Accelerate builds for it are exec'd in place of the launcher.
+
+    Why: SIGTERM reaches every process of a SLURM step, and a trainer that gets it checkpoints and exits 0.
+    A launcher in between must outlive it, and Accelerate's simple launcher does not (since 1.16 it installs its
+    own SIGTERM handler, overriding an inherited SIG_IGN, and kills its child's process tree, after 5 s with
+    SIGKILL). With no launcher process there is nothing to outlive, whatever a release does with signals.
+    Several processes go to `accelerate launch` itself (torchrun's agent, told by PET_SIGNALS_TO_HANDLE).
+    """
+    from accelerate.commands import launch as accelerate_cli
+    from accelerate.utils import ComputeEnvironment, prepare_simple_launcher_cmd_env
+
+    parsed = accelerate_cli.launch_command_parser().parse_args(args)
+    # Accelerate's own reading of the config file and flags (private, but the one launch_command uses; it
+    # returns (args, defaults, ...) in the releases this project supports)
+    parsed, defaults = accelerate_cli._validate_launch_command(parsed)[:2]
+    distributed = any(getattr(parsed, name, False) for name in
+                      ("use_deepspeed", "use_fsdp", "use_megatron_lm", "multi_gpu", "tpu"))
+    sagemaker = defaults is not None and defaults.compute_environment == ComputeEnvironment.AMAZON_SAGEMAKER
+    if (distributed and not parsed.cpu) or sagemaker:
+        warn_if_agent_handles_sigterm()
+        os.execv(sys.executable, [sys.executable, "-m", "accelerate.commands.launch", *args])
+    cmd, env = prepare_simple_launcher_cmd_env(parsed)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(cmd[0], cmd, env)
+    return 1  # not reached: exec replaced this process
 
 
 # ---- Accelerator construction --------------------------------------------------------------------
@@ -352,10 +418,17 @@ def main(argv: list[str] | None = None) -> int:
         "--rdzv-backend c10d --rdzv-endpoint HEAD:29500 --rdzv-conf join_timeout=300 launch/train.py --stage f",
     )
     run.add_argument("torchrun_args", nargs=argparse.REMAINDER, help="arguments for torch.distributed.run")
+    launch = sub.add_parser(
+        "accelerate-launch", help="accelerate launch (args after --); one process runs with no launcher process",
+        description="python -m golf_dist.distributed accelerate-launch -- --config_file "
+        "configs/accelerate/single_gpu.yaml launch/train.py --stage f",
+    )
+    launch.add_argument("launch_args", nargs=argparse.REMAINDER, help="arguments for accelerate launch")
     args = parser.parse_args(argv)
-    if args.command == "torchrun":
-        rest = args.torchrun_args[1:] if args.torchrun_args[:1] == ["--"] else args.torchrun_args
-        return run_torchrun(rest)
+    if args.command in ("torchrun", "accelerate-launch"):
+        rest = args.torchrun_args if args.command == "torchrun" else args.launch_args
+        rest = rest[1:] if rest[:1] == ["--"] else rest
+        return run_torchrun(rest) if args.command == "torchrun" else accelerate_launch(rest)
     print(json.dumps(check_accelerate_config(args.config)))
     return 0
 

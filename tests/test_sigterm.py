@@ -195,10 +195,11 @@ def test_accelerate_sigterm_then_a_damaged_newest_checkpoint_every_rank_resumes_
 
 
 def test_slurm_node_launcher_with_the_single_gpu_config_outlives_its_trainer_on_sigterm(shards, base):
-    """`accelerate launch` with one process (single_gpu.yaml) dies at once on SIGTERM, and under SLURM the
-    step, and the trainer writing its checkpoint, go with it. infra/slurm/node_launch.sh starts it with SIGTERM
-    ignored: it ends after the trainer, status 0, the marker already there. Run as srun would run it on one
-    node (SLURM's variables set by hand; on CPU here, where accelerate falls back to the CPU)."""
+    """`accelerate launch` with one process (single_gpu.yaml) installs its own SIGTERM handler (accelerate >= 1.16,
+    whatever SIGTERM's disposition was), exits 143 and kills the trainer writing its checkpoint; under SLURM the
+    step goes with it. infra/slurm/node_launch.sh starts one process with no launcher in between: the srun task
+    ends with the trainer, status 0, the marker already there. Run as srun would run it on one node (SLURM's
+    variables set by hand; on CPU here, where accelerate falls back to the CPU)."""
     from conftest import free_port
 
     out = base / "single"
@@ -230,6 +231,28 @@ def test_slurm_node_launcher_with_the_single_gpu_config_outlives_its_trainer_on_
     assert code == 0 and marker_when_launcher_ended, f"launcher status {code}:\n{text[-3000:]}"
     assert json.loads((out / "f" / "PREEMPTED").read_text())["reason"] == "signal"
     assert "stopped for preemption (signal)" in text
+
+
+def test_accelerate_launch_of_one_process_becomes_the_trainer_with_accelerates_environment(tmp_path):
+    """`python -m golf_dist.distributed accelerate-launch` (what node_launch.sh runs on GPU nodes) with one process:
+    the script runs in the launcher's own process (exec, no launcher left to die on SIGTERM), with the variables
+    `accelerate launch` gives its child for the same config file (mixed precision, visible GPUs, CPU flag)."""
+    script = tmp_path / "show_env.py"
+    script.write_text("import json, os, sys\n"
+                      "keys = sorted(k for k in os.environ if k.startswith('ACCELERATE_') or k == 'CUDA_VISIBLE_DEVICES')\n"
+                      "json.dump({'pid': os.getpid(), 'argv': sys.argv[1:], 'env': {k: os.environ[k] for k in keys}},"
+                      " open(sys.argv[1], 'w'))\n")
+    config = ["--config_file", str(ROOT / "configs/accelerate/single_gpu.yaml")]
+    env = {k: v for k, v in _env().items() if not k.startswith("ACCELERATE_")}
+    ours = subprocess.Popen([sys.executable, "-m", "golf_dist.distributed", "accelerate-launch", "--", *config,
+                             str(script), str(tmp_path / "ours.json"), "--stage", "f"], cwd=ROOT, env=env)
+    assert ours.wait(timeout=120) == 0
+    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *config, str(script),
+                    str(tmp_path / "theirs.json"), "--stage", "f"], cwd=ROOT, env=env, check=True, timeout=120)
+    got, expected = (json.loads((tmp_path / f"{who}.json").read_text()) for who in ("ours", "theirs"))
+    assert got["pid"] == ours.pid  # the launcher's process became the script: nothing between SLURM and it
+    assert got["argv"][1:] == ["--stage", "f"]
+    assert got["env"] == expected["env"] and got["env"]["ACCELERATE_MIXED_PRECISION"] == "bf16", (got, expected)
 
 
 def _checkpoint(folder: Path, step: int, damaged: bool = False) -> Path:
