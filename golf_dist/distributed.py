@@ -159,7 +159,7 @@ def warn_if_agent_handles_sigterm() -> None:
 
 def run_torchrun(args: list[str]) -> int:
     """`python -m torch.distributed.run ARGS`, output passed through; a failed rendezvous ends with a
-    clear `error:` line (exit 1). SIGTERM, SIGINT and SIGUSR2 are forwarded to torchrun unless ignored."""
+    clear `error:` line (exit 1). SIGTERM, SIGINT and SIGUSR2 are forwarded to torchrun."""
     import collections
     import signal
     import subprocess
@@ -167,10 +167,7 @@ def run_torchrun(args: list[str]) -> int:
     warn_if_agent_handles_sigterm()
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], stderr=subprocess.PIPE, text=True)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
-        # an ignored signal stays ignored (node_launch.sh ignores SIGTERM so that the launchers outlive
-        # the trainers): a handler here would let torchrun start with SIGTERM back at its default, death
-        if signal.getsignal(sig) != signal.SIG_IGN:
-            signal.signal(sig, lambda num, _frame: proc.send_signal(num))
+        signal.signal(sig, lambda num, _frame: proc.send_signal(num))
     tail: collections.deque[str] = collections.deque(maxlen=200)
     assert proc.stderr is not None
     for line in proc.stderr:
