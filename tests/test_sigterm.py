@@ -338,3 +338,15 @@ def test_resume_checkpoint_every_rank_loads_rank_0s_choice_or_all_stop_naming_it
         assert error.startswith(expected), error
         assert "every node sees the same" in error
     assert results["fresh", 0] == results["fresh", 1] == {"path": None}
+
+
+def test_the_launchers_say_at_start_when_torch_is_too_old_to_leave_sigterm_to_the_trainers():
+    """PET_SIGNALS_TO_HANDLE (node_launch.sh: torchrun's agent must not handle SIGTERM) is read from torch 2.9
+    on; an environment with an older torch gets one warning line from the torchrun and accelerate wrappers."""
+    from golf_dist.distributed import agent_sigterm_warning
+
+    old = agent_sigterm_warning("2.8.0+cu126")
+    assert old and "PET_SIGNALS_TO_HANDLE" in old and "torch>=2.9" in old and "2.8.0+cu126" in old
+    assert agent_sigterm_warning("2.6.0") is not None
+    for new in ("2.9.0", "2.9.1+cpu", "2.10.0a0+git1234", "2.13.0+cpu", "3.0.0"):
+        assert agent_sigterm_warning(new) is None, new
