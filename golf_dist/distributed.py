@@ -131,9 +131,7 @@ def rendezvous_failure_message(args: list[str], stderr_tail: str) -> str | None:
     )
 
 
-# torchrun's agent forwards SIGTERM to its workers and takes the next one as "exit now" unless told otherwise
-# through PET_SIGNALS_TO_HANDLE, which torch reads from 2.9 on (node_launch.sh sets it)
-AGENT_SIGNALS_MIN_TORCH = (2, 9)
+AGENT_SIGNALS_MIN_TORCH = (2, 9)  # torch reads PET_SIGNALS_TO_HANDLE (node_launch.sh sets it) from 2.9 on
 
 
 def agent_sigterm_warning(torch_version: str) -> str | None:
@@ -142,16 +140,13 @@ def agent_sigterm_warning(torch_version: str) -> str | None:
     if release >= AGENT_SIGNALS_MIN_TORCH:
         return None
     need = ".".join(map(str, AGENT_SIGNALS_MIN_TORCH))
-    return (
-        f"torch {torch_version} ignores PET_SIGNALS_TO_HANDLE (read from torch {need} on): torchrun's agent will "
-        "handle SIGTERM itself, and a second one (scancel, preemption) can kill the trainers while they write "
-        f"their checkpoint; install torch>={need} (bash launch/setup.sh installs the tested versions)"
-    )
+    return (f"torch {torch_version} ignores PET_SIGNALS_TO_HANDLE (read from torch {need} on): torchrun's agent "
+            "handles SIGTERM itself, and a second one (scancel, preemption) can kill the trainers while they write "
+            f"their checkpoint; install torch>={need} (bash launch/setup.sh installs the tested versions)")
 
 
 def warn_if_agent_handles_sigterm() -> None:
-    """Say so at start when torchrun's agent (torchrun, `accelerate launch` with several processes) cannot be
-    told to leave SIGTERM to the trainers (one stderr line; the run goes on)."""
+    """One stderr line at start when torchrun's agent cannot be told to leave SIGTERM to the trainers."""
     message = agent_sigterm_warning(torch.__version__)
     if message:
         print(f"golf: warning: {message}", file=sys.stderr, flush=True)
@@ -186,22 +181,16 @@ def run_torchrun(args: list[str]) -> int:
 
 
 def accelerate_launch(args: list[str]) -> int:
-    """`accelerate launch ARGS`, except that a run Accelerate would start as one plain child process
-    (its simple launcher: one process, no multi-GPU, DeepSpeed, FSDP, TPU or SageMaker) becomes that
-    process: the command and environment Accelerate builds for it are exec'd in place of the launcher.
-
-    Why: SIGTERM reaches every process of a SLURM step, and a trainer that gets it checkpoints and exits 0.
-    A launcher in between must outlive it, and Accelerate's simple launcher does not (since 1.16 it installs its
-    own SIGTERM handler, overriding an inherited SIG_IGN, and kills its child's process tree, after 5 s with
-    SIGKILL). With no launcher process there is nothing to outlive, whatever a release does with signals.
-    Several processes go to `accelerate launch` itself (torchrun's agent, told by PET_SIGNALS_TO_HANDLE).
-    """
+    """`accelerate launch ARGS`, except that a run Accelerate would start as one plain child process (its simple
+    launcher: no multi-GPU, DeepSpeed, FSDP, TPU or SageMaker) becomes that process: the command and environment
+    Accelerate builds for it are exec'd in place of the launcher. A launcher must outlive a trainer that
+    checkpoints on SIGTERM, and the simple launcher does not (since 1.16 it installs its own SIGTERM handler
+    and kills its child's process tree); with no launcher process nothing depends on what a release does."""
     from accelerate.commands import launch as accelerate_cli
     from accelerate.utils import ComputeEnvironment, prepare_simple_launcher_cmd_env
 
     parsed = accelerate_cli.launch_command_parser().parse_args(args)
-    # Accelerate's own reading of the config file and flags (private, but the one launch_command uses; it
-    # returns (args, defaults, ...) in the releases this project supports)
+    # Accelerate's own reading of config file and flags (private; what launch_command uses): (args, defaults, ...)
     parsed, defaults = accelerate_cli._validate_launch_command(parsed)[:2]
     distributed = any(getattr(parsed, name, False) for name in
                       ("use_deepspeed", "use_fsdp", "use_megatron_lm", "multi_gpu", "tpu"))
@@ -210,8 +199,7 @@ def accelerate_launch(args: list[str]) -> int:
         warn_if_agent_handles_sigterm()
         os.execv(sys.executable, [sys.executable, "-m", "accelerate.commands.launch", *args])
     cmd, env = prepare_simple_launcher_cmd_env(parsed)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    sys.stdout.flush(), sys.stderr.flush()
     os.execvpe(cmd[0], cmd, env)
     return 1  # not reached: exec replaced this process
 
@@ -415,11 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         "--rdzv-backend c10d --rdzv-endpoint HEAD:29500 --rdzv-conf join_timeout=300 launch/train.py --stage f",
     )
     run.add_argument("torchrun_args", nargs=argparse.REMAINDER, help="arguments for torch.distributed.run")
-    launch = sub.add_parser(
-        "accelerate-launch", help="accelerate launch (args after --); one process runs with no launcher process",
-        description="python -m golf_dist.distributed accelerate-launch -- --config_file "
-        "configs/accelerate/single_gpu.yaml launch/train.py --stage f",
-    )
+    launch = sub.add_parser("accelerate-launch", help="accelerate launch (args after --), one process without it")
     launch.add_argument("launch_args", nargs=argparse.REMAINDER, help="arguments for accelerate launch")
     args = parser.parse_args(argv)
     if args.command in ("torchrun", "accelerate-launch"):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install golf-dist (editable, with its test tools) at the versions the test suite last passed with
-# (constraints.txt), without pulling a multi-GB CUDA torch onto a CPU-only machine: an installed torch
+# (launch/constraints.txt), without pulling a multi-GB CUDA torch onto a CPU-only machine: an installed torch
 # >= 2.9 is reused; otherwise a GPU machine gets PyPI's (CUDA) torch and a CPU-only one torch==2.13.0
 # (set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu where pip's default index would serve a CUDA
 # build). constraints.txt never pins torch, so it cannot swap a GPU build for a CPU one or back.
@@ -33,6 +33,6 @@ if [ "${GOLF_LATEST:-0}" = 1 ]; then
   echo "GOLF_LATEST=1: installing the newest releases pyproject.toml allows, not constraints.txt"
   "$PY" -m pip install -q -c "$pins" --upgrade --upgrade-strategy eager -e ".[test]"
 else
-  "$PY" -m pip install -q -c "$pins" -c constraints.txt -e ".[test]"
+  "$PY" -m pip install -q -c "$pins" -c launch/constraints.txt -e ".[test]"
 fi
 "$PY" -c "import accelerate, torch, golf_dist; print(f'golf_dist {golf_dist.__version__} ready (torch {torch.__version__}, CUDA {torch.cuda.is_available()}, accelerate {accelerate.__version__})')"

@@ -1,11 +1,11 @@
-"""Reproducible installs: constraints.txt (written by infra/ci/freeze_constraints.py, used by launch/setup.sh)
+"""Reproducible installs: launch/constraints.txt (written by infra/ci/freeze_constraints.py, used by launch/setup.sh)
 pins the versions this suite runs with, everything golf-dist pulls in except torch's build (docs/installing.md)."""
 
 import re
 
 from conftest import ROOT
 
-CONSTRAINTS = ROOT / "constraints.txt"
+CONSTRAINTS = ROOT / "launch" / "constraints.txt"
 
 
 def _name(raw: str) -> str:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write constraints.txt: the installed version of every package golf-dist pulls in (with its `test` and
+"""Write launch/constraints.txt: the installed version of every package golf-dist pulls in (with its `test` and
 `server` extras), as pip constraints. launch/setup.sh (and so .ci/run and launch/quickstart.sh) installs
 with it, so a fresh machine gets the versions the suite last passed with, not whatever was released since.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[2]
-OUT = ROOT / "constraints.txt"
+OUT = ROOT / "launch" / "constraints.txt"
 EXTRAS = ("test", "server")
 # torch's build decides these: never pinned here (see the docstring)
 FOLLOWS_TORCH = re.compile(r"^(torch|triton|nvidia-.*-cu\d+|pytorch-triton.*)$")
