@@ -3,6 +3,7 @@ mixed precision a launcher asks for, process-group timeouts and DeepSpeed ZeRO-2
 
     python -m golf_dist.distributed check-config configs/accelerate/one_node.yaml
     python -m golf_dist.distributed torchrun -- --nnodes 2 ... launch/train.py ...   # clear rendezvous errors
+    python -m golf_dist.distributed accelerate-launch -- --config_file CFG launch/train.py ...  # see below
 
 DeepSpeed and checkpoints: under ZeRO-2 each rank holds only its slice of Adam's state, and with
 bf16 the model's parameters are bf16 copies of fp32 master weights held by the optimizer.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -129,6 +131,27 @@ def rendezvous_failure_message(args: list[str], stderr_tail: str) -> str | None:
     )
 
 
+AGENT_SIGNALS_MIN_TORCH = (2, 9)  # torch reads PET_SIGNALS_TO_HANDLE (node_launch.sh sets it) from 2.9 on
+
+
+def agent_sigterm_warning(torch_version: str) -> str | None:
+    """Why SIGTERM may kill a checkpointing trainer under torchrun's agent with this torch, or None."""
+    release = tuple(int(part) for part in re.findall(r"\d+", torch_version.split("+")[0])[:2])
+    if release >= AGENT_SIGNALS_MIN_TORCH:
+        return None
+    need = ".".join(map(str, AGENT_SIGNALS_MIN_TORCH))
+    return (f"torch {torch_version} ignores PET_SIGNALS_TO_HANDLE (read from torch {need} on): torchrun's agent "
+            "handles SIGTERM itself, and a second one (scancel, preemption) can kill the trainers while they write "
+            f"their checkpoint; install torch>={need} (bash launch/setup.sh installs the tested versions)")
+
+
+def warn_if_agent_handles_sigterm() -> None:
+    """One stderr line at start when torchrun's agent cannot be told to leave SIGTERM to the trainers."""
+    message = agent_sigterm_warning(torch.__version__)
+    if message:
+        print(f"golf: warning: {message}", file=sys.stderr, flush=True)
+
+
 def run_torchrun(args: list[str]) -> int:
     """`python -m torch.distributed.run ARGS`, output passed through; a failed rendezvous ends with a
     clear `error:` line (exit 1). SIGTERM, SIGINT and SIGUSR2 are forwarded to torchrun."""
@@ -136,6 +159,7 @@ def run_torchrun(args: list[str]) -> int:
     import signal
     import subprocess
 
+    warn_if_agent_handles_sigterm()
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], stderr=subprocess.PIPE, text=True)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
         signal.signal(sig, lambda num, _frame: proc.send_signal(num))
@@ -151,6 +175,33 @@ def run_torchrun(args: list[str]) -> int:
             print(f"error: {message}", file=sys.stderr, flush=True)
             return 1
     return code
+
+
+# ---- accelerate launch without a launcher process for a single process ----------------------------
+
+
+def accelerate_launch(args: list[str]) -> int:
+    """`accelerate launch ARGS`, except that a run Accelerate would start as one plain child process (its simple
+    launcher: no multi-GPU, DeepSpeed, FSDP, TPU or SageMaker) becomes that process: the command and environment
+    Accelerate builds for it are exec'd in place of the launcher. A launcher must outlive a trainer that
+    checkpoints on SIGTERM, and the simple launcher does not (since 1.16 it installs its own SIGTERM handler
+    and kills its child's process tree); with no launcher process nothing depends on what a release does."""
+    from accelerate.commands import launch as accelerate_cli
+    from accelerate.utils import ComputeEnvironment, prepare_simple_launcher_cmd_env
+
+    parsed = accelerate_cli.launch_command_parser().parse_args(args)
+    # Accelerate's own reading of config file and flags (private; what launch_command uses): (args, defaults, ...)
+    parsed, defaults = accelerate_cli._validate_launch_command(parsed)[:2]
+    distributed = any(getattr(parsed, name, False) for name in
+                      ("use_deepspeed", "use_fsdp", "use_megatron_lm", "multi_gpu", "tpu"))
+    sagemaker = defaults is not None and defaults.compute_environment == ComputeEnvironment.AMAZON_SAGEMAKER
+    if (distributed and not parsed.cpu) or sagemaker:
+        warn_if_agent_handles_sigterm()
+        os.execv(sys.executable, [sys.executable, "-m", "accelerate.commands.launch", *args])
+    cmd, env = prepare_simple_launcher_cmd_env(parsed)
+    sys.stdout.flush(), sys.stderr.flush()
+    os.execvpe(cmd[0], cmd, env)
+    return 1  # not reached: exec replaced this process
 
 
 # ---- Accelerator construction --------------------------------------------------------------------
@@ -352,10 +403,13 @@ def main(argv: list[str] | None = None) -> int:
         "--rdzv-backend c10d --rdzv-endpoint HEAD:29500 --rdzv-conf join_timeout=300 launch/train.py --stage f",
     )
     run.add_argument("torchrun_args", nargs=argparse.REMAINDER, help="arguments for torch.distributed.run")
+    launch = sub.add_parser("accelerate-launch", help="accelerate launch (args after --), one process without it")
+    launch.add_argument("launch_args", nargs=argparse.REMAINDER, help="arguments for accelerate launch")
     args = parser.parse_args(argv)
-    if args.command == "torchrun":
-        rest = args.torchrun_args[1:] if args.torchrun_args[:1] == ["--"] else args.torchrun_args
-        return run_torchrun(rest)
+    if args.command in ("torchrun", "accelerate-launch"):
+        rest = args.torchrun_args if args.command == "torchrun" else args.launch_args
+        rest = rest[1:] if rest[:1] == ["--"] else rest
+        return run_torchrun(rest) if args.command == "torchrun" else accelerate_launch(rest)
     print(json.dumps(check_accelerate_config(args.config)))
     return 0
 

@@ -11,6 +11,7 @@ Two ways to ask a running trainer to stop:
   * a stop file, by default OUTPUT_DIR/<stage>/STOP (or $GOLF_STOP_FILE). This is how the batch
     script passes SLURM's signal on: torchrun and `accelerate launch` do not forward SIGUSR1/2 to
     their workers, so the batch shell traps the signal and touches the file.
+The PyTorch loader's worker processes ignore both signals (`leave_stop_signals_to_the_rank`): the rank stops.
 
 At every step boundary the ranks agree (one all_reduce MAX of a single int), so every rank stops after
 the same optimizer step; the trainer then writes a checkpoint, the main process writes the marker
@@ -61,6 +62,29 @@ def install(signals: tuple[int, ...] = SIGNALS) -> bool:
         if signal.getsignal(sig) is not _handler:
             signal.signal(sig, _handler)
     return True
+
+
+def leave_stop_signals_to_the_rank(worker_id: int) -> None:
+    """worker_init_fn of the PyTorch loader's worker processes: a SIGTERM or SIGUSR2 meant for the run is the
+    rank's to handle, not theirs.
+
+    SLURM signals every process of a step, and torchrun signals each rank's whole process group, so a loader
+    worker gets the rank's SIGTERM too; PyTorch's worker handler dies of one sent by anyone but its parent, and
+    the rank then fails ("DataLoader worker ... is killed by signal: Terminated") before it can checkpoint. Here
+    SIGUSR2 is ignored and SIGTERM blocked; a thread takes each SIGTERM and exits only when the worker's own
+    rank sent it (what the DataLoader and multiprocessing do to end their workers at shutdown). A worker whose
+    rank has died also notices it (its parent changes) and exits by itself.
+    """
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_exit_on_sigterm_from_parent, name="sigterm-from-rank", daemon=True).start()
+
+
+def _exit_on_sigterm_from_parent() -> None:
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid == os.getppid():
+            os._exit(0)  # as PyTorch's own worker handler does for its parent's SIGTERM
 
 
 def signal_received() -> int | None:

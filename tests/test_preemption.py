@@ -76,3 +76,29 @@ def test_stop_file_stops_two_ranks_at_the_same_step_and_the_rerun_finishes(shard
     assert (out / "f.safetensors").is_file() and not stop_file.exists()
     assert not (out / "f" / "PREEMPTED").exists()
     assert _steps(out / "f" / "checkpoints")[-1] == 24
+
+
+def test_loader_workers_leave_sigterm_and_sigusr2_to_their_rank_and_still_end_on_its_own_sigterm():
+    """The PyTorch loader's worker_init_fn: a SIGTERM or SIGUSR2 from anyone but the worker's rank (SLURM, a
+    launcher signalling the rank's process group) leaves the worker serving batches; the rank's own SIGTERM
+    (how the DataLoader and multiprocessing end their workers) still ends it."""
+    import time
+
+    import torch
+
+    from golf_dist.preemption import leave_stop_signals_to_the_rank
+
+    loader = torch.utils.data.DataLoader(range(1000), batch_size=1, num_workers=1,
+                                         worker_init_fn=leave_stop_signals_to_the_rank)
+    batches = iter(loader)
+    assert int(next(batches)) == 0
+    (worker,) = batches._workers  # the one worker process (multiprocessing.Process)
+    for sig in ("TERM", "USR2"):  # sent by another process, as SLURM or torchrun sends it
+        subprocess.run(["kill", f"-{sig}", str(worker.pid)], check=True)
+    time.sleep(0.5)
+    assert worker.is_alive()
+    assert [int(next(batches)) for _ in range(3)] == [1, 2, 3]
+    os.kill(worker.pid, signal.SIGTERM)  # from its parent, as Process.terminate() sends it
+    worker.join(timeout=10)
+    assert worker.exitcode == 0
+    del batches

@@ -97,8 +97,9 @@ def _progress(log: Path) -> int:
     return max(map(int, re.findall(r"(\d+)/24 \[", log.read_text())), default=0)
 
 
-def _sigterm_mid_run(cmd: list[str], out: Path, log: Path) -> tuple[int, str]:
-    """Start the launcher, SIGTERM everything after a step past the first checkpoint; (launcher status, log)."""
+def _sigterm_mid_run(cmd: list[str], out: Path, log: Path, launcher_only: bool = False) -> tuple[int, str]:
+    """Start the launcher, SIGTERM everything (or `launcher_only`: the launcher's process alone, as Kubernetes or
+    a user sends it) after a step past the first checkpoint; (launcher status, log)."""
     ckpts = out / "f" / "checkpoints"
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
@@ -111,12 +112,16 @@ def _sigterm_mid_run(cmd: list[str], out: Path, log: Path) -> tuple[int, str]:
             time.sleep(0.01)
         workers = _descendants(proc.pid)
         assert workers, "the launcher has no worker processes"
-        os.killpg(proc.pid, signal.SIGTERM)  # the launcher's process group ...
-        _term(workers)  # ... and the workers in their own sessions: every process of the run, as SLURM does
+        if launcher_only:
+            os.kill(proc.pid, signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGTERM)  # the launcher's process group ...
+            _term(workers)  # ... and the workers in their own sessions: every process of the run, as SLURM does
         while log.read_text().count(ACK) < 2:  # both ranks have taken the first one
             assert time.time() < deadline, "the ranks did not report the SIGTERM:\n" + log.read_text()[-3000:]
             time.sleep(0.01)
-        _term(workers)  # again, as a launcher passing its own on does (after the first was handled: not merged)
+        if not launcher_only:
+            _term(workers)  # again, as a launcher passing its own on does (after the first was handled: not merged)
         code = proc.wait(timeout=120)
         while any(map(_alive, workers)):  # a launcher may leave before its workers are done
             assert time.time() < deadline + 60, "workers still running 60 s after the launcher ended"
@@ -172,6 +177,16 @@ def test_torchrun_sigterm_to_every_process_checkpoints_and_the_rerun_resumes(sha
     assert_weights_equal(uninterrupted, out / "f.safetensors")
 
 
+def test_torchrun_sigterm_to_the_launcher_alone_with_pytorch_loader_workers_checkpoints(shards, base):
+    """One SIGTERM to torchrun only: its agent passes it to each rank's process group, loader workers included.
+    The workers leave it to their rank (killed by it, they failed the rank before it could checkpoint)."""
+    out = base / "launcher-only"
+    cfg = write_config(base / "launcher-only.yaml", shards, out, train=TRAIN, data={"loader": "torch", "num_workers": 1})
+    _, text = _sigterm_mid_run(_torchrun(cfg), out, base / "launcher-only.log", launcher_only=True)
+    assert "killed by signal" not in text, text[-3000:]
+    _assert_stopped_with_marker(out, text)
+
+
 def test_accelerate_sigterm_then_a_damaged_newest_checkpoint_every_rank_resumes_from_rank_0s_choice(
         shards, base, uninterrupted):
     """accelerate launch (2 CPU processes, torchrun's agent inside). Then the stop's checkpoint is damaged: rank 0
@@ -194,24 +209,22 @@ def test_accelerate_sigterm_then_a_damaged_newest_checkpoint_every_rank_resumes_
     assert_weights_equal(uninterrupted, out / "f.safetensors")
 
 
-def test_slurm_node_launcher_with_the_single_gpu_config_outlives_its_trainer_on_sigterm(shards, base):
-    """`accelerate launch` with one process (single_gpu.yaml) dies at once on SIGTERM, and under SLURM the
-    step, and the trainer writing its checkpoint, go with it. infra/slurm/node_launch.sh starts it with SIGTERM
-    ignored: it ends after the trainer, status 0, the marker already there. Run as srun would run it on one
-    node (SLURM's variables set by hand; on CPU here, where accelerate falls back to the CPU)."""
+def _node_launcher_sigterm(shards, base: Path, name: str, train: dict, data: dict, **launch_env: str) -> str:
+    """infra/slurm/node_launch.sh run as srun would run it on one node (SLURM's variables set by hand), then
+    SIGTERM to every process of the step once the first checkpoint is there, as SLURM sends it. The launcher
+    must end after its trainers, status 0, with the PREEMPTED marker already written; returns the log."""
     from conftest import free_port
 
-    out = base / "single"
-    # single_gpu.yaml asks for bf16, slow on a CPU without oneDNN bf16 kernels: the first checkpoint after one step
-    cfg = write_config(base / "single.yaml", shards, out, train={**TRAIN, "checkpoint_every": 1})
+    out = base / name
+    cfg = write_config(base / f"{name}.yaml", shards, out, train=train, data=data)
     env = {k: v for k, v in _env().items() if k != "ACCELERATE_USE_CPU"}
     env.update(GOLF_ROOT=str(ROOT), GOLF_HEAD="127.0.0.1", GOLF_PORT=str(free_port()), GOLF_NNODES="1",
-               GOLF_GPUS_PER_NODE="1", ACCELERATE_CONFIG=str(ROOT / "configs/accelerate/single_gpu.yaml"),
-               SLURM_NODEID="0", SLURM_JOB_ID="4243")
-    log = base / "single.log"
+               SLURM_NODEID="0", SLURM_JOB_ID="4243", **launch_env)
+    log = base / f"{name}.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen(["bash", str(ROOT / "infra/slurm/node_launch.sh"), "--config", str(cfg), "--stage", "f"],
                                 cwd=base, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    workers: list[int] = []
     try:
         ckpts, deadline = out / "f" / "checkpoints", time.time() + 300
         while not (ckpts.is_dir() and _steps(ckpts)):
@@ -219,10 +232,15 @@ def test_slurm_node_launcher_with_the_single_gpu_config_outlives_its_trainer_on_
             time.sleep(0.01)
         workers = _descendants(proc.pid)
         os.killpg(proc.pid, signal.SIGTERM)
-        _term(workers)  # every process of the step, as SLURM signals them
+        _term(workers)  # every process of the step (loader workers included), as SLURM signals them
         code = proc.wait(timeout=120)
         marker_when_launcher_ended = (out / "f" / "PREEMPTED").is_file()
     finally:
+        for pid in [*_descendants(proc.pid), *workers]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -230,6 +248,48 @@ def test_slurm_node_launcher_with_the_single_gpu_config_outlives_its_trainer_on_
     assert code == 0 and marker_when_launcher_ended, f"launcher status {code}:\n{text[-3000:]}"
     assert json.loads((out / "f" / "PREEMPTED").read_text())["reason"] == "signal"
     assert "stopped for preemption (signal)" in text
+    return text
+
+
+def test_slurm_node_launcher_with_the_single_gpu_config_outlives_its_trainer_on_sigterm(shards, base):
+    """`accelerate launch` with one process (single_gpu.yaml) installs its own SIGTERM handler (accelerate >= 1.16,
+    whatever SIGTERM's disposition was), exits 143 and kills the trainer writing its checkpoint; under SLURM the
+    step goes with it. infra/slurm/node_launch.sh starts one process with no launcher in between: the srun task
+    ends with the trainer (on CPU here, where accelerate falls back to the CPU)."""
+    # single_gpu.yaml asks for bf16, slow on a CPU without oneDNN bf16 kernels: the first checkpoint after one step
+    _node_launcher_sigterm(shards, base, "single", {**TRAIN, "checkpoint_every": 1}, {},
+                           GOLF_GPUS_PER_NODE="1", ACCELERATE_CONFIG=str(ROOT / "configs/accelerate/single_gpu.yaml"))
+
+
+def test_slurm_node_launcher_on_cpu_with_pytorch_loader_workers_checkpoints_on_sigterm_to_every_process(
+        shards, base):
+    """CPU nodes: node_launch.sh -> golf_dist.distributed torchrun -> torchrun -> 2 ranks, each with a PyTorch
+    loader worker, and SIGTERM to all of them. The loader workers leave the signal to their rank (a worker killed
+    by it fails the rank: "DataLoader worker ... is killed by signal: Terminated", no checkpoint)."""
+    _node_launcher_sigterm(shards, base, "cpu", TRAIN, {"loader": "torch", "num_workers": 1},
+                           GOLF_GPUS_PER_NODE="0", GOLF_CPU_PROCS="2")
+
+
+def test_accelerate_launch_of_one_process_becomes_the_trainer_with_accelerates_environment(tmp_path):
+    """`python -m golf_dist.distributed accelerate-launch` (what node_launch.sh runs on GPU nodes) with one process:
+    the script runs in the launcher's own process (exec, no launcher left to die on SIGTERM), with the variables
+    `accelerate launch` gives its child for the same config file (mixed precision, visible GPUs, CPU flag)."""
+    script = tmp_path / "show_env.py"
+    script.write_text("import json, os, sys\n"
+                      "keys = sorted(k for k in os.environ if k.startswith('ACCELERATE_') or k == 'CUDA_VISIBLE_DEVICES')\n"
+                      "json.dump({'pid': os.getpid(), 'argv': sys.argv[1:], 'env': {k: os.environ[k] for k in keys}},"
+                      " open(sys.argv[1], 'w'))\n")
+    config = ["--config_file", str(ROOT / "configs/accelerate/single_gpu.yaml")]
+    env = {k: v for k, v in _env().items() if not k.startswith("ACCELERATE_")}
+    ours = subprocess.Popen([sys.executable, "-m", "golf_dist.distributed", "accelerate-launch", "--", *config,
+                             str(script), str(tmp_path / "ours.json"), "--stage", "f"], cwd=ROOT, env=env)
+    assert ours.wait(timeout=120) == 0
+    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *config, str(script),
+                    str(tmp_path / "theirs.json"), "--stage", "f"], cwd=ROOT, env=env, check=True, timeout=120)
+    got, expected = (json.loads((tmp_path / f"{who}.json").read_text()) for who in ("ours", "theirs"))
+    assert got["pid"] == ours.pid  # the launcher's process became the script: nothing between SLURM and it
+    assert got["argv"][1:] == ["--stage", "f"]
+    assert got["env"] == expected["env"] and got["env"]["ACCELERATE_MIXED_PRECISION"] == "bf16", (got, expected)
 
 
 def _checkpoint(folder: Path, step: int, damaged: bool = False) -> Path:
@@ -278,3 +338,15 @@ def test_resume_checkpoint_every_rank_loads_rank_0s_choice_or_all_stop_naming_it
         assert error.startswith(expected), error
         assert "every node sees the same" in error
     assert results["fresh", 0] == results["fresh", 1] == {"path": None}
+
+
+def test_the_launchers_say_at_start_when_torch_is_too_old_to_leave_sigterm_to_the_trainers():
+    """PET_SIGNALS_TO_HANDLE (node_launch.sh: torchrun's agent must not handle SIGTERM) is read from torch 2.9
+    on; an environment with an older torch gets one warning line from the torchrun and accelerate wrappers."""
+    from golf_dist.distributed import agent_sigterm_warning
+
+    old = agent_sigterm_warning("2.8.0+cu126")
+    assert old and "PET_SIGNALS_TO_HANDLE" in old and "torch>=2.9" in old and "2.8.0+cu126" in old
+    assert agent_sigterm_warning("2.6.0") is not None
+    for new in ("2.9.0", "2.9.1+cpu", "2.10.0a0+git1234", "2.13.0+cpu", "3.0.0"):
+        assert agent_sigterm_warning(new) is None, new

@@ -302,3 +302,23 @@ def test_node_launcher_ends_a_rendezvous_that_cannot_form_with_a_clear_error(sha
     ), proc.stderr[-2000:]
     assert "join_timeout=8 s" in proc.stderr and time.monotonic() - start < 90
     assert not (tmp_path / "out" / "f").exists()
+
+
+def test_shell_scripts_expand_arrays_that_can_be_empty_in_the_form_old_bash_accepts_under_set_u():
+    """bash before 4.4 (RHEL/CentOS 7 login nodes) aborts on `"${a[@]}"` with `a=()` under `set -u`
+    ("unbound variable"); `${a[@]+"${a[@]}"}` expands to nothing there. The bash here is newer and accepts
+    both (BASH_COMPAT does not bring the old error back), so this reads the scripts instead of running them:
+    every array a script starts as `name=()` must be expanded in the guarded form."""
+    scripts = [p for folder in ("infra", "launch", ".ci") for p in (ROOT / folder).rglob("*")
+               if p.is_file() and (p.suffix in (".sh", ".sbatch") or p.read_bytes().startswith(b"#!/usr/bin/env bash"))]
+    assert ROOT / "infra/slurm/node_launch.sh" in scripts and ROOT / "infra/slurm/shard.sbatch" in scripts
+    bare = []
+    for script in scripts:
+        text = script.read_text()
+        for name in set(re.findall(r"\b(\w+)=\(\)", text)):
+            guarded = f'${{{name}[@]+"${{{name}[@]}}"}}'
+            for line_no, line in enumerate(text.splitlines(), 1):
+                code = line.split(" #")[0] if not line.lstrip().startswith("#") else ""
+                if f'"${{{name}[@]}}"' in code.replace(guarded, ""):
+                    bare.append(f"{script.relative_to(ROOT)}:{line_no}: {line.strip()}")
+    assert not bare, "use ${a[@]+\"${a[@]}\"} for an array that can be empty:\n" + "\n".join(bare)

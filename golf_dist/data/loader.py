@@ -28,6 +28,7 @@ from golf_dist.data import formats
 from golf_dist.data.shard_reader import index_shard, read_manifest, read_member, shard_paths, split_format
 from golf_dist.data.storage import local_shard_dir
 from golf_dist.errors import DataError, GolfError
+from golf_dist.preemption import leave_stop_signals_to_the_rank
 
 
 @dataclass(frozen=True)
@@ -256,6 +257,7 @@ def train_loader(
         persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
         pin_memory=pin_memory,
+        worker_init_fn=leave_stop_signals_to_the_rank,  # SIGTERM to every process must not kill the workers
     )
 
 
@@ -285,6 +287,7 @@ def full_frame_loader(
         FullFrames(pairs, indices),
         batch_size=None,
         num_workers=min(num_workers, len(indices)),
+        worker_init_fn=leave_stop_signals_to_the_rank,
     )
 
 

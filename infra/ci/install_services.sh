@@ -21,4 +21,4 @@ fi
 echo "services: installing ${need[*]}"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+apt-get install -y -qq --no-install-recommends ${need[@]+"${need[@]}"} >/dev/null

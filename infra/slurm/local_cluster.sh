@@ -74,7 +74,7 @@ install_packages() {
   fi
   log "installing ${need[*]} (apt-get)"
   export DEBIAN_FRONTEND=noninteractive
-  if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null; }; then
+  if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends ${need[@]+"${need[@]}"} >/dev/null; }; then
     log "apt-get could not install ${need[*]}"
     exit 3
   fi

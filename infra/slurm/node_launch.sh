@@ -5,6 +5,8 @@
 #   GPU nodes (GOLF_GPUS_PER_NODE > 0):
 #     accelerate launch --config_file $ACCELERATE_CONFIG --num_machines N --num_processes N*GPUS
 #         --machine_rank $SLURM_NODEID --main_process_ip HEAD --main_process_port PORT launch/train.py ARGS
+#     through `python -m golf_dist.distributed accelerate-launch`: one process in all (single_gpu.yaml) runs
+#     with no launcher process at all (the trainer is exec'd with the environment Accelerate builds for it).
 #   CPU nodes (GOLF_GPUS_PER_NODE = 0): ACCELERATE_USE_CPU=1 torchrun (gloo) with a c10d rendezvous at
 #     HEAD:PORT, --nproc_per_node $GOLF_CPU_PROCS, join_timeout=$GOLF_RDZV_TIMEOUT, through
 #     `python -m golf_dist.distributed torchrun`, which ends a rendezvous that cannot form with one clear
@@ -18,9 +20,11 @@
 # checkpoint, write the PREEMPTED marker and exit 0. The launcher must outlive them, so it runs with SIGTERM
 # ignored (an ignored signal stays ignored across exec and in the children, which install their own handler)
 # and torchrun's agent (also the one inside `accelerate launch` with several processes) is told not to handle
-# it (PET_SIGNALS_TO_HANDLE, torch >= 2.9). Otherwise the agent forwards it, takes the next SIGTERM as "exit
-# now" and exits 1, srun --kill-on-bad-exit then kills the step, and `accelerate launch` with one process
-# (single_gpu.yaml) dies at once: either way the trainer is killed while it writes its checkpoint.
+# it (PET_SIGNALS_TO_HANDLE, read by torch >= 2.9; with an older torch the launcher says so at start).
+# Otherwise the agent forwards it, takes the next SIGTERM as "exit now" and exits 1, and srun
+# --kill-on-bad-exit then kills the step with the trainer in it, mid-checkpoint. `accelerate launch` with one
+# process installs its own SIGTERM handler (accelerate >= 1.16) and kills its child: so a single process is
+# started without it.
 set -euo pipefail
 : "${GOLF_ROOT:?set by train.sbatch}" "${GOLF_HEAD:?set by train.sbatch}" "${GOLF_PORT:?set by train.sbatch}"
 : "${GOLF_NNODES:?set by train.sbatch}" "${GOLF_GPUS_PER_NODE:?set by train.sbatch}"
@@ -36,10 +40,11 @@ if [ "$GOLF_GPUS_PER_NODE" -gt 0 ]; then
   rdzv=()
   # several nodes meet through c10d with a bounded wait; one node needs no rendezvous timeout
   [ "$GOLF_NNODES" -gt 1 ] && rdzv=(--rdzv_backend c10d --rdzv_conf "join_timeout=$TIMEOUT")
-  exec "$PY" -m accelerate.commands.launch --config_file "$ACCELERATE_CONFIG" \
+  # ${rdzv[@]+"${rdzv[@]}"}, not "${rdzv[@]}": bash before 4.4 takes an empty array as unset under set -u
+  exec "$PY" -m golf_dist.distributed accelerate-launch -- --config_file "$ACCELERATE_CONFIG" \
     --num_machines "$GOLF_NNODES" --num_processes $((GOLF_NNODES * GOLF_GPUS_PER_NODE)) \
     --machine_rank "$NODE_RANK" --main_process_ip "$GOLF_HEAD" --main_process_port "$GOLF_PORT" \
-    "${rdzv[@]}" launch/train.py "$@"
+    ${rdzv[@]+"${rdzv[@]}"} launch/train.py "$@"
 fi
 
 export ACCELERATE_USE_CPU=1
