@@ -72,6 +72,8 @@ def resolve(speed_cfg, device: torch.device, training: bool) -> Speed:
     """The config's switches (golf_dist.config.SpeedConfig) for work on `device`."""
     cuda = device.type == "cuda"
     compile_on = _switch(speed_cfg.compile, cuda)
+    if compile_on:
+        compile_backend(speed_cfg.compile_backend)  # a custom backend that cannot be imported: a config error now
     return Speed(
         compile=compile_on,
         compile_backend=speed_cfg.compile_backend,
@@ -176,6 +178,8 @@ def settle(speed: Speed, explicit: frozenset[str], attempt: Callable[[Speed], No
         try:
             attempt(speed)
             return speed, fallbacks
+        except ConfigError:  # the user's mistake, not this machine's: never a fallback
+            raise
         except Exception as err:  # noqa: BLE001 - whatever compile, Triton or a graph capture raises
             candidates = [name for name in FALLBACK_ORDER if getattr(speed, name) and name not in explicit]
             if not candidates:

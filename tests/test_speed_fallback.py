@@ -128,3 +128,14 @@ def test_switches_set_to_on_are_never_turned_off():
     # try on a CPU turns a switch on (auto leaves it off there)
     f, g = for_inference(f_net(), None, SpeedConfig(channels_last="try"), torch.device("cpu"))
     assert g is None and type(f).__name__ == "CheckedNetwork"
+
+
+def test_a_custom_backend_that_cannot_be_imported_is_a_config_error_not_a_fallback():
+    from golf_dist.config import load_config
+    from golf_dist.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="speed.compile_backend"):
+        load_config(None, overrides=["speed.compile_backend=not a module"])
+    cfg = load_config(None, overrides=["speed.compile=try", "speed.compile_backend=tests.no_such_module:backend"])
+    with pytest.raises(ConfigError, match="'speed.compile_backend'='tests.no_such_module:backend': cannot import"):
+        for_inference(f_net(), None, cfg.speed, torch.device("cpu"))
