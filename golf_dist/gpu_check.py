@@ -34,7 +34,7 @@ from golf_dist.losses import GolfLoss
 from golf_dist.models import f_net, g_net
 from golf_dist.speed import (
     EAGER, NUMERICS_RTOL, Speed, adam_options, apply_backend_flags, fallbacks_of, first_line, for_inference,
-    prepare_input, prepare_module,
+    prepare_input, prepare_module, tf32_off,
 )
 
 GIB = 1 << 30
@@ -94,7 +94,8 @@ def _train_row(stage: str, speed: Speed, dev: str, z: Sizes) -> dict:
     torch.manual_seed(0)
     f = f_net(zero_init_last=False).to(dev)
     g = g_net(zero_init_last=False).to(dev) if stage == "g" else None
-    eager_out = (g or f)(f(blur) if g is not None else blur).detach()
+    with torch.no_grad(), tf32_off():
+        eager_out = (g or f)(f(blur) if g is not None else blur)
     f = prepare_module(f, speed)
     x, y = prepare_input(blur, speed), prepare_input(sharp, speed)
     loss_fn = GolfLoss(0.0, None)

@@ -139,3 +139,23 @@ def test_a_custom_backend_that_cannot_be_imported_is_a_config_error_not_a_fallba
     cfg = load_config(None, overrides=["speed.compile=try", "speed.compile_backend=tests.no_such_module:backend"])
     with pytest.raises(ConfigError, match="'speed.compile_backend'='tests.no_such_module:backend': cannot import"):
         for_inference(f_net(), None, cfg.speed, torch.device("cpu"))
+
+
+
+def test_bf16_training_check_compares_with_eager_bf16_and_keeps_its_switches():
+    """Under bf16 autocast the check compares with eager at the same precision (tolerance 4e-2): bf16's own
+    rounding (an untrained F with its last layer on differs from fp32 by ~1.5e-2 of its scale) and channels_last's
+    rounding order in bf16 are no reason to fall back."""
+    from golf_dist.losses import GolfLoss
+    from golf_dist.speed import settle_training
+
+    torch.manual_seed(0)
+    f = f_net(zero_init_last=False)
+    blur, sharp = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    loss_fn = GolfLoss(0.0, None)
+    speed, fallbacks, (prepared,) = settle_training(
+        Speed(channels_last=True), SpeedConfig(channels_last="try"), [f], (blur, sharp),
+        lambda nets, x, y: loss_fn(nets[0](x), y)["total"],
+        lambda: torch.autocast("cpu", dtype=torch.bfloat16), "training stage f")
+    assert fallbacks == [] and speed.channels_last and prepared is f
+    assert all(p.grad is None for p in f.parameters())  # the check's backward leaves no gradient behind
