@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -99,10 +100,13 @@ class TrackingConfig:
 
 @dataclass
 class SpeedConfig:
-    """golf_dist/speed.py. auto: on where a CUDA GPU runs the work, off on a CPU (where results stay exact)."""
+    """golf_dist/speed.py. Each switch: auto (try where a CUDA GPU runs the work, off on a CPU, where results stay
+    exact) | try (on, turned off with a warning when it fails or disagrees with eager at start-up) | on (on; its
+    failure fails the run) | off."""
 
-    compile: str = "auto"  # torch.compile F and G (G compiled once, reused by every unrolled step): auto | on | off
-    compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: tracing without code generation)
+    compile: str = "auto"  # torch.compile F and G (G compiled once, reused by every unrolled step)
+    compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: tracing without code generation), or
+    #                                    "module:function", a custom backend imported from an importable module
     channels_last: str = "auto"  # NHWC weights and inputs (cuDNN's fast convolutions): auto | on | off
     tf32: bool = True  # TF32 for fp32 convolutions and matmuls on GPUs that have it (no effect on a CPU)
     cudnn_benchmark: str = "auto"  # auto: on for evaluation, deblurring and benchmarks, off in training, whose
@@ -283,11 +287,12 @@ def validate(cfg: Config, stage: str | None = None) -> None:
     need(cfg.data.on_bad_sample in ("error", "skip"), "data.on_bad_sample", "must be error or skip")
     need(cfg.loss.perceptual_weight >= 0, "loss.perceptual_weight", "must be 0 or more")
     for key in ("compile", "channels_last", "cudnn_benchmark", "fused_adam", "fused_norm", "cuda_graphs"):
-        need(getattr(cfg.speed, key) in ("auto", "on", "off"), f"speed.{key}", "must be auto, on or off")
+        need(getattr(cfg.speed, key) in ("auto", "try", "on", "off"), f"speed.{key}", "must be auto, try, on or off")
     need(not (cfg.speed.cuda_graphs == "on" and cfg.speed.compile == "off"), "speed.cuda_graphs",
          "on needs speed.compile auto or on (CUDA graphs are recorded through torch.compile)")
-    need(cfg.speed.compile_backend in ("inductor", "aot_eager", "eager", "cudagraphs"), "speed.compile_backend",
-         "must be inductor, aot_eager, eager or cudagraphs")
+    need(cfg.speed.compile_backend in ("inductor", "aot_eager", "eager", "cudagraphs")
+         or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", cfg.speed.compile_backend) is not None,
+         "speed.compile_backend", "must be inductor, aot_eager, eager, cudagraphs or module:function")
     t = cfg.train
     need(t.steps >= 1, "train.steps", "must be at least 1")
     need(t.lr > 0, "train.lr", "must be positive")

@@ -17,7 +17,7 @@ from golf_dist.errors import ConfigError, DataError
 from golf_dist.ensemble import check_ensemble
 from golf_dist.evaluate import load_trained
 from golf_dist.inference import ENGINES, MIN_SIDE, check_iterations, load_onnx, restore_iterates, to_uint8
-from golf_dist.speed import for_inference
+from golf_dist.speed import FALLBACK_FILE, fallback_json, for_inference
 from golf_dist.tiling import check_tile_count, check_tiling
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -110,7 +110,7 @@ def check_inputs(files: list[tuple[Path, Path]], tile: int | None, overlap: int)
 
 def deblur_files(output_dir: Path, inputs: list[str], out_dir: Path, iterations: int = 3, device: str | None = None,
                  tile: int | None = None, overlap: int = 32, ensemble: str = "x1", engine: str = "torch",
-                 overwrite: bool = False) -> list[Path]:
+                 overwrite: bool = False, speed_cfg=None) -> list[Path]:
     """Run F then `iterations` G steps on every input image (whole, or on overlapping tiles of side `tile`:
     golf_dist.tiling; averaged over flips and transposes with `ensemble`: golf_dist.ensemble) with PyTorch on
     OUTPUT_DIR's safetensors or with ONNX Runtime on its f.onnx and g.onnx (`engine`); write PNGs under out_dir.
@@ -127,7 +127,13 @@ def deblur_files(output_dir: Path, inputs: list[str], out_dir: Path, iterations:
     check_inputs(files, tile, overlap)
     if engine == "torch":
         f, g = load_trained(Path(output_dir), dev, iterations)
-        f, g = for_inference(f, g, None, dev)  # the speed layer (golf_dist/speed.py): all off on a CPU
+        # the speed layer (golf_dist/speed.py; speed_cfg None: its defaults, all off on a CPU); what its first-call
+        # check turns off is recorded in out_dir
+        def record(fallbacks: list[dict[str, str]]) -> None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            write_atomic(Path(out_dir) / FALLBACK_FILE, fallback_json(fallbacks))
+
+        f, g = for_inference(f, g, speed_cfg, dev, on_fallback=record)
     else:
         f, g = load_onnx(Path(output_dir), iterations)
     written = []

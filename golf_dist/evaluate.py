@@ -22,7 +22,7 @@ from golf_dist.data.storage import write_atomic
 from golf_dist.inference import restore_iterates, to_uint8
 from golf_dist.log import get_logger
 from golf_dist.metrics import SSIM_VARIANT, psnr, ssim
-from golf_dist.speed import for_inference
+from golf_dist.speed import FALLBACK_FILE, fallback_json, fallback_tag, fallbacks_of, for_inference
 
 log = get_logger(__name__)
 
@@ -150,7 +150,9 @@ def run_evaluation(output_dir: Path, shards: str, split: str, iterations: int, l
     accelerator = Accelerator()
     output_dir = Path(output_dir)
     f, g = load_trained(output_dir, accelerator.device, iterations)
-    f, g = for_inference(f, g, speed_cfg, accelerator.device)  # golf_dist/speed.py: all off on a CPU
+    # golf_dist/speed.py: all off on a CPU; what its first-call check turns off is recorded beside evaluation.json
+    f, g = for_inference(f, g, speed_cfg, accelerator.device, on_fallback=lambda fallbacks: write_atomic(
+        output_dir / f"evaluation_{FALLBACK_FILE}", fallback_json(fallbacks)) if accelerator.is_main_process else None)
     pairs = ShardPairs(shards, split)
     result = evaluate_pairs(
         f, g, pairs, iterations, accelerator.device,
@@ -173,7 +175,11 @@ def run_evaluation(output_dir: Path, shards: str, split: str, iterations: int, l
         figures["comparison"] = plots.comparison(frames, output_dir / "comparison.png", iterations=iterations)
     result["figures"] = {k: str(v) for k, v in figures.items()}
     tracker = Tracker(True, tracking_cfg.uri, tracking_cfg.experiment)
-    tracker.start(run_name=f"eval-{output_dir.name}", tags={"golf.stage": "eval"})
+    fallbacks = fallbacks_of(f, g)
+    if fallbacks:
+        result["speed_fallback"] = fallbacks
+    tracker.start(run_name=f"eval-{output_dir.name}", tags={
+        "golf.stage": "eval", **({"speed_fallback": fallback_tag(fallbacks)} if fallbacks else {})})
     tracker.log_params({"output_dir": str(output_dir.resolve()), "shards": str(shards), "split": split,
                         "iterations": iterations, "pairs": result["pairs"], "ssim_variant": SSIM_VARIANT,
                         "tile": tile or "whole", "overlap": overlap if tile else 0, "ensemble": ensemble})

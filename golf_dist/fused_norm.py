@@ -118,3 +118,18 @@ def fuse_norm_relu(model: nn.Module) -> int:
                 seq[i], seq[i + 1] = new, nn.Identity()
                 fused += 1
     return fused
+
+
+def unfuse_norm_relu(model: nn.Module) -> int:
+    """Undo fuse_norm_relu in place: each InstanceNormReLU back to an InstanceNorm2d and ReLU holding the same
+    Parameters (what the speed layer's fallback runs when the kernel fails). Returns how many."""
+    unfused = 0
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            fused, gap = seq[i], seq[i + 1]
+            if type(fused) is InstanceNormReLU and isinstance(gap, nn.Identity):
+                norm = nn.InstanceNorm2d(fused.num_features, eps=fused.eps, affine=True)
+                norm.weight, norm.bias = fused.weight, fused.bias
+                seq[i], seq[i + 1] = norm, nn.ReLU(inplace=False)
+                unfused += 1
+    return unfused

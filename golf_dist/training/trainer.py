@@ -40,14 +40,15 @@ from golf_dist.models import f_net
 from golf_dist.optim import EMA, make_scheduler
 from golf_dist.preemption import StopCheck, print_stopped
 from golf_dist.run_info import run_params
-from golf_dist.speed import adam_options, apply_backend_flags, prepare_input, prepare_module
-from golf_dist.speed import resolve as resolve_speed, warn_if_bf16_is_slow
+from golf_dist.speed import adam_options, apply_backend_flags, prepare_input, warn_if_bf16_is_slow
+from golf_dist.speed import resolve as resolve_speed
 from golf_dist.tracking import Tracker, redact_config_dict
 from golf_dist.training.backend import make_accelerator, make_backend
 from golf_dist.training.meter import StepMeter
 from golf_dist.training.resume import (
     StagePaths, open_train_loader, resolve_f_weights, resume_checkpoint, resume_from_checkpoint,
 )
+from golf_dist.training.speed_check import prepare_stage, record_fallbacks
 from golf_dist.training.stages import FStage, GStage
 from golf_dist.training.state import TrainingState
 
@@ -120,17 +121,21 @@ class Trainer:
         self.speed = resolve_speed(cfg.speed, self.device, training=True)
         apply_backend_flags(self.speed)
         stage_class = FStage if self.stage_name == "f" else GStage
-        model = stage_class.network()  # before F is loaded: the seed alone decides the initial weights
+        model = stage_class.network().to(self.device)  # before F is loaded: the seed alone decides the weights
         loss_fn = GolfLoss(cfg.loss.perceptual_weight, self.vgg).to(self.device)
+        f_model = None
+        if stage_class is GStage:
+            f_model = load_into(f_net(), self.f_path, "F").requires_grad_(False).eval().to(self.device)
+        # fused InstanceNorm + ReLU, channels_last, compile (G compiled once: every unrolled, checkpointed step
+        # calls the same graph); the compiled wrapper hands Adam the network's own parameters
+        networks = [f_model, model] if f_model is not None else [model]  # F, then G: each fed the previous output
+        self.speed, self.speed_fallbacks, networks = prepare_stage(self, self.speed, networks, loss_fn)
+        model = networks[-1]
         if stage_class is FStage:
             self.stage: FStage | GStage = FStage(loss_fn)
         else:
-            f_model = load_into(f_net(), self.f_path, "F").requires_grad_(False).eval().to(self.device)
-            self.stage = GStage(loss_fn, prepare_module(f_model, self.speed), t.unroll, t.gradient_checkpointing,
-                                cfg.eval.iterations, t.unroll_weighting)
-        # fused InstanceNorm + ReLU, channels_last, compile (G compiled once: every unrolled, checkpointed step
-        # calls the same graph); the compiled wrapper hands Adam the network's own parameters
-        model = prepare_module(model.to(self.device), self.speed)
+            self.stage = GStage(loss_fn, networks[0], t.unroll, t.gradient_checkpointing, cfg.eval.iterations,
+                                t.unroll_weighting)
         optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2),
                                      **adam_options(self.speed, self.device))
         self.scheduler = make_scheduler(optimizer, t)  # warm-up, then exp | cosine | constant (golf_dist.optim)
@@ -218,6 +223,8 @@ class Trainer:
         tags = {"golf.stage": stage, "golf.output_dir": str(paths.output_dir.resolve())}
         if self.resumed_from:
             tags["golf.resumed_from"] = self.resumed_from
+        # what the speed layer's start-up check turned off: speed_fallback.json and an MLflow tag
+        tags.update(record_fallbacks(self.speed_fallbacks, paths.stage_dir, self.is_main))
         f_info: dict[str, str] = {}
         if stage == "g":
             f_info = {"f_weights": str(self.f_path.resolve()), "f_weights_sha256": sha256_file(self.f_path)}
