@@ -65,7 +65,7 @@ class Watchdog:
             report = header.encode() + fh.read()
         try:
             sys.stderr.flush()
-            os.write(2, report)
+            os.write(2, b"\n" + report)  # a new line: a progress bar may hold the current one
         finally:
             try:
                 self.dump_file.parent.mkdir(parents=True, exist_ok=True)
