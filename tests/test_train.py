@@ -370,3 +370,38 @@ def test_stage_g_with_weights_of_the_wrong_network_names_the_file(shards, traine
     proc = run_cli("launch/train.py", "--config", cfg, "--stage", "g", f"train.f_weights={wrong}")
     assert proc.returncode != 0 and f"weights file {wrong} does not fit F" in proc.stderr
     assert "Traceback" not in proc.stderr and _no_checkpoints(tmp_path / "out")
+
+
+@pytest.mark.parametrize("override, named", [("train.nonfinite=maybe", "'train.nonfinite' must be skip or stop"),
+                                             ("train.nonfinite_patience=0", "'train.nonfinite_patience' must be"),
+                                             ("train.hang_timeout_s=-1", "'train.hang_timeout_s' must be")])
+def test_nonfinite_and_hang_keys_are_checked(override, named):
+    from golf_dist.config import DEFAULT_CONFIG, load_config
+    from golf_dist.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=named):
+        load_config(DEFAULT_CONFIG, stage="f", overrides=[override])
+
+
+def test_two_ranks_skip_the_same_nonfinite_steps_and_stop_together(shards, tmp_path):
+    """DDP: a diverging lr (steps 1-2 finite, then Inf/NaN) makes both ranks skip step 3 and stop at step 4
+    (train.nonfinite_patience=2) with the same named error; a rank that decided otherwise would wait in a
+    collective and its watchdog (train.hang_timeout_s) would end it with 124 instead."""
+    cfg = write_config(tmp_path / "cfg.yaml", shards, tmp_path / "out",
+                       train={"lr": 1e6, "schedule": "constant", "checkpoint_every": 2, "nonfinite_patience": 2,
+                              "hang_timeout_s": 20})
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "launch/train.py"), "--config", str(cfg), "--stage", "f", "data.loader=torch"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and len(errors) == 2, proc.stderr[-3000:]
+    assert all(e.startswith("error: step 4: ") and "2 non-finite steps in a row" in e for e in errors), errors
+    assert "exitcode  : 124" not in proc.stderr
+    ckpts = tmp_path / "out" / "f" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000002"]
+    weights = _weights(ckpts / "step-00000002" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
