@@ -405,3 +405,30 @@ def test_two_ranks_skip_the_same_nonfinite_steps_and_stop_together(shards, tmp_p
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000002"]
     weights = _weights(ckpts / "step-00000002" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_deepspeed_stops_at_the_first_nonfinite_step(shards, tmp_path):
+    """DeepSpeed's engine has stepped before the trainer sees the loss and the norm (fp32 here; its own
+    overflow skip is fp16's): the run stops at step 3 whatever train.nonfinite says, before a checkpoint or
+    an export holds those weights."""
+    pytest.importorskip("transformers", reason="Accelerate's DeepSpeed integration imports transformers")
+    ds_json = json.loads((ROOT / "configs" / "accelerate" / "deepspeed_zero2.json").read_text())
+    ds_json["bf16"] = {"enabled": False}  # no bf16 on this CPU path
+    ds_json["zero_optimization"]["overlap_comm"] = False
+    (tmp_path / "ds_cpu.json").write_text(json.dumps(ds_json))
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.yaml", shards, out, train={"lr": 1e6, "schedule": "constant", "checkpoint_every": 2},
+                       data={"loader": "torch"})
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", ACCELERATE_USE_DEEPSPEED="true",
+               ACCELERATE_DEEPSPEED_CONFIG_FILE=str(tmp_path / "ds_cpu.json"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+         str(ROOT / "launch/train.py"), "--config", str(cfg), "--stage", "f"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith("error: step 3: ") and "DeepSpeed has taken the step already" in errors[0], errors
+    assert sorted(p.name for p in (out / "f" / "checkpoints").iterdir()) == ["step-00000002"]
+    assert not (out / "f.safetensors").exists()
