@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -398,9 +399,12 @@ def test_two_ranks_skip_the_same_nonfinite_steps_and_stop_together(shards, tmp_p
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert proc.returncode != 0 and len(errors) == 2, proc.stderr[-3000:]
+    assert proc.returncode != 0 and errors, proc.stderr[-3000:]
     assert all(e.startswith("error: step 4: ") and "2 non-finite steps in a row" in e for e in errors), errors
-    assert "exitcode  : 124" not in proc.stderr
+    # torchrun's report: the rank that ended first exited 1; the other too, or torchrun's SIGTERM (-15) caught
+    # it on its way out; 124 (the watchdog) would mean a rank waited in a collective the other never joined
+    codes = re.findall(r"exitcode\s*: (-?\d+)", proc.stderr)
+    assert "1" in codes and set(codes) <= {"1", "-15"}, codes
     ckpts = tmp_path / "out" / "f" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000002"]
     weights = _weights(ckpts / "step-00000002" / "model.safetensors")

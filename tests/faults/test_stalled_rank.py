@@ -7,6 +7,7 @@ allocation burning until the process group's timeout."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -68,7 +69,8 @@ def test_a_stalled_rank_makes_the_other_dump_its_stacks_and_fail(shards, tmp_pat
             torchrun.wait()
     text = log.read_text(errors="replace")
     assert rc != 0, text[-3000:]
-    assert "exitcode  : 124" in text, text[-3000:]  # torchrun's report: rank 0 ended with the watchdog's status
+    # torchrun's report: rank 0 ended with the watchdog's status
+    assert "124" in re.findall(r"exitcode\s*: (-?\d+)", text), text[-3000:]
     header = next((line for line in text.splitlines() if line.startswith("golf watchdog: rank 0 (pid ")), None)
     assert header is not None and "made no progress" in header and f"train.hang_timeout_s={HANG_TIMEOUT_S}" in header, text[-3000:]
     assert "golf watchdog: rank 1" not in text
