@@ -13,19 +13,54 @@ untouched (`skips_nonfinite`); DeepSpeed's engine has already stepped by then, s
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from golf_dist import distributed as dist_utils
 from golf_dist.errors import GolfError
+from golf_dist.log import get_logger
 from golf_dist.optim import clip_gradients
 
 LossOf = Callable[[], dict[str, torch.Tensor]]
+log = get_logger(__name__)
 
 
 class NonFiniteError(GolfError):
     """Training stopped at a step whose loss or gradient norm was NaN or Inf (train.nonfinite)."""
+
+
+class NonFiniteSteps:
+    """train.nonfinite for the steps `finish_step` found not finite (the same on every rank): count a skipped one,
+    or stop with NonFiniteError (`stop`, `patience` in a row, or a backend that cannot skip: DeepSpeed)."""
+
+    def __init__(self, t, can_skip: bool, checkpoints: Path, rank: int):  # t: the config's TrainConfig
+        self.policy, self.patience, self.can_skip = t.nonfinite, t.nonfinite_patience, can_skip
+        self.checkpoints, self.rank = checkpoints, rank
+        self.in_a_row = 0
+
+    def check(self, step: int, finite: bool, step_loss: torch.Tensor, norm: torch.Tensor) -> None:
+        if finite:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        what = (f"step {step}: the loss ({step_loss.item():.4g} on rank {self.rank}) or the gradient norm "
+                f"({norm.item():.4g}) is not finite")
+        resume = (f"the checkpoints under {self.checkpoints} hold finite weights and resume as they are; a resume "
+                  "keeps their learning-rate schedule, so for a lower train.lr (or train.warmup_steps, train.grad_clip) "
+                  "start again in a new --output-dir")
+        if not self.can_skip:
+            raise NonFiniteError(f"{what}; DeepSpeed has taken the step already, so the run stops here (no checkpoint "
+                                 f"or export is written after it); {resume}")
+        advice = f"the weights, Adam and the EMA are those of step {step - self.in_a_row}; {resume}"
+        if self.policy == "stop":
+            raise NonFiniteError(f"{what} (train.nonfinite=stop); {advice}")
+        if self.in_a_row >= self.patience:
+            raise NonFiniteError(f"{what}: {self.in_a_row} non-finite steps in a row, each skipped "
+                                 f"(train.nonfinite_patience={self.patience}); {advice}")
+        log.info(f"{what}: step skipped ({self.in_a_row} in a row; the run stops at "
+                 f"train.nonfinite_patience={self.patience})")
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

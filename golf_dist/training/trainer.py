@@ -43,7 +43,7 @@ from golf_dist.run_info import run_params
 from golf_dist.speed import adam_options, apply_backend_flags, prepare_input, prepare_module
 from golf_dist.speed import resolve as resolve_speed, warn_if_bf16_is_slow
 from golf_dist.tracking import Tracker, redact_config_dict
-from golf_dist.training.backend import NonFiniteError, make_accelerator, make_backend
+from golf_dist.training.backend import NonFiniteSteps, make_accelerator, make_backend
 from golf_dist.training.meter import StepMeter
 from golf_dist.training.resume import StagePaths, open_train_loader, resolve_f_weights, resume_checkpoint
 from golf_dist.training.stages import FStage, GStage
@@ -242,18 +242,14 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         self.setup()
-        # a rank stuck in a collective or a data read: its stacks, its rank, exit 124 (training/watchdog.py)
-        self.watchdog = Watchdog(self.t.hang_timeout_s, self.rank, self.paths.stage_dir)
-        try:
-            stopped = self._run_steps()
-            self.watchdog.beat("the export" if not stopped else "the preemption stop", LONG_ALLOWANCE)
-            result = self._stop_for_preemption(*stopped) if stopped else self.export()
-        except BaseException as err:
-            self.close("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-            raise
-        finally:
-            self.watchdog.close()
-        return result
+        with Watchdog(self.t.hang_timeout_s, self.rank, self.paths.stage_dir) as self.watchdog:  # a stuck rank: exit 124
+            try:
+                stopped = self._run_steps()
+                self.watchdog.beat("the export" if not stopped else "the preemption stop", LONG_ALLOWANCE)
+                return self._stop_for_preemption(*stopped) if stopped else self.export()
+            except BaseException as err:
+                self.close("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+                raise
 
     def _run_steps(self) -> tuple[int, str, StopCheck] | None:
         """Steps from the resumed one to train.steps; (step, reason, stop check) when asked to stop early."""
@@ -265,7 +261,7 @@ class Trainer:
                                (lambda x: acc.reduce(x, "mean")) if self.world > 1 else None)
         bar = tqdm(total=t.steps, initial=self.start_step, desc=f"stage {self.stage_name}",
                    disable=not self.is_main, dynamic_ncols=True)
-        self.nonfinite_in_a_row = 0
+        self.nonfinite = NonFiniteSteps(t, self.backend.skips_nonfinite, self.paths.checkpoints, self.rank)
         try:
             for step in range(self.start_step + 1, t.steps + 1):
                 self.watchdog.beat(f"step {step}", LONG_ALLOWANCE if step == self.start_step + 1 else 1.0)
@@ -273,18 +269,16 @@ class Trainer:
                 bar.update(1)
                 if step % t.log_every == 0 or step == t.steps:
                     self._log_window(step, bar)
+                self.watchdog.beat(f"validation, checkpoint or stop check after step {step}", LONG_ALLOWANCE)
                 with self.meter.paused_time():  # validation and checkpoints do not count as training time
                     if step % t.val_every == 0 or step == t.steps:
-                        self.watchdog.beat(f"validation at step {step}", LONG_ALLOWANCE)
                         self.last_val = (step, self.validate(step))
                         self.best_psnr = max(self.best_psnr, self.last_val[1])
                     if step % t.checkpoint_every == 0 or step == t.steps:
-                        self.watchdog.beat(f"the checkpoint of step {step}", LONG_ALLOWANCE)
                         self.save(step)
                 # preemption: every rank agrees at this boundary, checkpoints this step, then leaves the loop
                 if step < t.steps and (reason := stop.requested()) is not None:
                     if step % t.checkpoint_every:
-                        self.watchdog.beat(f"the checkpoint of step {step}", LONG_ALLOWANCE)
                         self.save(step)
                     return step, reason, stop
         finally:
@@ -293,8 +287,7 @@ class Trainer:
         return None
 
     def train_step(self, step: int) -> None:
-        """Optimizer step `step`: `accum` micro-batches forward and backward, then the step, schedule and EMA.
-        A step whose loss or gradient norm is NaN/Inf is skipped (train.nonfinite, _skip_nonfinite)."""
+        """Optimizer step `step`: `accum` micro-batches forward and backward, the step (a NaN/Inf one skipped), EMA."""
         for micro in range(self.accum):
             with self.meter.waiting_for_data():
                 try:
@@ -307,38 +300,11 @@ class Trainer:
                                              last=micro == self.accum - 1)
             self.meter.add_losses(losses, self.accum)
         norm, finite = self.backend.finish_step(self.meter.step_loss())
-        if finite:
-            self.nonfinite_in_a_row = 0
-        else:
-            self._skip_nonfinite(step, norm)  # or stop the run
+        self.nonfinite.check(step, finite, self.meter.step_loss(), norm)  # counts a skipped step, or stops the run
         self.meter.add_step(norm, taken=finite)
-        # the schedule follows the step count, skipped steps included: the lr at step n and the end of the
-        # schedule are those of a run without skips (and a resume restores the count exactly)
-        self.scheduler.step()
+        self.scheduler.step()  # skipped steps too: the lr is a function of the step count (docs/training.md)
         if finite and self.ema is not None:
             self.ema.update(self.backend.raw_model)
-
-    def _skip_nonfinite(self, step: int, norm: torch.Tensor) -> None:
-        """A NaN/Inf step, already kept from the weights and Adam (the plain backend): counted, or the end of
-        the run (train.nonfinite=stop, nonfinite_patience in a row, DeepSpeed). Every rank decides alike."""
-        t = self.t
-        self.nonfinite_in_a_row += 1
-        what = (f"step {step}: the loss ({self.meter.step_loss().item():.4g} on rank {self.rank}) or the gradient "
-                f"norm ({norm.item():.4g}) is not finite")
-        resume = (f"the checkpoints under {self.paths.checkpoints} hold finite weights and resume as they are; a resume "
-                  "keeps their learning-rate schedule, so for a lower train.lr (or train.warmup_steps, train.grad_clip) "
-                  "start again in a new --output-dir")
-        if not self.backend.skips_nonfinite:
-            raise NonFiniteError(f"{what}; DeepSpeed has taken the step already, so the run stops here (no checkpoint "
-                                 f"or export is written after it); {resume}")
-        advice = f"the weights, Adam and the EMA are those of step {step - self.nonfinite_in_a_row}; {resume}"
-        if t.nonfinite == "stop":
-            raise NonFiniteError(f"{what} (train.nonfinite=stop); {advice}")
-        if self.nonfinite_in_a_row >= t.nonfinite_patience:
-            raise NonFiniteError(f"{what}: {self.nonfinite_in_a_row} non-finite steps in a row, each skipped "
-                                 f"(train.nonfinite_patience={t.nonfinite_patience}); {advice}")
-        log.info(f"{what}: step skipped ({self.nonfinite_in_a_row} in a row; the run stops at "
-                 f"train.nonfinite_patience={t.nonfinite_patience})")
 
     def _log_window(self, step: int, bar) -> None:
         metrics = self.meter.window()

@@ -48,6 +48,12 @@ class Watchdog:
         if self._thread is not None:
             self._thread.join()
 
+    def __enter__(self) -> "Watchdog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _watch(self) -> None:
         while not self._closed.wait(min(1.0, self.timeout_s / 10)):
             deadline = self._deadline
