@@ -78,6 +78,11 @@ class TrainConfig:
     # load a checkpoint that cannot be verified: an artifact URI's without file_sha256, or (GOLF_CHECKPOINT_KEY set)
     # one without an HMAC; a digest or HMAC that does not match is refused even so
     resume_unverified: bool = False
+    # a step whose loss or gradient norm is NaN/Inf: skip (no optimizer step, no EMA update; counted in the metric
+    # nonfinite_steps_skipped) | stop (a named error at the first); either stops after nonfinite_patience in a row
+    nonfinite: str = "skip"
+    nonfinite_patience: int = 10
+    hang_timeout_s: float = 1800.0  # no progress for this long: dump every thread's stack, exit 124 (0 = off)
 
 
 @dataclass
@@ -309,6 +314,9 @@ def validate(cfg: Config, stage: str | None = None) -> None:
     need(t.unroll_weighting in UNROLL_WEIGHTINGS, "train.unroll_weighting", f"must be one of {', '.join(UNROLL_WEIGHTINGS)}")
     need(t.grad_accum >= 1, "train.grad_accum", "must be at least 1")
     need(t.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision", "must be no, bf16 or fp16")
+    need(t.nonfinite in ("skip", "stop"), "train.nonfinite", "must be skip or stop")
+    need(t.nonfinite_patience >= 1, "train.nonfinite_patience", "must be at least 1")
+    need(t.hang_timeout_s >= 0, "train.hang_timeout_s", "must be 0 (off) or a positive number of seconds")
     for key in ("log_every", "val_every", "checkpoint_every", "keep_last"):
         need(getattr(t, key) >= 1, f"train.{key}", "must be at least 1")
     need(cfg.val.max_pairs >= 1, "val.max_pairs", "must be at least 1")

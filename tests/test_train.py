@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -370,3 +371,68 @@ def test_stage_g_with_weights_of_the_wrong_network_names_the_file(shards, traine
     proc = run_cli("launch/train.py", "--config", cfg, "--stage", "g", f"train.f_weights={wrong}")
     assert proc.returncode != 0 and f"weights file {wrong} does not fit F" in proc.stderr
     assert "Traceback" not in proc.stderr and _no_checkpoints(tmp_path / "out")
+
+
+@pytest.mark.parametrize("override, named", [("train.nonfinite=maybe", "'train.nonfinite' must be skip or stop"),
+                                             ("train.nonfinite_patience=0", "'train.nonfinite_patience' must be"),
+                                             ("train.hang_timeout_s=-1", "'train.hang_timeout_s' must be")])
+def test_nonfinite_and_hang_keys_are_checked(override, named):
+    from golf_dist.config import DEFAULT_CONFIG, load_config
+    from golf_dist.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=named):
+        load_config(DEFAULT_CONFIG, stage="f", overrides=[override])
+
+
+def test_two_ranks_skip_the_same_nonfinite_steps_and_stop_together(shards, tmp_path):
+    """DDP: a diverging lr (steps 1-2 finite, then Inf/NaN) makes both ranks skip step 3 and stop at step 4
+    (train.nonfinite_patience=2) with the same named error; a rank that decided otherwise would wait in a
+    collective and its watchdog (train.hang_timeout_s) would end it with 124 instead."""
+    cfg = write_config(tmp_path / "cfg.yaml", shards, tmp_path / "out",
+                       train={"lr": 1e6, "schedule": "constant", "checkpoint_every": 2, "nonfinite_patience": 2,
+                              "hang_timeout_s": 20})
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "launch/train.py"), "--config", str(cfg), "--stage", "f", "data.loader=torch"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and errors, proc.stderr[-3000:]
+    assert all(e.startswith("error: step 4: ") and "2 non-finite steps in a row" in e for e in errors), errors
+    # torchrun's report: the rank that ended first exited 1; the other too, or torchrun's SIGTERM (-15) caught
+    # it on its way out; 124 (the watchdog) would mean a rank waited in a collective the other never joined
+    codes = re.findall(r"exitcode\s*: (-?\d+)", proc.stderr)
+    assert "1" in codes and set(codes) <= {"1", "-15"}, codes
+    ckpts = tmp_path / "out" / "f" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000002"]
+    weights = _weights(ckpts / "step-00000002" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_deepspeed_stops_at_the_first_nonfinite_step(shards, tmp_path):
+    """DeepSpeed's engine has stepped before the trainer sees the loss and the norm (fp32 here; its own
+    overflow skip is fp16's): the run stops at step 3 whatever train.nonfinite says, before a checkpoint or
+    an export holds those weights."""
+    pytest.importorskip("transformers", reason="Accelerate's DeepSpeed integration imports transformers")
+    ds_json = json.loads((ROOT / "configs" / "accelerate" / "deepspeed_zero2.json").read_text())
+    ds_json["bf16"] = {"enabled": False}  # no bf16 on this CPU path
+    ds_json["zero_optimization"]["overlap_comm"] = False
+    (tmp_path / "ds_cpu.json").write_text(json.dumps(ds_json))
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.yaml", shards, out, train={"lr": 1e6, "schedule": "constant", "checkpoint_every": 2},
+                       data={"loader": "torch"})
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", ACCELERATE_USE_DEEPSPEED="true",
+               ACCELERATE_DEEPSPEED_CONFIG_FILE=str(tmp_path / "ds_cpu.json"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+         str(ROOT / "launch/train.py"), "--config", str(cfg), "--stage", "f"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith("error: step 3: ") and "DeepSpeed has taken the step already" in errors[0], errors
+    assert sorted(p.name for p in (out / "f" / "checkpoints").iterdir()) == ["step-00000002"]
+    assert not (out / "f.safetensors").exists()

@@ -7,4 +7,5 @@
     meter.py     StepMeter: throughput, data wait, pauses, gradient norm and GPU memory per window
     state.py     TrainingState: the typed content of a checkpoint's state.json
     resume.py    where a stage starts from: the trained F of stage g, the checkpoint every rank loads
+    watchdog.py  Watchdog: a rank that makes no progress for train.hang_timeout_s dumps its stacks and exits 124
 """

@@ -5,18 +5,62 @@ DeepSpeed's engine divides by the accumulation count, reduces and steps at its o
 clips (gradient_clipping in its config) and partitions Adam's state across ranks (ZeRO-2); checkpoints
 hold Adam's plain layout either way (golf_dist.distributed.full_state / load_full_state), so a
 checkpoint is the same file whether DDP or DeepSpeed wrote it.
+
+A step whose loss or gradient norm is NaN or Inf on any rank is found by both (`finish_step` returns whether
+the step was finite, the same answer on every rank). The plain backend then leaves the weights and Adam
+untouched (`skips_nonfinite`); DeepSpeed's engine has already stepped by then, so the trainer stops instead.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from golf_dist import distributed as dist_utils
+from golf_dist.errors import GolfError
+from golf_dist.log import get_logger
 from golf_dist.optim import clip_gradients
 
 LossOf = Callable[[], dict[str, torch.Tensor]]
+log = get_logger(__name__)
+
+
+class NonFiniteError(GolfError):
+    """Training stopped at a step whose loss or gradient norm was NaN or Inf (train.nonfinite)."""
+
+
+class NonFiniteSteps:
+    """train.nonfinite for the steps `finish_step` found not finite (the same on every rank): count a skipped one,
+    or stop with NonFiniteError (`stop`, `patience` in a row, or a backend that cannot skip: DeepSpeed)."""
+
+    def __init__(self, t, can_skip: bool, checkpoints: Path, rank: int):  # t: the config's TrainConfig
+        self.policy, self.patience, self.can_skip = t.nonfinite, t.nonfinite_patience, can_skip
+        self.checkpoints, self.rank = checkpoints, rank
+        self.in_a_row = 0
+
+    def check(self, step: int, finite: bool, step_loss: torch.Tensor, norm: torch.Tensor) -> None:
+        if finite:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        what = (f"step {step}: the loss ({step_loss.item():.4g} on rank {self.rank}) or the gradient norm "
+                f"({norm.item():.4g}) is not finite")
+        resume = (f"the checkpoints under {self.checkpoints} hold finite weights and resume as they are; a resume "
+                  "keeps their learning-rate schedule, so for a lower train.lr (or train.warmup_steps, train.grad_clip) "
+                  "start again in a new --output-dir")
+        if not self.can_skip:
+            raise NonFiniteError(f"{what}; DeepSpeed has taken the step already, so the run stops here (no checkpoint "
+                                 f"or export is written after it); {resume}")
+        advice = f"the weights, Adam and the EMA are those of step {step - self.in_a_row}; {resume}"
+        if self.policy == "stop":
+            raise NonFiniteError(f"{what} (train.nonfinite=stop); {advice}")
+        if self.in_a_row >= self.patience:
+            raise NonFiniteError(f"{what}: {self.in_a_row} non-finite steps in a row, each skipped "
+                                 f"(train.nonfinite_patience={self.patience}); {advice}")
+        log.info(f"{what}: step skipped ({self.in_a_row} in a row; the run stops at "
+                 f"train.nonfinite_patience={self.patience})")
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -58,14 +102,32 @@ class AccelerateBackend:
                     self.accelerator.backward(losses["total"] / self.accum)
         return losses
 
-    def finish_step(self) -> torch.Tensor:
-        """Clip, step, zero the gradients; returns the global gradient norm before clipping (float64)."""
-        if self.accelerator.scaler is not None:  # fp16: clip and measure the true gradients
+    # a non-finite step is skipped here before it reaches the weights (DeepSpeed's engine steps on its own)
+    skips_nonfinite = True
+
+    def finish_step(self, step_loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Clip, step, zero the gradients. Returns the global gradient norm before clipping (float64) and whether
+        the step was finite; a non-finite one (`step_loss`, this rank's summed loss, or the norm NaN/Inf on any
+        rank) is not taken: the gradients are dropped and the weights and Adam's state stay as they were."""
+        scaler = self.accelerator.scaler
+        if scaler is not None:  # fp16: clip and measure the true gradients
             self.accelerator.unscale_gradients()
         norm = clip_gradients(self.model.parameters(), self.grad_clip).double()
-        self.optimizer.step()
+        finite = self.all_finite(norm, step_loss)
+        if finite:
+            self.optimizer.step()
+        elif scaler is not None:
+            scaler.update()  # fp16: the loss scale still shrinks after an overflow, as GradScaler.step would do
         self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return norm, finite
+
+    def all_finite(self, norm: torch.Tensor, step_loss: torch.Tensor) -> bool:
+        """Whether the norm and the loss are finite on every rank: one all-reduce of a one-element flag (the
+        norm is already global after DDP's all-reduce, the loss is this rank's). A host sync per step."""
+        bad = (~torch.isfinite(norm.to(step_loss.device)) | ~torch.isfinite(step_loss)).double().reshape(1)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, "sum")
+        return bad.item() == 0
 
     def load(self, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any]) -> None:
         self.raw_model.load_state_dict(model_state)
@@ -102,9 +164,14 @@ class DeepSpeedBackend(AccelerateBackend):
         self.model.step()
         return losses
 
-    def finish_step(self) -> torch.Tensor:
+    # the engine clipped and stepped inside micro_step; with bf16 or fp32 nothing there skips a NaN/Inf step
+    # (DeepSpeed's overflow skip is fp16's, which is refused here), so the trainer stops at one instead
+    skips_nonfinite = False
+
+    def finish_step(self, step_loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
         # the engine clipped and stepped at the boundary; its norm is the one before clipping
-        return torch.as_tensor(float(self.model.get_global_grad_norm() or 0.0), dtype=torch.float64)
+        norm = torch.as_tensor(float(self.model.get_global_grad_norm() or 0.0), dtype=torch.float64)
+        return norm, self.all_finite(norm, step_loss)
 
     def load(self, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any]) -> None:
         dist_utils.load_full_state(self.raw_model, self.optimizer, model_state, optimizer_state)

@@ -1,9 +1,11 @@
 """StepMeter: what the training loop measures, kept out of the loop. It sums the losses and gradient norms
 of a logging window, times the wait for data and the pauses (validation, checkpoints: not training time),
-and hands the loop one dict of metrics per window."""
+and hands the loop one dict of metrics per window. A step skipped for a NaN/Inf loss or gradient norm is
+counted (nonfinite_steps_skipped) and left out of the loss and norm means."""
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -19,11 +21,13 @@ class StepMeter:
         self.global_batch = global_batch
         self.reduce_mean = reduce_mean  # the mean over ranks of a tensor (None: one process)
         self.sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=device)
+        self.step_sums = torch.zeros_like(self.sums)  # the step in progress, added to `sums` once it is taken
         self.grad_norms = torch.zeros(2, dtype=torch.float64, device=device)  # sum and max of the window's norms
         self._reset()
 
     def _reset(self) -> None:
         self.steps, self.start, self.waited, self.paused = 0, time.perf_counter(), 0.0, 0.0
+        self.skipped = 0  # steps of the window not taken (non-finite)
         self.sums.zero_()
         self.grad_norms.zero_()
 
@@ -45,26 +49,39 @@ class StepMeter:
 
     def add_losses(self, losses: dict[str, torch.Tensor], accum: int) -> None:
         """One micro-batch's losses (of `accum` per optimizer step)."""
-        self.sums += torch.stack([losses[k].detach().double() for k in LOSS_KEYS]) / accum
+        self.step_sums += torch.stack([losses[k].detach().double() for k in LOSS_KEYS]) / accum
 
-    def add_step(self, grad_norm: torch.Tensor) -> None:
-        """One optimizer step done; `grad_norm` is its global gradient norm before clipping."""
-        norm = grad_norm.to(self.device)
-        self.grad_norms[0] += norm
-        self.grad_norms[1] = torch.maximum(self.grad_norms[1], norm)
+    def step_loss(self) -> torch.Tensor:
+        """The total loss of the step in progress (this rank's)."""
+        return self.step_sums[0]
+
+    def add_step(self, grad_norm: torch.Tensor, taken: bool = True) -> None:
+        """One step done; `grad_norm` is its global gradient norm before clipping; not `taken`: skipped as
+        non-finite (counted; its losses and norm stay out of the means)."""
         self.steps += 1
+        if taken:
+            norm = grad_norm.to(self.device)
+            self.sums += self.step_sums
+            self.grad_norms[0] += norm
+            self.grad_norms[1] = torch.maximum(self.grad_norms[1], norm)
+        else:
+            self.skipped += 1
+        self.step_sums.zero_()
 
     def window(self) -> dict[str, float]:
         """The metrics of the window that ends now (means over its steps and over ranks); starts the next."""
-        mean = (self.reduce_mean(self.sums) if self.reduce_mean is not None else self.sums) / self.steps
+        # every rank skips the same steps (backend.all_finite), so `taken` is the same on every rank
+        taken = self.steps - self.skipped
+        mean = (self.reduce_mean(self.sums) if self.reduce_mean is not None else self.sums) / (taken or math.nan)
         elapsed = time.perf_counter() - self.start - self.paused
         metrics = {
             "loss": mean[0].item(),
             "loss_content": mean[1].item(),
             "loss_perceptual": mean[2].item(),
             # the global gradient norm before clipping (the same on every rank after DDP's all-reduce)
-            "grad_norm": self.grad_norms[0].item() / self.steps,
-            "grad_norm_max": self.grad_norms[1].item(),
+            "grad_norm": self.grad_norms[0].item() / (taken or math.nan),
+            "grad_norm_max": self.grad_norms[1].item() if taken else math.nan,
+            "nonfinite_steps_skipped": self.skipped,
             "crops_per_s": self.steps * self.global_batch / elapsed,
             "data_wait_share": self.waited / elapsed,
         }

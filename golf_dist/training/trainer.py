@@ -43,7 +43,7 @@ from golf_dist.run_info import run_params
 from golf_dist.speed import adam_options, apply_backend_flags, prepare_input, warn_if_bf16_is_slow
 from golf_dist.speed import resolve as resolve_speed
 from golf_dist.tracking import Tracker, redact_config_dict
-from golf_dist.training.backend import make_accelerator, make_backend
+from golf_dist.training.backend import NonFiniteSteps, make_accelerator, make_backend
 from golf_dist.training.meter import StepMeter
 from golf_dist.training.resume import (
     StagePaths, open_train_loader, resolve_f_weights, resume_checkpoint, resume_from_checkpoint,
@@ -51,6 +51,7 @@ from golf_dist.training.resume import (
 from golf_dist.training.speed_check import prepare_stage, record_fallbacks
 from golf_dist.training.stages import FStage, GStage
 from golf_dist.training.state import TrainingState
+from golf_dist.training.watchdog import LONG_ALLOWANCE, Watchdog
 
 log = get_logger(__name__)
 
@@ -253,13 +254,14 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         self.setup()
-        try:
-            stopped = self._run_steps()
-            result = self._stop_for_preemption(*stopped) if stopped else self.export()
-        except BaseException as err:
-            self.close("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-            raise
-        return result
+        with Watchdog(self.t.hang_timeout_s, self.rank, self.paths.stage_dir) as self.watchdog:  # a stuck rank: exit 124
+            try:
+                stopped = self._run_steps()
+                self.watchdog.beat("the export" if not stopped else "the preemption stop", LONG_ALLOWANCE)
+                return self._stop_for_preemption(*stopped) if stopped else self.export()
+            except BaseException as err:
+                self.close("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+                raise
 
     def _run_steps(self) -> tuple[int, str, StopCheck] | None:
         """Steps from the resumed one to train.steps; (step, reason, stop check) when asked to stop early."""
@@ -271,12 +273,15 @@ class Trainer:
                                (lambda x: acc.reduce(x, "mean")) if self.world > 1 else None)
         bar = tqdm(total=t.steps, initial=self.start_step, desc=f"stage {self.stage_name}",
                    disable=not self.is_main, dynamic_ncols=True)
+        self.nonfinite = NonFiniteSteps(t, self.backend.skips_nonfinite, self.paths.checkpoints, self.rank)
         try:
             for step in range(self.start_step + 1, t.steps + 1):
-                self.train_step()
+                self.watchdog.beat(f"step {step}", LONG_ALLOWANCE if step == self.start_step + 1 else 1.0)
+                self.train_step(step)
                 bar.update(1)
                 if step % t.log_every == 0 or step == t.steps:
                     self._log_window(step, bar)
+                self.watchdog.beat(f"validation, checkpoint or stop check after step {step}", LONG_ALLOWANCE)
                 with self.meter.paused_time():  # validation and checkpoints do not count as training time
                     if step % t.val_every == 0 or step == t.steps:
                         self.last_val = (step, self.validate(step))
@@ -293,8 +298,8 @@ class Trainer:
         stop.clear_marker()
         return None
 
-    def train_step(self) -> None:
-        """One optimizer step: `accum` micro-batches forward and backward, then the step, schedule and EMA."""
+    def train_step(self, step: int) -> None:
+        """Optimizer step `step`: `accum` micro-batches forward and backward, the step (a NaN/Inf one skipped), EMA."""
         for micro in range(self.accum):
             with self.meter.waiting_for_data():
                 try:
@@ -306,9 +311,11 @@ class Trainer:
             losses = self.backend.micro_step(lambda: self.stage.loss(self.backend.model, blur, sharp),
                                              last=micro == self.accum - 1)
             self.meter.add_losses(losses, self.accum)
-        self.meter.add_step(self.backend.finish_step())
-        self.scheduler.step()
-        if self.ema is not None:
+        norm, finite = self.backend.finish_step(self.meter.step_loss())
+        self.nonfinite.check(step, finite, self.meter.step_loss(), norm)  # counts a skipped step, or stops the run
+        self.meter.add_step(norm, taken=finite)
+        self.scheduler.step()  # skipped steps too: the lr is a function of the step count (docs/training.md)
+        if finite and self.ema is not None:
             self.ema.update(self.backend.raw_model)
 
     def _log_window(self, step: int, bar) -> None:
