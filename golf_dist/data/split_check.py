@@ -305,3 +305,12 @@ def open_pairs(
     pairs = CheckedPairs(checked) if checked.bad else ShardPairs(shard_dir, split, cache_dir)
     pairs.checked = checked
     return pairs
+
+
+def check_crop_fits(crop: int, *splits: ShardPairs) -> None:
+    """Config key data.crop against the frame size of each split: a ConfigError naming the key and the split."""
+    for pairs in splits:
+        size = pairs.frame_size
+        if size is not None and min(size) < crop:
+            raise ConfigError(f"config key 'data.crop'={crop} is larger than the {size[0]}x{size[1]} frames of "
+                              f"split '{pairs.split}' in {pairs.shard_dir}")

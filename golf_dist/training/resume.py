@@ -20,9 +20,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from golf_dist.checkpoints import list_checkpoints, load_latest, read_state
+from golf_dist.checkpoints import clean_stale_temporaries, list_checkpoints, load_latest, read_state
 from golf_dist.config import Config
 from golf_dist.data.loaders import make_train_loader, resolve_loader
+from golf_dist.data.shard_reader import sha256_file
 from golf_dist.errors import DataError
 from golf_dist.log import get_logger
 from golf_dist.tracking import redact
@@ -55,6 +56,24 @@ class StagePaths:
     @property
     def run_info(self) -> Path:
         return self.output_dir / f"{self.stage}_run.json"
+
+
+def clean_leftovers(paths: StagePaths) -> None:
+    """Remove what a killed or disk-full writer left under a temporary name: checkpoints, exports and
+    .resume-* downloads (golf_dist.checkpoints.clean_stale_temporaries); each one logged."""
+    for folder in (paths.checkpoints, paths.stage_dir, paths.output_dir):
+        for stale in clean_stale_temporaries(folder):
+            log.info(f"removed the leftover {stale} of an earlier run")
+
+
+def f_weights_record(output_dir: Path, f_path: Path) -> dict[str, str]:
+    """What a stage g run records of the F it starts from: its path, sha256 and (when stage f ran here) the
+    F run's MLflow id."""
+    record = {"f_weights": str(f_path.resolve()), "f_weights_sha256": sha256_file(f_path)}
+    f_run_file = StagePaths(output_dir, "f").run_info
+    if f_run_file.is_file():
+        record["f_run_id"] = json.loads(f_run_file.read_text()).get("mlflow_run_id") or ""
+    return record
 
 
 def resolve_f_weights(cfg: Config, output_dir: Path) -> Path:

@@ -24,12 +24,12 @@ from tqdm import tqdm
 
 from golf_dist import __version__
 from golf_dist.checkpoints import (
-    best_checkpoint, clean_stale_temporaries, exported_weights, load_into, prune, save_checkpoint, save_weights,
+    best_checkpoint, exported_weights, load_into, prune, save_checkpoint, save_weights,
     set_rng_state,
 )
 from golf_dist.config import Config, flatten, to_dict
-from golf_dist.data.split_check import open_pairs
-from golf_dist.data.loader import unwrap_worker_error
+from golf_dist.data.split_check import check_crop_fits, open_pairs
+from golf_dist.data.loader import unwrapped_errors
 from golf_dist.data.shard_reader import sha256_file
 from golf_dist.data.storage import write_atomic
 from golf_dist.errors import ConfigError, GolfError
@@ -46,7 +46,7 @@ from golf_dist.tracking import Tracker, redact_config_dict
 from golf_dist.training.backend import NonFiniteSteps, make_accelerator, make_backend
 from golf_dist.training.meter import StepMeter
 from golf_dist.training.resume import (
-    StagePaths, open_train_loader, resolve_f_weights, resume_checkpoint, resume_from_checkpoint,
+    StagePaths, clean_leftovers, f_weights_record, open_train_loader, resolve_f_weights, resume_checkpoint, resume_from_checkpoint,
 )
 from golf_dist.training.speed_check import prepare_stage, record_fallbacks
 from golf_dist.training.stages import FStage, GStage
@@ -107,13 +107,7 @@ class Trainer:
         # the validation split too, its frames decoded: a corrupt one is found now, not at a validation step
         self.val_pairs = open_pairs(cfg.data.shards, cfg.data.val_split, cfg.data.on_bad_sample, cfg.data.cache_dir,
                                     decoded=cfg.val.max_pairs)
-        for pairs in (self.train_pairs, self.val_pairs):
-            size = pairs.frame_size
-            if size is not None and min(size) < cfg.data.crop:
-                raise ConfigError(
-                    f"config key 'data.crop'={cfg.data.crop} is larger than the {size[0]}x{size[1]} frames of "
-                    f"split '{pairs.split}' in {pairs.shard_dir}"
-                )
+        check_crop_fits(cfg.data.crop, self.train_pairs, self.val_pairs)
 
     def _build(self) -> None:
         cfg, t = self.cfg, self.t
@@ -154,9 +148,7 @@ class Trainer:
         train.resume_from)."""
         paths, t = self.paths, self.t
         if self.is_main:  # what a killed or disk-full writer left under a temporary name (before this run writes)
-            stale_dirs = (paths.checkpoints, paths.stage_dir, paths.output_dir)  # stage_dir: .resume-* downloads
-            for stale in [entry for folder in stale_dirs for entry in clean_stale_temporaries(folder)]:
-                log.info(f"removed the leftover {stale} of an earlier run")
+            clean_leftovers(paths)
         self.accelerator.wait_for_everyone()
         self.start_step, self.run_id, self.resumed_from = 0, None, None
         self.ckpt_path: Path | None = None
@@ -211,7 +203,7 @@ class Trainer:
             global_batch=self.global_batch, accum=self.accum, world=self.world, rank=self.rank,
             start_step=self.start_step, device=self.device, announce=self.is_main,
         )
-        self.batches = iter(self.loader)
+        self.batches = unwrapped_errors(self.loader)  # a worker's error re-raised with its message alone
 
     def _start_tracking(self) -> None:
         """The MLflow run (main process only): new, or continued after a resume; params on a new one."""
@@ -226,12 +218,8 @@ class Trainer:
             tags["golf.resumed_from"] = self.resumed_from
         # what the speed layer's start-up check turned off: speed_fallback.json and an MLflow tag
         tags.update(record_fallbacks(self.speed_fallbacks, paths.stage_dir, self.is_main))
-        f_info: dict[str, str] = {}
+        f_info = f_weights_record(paths.output_dir, self.f_path) if stage == "g" else {}
         if stage == "g":
-            f_info = {"f_weights": str(self.f_path.resolve()), "f_weights_sha256": sha256_file(self.f_path)}
-            f_run_file = StagePaths(paths.output_dir, "f").run_info
-            if f_run_file.is_file():
-                f_info["f_run_id"] = json.loads(f_run_file.read_text()).get("mlflow_run_id") or ""
             tags["golf.f_run_id"] = f_info.get("f_run_id", "")
         self.tracker = Tracker(self.is_main, cfg.tracking.uri, cfg.tracking.experiment,
                                metrics_file=paths.stage_dir / "metrics.jsonl")
@@ -302,10 +290,7 @@ class Trainer:
         """Optimizer step `step`: `accum` micro-batches forward and backward, the step (a NaN/Inf one skipped), EMA."""
         for micro in range(self.accum):
             with self.meter.waiting_for_data():
-                try:
-                    blur, sharp = next(self.batches)
-                except GolfError as err:
-                    raise unwrap_worker_error(err) from None
+                blur, sharp = next(self.batches)
             blur, sharp = blur.to(self.device, non_blocking=True), sharp.to(self.device, non_blocking=True)
             blur, sharp = prepare_input(blur, self.speed), prepare_input(sharp, self.speed)
             losses = self.backend.micro_step(lambda: self.stage.loss(self.backend.model, blur, sharp),
@@ -379,11 +364,10 @@ class Trainer:
                 {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict()}, state.to_json(),
                 ema_state=self.ema.state_dict() if self.ema is not None else None,
             )
-            if self.cfg.tracking.log_checkpoints:  # a copy in the run's artifact store: resume from it elsewhere
+            pruned = prune(self.paths.checkpoints, self.t.keep_last)  # never the newest
+            if self.cfg.tracking.log_checkpoints:  # a copy in the run's artifact store (resume from it elsewhere)
                 self.tracker.log_artifacts(written, f"checkpoints/{written.name}")
-            pruned = prune(self.paths.checkpoints, self.t.keep_last)
-            if self.cfg.tracking.log_checkpoints:  # the uploaded copies go with the local ones
-                self.tracker.delete_artifacts([f"checkpoints/{path.name}" for path in pruned])
+                self.tracker.delete_artifacts([f"checkpoints/{path.name}" for path in pruned])  # go with the local
         self.accelerator.wait_for_everyone()
 
     # ---- the end -------------------------------------------------------------------------------------
