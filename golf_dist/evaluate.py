@@ -141,8 +141,9 @@ def load_trained(output_dir: Path, device: torch.device, iterations: int):
 
 def run_evaluation(output_dir: Path, shards: str, split: str, iterations: int, limit: int | None,
                    tracking_cfg, tile: int | None = None, overlap: int = 32, ensemble: str = "x1",
-                   register: str | None = None, speed_cfg=None) -> dict[str, Any] | None:
-    """The command line's work: evaluate F + G of `output_dir`, log to MLflow; the result on rank 0."""
+                   register: str | None = None, speed_cfg=None, path_root: str | None = None) -> dict[str, Any] | None:
+    """The command line's work: evaluate F + G of `output_dir`, log to MLflow (`register`: also an MLflow model,
+    which may read images under `path_root`); the result on rank 0."""
     from accelerate import Accelerator
 
     from golf_dist.tracking import Tracker
@@ -194,7 +195,8 @@ def run_evaluation(output_dir: Path, shards: str, split: str, iterations: int, l
         tracker.log_artifact(path, "figures")
     if register:
         try:
-            result["registered"] = register_model(tracker, output_dir, iterations, ensemble, register, result["psnr"])
+            result["registered"] = register_model(tracker, output_dir, iterations, ensemble, register, result["psnr"],
+                                                  path_root)
         except BaseException:
             tracker.end("FAILED")  # the run asked for a model it did not get
             raise
@@ -206,9 +208,10 @@ def run_evaluation(output_dir: Path, shards: str, split: str, iterations: int, l
 
 
 def register_model(tracker, output_dir: Path, iterations: int, ensemble: str, name: str,
-                   test_psnr: float) -> dict[str, str]:
-    """Log F + G (run as evaluated: `iterations`, `ensemble`) as a pyfunc model into the evaluation's MLflow
-    run and register it as NAME, its test PSNR a tag of the new version. Unlike metrics, this does not
+                   test_psnr: float, path_root: str | None = None) -> dict[str, str]:
+    """Log F + G (run as evaluated: `iterations`, `ensemble`; reading the `path` column under `path_root` only)
+    as a pyfunc model into the evaluation's MLflow run and register it as NAME, its test PSNR a tag of the new
+    version. Unlike metrics, this does not
     survive an unreachable store: it is what was asked for."""
     import mlflow
 
@@ -221,7 +224,7 @@ def register_model(tracker, output_dir: Path, iterations: int, ensemble: str, na
                             "evaluation's run, so there is no run to log the model into")
     with fluent_tracking_uri(tracker.uri):
         with mlflow.start_run(run_id=tracker.run_id):
-            info = log_model(output_dir, iterations, ensemble)
+            info = log_model(output_dir, iterations, ensemble, path_root=path_root)
         version = mlflow.register_model(info.model_uri, name, tags={"test_psnr": f"{test_psnr:.4f}"})
     log.info(f"registered model {name} version {version.version} ({info.model_uri}; test PSNR {test_psnr:.2f} dB)")
     return {"name": name, "version": str(version.version), "model_uri": info.model_uri}

@@ -102,7 +102,7 @@ def test_deblur_with_onnxruntime(onnx_dir, tmp_path):
 def test_registered_mlflow_model_predicts_what_deblur_writes(small_run, tmp_path):
     """evaluate --ensemble x2 --register logs F + G as a pyfunc model run as evaluated and registers it;
     `mlflow models predict` on it gives the pixels `launch/deblur.py --ensemble x2` writes from an array; it
-    reads no `path` (tests/test_model_inputs.py: a model logged with a path root)."""
+    reads a `path` under --path-root only (tests/test_model_inputs.py: the root's checks; no root, no `path`)."""
     import mlflow
     import pandas as pd
     from mlflow.tracking import MlflowClient
@@ -113,8 +113,14 @@ def test_registered_mlflow_model_predicts_what_deblur_writes(small_run, tmp_path
     (out / "g").mkdir(parents=True)
     for name in ("f.safetensors", "g.safetensors", "g/config.yaml"):
         shutil.copy(small_run["out"] / name, out / name)
+    # --path-root with no --register, or not a folder: refused before any work
+    for flags in (["--path-root", str(tmp_path)], ["--register", "golf-small", "--path-root", str(tmp_path / "none")]):
+        refused = run_cli("launch/evaluate.py", "--output-dir", out, *flags, f"tracking.uri={db}")
+        assert refused.returncode == 2 and "--path-root" in refused.stderr, refused.stderr[-2000:]
+    served = tmp_path / "served"
+    served.mkdir()
     proc = run_cli("launch/evaluate.py", "--output-dir", out, "--iterations", "2", "--limit", "1", "--ensemble", "x2",
-                   "--register", "golf-small", f"tracking.uri={db}", check=True)
+                   "--register", "golf-small", "--path-root", served, f"tracking.uri={db}", check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["ensemble"] == "x2" and result["pairs"] == 1 and result["seconds_per_pair"] > 0
     client = MlflowClient(tracking_uri=db)
@@ -140,7 +146,10 @@ def test_registered_mlflow_model_predicts_what_deblur_writes(small_run, tmp_path
     assert len(rows) == 1 and np.array_equal(np.asarray(rows[0]["image"], dtype=np.uint8), expected)
     with fluent_tracking_uri(db):
         model = mlflow.pyfunc.load_model("models:/golf-small/1")
-    with pytest.raises(Exception, match="takes no 'path'"):  # no path root given: the column is off
+    # registered with --path-root: a file under it is read, one outside it is not
+    shutil.copy(src, served / "photo.png")
+    assert np.array_equal(model.predict(pd.DataFrame({"path": ["photo.png"]}))["image"][0], expected)
+    with pytest.raises(Exception, match="no image at 'path'"):
         model.predict(pd.DataFrame({"path": [str(src)]}))
     with pytest.raises(Exception, match="at least 4 pixels"):
         model.predict(pd.DataFrame({"image": [np.zeros((3, 8, 3), dtype=np.uint8)]}))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from golf_dist.cli import add_ensemble_argument, run_main
 from golf_dist.config import DEFAULT_CONFIG, load_config, parse_overrides
+from golf_dist.errors import ConfigError
 from golf_dist.inference import MAX_ITERATIONS, check_iterations
 from golf_dist.tiling import MAX_TILES, MIN_TILE
 
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     add_ensemble_argument(parser)
     parser.add_argument("--register", metavar="NAME", help="log F + G as an MLflow pyfunc model into the evaluation's "
                         "run and register it as NAME, with its test PSNR as a tag")
+    parser.add_argument("--path-root", metavar="DIR", help="with --register: the folder whose PNG/JPEG files the "
+                        "served model may read through its 'path' column (default: none; callers send pixels)")
     parser.add_argument("--config", help="config for tracking.* and eval.* (default: the run's resolved config)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. tracking.uri=...")
     args = parser.parse_args(argv)
@@ -49,10 +52,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from golf_dist.tiling import check_tiling
 
+    if args.path_root is not None and not args.register:
+        raise ConfigError("--path-root applies to the model --register NAME logs: give --register too")
+    if args.path_root is not None and not Path(args.path_root).is_dir():
+        raise ConfigError(f"--path-root {args.path_root} is not a folder")
+
     check_tiling(args.tile, args.overlap)
     result = run_evaluation(out, args.shards or cfg.data.shards, args.split, iterations, args.limit, cfg.tracking,
                             tile=args.tile, overlap=args.overlap, ensemble=args.ensemble, register=args.register,
-                            speed_cfg=cfg.speed)
+                            speed_cfg=cfg.speed, path_root=args.path_root)
     if result is not None:
         print_result(result)
     return 0
