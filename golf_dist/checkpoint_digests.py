@@ -27,10 +27,12 @@ class UnsignedCheckpointError(DataError):
     """A checkpoint without an HMAC while GOLF_CHECKPOINT_KEY is set: load_latest stops on it rather than
     passing over every checkpoint of a run that was started without the key (and training from step 0)."""
 
+
 DIGESTS = "file_sha256"  # the state.json key: {file name: sha256 hex digest} of the folder's other files
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 KEY_ENV = "GOLF_CHECKPOINT_KEY"  # the HMAC key's environment variable (its value is never logged or written)
 HMAC = "state_hmac_sha256"  # the state.json key: HMAC-SHA256 of state.json's other keys under that key
+
 
 def checkpoint_key() -> bytes | None:
     """The HMAC key GOLF_CHECKPOINT_KEY holds (None when unset or empty)."""

@@ -141,7 +141,8 @@ def load_trained(output_dir: Path, device: torch.device, iterations: int):
 
 def run_evaluation(output_dir: Path, shards: str, split: str, iterations: int, limit: int | None,
                    tracking_cfg, tile: int | None = None, overlap: int = 32, ensemble: str = "x1",
-                   register: str | None = None, speed_cfg=None, path_root: str | None = None) -> dict[str, Any] | None:
+                   register: str | None = None, speed_cfg=None, path_root: str | None = None
+                   ) -> dict[str, Any] | None:
     """The command line's work: evaluate F + G of `output_dir`, log to MLflow (`register`: also an MLflow model,
     which may read images under `path_root`); the result on rank 0."""
     from accelerate import Accelerator
@@ -211,8 +212,7 @@ def register_model(tracker, output_dir: Path, iterations: int, ensemble: str, na
                    test_psnr: float, path_root: str | None = None) -> dict[str, str]:
     """Log F + G (run as evaluated: `iterations`, `ensemble`; reading the `path` column under `path_root` only)
     as a pyfunc model into the evaluation's MLflow run and register it as NAME, its test PSNR a tag of the new
-    version. Unlike metrics, this does not
-    survive an unreachable store: it is what was asked for."""
+    version. Unlike metrics, this does not survive an unreachable store: it is what was asked for."""
     import mlflow
 
     from golf_dist.errors import TrackingError

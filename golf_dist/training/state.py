@@ -47,8 +47,9 @@ class TrainingState:
                 continue
             kind = str(field.type).replace(" | None", "")
             if isinstance(value, bool) or not isinstance(value, _JSON_TYPES[kind]):
-                raise DataError(f"checkpoint file {source}: {field.name} is {value!r}, not a{'n' if kind == 'int' else ''} "
-                                f"{kind} (damaged or altered)")
+                article = "an" if kind == "int" else "a"
+                raise DataError(f"checkpoint file {source}: {field.name} is {value!r}, not {article} {kind} "
+                                "(damaged or altered)")
             values[field.name] = float(value) if kind == "float" else value
         return cls(**values)
 

@@ -46,7 +46,8 @@ from golf_dist.tracking import Tracker, redact_config_dict
 from golf_dist.training.backend import NonFiniteSteps, make_accelerator, make_backend
 from golf_dist.training.meter import StepMeter
 from golf_dist.training.resume import (
-    StagePaths, clean_leftovers, f_weights_record, open_train_loader, resolve_f_weights, resume_checkpoint, resume_from_checkpoint,
+    StagePaths, clean_leftovers, f_weights_record, open_train_loader, resolve_f_weights, resume_checkpoint,
+    resume_from_checkpoint,
 )
 from golf_dist.training.speed_check import prepare_stage, record_fallbacks
 from golf_dist.training.stages import FStage, GStage
