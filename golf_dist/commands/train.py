@@ -19,8 +19,8 @@ import logging
 import os
 import sys
 
-from golf_dist import preemption
-from golf_dist.cli import run_main
+from golf_dist.training import preemption
+from golf_dist.commands.common import run_main
 from golf_dist.config import DEFAULT_CONFIG, load_config, parse_overrides
 
 

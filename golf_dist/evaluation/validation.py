@@ -1,4 +1,5 @@
-"""Full-frame evaluation: F, then G iterated, PSNR and SSIM per iteration, exact across ranks.
+"""Full-frame evaluation: F, then G iterated, PSNR and SSIM per iteration, exact across ranks (the trainer's
+validation; golf-evaluate's workflow around it: golf_dist/evaluation/workflow.py).
 
 Pair i of the split goes to rank i % world (as NAFNet's dist_validation does); every rank sums its
 metrics in float64 and the sums and counts are all-reduced, so the mean is the same as one process's.
@@ -7,24 +8,16 @@ metrics in float64 and the sums and counts are all-reduced, so the mean is the s
 from __future__ import annotations
 
 import contextlib
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from golf_dist import plots
-from golf_dist.data.loader import ShardPairs, full_frame_loader, unwrapped_errors
-from golf_dist.data.storage import write_atomic
-from golf_dist.inference import restore_iterates, to_uint8
-from golf_dist.log import get_logger
+from golf_dist.data.torch_loader import ShardPairs, full_frame_loader, unwrapped_errors
+from golf_dist.inference.engine import restore_iterates, to_uint8
 from golf_dist.metrics import SSIM_VARIANT, psnr, ssim
-from golf_dist.speed import FALLBACK_FILE, fallback_json, fallback_tag, fallbacks_of, for_inference
-
-log = get_logger(__name__)
 
 
 def to_float_hwc(image: torch.Tensor) -> np.ndarray:
@@ -64,8 +57,8 @@ def evaluate_pairs(
     0..N, the pair count, and up to `samples` (key, blur|output|sharp image) triplets from this rank, the
     output being the estimate after `sample_iteration` G iterations (default: the last), and the first
     `keep_frames` frames of this rank from different scenes, as HxWx3 float arrays (key, blur, f: F's estimate,
-    final, sharp). `tile`: run on overlapping tiles of that side (golf_dist.tiling); None: whole frames.
-    `ensemble`: average over flips and transposes (golf_dist.ensemble; x1: none). `seconds_per_pair`: the
+    final, sharp). `tile`: run on overlapping tiles of that side (golf_dist.inference.tiling); None: whole frames.
+    `ensemble`: average over flips and transposes (golf_dist.inference.ensemble; x1: none). `seconds_per_pair`: the
     mean wall time of one frame's restoration (F, the G iterations, tiles and ensemble; not the metrics).
     """
     steps = iterations if g is not None else 0
@@ -116,130 +109,3 @@ def evaluate_pairs(
     if with_ssim:
         result.update(ssim=mean[2], input_ssim=mean[4], ssim_variant=SSIM_VARIANT)
     return result
-
-
-def load_trained(output_dir: Path, device: torch.device, iterations: int):
-    """F (and G when iterations > 0) from a training output folder, in eval mode on `device`."""
-    from golf_dist.checkpoints import load_into
-    from golf_dist.errors import DataError
-    from golf_dist.models import f_net, g_net
-
-    f_path, g_path = Path(output_dir) / "f.safetensors", Path(output_dir) / "g.safetensors"
-    if not f_path.is_file():
-        raise DataError(f"no trained F at {f_path}: train stage f with --output-dir {output_dir} first")
-    f = load_into(f_net(), f_path, "F")
-    g = None
-    if iterations > 0:
-        if not g_path.is_file():
-            raise DataError(
-                f"no trained G at {g_path}: train stage g with --output-dir {output_dir} first, "
-                "or use F alone with --iterations 0"
-            )
-        g = load_into(g_net(), g_path, "G").to(device).eval()
-    return f.to(device).eval(), g
-
-
-def run_evaluation(output_dir: Path, shards: str, split: str, iterations: int, limit: int | None,
-                   tracking_cfg, tile: int | None = None, overlap: int = 32, ensemble: str = "x1",
-                   register: str | None = None, speed_cfg=None, path_root: str | None = None
-                   ) -> dict[str, Any] | None:
-    """The command line's work: evaluate F + G of `output_dir`, log to MLflow (`register`: also an MLflow model,
-    which may read images under `path_root`); the result on rank 0."""
-    from accelerate import Accelerator
-
-    from golf_dist.tracking import Tracker
-
-    accelerator = Accelerator()
-    output_dir = Path(output_dir)
-    f, g = load_trained(output_dir, accelerator.device, iterations)
-    # golf_dist/speed.py: all off on a CPU; what its first-call check turns off is recorded beside evaluation.json
-    f, g = for_inference(f, g, speed_cfg, accelerator.device, on_fallback=lambda fallbacks: write_atomic(
-        output_dir / f"evaluation_{FALLBACK_FILE}", fallback_json(fallbacks)) if accelerator.is_main_process else None)
-    pairs = ShardPairs(shards, split)
-    result = evaluate_pairs(
-        f, g, pairs, iterations, accelerator.device,
-        rank=accelerator.process_index, world=accelerator.num_processes,
-        reduce_sum=(lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None,
-        limit=limit, samples=2 if accelerator.is_main_process else 0,
-        progress=accelerator.is_main_process, keep_frames=2 if accelerator.is_main_process else 0,
-        tile=tile, overlap=overlap, ensemble=ensemble,
-    )
-    if not accelerator.is_main_process:
-        return None
-    samples, frames = result.pop("samples"), result.pop("frames")
-    result.update(iterations=iterations, split=split, shards=str(shards), tile=tile, overlap=overlap if tile else None,
-                  ensemble=ensemble)
-    # what a person looks at, beside the numbers: PSNR against G iteration and blur | F | F + N G | sharp
-    figures = {"psnr_by_iteration": plots.psnr_by_iteration(
-        result["psnr_per_iteration"], result["input_psnr"], output_dir / "psnr_by_iteration.png",
-        title=f"{result['pairs']} {split} pairs of {output_dir.name}: PSNR against G iteration")}
-    if frames:
-        figures["comparison"] = plots.comparison(frames, output_dir / "comparison.png", iterations=iterations)
-    result["figures"] = {k: str(v) for k, v in figures.items()}
-    tracker = Tracker(True, tracking_cfg.uri, tracking_cfg.experiment)
-    fallbacks = fallbacks_of(f, g)
-    if fallbacks:
-        result["speed_fallback"] = fallbacks
-    tracker.start(run_name=f"eval-{output_dir.name}", tags={
-        "golf.stage": "eval", **({"speed_fallback": fallback_tag(fallbacks)} if fallbacks else {})})
-    tracker.log_params({"output_dir": str(output_dir.resolve()), "shards": str(shards), "split": split,
-                        "iterations": iterations, "pairs": result["pairs"], "ssim_variant": SSIM_VARIANT,
-                        "tile": tile or "whole", "overlap": overlap if tile else 0, "ensemble": ensemble})
-    metrics = {k: result[k] for k in ("psnr", "ssim", "input_psnr", "input_ssim")}
-    metrics["seconds_per_pair"] = result["seconds_per_pair"]
-    tracker.log_metrics({f"test_{k}": v for k, v in metrics.items()}, step=0)
-    for i, value in enumerate(result["psnr_per_iteration"]):
-        tracker.log_metrics({"test_psnr_by_iteration": value}, step=i)
-    for key, image in samples:
-        tracker.log_image(image, f"samples/{key}.png")
-    for path in figures.values():
-        tracker.log_artifact(path, "figures")
-    if register:
-        try:
-            result["registered"] = register_model(tracker, output_dir, iterations, ensemble, register, result["psnr"],
-                                                  path_root)
-        except BaseException:
-            tracker.end("FAILED")  # the run asked for a model it did not get
-            raise
-    tracker.end()
-    result["mlflow_run_id"] = tracker.run_id
-    write_atomic(output_dir / "evaluation.json", json.dumps(result, indent=2, sort_keys=True).encode())
-    result["figures"]["json"] = str(output_dir / "evaluation.json")
-    return result
-
-
-def register_model(tracker, output_dir: Path, iterations: int, ensemble: str, name: str,
-                   test_psnr: float, path_root: str | None = None) -> dict[str, str]:
-    """Log F + G (run as evaluated: `iterations`, `ensemble`; reading the `path` column under `path_root` only)
-    as a pyfunc model into the evaluation's MLflow run and register it as NAME, its test PSNR a tag of the new
-    version. Unlike metrics, this does not survive an unreachable store: it is what was asked for."""
-    import mlflow
-
-    from golf_dist.errors import TrackingError
-    from golf_dist.mlflow_model import log_model
-    from golf_dist.tracking import fluent_tracking_uri
-
-    if tracker.run_id is None:
-        raise TrackingError(f"--register {name}: the MLflow store at {tracker.display_uri} did not take the "
-                            "evaluation's run, so there is no run to log the model into")
-    with fluent_tracking_uri(tracker.uri):
-        with mlflow.start_run(run_id=tracker.run_id):
-            info = log_model(output_dir, iterations, ensemble, path_root=path_root)
-        version = mlflow.register_model(info.model_uri, name, tags={"test_psnr": f"{test_psnr:.4f}"})
-    log.info(f"registered model {name} version {version.version} ({info.model_uri}; test PSNR {test_psnr:.2f} dB)")
-    return {"name": name, "version": str(version.version), "model_uri": info.model_uri}
-
-
-def print_result(result: dict) -> None:
-    """A readable summary, then the result as one JSON object on the last line."""
-    per_iteration = ", ".join(f"{v:.2f}" for v in result["psnr_per_iteration"])
-    print(
-        f"{result['pairs']} test pairs: PSNR {result['psnr']:.2f} dB (blurred input {result['input_psnr']:.2f} dB, "
-        f"gain {result['psnr'] - result['input_psnr']:+.2f} dB), SSIM {result['ssim']:.4f} "
-        f"(input {result['input_ssim']:.4f}; {result['ssim_variant']})\n"
-        f"PSNR after F and each G iteration: {per_iteration}",
-        flush=True,
-    )
-    if result.get("figures"):
-        print("figures: " + ", ".join(result["figures"].values()), flush=True)
-    print(json.dumps(result, sort_keys=True), flush=True)

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from golf_dist.benchmark import _sync, device_name
+from golf_dist.perf.benchmark import _sync, device_name
 from golf_dist.errors import ConfigError, GolfError
 
 DATA_LOADERS = ("torch", "dali")
