@@ -36,8 +36,8 @@ from golf_dist.errors import ConfigError  # noqa: E402
 def _overfit(args) -> int:
     import torch
 
-    from golf_dist.data.split_check import open_pairs
     from golf_dist.data.crop_plan import CropPlan
+    from golf_dist.data.split_check import open_pairs
     from golf_dist.data.torch_loader import TrainCrops
     from golf_dist.evaluation.diagnostics import overfit_one_batch
 

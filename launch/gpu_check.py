@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """The GPU acceptance check: every CUDA path once, a table against the README's Performance goals, --out DIR for
-its JSON; `--device cpu` runs the same rows at tiny sizes. A thin wrapper over golf_dist/perf/gpu_check.py; --help says more.
+its JSON; `--device cpu` runs the same rows at tiny sizes. A thin wrapper over golf_dist/perf/gpu_check.py;
+--help says more.
 """
 
 import sys

@@ -15,9 +15,9 @@ from PIL import Image
 
 from golf_dist.data.dali import DaliTrainLoader
 from golf_dist.data.loaders import make_train_loader
+from golf_dist.data.shard_reader import index_shard
 from golf_dist.data.split_check import check_split, open_pairs
 from golf_dist.data.torch_loader import ShardPairs
-from golf_dist.data.shard_reader import index_shard
 from golf_dist.errors import DataError
 
 from conftest import rewrite_shard, run_cli, write_config

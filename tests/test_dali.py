@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from golf_dist.data.crop_plan import CropPlan, paired_crop
 from golf_dist.data.dali import DaliTrainLoader, dali_full_frames
 from golf_dist.data.loaders import make_train_loader, resolve_loader
 from golf_dist.data.split_check import check_split, open_pairs
-from golf_dist.data.crop_plan import CropPlan, paired_crop
 from golf_dist.data.torch_loader import ShardPairs, full_frame_loader, to_tensor, train_loader
 from golf_dist.errors import ConfigError
 

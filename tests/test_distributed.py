@@ -234,7 +234,8 @@ def test_a_rendezvous_that_cannot_form_fails_in_bounded_time(shards, tmp_path):
             "launch/train.py", "--config", str(cfg), "--stage", "f"]
     start = time.monotonic()
     # torchrun under the project's wrapper: torchrun's own output passes through, then one clear line
-    wrapped = run_cli("golf_dist/commands/launch.py", "torchrun", "--", *args, env={"ACCELERATE_USE_CPU": "1"}, timeout=180)
+    wrapped = run_cli("golf_dist/commands/launch.py", "torchrun", "--", *args, env={"ACCELERATE_USE_CPU": "1"},
+                      timeout=180)
     took = time.monotonic() - start
     assert wrapped.returncode == 1 and took < 90, f"{took:.0f} s"
     assert "RendezvousTimeoutError" in wrapped.stderr  # torchrun's own words: a bare exception name

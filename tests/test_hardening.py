@@ -26,8 +26,8 @@ from PIL import Image
 from golf_dist import checkpoints
 from golf_dist.checkpoints import best_checkpoint, exported_weights, list_checkpoints, prune, save_checkpoint
 from golf_dist.data import storage
-from golf_dist.data.shard_reader import parse_manifest, read_manifest
 from golf_dist.data.prep.sharding import shard_gopro
+from golf_dist.data.shard_reader import parse_manifest, read_manifest
 from conftest import tmpfs, write_gopro
 from golf_dist.errors import ConfigError, DataError
 

@@ -18,11 +18,11 @@ import torch
 from PIL import Image
 
 from golf_dist.data import formats
-from golf_dist.data.split_check import check_split, image_size
 from golf_dist.data.prep.gopro import Pair, check_pair
-from golf_dist.data.torch_loader import ShardPairs
-from golf_dist.data.shard_reader import index_shard, read_manifest, shard_paths
 from golf_dist.data.prep.sharding import shard_gopro
+from golf_dist.data.shard_reader import index_shard, read_manifest, shard_paths
+from golf_dist.data.split_check import check_split, image_size
+from golf_dist.data.torch_loader import ShardPairs
 from conftest import write_gopro
 from golf_dist.errors import DataError
 

@@ -106,8 +106,8 @@ def test_full_frames_cover_the_split_once_across_ranks(shards):
 
 def test_an_error_in_a_loader_worker_keeps_its_one_line_message(shards):
     """A sample smaller than the crop, found inside a worker process, surfaces as one clear DataError."""
-    from golf_dist.errors import DataError
     from golf_dist.data.torch_loader import unwrap_worker_error
+    from golf_dist.errors import DataError
 
     pairs = ShardPairs(shards, "train")
     plan = CropPlan(len(pairs), crop=128, flips=False, seed=0)  # frames are 64x96

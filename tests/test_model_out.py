@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from conftest import run_cli
-from golf_dist.inference.ensemble import ENSEMBLES, _forward, _inverse, ensemble_iterates
 from golf_dist.errors import ConfigError
+from golf_dist.inference.ensemble import ENSEMBLES, _forward, _inverse, ensemble_iterates
 from golf_dist.models import f_net, golf_iterates
 from golf_dist.tracking import fluent_tracking_uri, resolve_uri
 

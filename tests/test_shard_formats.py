@@ -27,10 +27,10 @@ from golf_dist.data.shard_reader import (
     shard_paths,
     split_format,
 )
-from golf_dist.files import sha256_file
 from golf_dist.data.prep.sharding import shard_gopro
 from golf_dist.data.prep.synthetic import make_synthetic_gopro
 from golf_dist.errors import DataError
+from golf_dist.files import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 

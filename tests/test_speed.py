@@ -18,8 +18,8 @@ import torch
 from conftest import ROOT, run_cli, write_config
 from golf_dist.config import SpeedConfig, load_config
 from golf_dist.errors import ConfigError
-from golf_dist.perf.fused_norm import fuse_norm_relu, kernel_available
 from golf_dist.models import f_net, g_net, unroll
+from golf_dist.perf.fused_norm import fuse_norm_relu, kernel_available
 from golf_dist.perf.speed import EAGER, Speed, adam_options, prepare_input, prepare_module, resolve
 
 # fp32 summed in another order (NHWC kernels, fused graphs): within 1e-4 of the largest value, plus 1e-6
@@ -149,8 +149,8 @@ def test_fused_norm_fallback_keeps_names_and_computes_what_eager_computes(make, 
 
 KERNEL_CHECK = r"""
 import torch, torch.nn.functional as F
-from golf_dist.perf.fused_norm import fuse_norm_relu, instance_norm_relu, kernel_available
 from golf_dist.models import g_net
+from golf_dist.perf.fused_norm import fuse_norm_relu, instance_norm_relu, kernel_available
 assert kernel_available(torch.zeros(1)), "the interpreter should run the kernel on a CPU tensor"
 torch.manual_seed(0)
 worst = 0.0

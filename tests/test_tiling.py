@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from golf_dist.errors import ConfigError
-from golf_dist.models import f_net, g_net, golf_iterates
 from golf_dist.inference.tiling import check_tiling, tile_starts, tiled_iterates
+from golf_dist.models import f_net, g_net, golf_iterates
 
 
 class Pointwise(torch.nn.Module):

@@ -20,9 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from golf_dist.commands.common import run_main
 from golf_dist.perf.benchmark import make_settings, run_benchmark
 from golf_dist.perf.benchmark_data import make_data_settings, run_data_benchmark
-from golf_dist.commands.common import run_main
 
 
 def _unroll_list(text: str) -> tuple[int, ...]:

@@ -6,9 +6,9 @@ import argparse
 
 from golf_dist.commands.common import run_main
 from golf_dist.data.formats import DEFAULT_TEST_FORMAT, DEFAULT_TRAIN_FORMAT, FORMATS
-from golf_dist.data.shard_reader import SPLITS
 from golf_dist.data.prep.shard_verify import format_verify, verify_shards
 from golf_dist.data.prep.sharding import format_summary, merge_parts, shard_gopro
+from golf_dist.data.shard_reader import SPLITS
 
 
 def _splits(text: str) -> tuple[str, ...]:

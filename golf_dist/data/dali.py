@@ -30,9 +30,9 @@ import torch
 
 from golf_dist.data import formats
 from golf_dist.data.crop_plan import CropPlan
-from golf_dist.data.torch_loader import RankBatches
 from golf_dist.data.shard_reader import SampleRef, index_path, read_member
 from golf_dist.data.split_check import FIX_BAD_SAMPLES, CheckedPairs, CheckedSplit, image_member
+from golf_dist.data.torch_loader import RankBatches
 from golf_dist.errors import ConfigError, DataError
 
 # nvJPEG2000 decodes JPEG 2000 on the GPU. PNG goes through the CPU even with device='mixed' (and is

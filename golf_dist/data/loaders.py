@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from golf_dist.data.dali import DaliTrainLoader, dali_import_error
 from golf_dist.data.crop_plan import CropPlan
-from golf_dist.data.torch_loader import ShardPairs, train_loader
+from golf_dist.data.dali import DaliTrainLoader, dali_import_error
 from golf_dist.data.split_check import CheckedSplit, check_split
+from golf_dist.data.torch_loader import ShardPairs, train_loader
 from golf_dist.errors import ConfigError
 
 LOADERS = ("auto", "dali", "torch")

@@ -10,8 +10,8 @@ Optimizer step s consumes the global positions [s * B, (s + 1) * B) of the strea
   * ranks and loader workers never duplicate a sample, whatever their number;
   * the sample order does not depend on the world size (a preempted 8-GPU run can go on with 4);
   * resuming at step s is exact: the data position is s * B, nothing else to save.
-The DALI loader (golf_dist.data.dali) follows the same plan (golf_dist.data.crop_plan, RankBatches): the two loaders hand out
-the same crops, bit for bit, so a run's numbers do not depend on which one it used.
+The DALI loader (golf_dist.data.dali) follows the same plan (golf_dist.data.crop_plan, RankBatches): the two
+loaders hand out the same crops, bit for bit, so a run's numbers do not depend on which one it used.
 """
 
 from __future__ import annotations

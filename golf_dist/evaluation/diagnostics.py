@@ -79,9 +79,9 @@ def _best_shift(blur: np.ndarray, sharp: np.ndarray, radius: int = 2) -> tuple[i
 def loader_stream(cfg, loader_kind: str, crops: int) -> dict[str, Any]:
     """Statistics of the first `crops` training crops `loader_kind` ('dali' or 'torch') gives for `cfg`
     (one process), each crop checked against its source pair decoded by the shard reader."""
+    from golf_dist.data.crop_plan import CropPlan, paired_crop
     from golf_dist.data.loaders import make_train_loader
     from golf_dist.data.split_check import open_pairs
-    from golf_dist.data.crop_plan import CropPlan, paired_crop
     from golf_dist.data.torch_loader import to_tensor
 
     pairs = open_pairs(cfg.data.shards, cfg.data.train_split, cfg.data.on_bad_sample, cfg.data.cache_dir,

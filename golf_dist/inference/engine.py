@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from golf_dist.inference.ensemble import ensemble_iterates
 from golf_dist.errors import ConfigError, DataError
+from golf_dist.inference.ensemble import ensemble_iterates
 from golf_dist.inference.tiling import tiled_iterates
 
 ENGINES = ("torch", "onnxruntime")

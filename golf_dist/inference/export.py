@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from golf_dist.files import sha256_file, write_atomic
 from golf_dist.errors import DataError
+from golf_dist.files import sha256_file, write_atomic
 from golf_dist.inference.engine import ONNX_FILES, ONNX_MANIFEST, OnnxNetwork, load_trained
 from golf_dist.log import get_logger
 from golf_dist.training.resume import StagePaths

@@ -29,8 +29,8 @@ from typing import Callable, Sequence
 import torch
 
 from golf_dist.errors import ConfigError, GolfError
-from golf_dist.perf.fused_norm import fuse_norm_relu, kernel_available, unfuse_norm_relu
 from golf_dist.log import get_logger
+from golf_dist.perf.fused_norm import fuse_norm_relu, kernel_available, unfuse_norm_relu
 
 SWITCH_VALUES = ("auto", "try", "on", "off")
 # The switches the start-up check may turn off, in the order it turns them off when the prepared network fails

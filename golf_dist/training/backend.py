@@ -18,9 +18,9 @@ from typing import Any, Callable
 
 import torch
 
-from golf_dist.training import distributed as dist_utils
 from golf_dist.errors import GolfError
 from golf_dist.log import get_logger
+from golf_dist.training import distributed as dist_utils
 from golf_dist.training.optim import clip_gradients
 
 LossOf = Callable[[], dict[str, torch.Tensor]]

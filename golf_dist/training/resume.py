@@ -23,8 +23,8 @@ import torch.distributed as dist
 from golf_dist.checkpoints import clean_stale_temporaries, list_checkpoints, load_latest, read_state
 from golf_dist.config import Config
 from golf_dist.data.loaders import make_train_loader, resolve_loader
-from golf_dist.files import sha256_file
 from golf_dist.errors import DataError
+from golf_dist.files import sha256_file
 from golf_dist.log import get_logger
 from golf_dist.tracking import redact
 from golf_dist.training.state import TrainingState

@@ -23,8 +23,8 @@ from golf_dist.data import storage
 from golf_dist.data.formats import decode, encode
 from golf_dist.data.prep.gopro import Pair
 from golf_dist.data.shard_reader import dali_index, index_shard, read_member
-from golf_dist.files import atomic_path, sha256_file, write_atomic
 from golf_dist.errors import DataError
+from golf_dist.files import atomic_path, sha256_file, write_atomic
 
 
 @lru_cache(maxsize=16)
