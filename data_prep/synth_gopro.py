@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from golf_dist.cli import run_main
-from golf_dist.data.synthetic import DEFAULT_NOISE, format_summary, make_synthetic_gopro
+from golf_dist.commands.common import run_main
+from golf_dist.data.prep.synthetic import DEFAULT_NOISE, format_summary, make_synthetic_gopro
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 
 from golf_dist.errors import DataError
+from golf_dist.files import sha256_file
 
 
 class UnsignedCheckpointError(DataError):
@@ -44,14 +45,6 @@ def state_hmac(state: dict[str, Any], key: bytes) -> str:
     """HMAC-SHA256 of `state` without its HMAC field, over its canonical JSON (sorted keys, no spaces)."""
     body = json.dumps({k: v for k, v in state.items() if k != HMAC}, sort_keys=True, separators=(",", ":"))
     return hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_hmac(path: Path, state: dict[str, Any], key: bytes, allow_unverified: bool) -> None:
@@ -110,7 +103,7 @@ def verify_file(path: Path, name: str, digests: dict[str, str] | None) -> Path:
     if not file.is_file():
         raise DataError(f"checkpoint file {file} is missing (state.json records it with sha256 {expected})")
     try:
-        found = sha256_of(file)
+        found = sha256_file(file)
     except OSError as err:
         raise DataError(f"checkpoint file {file} is unreadable: {err}") from None
     if found != expected:

@@ -41,42 +41,23 @@ from safetensors.torch import load_file, save_file
 
 from golf_dist.checkpoint_digests import (
     DIGESTS, HMAC, UnsignedCheckpointError, check_digests_present, check_hmac, check_weights, checkpoint_key,
-    recorded_digests, sha256_of, state_hmac, verify_file,
+    recorded_digests, state_hmac, verify_file,
 )
 from golf_dist.errors import DataError, raise_if_storage_full
+from golf_dist.files import atomic_path, fsync_dir, fsync_file, sha256_file
 
 _NAME = re.compile(r"^step-(\d{8})$")
-RESUME = ".resume-"  # train.resume_from's download folders: .resume-<random>-<pid> (golf_dist.remote)
+RESUME = ".resume-"  # train.resume_from's download folders: .resume-<random>-<pid> (golf_dist.training.remote)
 PRUNED = ".tmp-pruned-"  # a pruned checkpoint's name until it is deleted (clean_stale_temporaries removes it)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
 
 
 def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
     """Write a safetensors file atomically (temporary name, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    # a dot name, not files.tmp_name's: clean_stale_temporaries removes a dead writer's .<name>.tmp-<pid>
+    with atomic_path(path, tmp=path.with_name(f".{path.name}.tmp-{os.getpid()}")) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        raise_if_storage_full(err, path)
-        raise
-    _fsync_dir(path.parent)
     return path
 
 
@@ -152,15 +133,15 @@ def save_checkpoint(
         for name, obj in (("optimizer.pt", optimizer_state), ("rng.pt", rng_state())):
             with open(tmp / name, "wb") as fh:
                 torch.save(obj, fh)
-        digests = {name: sha256_of(tmp / name) for name in sorted(names) if name != "state.json"}
+        digests = {name: sha256_file(tmp / name) for name in sorted(names) if name != "state.json"}
         record = {**state, "step": step, DIGESTS: digests}
         key = checkpoint_key()
         if key is not None:
             record[HMAC] = state_hmac(record, key)
         (tmp / "state.json").write_text(json.dumps(record, indent=2, sort_keys=True))
         for name in names:
-            _fsync_file(tmp / name)
-        _fsync_dir(tmp)  # the folder's entries are on disk before its new name is
+            fsync_file(tmp / name)
+        fsync_dir(tmp)  # the folder's entries are on disk before its new name is
         if final.exists():  # the same step saved again (after a resume): swap, never delete first
             old = root / f".old-{final.name}-{os.getpid()}"
             os.replace(final, old)
@@ -176,7 +157,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise_if_storage_full(err, final)
         raise
-    _fsync_dir(root)
+    fsync_dir(root)
     return final
 
 
@@ -327,7 +308,7 @@ def prune(root: Path, keep_last: int, key: str = "val_psnr") -> list[Path]:
     for path, temporary in zip(removed, doomed):
         os.replace(path, temporary)
     if removed:
-        _fsync_dir(root)
+        fsync_dir(root)
     for temporary in doomed:
         shutil.rmtree(temporary)
     return removed
@@ -379,5 +360,5 @@ def clean_stale_temporaries(root: Path) -> list[Path]:
             entry.unlink(missing_ok=True)
         removed.append(entry)
     if removed or restored:
-        _fsync_dir(root)
+        fsync_dir(root)
     return removed

@@ -105,7 +105,7 @@ class TrackingConfig:
 
 @dataclass
 class SpeedConfig:
-    """golf_dist/speed.py. Each switch: auto (try where a CUDA GPU runs the work, off on a CPU, where results stay
+    """golf_dist/perf/speed.py. Each switch: auto (try where a CUDA GPU runs the work, off on a CPU, where results stay
     exact) | try (on, turned off with a warning when it fails or disagrees with eager at start-up) | on (on; its
     failure fails the run) | off."""
 
@@ -117,7 +117,7 @@ class SpeedConfig:
     cudnn_benchmark: str = "auto"  # auto: on for evaluation, deblurring and benchmarks, off in training, whose
     #                                resume is promised bitwise exact | on | off
     fused_adam: str = "auto"  # Adam's fused CUDA kernel: auto | on | off
-    fused_norm: str = "auto"  # InstanceNorm + ReLU as one Triton kernel (golf_dist/fused_norm.py): auto (on with
+    fused_norm: str = "auto"  # InstanceNorm + ReLU as one Triton kernel (golf_dist/perf/fused_norm.py): auto (on with
     #                           CUDA and Triton, unless compile is on) | on (the PyTorch fallback where the kernel
     #                           cannot run) | off
     cuda_graphs: str = "auto"  # CUDA graphs through compile (reduce-overhead) on CUDA: auto (off until measured on

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from golf_dist.cli import run_main  # noqa: E402
+from golf_dist.commands.common import run_main  # noqa: E402
 from golf_dist.config import load_config, parse_overrides  # noqa: E402
 from golf_dist.errors import ConfigError  # noqa: E402
 
@@ -36,9 +36,10 @@ from golf_dist.errors import ConfigError  # noqa: E402
 def _overfit(args) -> int:
     import torch
 
+    from golf_dist.data.crop_plan import CropPlan
     from golf_dist.data.split_check import open_pairs
-    from golf_dist.data.loader import CropPlan, TrainCrops
-    from golf_dist.diagnostics import overfit_one_batch
+    from golf_dist.data.torch_loader import TrainCrops
+    from golf_dist.evaluation.diagnostics import overfit_one_batch
 
     cfg = load_config(args.config, args.stage, parse_overrides(args.overrides))
     pairs = open_pairs(cfg.data.shards, cfg.data.train_split, cfg.data.on_bad_sample, cfg.data.cache_dir,
@@ -66,7 +67,7 @@ def _overfit(args) -> int:
 
 
 def _loaders(args) -> int:
-    from golf_dist.diagnostics import loader_stream
+    from golf_dist.evaluation.diagnostics import loader_stream
 
     cfg = load_config(args.config, "f", parse_overrides(args.overrides))
     rows = [loader_stream(cfg, kind, args.crops) for kind in args.loader]
@@ -80,7 +81,7 @@ def _loaders(args) -> int:
 
 
 def _curves(args) -> int:
-    from golf_dist.plots import training_curves
+    from golf_dist.evaluation.plots import training_curves
 
     runs = {}
     for folder in args.output_dirs:
@@ -108,9 +109,9 @@ def _shards_of(out: Path, given: str | None) -> str:
 def _crops(args) -> int:
     import torch
 
-    from golf_dist.data.loader import ShardPairs
-    from golf_dist.diagnostics import gain_on_crops_and_frames
-    from golf_dist.evaluate import load_trained
+    from golf_dist.data.torch_loader import ShardPairs
+    from golf_dist.evaluation.diagnostics import gain_on_crops_and_frames
+    from golf_dist.inference.engine import load_trained
 
     out = Path(args.output_dir)
     shards = _shards_of(out, args.shards)
@@ -129,9 +130,9 @@ def _crops(args) -> int:
 def _headroom(args) -> int:
     import torch
 
-    from golf_dist.data.loader import ShardPairs
-    from golf_dist.diagnostics import linear_headroom
-    from golf_dist.evaluate import load_trained
+    from golf_dist.data.torch_loader import ShardPairs
+    from golf_dist.evaluation.diagnostics import linear_headroom
+    from golf_dist.inference.engine import load_trained
 
     out = Path(args.output_dir)
     shards = _shards_of(out, args.shards)

@@ -4,7 +4,7 @@
 
 Trains G side by side with DDP and with the DeepSpeed engine on the same batches and prints one JSON
 object: the relative weight and Adam-moment gaps, and whether ZeRO's partitioned state, gathered by
-golf_dist.distributed.full_state and loaded into a fresh engine by load_full_state, resumes exactly.
+golf_dist.training.distributed.full_state and loaded into a fresh engine by load_full_state, resumes exactly.
 Exit 0 when the gaps are within --tolerance. tests/test_distributed.py runs it.
 """
 
@@ -23,10 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from golf_dist.distributed import (  # noqa: E402
-    DEEPSPEED_ZERO2_JSON, full_state, load_full_state, process_group_timeout, read_deepspeed_json,
-)
+from golf_dist.commands.launch import DEEPSPEED_ZERO2_JSON, read_deepspeed_json  # noqa: E402
 from golf_dist.errors import ConfigError  # noqa: E402
+from golf_dist.training.distributed import full_state, load_full_state, process_group_timeout  # noqa: E402
 
 
 def _relative_gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> tuple[float, float]:
@@ -61,7 +60,8 @@ def check_deepspeed(
     from torch.nn.parallel import DistributedDataParallel
 
     from golf_dist.checkpoints import load_into
-    from golf_dist.data.loader import CropPlan, ShardPairs, train_loader
+    from golf_dist.data.crop_plan import CropPlan
+    from golf_dist.data.torch_loader import ShardPairs, train_loader
     from golf_dist.losses import GolfLoss
     from golf_dist.models import f_net, g_net
     from golf_dist.training.stages import GStage
@@ -197,6 +197,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from golf_dist.cli import run_main
+    from golf_dist.commands.common import run_main
 
     run_main(main)

@@ -1,5 +1,5 @@
 """The package's shape, read from its source: no import circles, and training never imports the offline
-shard writer or verifier (docs/architecture.md draws the same graph)."""
+data preparation, golf_dist/data/prep/ (docs/architecture.md draws the same graph)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "golf_dist"
-OFFLINE = {"golf_dist.data.sharding", "golf_dist.data.shard_files", "golf_dist.data.shard_verify"}
+OFFLINE = "golf_dist.data.prep"  # the offline shard writer, verifier and data set makers
+LAYOUT = PACKAGE.parent / "docs" / "architecture.md"  # its "## Layout" section names every module and top entry
 
 
 def module_name(path: Path) -> str:
@@ -67,9 +68,10 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 
 def test_the_graph_sees_known_imports():
     graph = import_graph()  # a parser that missed imports would pass the tests below vacuously
-    assert "golf_dist.data.shard_reader" in graph["golf_dist.data.loader"]
-    assert "golf_dist.data.formats" in graph["golf_dist.data.loader"]  # `from golf_dist.data import formats`
-    assert "golf_dist.data.storage" in graph["golf_dist.data.shard_files"]
+    assert "golf_dist.data.shard_reader" in graph["golf_dist.data.torch_loader"]
+    assert "golf_dist.data.formats" in graph["golf_dist.data.torch_loader"]  # `from golf_dist.data import formats`
+    assert "golf_dist.data.storage" in graph["golf_dist.data.prep.shard_files"]
+    assert "golf_dist.training.distributed" in graph["golf_dist.training.backend"]  # `from ... import ... as ...`
 
 
 def test_the_package_has_no_import_circle():
@@ -81,16 +83,19 @@ def test_the_cycle_finder_finds_one():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-def test_training_never_imports_the_offline_shard_writer_or_verifier():
+def test_training_never_imports_the_offline_data_prep():
     graph = import_graph()
-    for entry in ("golf_dist.training.trainer", "golf_dist.evaluate", "golf_dist.deblur", "golf_dist.data.dali"):
-        assert not reachable(graph, entry) & OFFLINE, entry
+    offline = {name for name in graph if name == OFFLINE or name.startswith(OFFLINE + ".")}
+    assert "golf_dist.data.prep.sharding" in offline
+    for entry in ("golf_dist.training.trainer", "golf_dist.evaluation.workflow", "golf_dist.inference.deblur",
+                  "golf_dist.data.dali"):
+        assert not reachable(graph, entry) & offline, entry
 
 
-def test_the_readme_layout_names_every_module():
-    layout = (PACKAGE.parent / "README.md").read_text().split("## Layout", 1)[1]
+def test_the_architecture_layout_names_every_module():
+    layout = LAYOUT.read_text().split("## Layout", 1)[1]
     missing = [p.name for p in PACKAGE.rglob("*.py") if p.name != "__init__.py" and p.name not in layout]
-    assert not missing, f"README's Layout leaves out {missing}"
+    assert not missing, f"docs/architecture.md's Layout leaves out {missing}"
 
 
 def test_every_entry_point_answers_help(capsys):
@@ -134,7 +139,7 @@ def test_imports_follow_the_tiers_of_docs_architecture():
     assert not upward, f"imports up the tiers: {upward}"
 
 
-def test_the_readme_layout_names_every_top_level_entry():
+def test_the_architecture_layout_names_every_top_level_entry():
     import subprocess
 
     import pytest
@@ -143,11 +148,11 @@ def test_the_readme_layout_names_every_top_level_entry():
     listed = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True)
     if listed.returncode != 0 or not listed.stdout:
         pytest.skip("not a git checkout")
-    layout = (root / "README.md").read_text().split("## Layout", 1)[1]
+    layout = LAYOUT.read_text().split("## Layout", 1)[1]
     top = {path.split("/", 1)[0] + ("/" if "/" in path else "") for path in listed.stdout.splitlines()}
     top -= {".gitignore"}
     named = {entry for entry in top if entry in layout or entry.rstrip("/") + "/run" in layout}
-    assert named == top, f"README's Layout leaves out {sorted(top - named)}"
+    assert named == top, f"docs/architecture.md's Layout leaves out {sorted(top - named)}"
 
 
 def test_functions_and_modules_stay_readable():

@@ -15,9 +15,9 @@ from PIL import Image
 
 from golf_dist.data.dali import DaliTrainLoader
 from golf_dist.data.loaders import make_train_loader
-from golf_dist.data.split_check import check_split, open_pairs
-from golf_dist.data.loader import ShardPairs
 from golf_dist.data.shard_reader import index_shard
+from golf_dist.data.split_check import check_split, open_pairs
+from golf_dist.data.torch_loader import ShardPairs
 from golf_dist.errors import DataError
 
 from conftest import rewrite_shard, run_cli, write_config
@@ -177,7 +177,7 @@ def test_a_frame_that_fails_in_the_evaluation_worker_is_named_without_the_worker
     DataError that reaches validation or golf-evaluate carries the sample's message alone."""
     import torch
 
-    from golf_dist.evaluate import evaluate_pairs
+    from golf_dist.evaluation.validation import evaluate_pairs
 
     folder, key = broken_shards(shards, tmp_path / "s", "corrupt_data")  # pair 5 of 12
     with pytest.raises(DataError) as caught:

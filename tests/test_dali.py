@@ -13,10 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from golf_dist.data.crop_plan import CropPlan, paired_crop
 from golf_dist.data.dali import DaliTrainLoader, dali_full_frames
 from golf_dist.data.loaders import make_train_loader, resolve_loader
 from golf_dist.data.split_check import check_split, open_pairs
-from golf_dist.data.loader import CropPlan, ShardPairs, full_frame_loader, paired_crop, to_tensor, train_loader
+from golf_dist.data.torch_loader import ShardPairs, full_frame_loader, to_tensor, train_loader
 from golf_dist.errors import ConfigError
 
 from conftest import ROOT, log_lines, run_cli, start_cli, wait_for_first_checkpoint, write_config

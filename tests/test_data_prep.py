@@ -16,11 +16,12 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from golf_dist.data.gopro import Pair, check_pair, scan_gopro
-from golf_dist.data.shard_reader import index_shard, read_manifest, read_member, sha256_file, shard_paths
-from golf_dist.data.sharding import shard_gopro
-from golf_dist.data.synthetic import kernel_size, make_synthetic_gopro, motion_kernel
+from golf_dist.data.prep.gopro import Pair, check_pair, scan_gopro
+from golf_dist.data.prep.sharding import shard_gopro
+from golf_dist.data.prep.synthetic import kernel_size, make_synthetic_gopro, motion_kernel
+from golf_dist.data.shard_reader import index_shard, read_manifest, read_member, shard_paths
 from golf_dist.errors import ConfigError, DataError
+from golf_dist.files import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 SCENE_NAME = re.compile(r"^GOPR\d{4}_\d{2}_\d{2}$")

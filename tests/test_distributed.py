@@ -27,7 +27,7 @@ SHORT = {"steps": 3, "checkpoint_every": 3, "val_every": 3}
 # on the world size or the accumulation (DALI hands out the same crops: docs/data.md)
 TORCH_LOADER = {"loader": "torch"}
 # bf16 runs train on tiny_shards' small frames (tests/conftest.py) and validate on one frame: on a CPU without
-# oneDNN bf16 kernels (AVX2 only) a bf16 convolution takes a slow path (golf_dist.speed.bf16_is_slow_here)
+# oneDNN bf16 kernels (AVX2 only) a bf16 convolution takes a slow path (golf_dist.perf.speed.bf16_is_slow_here)
 BF16_VAL = {"max_pairs": 1}
 # the DeepSpeed runs: 4 optimizer steps of 2 micro-batches each, a checkpoint every 2
 DEEPSPEED_TRAIN = {"steps": 4, "checkpoint_every": 2, "val_every": 4, "grad_accum": 2, "keep_last": 3}
@@ -91,7 +91,7 @@ def trained_f(shards, tmp_path_factory):
 
 
 def test_launch_configs_load_with_accelerates_own_loader(monkeypatch):
-    from golf_dist.distributed import check_accelerate_config
+    from golf_dist.commands.launch import check_accelerate_config
 
     monkeypatch.chdir(ROOT)  # the DeepSpeed JSON's path in the YAML is relative to the launch directory
     got = {p.stem: check_accelerate_config(p) for p in sorted(CONFIGS.glob("*.yaml"))}
@@ -106,7 +106,7 @@ def test_launch_configs_load_with_accelerates_own_loader(monkeypatch):
 
 
 def test_missing_or_invalid_accelerate_config_is_named(tmp_path, monkeypatch):
-    from golf_dist.distributed import check_accelerate_config
+    from golf_dist.commands.launch import check_accelerate_config
     from golf_dist.errors import ConfigError
 
     missing = tmp_path / "nowhere.yaml"
@@ -115,7 +115,7 @@ def test_missing_or_invalid_accelerate_config_is_named(tmp_path, monkeypatch):
                  "launch/train.py", "--stage", "f"], _env(), timeout=120)
     assert proc.returncode != 0 and str(missing) in proc.stderr.strip().splitlines()[-1]
     # the project's check (the SLURM script runs it before queueing): one line, exit 2, no traceback
-    proc = run_cli("golf_dist/distributed.py", "check-config", missing)
+    proc = run_cli("golf_dist/commands/launch.py", "check-config", missing)
     assert proc.returncode == 2 and f"accelerate config {missing} does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -234,7 +234,8 @@ def test_a_rendezvous_that_cannot_form_fails_in_bounded_time(shards, tmp_path):
             "launch/train.py", "--config", str(cfg), "--stage", "f"]
     start = time.monotonic()
     # torchrun under the project's wrapper: torchrun's own output passes through, then one clear line
-    wrapped = run_cli("golf_dist/distributed.py", "torchrun", "--", *args, env={"ACCELERATE_USE_CPU": "1"}, timeout=180)
+    wrapped = run_cli("golf_dist/commands/launch.py", "torchrun", "--", *args, env={"ACCELERATE_USE_CPU": "1"},
+                      timeout=180)
     took = time.monotonic() - start
     assert wrapped.returncode == 1 and took < 90, f"{took:.0f} s"
     assert "RendezvousTimeoutError" in wrapped.stderr  # torchrun's own words: a bare exception name

@@ -26,8 +26,8 @@ from PIL import Image
 from golf_dist import checkpoints
 from golf_dist.checkpoints import best_checkpoint, exported_weights, list_checkpoints, prune, save_checkpoint
 from golf_dist.data import storage
+from golf_dist.data.prep.sharding import shard_gopro
 from golf_dist.data.shard_reader import parse_manifest, read_manifest
-from golf_dist.data.sharding import shard_gopro
 from conftest import tmpfs, write_gopro
 from golf_dist.errors import ConfigError, DataError
 
@@ -283,11 +283,12 @@ def test_a_full_disk_during_save_checkpoint_leaves_nothing_and_says_so(small_dis
 
 def test_a_full_disk_during_save_weights_and_write_atomic(small_disk):
     from golf_dist.errors import StorageFullError
+    from golf_dist.files import write_atomic
 
     with pytest.raises(StorageFullError, match=re.escape(str(small_disk / "w.safetensors"))):
         checkpoints.save_weights({"w": torch.zeros(1 << 20)}, small_disk / "w.safetensors")
     with pytest.raises(StorageFullError, match=re.escape(str(small_disk / "cache.json"))):
-        storage.write_atomic(small_disk / "cache.json", b"x" * (3 << 20))
+        write_atomic(small_disk / "cache.json", b"x" * (3 << 20))
     assert list(small_disk.iterdir()) == []
 
 
@@ -306,13 +307,13 @@ def test_a_full_disk_while_sharding_leaves_no_partial_shard(small_disk, tmp_path
 
 def test_save_checkpoint_fsyncs_the_temporary_folder_before_the_rename(tmp_path, monkeypatch):
     synced: list[str] = []
-    real = checkpoints._fsync_dir
+    real = checkpoints.fsync_dir
 
     def record(path):
         synced.append(Path(path).name)
         real(path)
 
-    monkeypatch.setattr(checkpoints, "_fsync_dir", record)
+    monkeypatch.setattr(checkpoints, "fsync_dir", record)
     _save(tmp_path, 5)
     assert any(name.startswith(".tmp-step-00000005-") for name in synced), synced
 

@@ -18,11 +18,11 @@ import torch
 from PIL import Image
 
 from golf_dist.data import formats
-from golf_dist.data.split_check import check_split, image_size
-from golf_dist.data.gopro import Pair, check_pair
-from golf_dist.data.loader import ShardPairs
+from golf_dist.data.prep.gopro import Pair, check_pair
+from golf_dist.data.prep.sharding import shard_gopro
 from golf_dist.data.shard_reader import index_shard, read_manifest, shard_paths
-from golf_dist.data.sharding import shard_gopro
+from golf_dist.data.split_check import check_split, image_size
+from golf_dist.data.torch_loader import ShardPairs
 from conftest import write_gopro
 from golf_dist.errors import DataError
 
@@ -192,7 +192,7 @@ def test_a_source_frame_over_the_cap_is_refused_by_name(tmp_path):
 
 
 def test_deblur_refuses_oversized_files_and_bombs_by_name(tmp_path, monkeypatch):
-    from golf_dist import deblur
+    from golf_dist.inference import deblur
 
     monkeypatch.setattr(deblur, "load_trained", lambda output_dir, device, iterations: (torch.nn.Identity(), None))
     huge = tmp_path / "huge.png"

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from golf_dist.data.loader import CropPlan, RankBatches, ShardPairs, TrainCrops, full_frame_loader, train_loader
+from golf_dist.data.crop_plan import CropPlan
+from golf_dist.data.torch_loader import RankBatches, ShardPairs, TrainCrops, full_frame_loader, train_loader
 
 from conftest import run_cli
 
@@ -105,8 +106,8 @@ def test_full_frames_cover_the_split_once_across_ranks(shards):
 
 def test_an_error_in_a_loader_worker_keeps_its_one_line_message(shards):
     """A sample smaller than the crop, found inside a worker process, surfaces as one clear DataError."""
+    from golf_dist.data.torch_loader import unwrap_worker_error
     from golf_dist.errors import DataError
-    from golf_dist.data.loader import unwrap_worker_error
 
     pairs = ShardPairs(shards, "train")
     plan = CropPlan(len(pairs), crop=128, flips=False, seed=0)  # frames are 64x96

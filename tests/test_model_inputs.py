@@ -17,8 +17,8 @@ import golf_dist
 from conftest import run_cli
 from golf_dist.data.formats import MAX_PIXELS
 from golf_dist.errors import ConfigError
-from golf_dist.inference import MAX_ITERATIONS
-from golf_dist.tiling import MAX_TILES, check_tile_count
+from golf_dist.inference.engine import MAX_ITERATIONS
+from golf_dist.inference.tiling import MAX_TILES, check_tile_count
 from random_model import write_random_model
 
 
@@ -37,7 +37,7 @@ def _log_and_load(model_dir, tmp_path, **kwargs):
     """log_model into a real sqlite store, then the model as a caller loads it (mlflow.pyfunc.load_model)."""
     import mlflow
 
-    from golf_dist.mlflow_model import log_model
+    from golf_dist.inference.mlflow_model import log_model
     from golf_dist.tracking import fluent_tracking_uri
 
     with fluent_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}"):
@@ -103,7 +103,7 @@ def test_mlflow_model_holds_the_image_column_to_the_pixel_limit(closed_model):
 
 
 def test_mlflow_model_refuses_unbounded_iterations(model_dir, tmp_path):
-    from golf_dist.mlflow_model import log_model
+    from golf_dist.inference.mlflow_model import log_model
 
     with pytest.raises(ConfigError, match=f"iterations must be between 0 and {MAX_ITERATIONS}"):
         log_model(model_dir, iterations=MAX_ITERATIONS + 1)

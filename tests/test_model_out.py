@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from conftest import run_cli
-from golf_dist.ensemble import ENSEMBLES, _forward, _inverse, ensemble_iterates
 from golf_dist.errors import ConfigError
+from golf_dist.inference.ensemble import ENSEMBLES, _forward, _inverse, ensemble_iterates
 from golf_dist.models import f_net, golf_iterates
 from golf_dist.tracking import fluent_tracking_uri, resolve_uri
 
@@ -65,15 +65,15 @@ def onnx_dir(small_run, tmp_path_factory):
 
 
 def _test_frame(shards):
-    from golf_dist.data.loader import ShardPairs, full_frame_loader
+    from golf_dist.data.torch_loader import ShardPairs, full_frame_loader
 
     blur, _, _, _ = next(iter(full_frame_loader(ShardPairs(str(shards), "test"), 0, 1, limit=1, num_workers=0)))
     return blur.unsqueeze(0)
 
 
 def test_onnx_runtime_matches_pytorch_on_random_and_real_images(small_run, onnx_dir, shards):
-    from golf_dist.evaluate import load_trained
-    from golf_dist.inference import load_onnx
+    from golf_dist.inference.engine import load_trained
+    from golf_dist.inference.engine import load_onnx
 
     f, g = load_trained(small_run["out"], torch.device("cpu"), 3)
     f_onnx, g_onnx = load_onnx(onnx_dir, 3)
@@ -107,7 +107,7 @@ def test_registered_mlflow_model_predicts_what_deblur_writes(small_run, tmp_path
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
-    from golf_dist.deblur import deblur_files
+    from golf_dist.inference.deblur import deblur_files
 
     out, db = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
     (out / "g").mkdir(parents=True)

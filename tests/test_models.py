@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from golf_dist.benchmark import checkpoint_memory_ratio, make_settings
 from golf_dist.errors import GolfError
 from golf_dist.models import BasicBlock, ResidualCNN, f_net, g_net, unroll
+from golf_dist.perf.benchmark import checkpoint_memory_ratio, make_settings
 
 from conftest import AffineMap, run_cli
 

@@ -86,7 +86,7 @@ def test_loader_workers_leave_sigterm_and_sigusr2_to_their_rank_and_still_end_on
 
     import torch
 
-    from golf_dist.preemption import leave_stop_signals_to_the_rank
+    from golf_dist.training.preemption import leave_stop_signals_to_the_rank
 
     loader = torch.utils.data.DataLoader(range(1000), batch_size=1, num_workers=1,
                                          worker_init_fn=leave_stop_signals_to_the_rank)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, run_cli, start_cli, wait_for_first_checkpoint, write_config
 from golf_dist.config import load_config
 from golf_dist.errors import ConfigError
-from golf_dist.optim import EMA, clip_gradients, lr_factor
+from golf_dist.training.optim import EMA, clip_gradients, lr_factor
 
 # ---- schedules ---------------------------------------------------------------------------------------
 
@@ -126,7 +126,8 @@ def test_recipe_configs_pass_the_checks(name):
 
 @pytest.fixture(scope="module")
 def one_batch(shards):
-    from golf_dist.data.loader import CropPlan, ShardPairs, TrainCrops
+    from golf_dist.data.crop_plan import CropPlan
+    from golf_dist.data.torch_loader import ShardPairs, TrainCrops
 
     pairs = ShardPairs(shards, "train")
     crops = TrainCrops(pairs, CropPlan(len(pairs), 32, True, 0))
@@ -138,7 +139,7 @@ def one_batch(shards):
 def test_overfit_one_batch(one_batch, stage, steps):
     """F, and G on a fixed F, bring the loss on one fixed batch down by 10x within a bounded number of steps
     (on the demo data, 4 crops of 32x32: F reaches 0.1 of its first loss by step 91, G by step 130)."""
-    from golf_dist.diagnostics import overfit_one_batch
+    from golf_dist.evaluation.diagnostics import overfit_one_batch
 
     history = overfit_one_batch(stage, *one_batch, steps=steps, lr=1e-3, stop_below=0.1)
     assert history[0] > 1e-4  # a batch with something to learn (blurred differs from sharp)
@@ -250,7 +251,7 @@ def test_kill_and_resume_with_ema_is_bitwise_exact(shards, tmp_path, nproc):
 
 
 def test_grad_norm_and_per_iteration_validation_are_logged(small_run):
-    from golf_dist.plots import read_metrics
+    from golf_dist.evaluation.plots import read_metrics
 
     out = small_run["out"]
     f, g = read_metrics(out / "f" / "metrics.jsonl"), read_metrics(out / "g" / "metrics.jsonl")
@@ -291,7 +292,7 @@ def test_training_curves_figure(small_run, tmp_path):
 
 
 def test_a_run_records_where_it_ran(small_run):
-    """golf_dist.run_info: versions, git commit and topology as the run's params."""
+    """golf_dist.training.run_info: versions, git commit and topology as the run's params."""
     import torch
     from mlflow.tracking import MlflowClient
 
@@ -305,7 +306,7 @@ def test_gain_on_crops_and_frames_measures_each_iteration():
     """Identity G gains nothing anywhere; a G that halves its input loses more at each iteration."""
     import numpy as np
 
-    from golf_dist.diagnostics import gain_on_crops_and_frames
+    from golf_dist.evaluation.diagnostics import gain_on_crops_and_frames
 
     rng = np.random.default_rng(0)
     sharp = rng.integers(60, 200, (40, 48, 3), dtype=np.uint8)
@@ -369,7 +370,7 @@ def test_linear_headroom_finds_a_known_blur_and_nothing_where_there_is_none():
     """The headroom instrument on frames with a known answer: with F the identity and blur a 3x3 box filter of
     the sharp frame, a least-squares 7x7 filter undoes much of it (several dB); where the sharp frame differs
     from the blurred one by independent noise, nothing a filter of the blurred frame does predicts it."""
-    from golf_dist.diagnostics import linear_headroom
+    from golf_dist.evaluation.diagnostics import linear_headroom
 
     rng = np.random.default_rng(0)
 
@@ -403,7 +404,7 @@ def test_headroom_through_an_instance_norm_loses_what_follows_each_frames_contra
     per frame and channel, one fitted factor per channel). Frames of one contrast lose nothing by it; frames
     whose contrasts differ tenfold lose much of the gain, as the correction's amplitude can no longer follow
     them."""
-    from golf_dist.diagnostics import linear_headroom
+    from golf_dist.evaluation.diagnostics import linear_headroom
 
     rng = np.random.default_rng(1)
 

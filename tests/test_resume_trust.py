@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from conftest import ROOT, TINY_DATA, mlflow_template, run_cli, write_config
 from golf_dist.checkpoints import clean_stale_temporaries, load_checkpoint, load_latest, read_state, save_checkpoint
 from golf_dist.errors import DataError
-from golf_dist.remote import load_resume_checkpoint
+from golf_dist.training.remote import load_resume_checkpoint
 from golf_dist.training.state import TrainingState
 
 KEY = "k3y-5d1e0c"  # stands for the team's secret: it must never be written or printed

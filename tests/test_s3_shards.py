@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT, make_bucket, run_cli, write_config
 
 from golf_dist.data import storage
-from golf_dist.data.loader import ShardPairs
+from golf_dist.data.torch_loader import ShardPairs
 from golf_dist.errors import DataError
 
 SECRETS = ("golf-test-secret", "golf-test-key")  # the fixture's credentials: never in any output
@@ -234,7 +234,7 @@ def test_sigkill_during_upload_then_rerun_gives_the_uninterrupted_objects(s3_ser
     import signal
     import time
 
-    from golf_dist.data.synthetic import make_synthetic_gopro
+    from golf_dist.data.prep.synthetic import make_synthetic_gopro
 
     env = s3_server
     src = tmp_path / "GOPRO_Large"

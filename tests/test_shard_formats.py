@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from golf_dist.data.formats import FORMATS, decode, encode
-from golf_dist.data.gopro import scan_gopro
-from golf_dist.data.loader import ShardPairs
+from golf_dist.data.prep.gopro import scan_gopro
+from golf_dist.data.torch_loader import ShardPairs
 from golf_dist.data.shard_reader import (
     dali_index,
     index_path,
@@ -24,13 +24,13 @@ from golf_dist.data.shard_reader import (
     index_shard,
     read_manifest,
     read_member,
-    sha256_file,
     shard_paths,
     split_format,
 )
-from golf_dist.data.sharding import shard_gopro
-from golf_dist.data.synthetic import make_synthetic_gopro
+from golf_dist.data.prep.sharding import shard_gopro
+from golf_dist.data.prep.synthetic import make_synthetic_gopro
 from golf_dist.errors import DataError
+from golf_dist.files import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -263,7 +263,7 @@ def test_slurm_node_launcher_with_the_single_gpu_config_outlives_its_trainer_on_
 
 def test_slurm_node_launcher_on_cpu_with_pytorch_loader_workers_checkpoints_on_sigterm_to_every_process(
         shards, base):
-    """CPU nodes: node_launch.sh -> golf_dist.distributed torchrun -> torchrun -> 2 ranks, each with a PyTorch
+    """CPU nodes: node_launch.sh -> golf_dist.commands.launch torchrun -> torchrun -> 2 ranks, each with a PyTorch
     loader worker, and SIGTERM to all of them. The loader workers leave the signal to their rank (a worker killed
     by it fails the rank: "DataLoader worker ... is killed by signal: Terminated", no checkpoint)."""
     _node_launcher_sigterm(shards, base, "cpu", TRAIN, {"loader": "torch", "num_workers": 1},
@@ -271,7 +271,7 @@ def test_slurm_node_launcher_on_cpu_with_pytorch_loader_workers_checkpoints_on_s
 
 
 def test_accelerate_launch_of_one_process_becomes_the_trainer_with_accelerates_environment(tmp_path):
-    """`python -m golf_dist.distributed accelerate-launch` (what node_launch.sh runs on GPU nodes) with one process:
+    """`python -m golf_dist.commands.launch accelerate-launch` (what node_launch.sh runs on GPU nodes) with one process:
     the script runs in the launcher's own process (exec, no launcher left to die on SIGTERM), with the variables
     `accelerate launch` gives its child for the same config file (mixed precision, visible GPUs, CPU flag)."""
     script = tmp_path / "show_env.py"
@@ -281,7 +281,7 @@ def test_accelerate_launch_of_one_process_becomes_the_trainer_with_accelerates_e
                       " open(sys.argv[1], 'w'))\n")
     config = ["--config_file", str(ROOT / "configs/accelerate/single_gpu.yaml")]
     env = {k: v for k, v in _env().items() if not k.startswith("ACCELERATE_")}
-    ours = subprocess.Popen([sys.executable, "-m", "golf_dist.distributed", "accelerate-launch", "--", *config,
+    ours = subprocess.Popen([sys.executable, "-m", "golf_dist.commands.launch", "accelerate-launch", "--", *config,
                              str(script), str(tmp_path / "ours.json"), "--stage", "f"], cwd=ROOT, env=env)
     assert ours.wait(timeout=120) == 0
     subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *config, str(script),
@@ -343,7 +343,7 @@ def test_resume_checkpoint_every_rank_loads_rank_0s_choice_or_all_stop_naming_it
 def test_the_launchers_say_at_start_when_torch_is_too_old_to_leave_sigterm_to_the_trainers():
     """PET_SIGNALS_TO_HANDLE (node_launch.sh: torchrun's agent must not handle SIGTERM) is read from torch 2.9
     on; an environment with an older torch gets one warning line from the torchrun and accelerate wrappers."""
-    from golf_dist.distributed import agent_sigterm_warning
+    from golf_dist.commands.launch import agent_sigterm_warning
 
     old = agent_sigterm_warning("2.8.0+cu126")
     assert old and "PET_SIGNALS_TO_HANDLE" in old and "torch>=2.9" in old and "2.8.0+cu126" in old

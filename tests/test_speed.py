@@ -1,4 +1,4 @@
-"""The speed layer (golf_dist/speed.py): what each switch resolves to, and that each option computes what
+"""The speed layer (golf_dist/perf/speed.py): what each switch resolves to, and that each option computes what
 eager PyTorch computes (outputs and gradients within float tolerance) on the CPU. torch.compile is checked
 with the aot_eager backend: Dynamo's capture and AOTAutograd's backward, as inductor uses them, without
 inductor's C++ code generation, which takes minutes on a 2-core CPU per network."""
@@ -18,9 +18,9 @@ import torch
 from conftest import ROOT, run_cli, write_config
 from golf_dist.config import SpeedConfig, load_config
 from golf_dist.errors import ConfigError
-from golf_dist.fused_norm import fuse_norm_relu, kernel_available
 from golf_dist.models import f_net, g_net, unroll
-from golf_dist.speed import EAGER, Speed, adam_options, prepare_input, prepare_module, resolve
+from golf_dist.perf.fused_norm import fuse_norm_relu, kernel_available
+from golf_dist.perf.speed import EAGER, Speed, adam_options, prepare_input, prepare_module, resolve
 
 # fp32 summed in another order (NHWC kernels, fused graphs): within 1e-4 of the largest value, plus 1e-6
 RELATIVE, ABSOLUTE = 1e-4, 1e-6
@@ -96,7 +96,7 @@ def test_stage_g_trains_with_compile_and_channels_last(small_run, shards, tmp_pa
     switches. (That each switch computes what eager does is checked above, network by network.)"""
     from safetensors.torch import load_file
 
-    from golf_dist.plots import read_metrics
+    from golf_dist.evaluation.plots import read_metrics
 
     out = tmp_path / "fast"
     out.mkdir()
@@ -149,8 +149,8 @@ def test_fused_norm_fallback_keeps_names_and_computes_what_eager_computes(make, 
 
 KERNEL_CHECK = r"""
 import torch, torch.nn.functional as F
-from golf_dist.fused_norm import fuse_norm_relu, instance_norm_relu, kernel_available
 from golf_dist.models import g_net
+from golf_dist.perf.fused_norm import fuse_norm_relu, instance_norm_relu, kernel_available
 assert kernel_available(torch.zeros(1)), "the interpreter should run the kernel on a CPU tensor"
 torch.manual_seed(0)
 worst = 0.0

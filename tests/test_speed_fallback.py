@@ -1,4 +1,4 @@
-"""The speed layer's start-up check (golf_dist.speed.settle): a switch that auto or try turned on and that fails
+"""The speed layer's start-up check (golf_dist.perf.speed.settle): a switch that auto or try turned on and that fails
 (compilation raises) or disagrees with eager PyTorch is turned off with one warning, and recorded as the MLflow tag
 speed_fallback and a speed_fallback.json; one set to `on` fails the run with its error. On a CPU the failure is
 injected by custom compile backends (tests/speed_backends.py, named as speed.compile_backend=module:function)."""
@@ -14,9 +14,9 @@ import torch
 
 from conftest import run_cli, write_config
 from golf_dist.config import SpeedConfig
-from golf_dist.deblur import deblur_files
+from golf_dist.inference.deblur import deblur_files
 from golf_dist.models import f_net, g_net
-from golf_dist.speed import FALLBACK_ORDER, for_inference, unprepare, prepare_module, Speed
+from golf_dist.perf.speed import FALLBACK_ORDER, for_inference, unprepare, prepare_module, Speed
 
 RAISING, WRONG = "speed.compile_backend=tests.speed_backends:raising", "tests.speed_backends:off_by_ten_percent"
 
@@ -119,7 +119,7 @@ def test_unprepare_gives_back_the_eager_network_with_the_same_parameters():
 
 
 def test_switches_set_to_on_are_never_turned_off():
-    from golf_dist.speed import explicit_switches
+    from golf_dist.perf.speed import explicit_switches
 
     assert explicit_switches(SpeedConfig()) == frozenset()
     assert explicit_switches(SpeedConfig(compile="try", fused_norm="on")) == {"fused_norm"}
@@ -147,7 +147,7 @@ def test_bf16_training_check_compares_with_eager_bf16_and_keeps_its_switches():
     rounding (an untrained F with its last layer on differs from fp32 by ~1.5e-2 of its scale) and channels_last's
     rounding order in bf16 are no reason to fall back."""
     from golf_dist.losses import GolfLoss
-    from golf_dist.speed import settle_training
+    from golf_dist.perf.speed import settle_training
 
     torch.manual_seed(0)
     f = f_net(zero_init_last=False)

@@ -1,4 +1,4 @@
-"""Tiled inference (golf_dist.tiling): whole-image inference when the image fits a tile, exact blending for
+"""Tiled inference (golf_dist.inference.tiling): whole-image inference when the image fits a tile, exact blending for
 networks that act pixel by pixel, close results for the real ones, and bad flags named."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from golf_dist.errors import ConfigError
+from golf_dist.inference.tiling import check_tiling, tile_starts, tiled_iterates
 from golf_dist.models import f_net, g_net, golf_iterates
-from golf_dist.tiling import check_tiling, tile_starts, tiled_iterates
 
 
 class Pointwise(torch.nn.Module):

@@ -356,7 +356,7 @@ def test_bf16_mixed_precision_trains_and_keeps_fp32_weights(tiny_shards, tmp_pat
                        train={"steps": 2, "mixed_precision": "bf16", "val_every": 2, "checkpoint_every": 2})
     proc = run_cli("launch/train.py", "--config", cfg, "--stage", "f", check=True)
     # the warning where this CPU's oneDNN has no bf16 kernels (an AVX2-only CPU), none where it has them
-    from golf_dist.speed import bf16_is_slow_here
+    from golf_dist.perf.speed import bf16_is_slow_here
 
     warned = "train.mixed_precision=bf16 on a CPU without oneDNN bf16 kernels" in proc.stdout + proc.stderr
     assert warned == bf16_is_slow_here("bf16", torch.device("cpu")), proc.stderr[-2000:]

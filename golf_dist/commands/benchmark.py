@@ -8,8 +8,8 @@
         [--batch 16] [--crop 256] [--crops-per-frame K] [--steps N] [--warmup W] [--workers W] [--repeats R]
 
 --what model (the default): the networks' training and inference cost on random tensors. Settings left
-out take the device's defaults (golf_dist.benchmark.DEFAULTS): small on CPU. Eager PyTorch and the speed
-layer (golf_dist/speed.py: torch.compile, channels_last, TF32, cudnn.benchmark, fused Adam) are measured in
+out take the device's defaults (golf_dist.perf.benchmark.DEFAULTS): small on CPU. Eager PyTorch and the speed
+layer (golf_dist/perf/speed.py: torch.compile, channels_last, TF32, cudnn.benchmark, fused Adam) are measured in
 the same run: eager at the top level, the speed layer under "speed_layer", their ratios under "speedup".
 --what data: (blur, sharp) crop pairs per second each loader delivers onto the device from each shard
 folder (one folder per format), `pairs_per_s` keyed "format/loader"; both loaders unless --loader.
@@ -20,9 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from golf_dist.benchmark import make_settings, run_benchmark
-from golf_dist.benchmark_data import make_data_settings, run_data_benchmark
-from golf_dist.cli import run_main
+from golf_dist.commands.common import run_main
+from golf_dist.perf.benchmark import make_settings, run_benchmark
+from golf_dist.perf.benchmark_data import make_data_settings, run_data_benchmark
 
 
 def _unroll_list(text: str) -> tuple[int, ...]:

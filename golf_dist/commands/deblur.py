@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from golf_dist.cli import add_ensemble_argument, run_main
-from golf_dist.inference import MAX_ITERATIONS
-from golf_dist.tiling import MAX_TILES, MIN_TILE
+from golf_dist.commands.common import add_ensemble_argument, run_main
+from golf_dist.inference.engine import MAX_ITERATIONS
+from golf_dist.inference.tiling import MAX_TILES, MIN_TILE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch: OUTPUT_DIR's f/g.safetensors; onnxruntime: its f.onnx and g.onnx, written by "
                         "launch/export.py --onnx (default: %(default)s)")
     args = parser.parse_args(argv)
-    from golf_dist.deblur import deblur_files
+    from golf_dist.inference.deblur import deblur_files
 
     written = deblur_files(Path(args.output_dir), args.inputs, Path(args.out), args.iterations, args.device,
                            tile=args.tile, overlap=args.overlap, ensemble=args.ensemble, engine=args.engine,

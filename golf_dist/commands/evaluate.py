@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from golf_dist.cli import add_ensemble_argument, run_main
+from golf_dist.commands.common import add_ensemble_argument, run_main
 from golf_dist.config import DEFAULT_CONFIG, load_config, parse_overrides
 from golf_dist.errors import ConfigError
-from golf_dist.inference import MAX_ITERATIONS, check_iterations
-from golf_dist.tiling import MAX_TILES, MIN_TILE
+from golf_dist.inference.engine import MAX_ITERATIONS, check_iterations
+from golf_dist.inference.tiling import MAX_TILES, MIN_TILE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     iterations = cfg.eval.iterations if args.iterations is None else args.iterations
     check_iterations(iterations, "eval.iterations" if args.iterations is None else "--iterations")
 
-    from golf_dist.evaluate import print_result, run_evaluation
+    from golf_dist.evaluation.workflow import print_result, run_evaluation
 
-    from golf_dist.tiling import check_tiling
+    from golf_dist.inference.tiling import check_tiling
 
     if args.path_root is not None and not args.register:
         raise ConfigError("--path-root applies to the model --register NAME logs: give --register too")

@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from golf_dist.cli import run_main
+from golf_dist.commands.common import run_main
 
 
 def _tracking(args) -> str | None:

@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from golf_dist.cli import run_main
+from golf_dist.commands.common import run_main
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", required=True, help="training output folder (f.safetensors, g.safetensors)")
     parser.add_argument("--onnx", required=True, metavar="OUT", help="folder for f.onnx and g.onnx")
     args = parser.parse_args(argv)
-    from golf_dist.export import export_onnx
+    from golf_dist.inference.export import export_onnx
 
     print(json.dumps(export_onnx(Path(args.output_dir), Path(args.onnx)), sort_keys=True), flush=True)
     return 0

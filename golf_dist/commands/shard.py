@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from golf_dist.cli import run_main
+from golf_dist.commands.common import run_main
 from golf_dist.data.formats import DEFAULT_TEST_FORMAT, DEFAULT_TRAIN_FORMAT, FORMATS
+from golf_dist.data.prep.shard_verify import format_verify, verify_shards
+from golf_dist.data.prep.sharding import format_summary, merge_parts, shard_gopro
 from golf_dist.data.shard_reader import SPLITS
-from golf_dist.data.shard_verify import format_verify, verify_shards
-from golf_dist.data.sharding import format_summary, merge_parts, shard_gopro
 
 
 def _splits(text: str) -> tuple[str, ...]:

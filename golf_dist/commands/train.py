@@ -19,9 +19,9 @@ import logging
 import os
 import sys
 
-from golf_dist import preemption
-from golf_dist.cli import run_main
+from golf_dist.commands.common import run_main
 from golf_dist.config import DEFAULT_CONFIG, load_config, parse_overrides
+from golf_dist.training import preemption
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """The DALI loader: training pipelines and full frames for evaluation.
 
-Training follows the PyTorch loader's plan (golf_dist.data.loader: CropPlan, RankBatches): at optimizer step s,
+Training follows the PyTorch loader's plan (golf_dist.data.torch_loader: CropPlan, RankBatches): at optimizer step s,
 rank r gets the pairs of the same stream positions, with the same window and flips, so the two loaders hand out
 the same crops bit for bit (tests/test_dali.py). What that buys: a run's numbers do not depend on the loader; the
 order does not depend on the world size; resuming at step s needs nothing but s, whichever loader and world
@@ -29,9 +29,10 @@ import numpy as np
 import torch
 
 from golf_dist.data import formats
-from golf_dist.data.loader import CropPlan, RankBatches
+from golf_dist.data.crop_plan import CropPlan
 from golf_dist.data.shard_reader import SampleRef, index_path, read_member
 from golf_dist.data.split_check import FIX_BAD_SAMPLES, CheckedPairs, CheckedSplit, image_member
+from golf_dist.data.torch_loader import RankBatches
 from golf_dist.errors import ConfigError, DataError
 
 # nvJPEG2000 decodes JPEG 2000 on the GPU. PNG goes through the CPU even with device='mixed' (and is
@@ -121,7 +122,7 @@ def _decode(raw, fmt: str, mixed: bool):
 
 def _window(image, crop: int, u, flips):
     """The window's anchor (top, left) inside `image` from the draws `u` (float32 [u_top, u_left]) and the
-    flips (int32 [hflip, vflip]), as DALI nodes: loader.window_offset's float32 arithmetic."""
+    flips (int32 [hflip, vflip]), as DALI nodes: crop_plan.window_offset's float32 arithmetic."""
     from nvidia.dali import fn, types
     from nvidia.dali import math as dmath
 

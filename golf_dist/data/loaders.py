@@ -2,7 +2,7 @@
 auto | dali | torch (with the reason), `make_train_loader` builds it. One contract for both: batches of
 (blur, sharp) float32 tensors, N x 3 x crop x crop in [0, 1], blur and sharp cut with one window and one
 set of flips; `excluded` and `skipped_runtime` (bad samples), `close()`. Both follow one plan, in which
-every sample is a pure function of (seed, stream position) (golf_dist.data.loader): they hand out the same
+every sample is a pure function of (seed, stream position) (golf_dist.data.torch_loader): they hand out the same
 batches, and a checkpoint needs only its step to resume either of them, at any world size.
 """
 
@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import torch
 
+from golf_dist.data.crop_plan import CropPlan
 from golf_dist.data.dali import DaliTrainLoader, dali_import_error
-from golf_dist.data.loader import CropPlan, ShardPairs, train_loader
 from golf_dist.data.split_check import CheckedSplit, check_split
+from golf_dist.data.torch_loader import ShardPairs, train_loader
 from golf_dist.errors import ConfigError
 
 LOADERS = ("auto", "dali", "torch")
 
 
 class TorchTrainLoader:
-    """The PyTorch loader (golf_dist.data.loader.train_loader) with the same interface as DaliTrainLoader."""
+    """The PyTorch loader (golf_dist.data.torch_loader.train_loader) with the same interface as DaliTrainLoader."""
 
     kind = "torch"
 

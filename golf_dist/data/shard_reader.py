@@ -3,7 +3,7 @@ checked), the tar index of a shard (where each sample's members lie), the DALI i
 paths of a split's shards and indexes. Training, the loaders, the S3 cache and the offline writer and
 verifier all read shards through this module; it imports no other part of golf_dist.data but formats.
 
-Layout of a shard set (written by golf_dist.data.sharding): `OUT/{split}/{split}-{i:06d}.tar`, beside
+Layout of a shard set (written by golf_dist.data.prep.sharding): `OUT/{split}/{split}-{i:06d}.tar`, beside
 each its DALI index `{split}-{i:06d}.idx`, and `OUT/manifest.json` (last). A sample is
 `{scene}-{frame}.blur.{ext}`, `.sharp.{ext}` and `.json` (where it came from and its size), ext the
 split's image format (golf_dist.data.formats).
@@ -11,7 +11,6 @@ split's image format (golf_dist.data.formats).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import tarfile
@@ -41,15 +40,6 @@ class SampleRef:
 
 
 
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_member(path: str | Path, offset: int, size: int) -> bytes:

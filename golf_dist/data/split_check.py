@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from golf_dist.data import formats
-from golf_dist.data.loader import PairRef, ShardPairs
 from golf_dist.data.shard_reader import SampleRef, index_shard, read_manifest, shard_paths, split_format as _format, tar_members
 from golf_dist.data.storage import local_shard_dir
+from golf_dist.data.torch_loader import PairRef, ShardPairs
 from golf_dist.errors import ConfigError, DataError
 from golf_dist.log import get_logger
 

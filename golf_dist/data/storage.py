@@ -16,11 +16,11 @@ import contextlib
 import hashlib
 import json
 import os
-import socket
 from pathlib import Path
 
-from golf_dist.data.shard_reader import MANIFEST, parse_manifest, sha256_file
-from golf_dist.errors import DataError, raise_if_storage_full
+from golf_dist.data.shard_reader import MANIFEST, parse_manifest
+from golf_dist.errors import DataError
+from golf_dist.files import atomic_path, sha256_file, write_atomic
 
 S3_PREFIX = "s3://"
 DEFAULT_CACHE = Path("~/.cache/golf_dist/shards")
@@ -214,16 +214,10 @@ def hash_object(bucket: str, key: str, dest: Path | None = None) -> tuple[int, s
     raise s3_error(broken, bucket, key, f"downloading ({BODY_ATTEMPTS} attempts, each cut short)") from None
 
 
-def tmp_name(path: Path) -> Path:
-    """A temporary name beside `path`, unique per host and process (shared file systems included)."""
-    return path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-
-
 def download_verified(bucket: str, key: str, dest: Path, size: int, sha256: str) -> None:
     """Download to a temporary name, check size and SHA-256, then rename to `dest`."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_name(dest)
-    try:
+    with atomic_path(dest) as tmp:
         got = hash_object(bucket, key, tmp)
         if got is None:
             raise DataError(f"{s3_url(bucket, key)} is listed in the manifest but missing from the bucket")
@@ -233,12 +227,6 @@ def download_verified(bucket: str, key: str, dest: Path, size: int, sha256: str)
                 f"{size} bytes, sha256 {sha256[:12]}...: the object changed after sharding; "
                 f"run python data_prep/shard_gopro.py --verify s3://{bucket}/... and reshard"
             )
-        os.replace(tmp, dest)
-    except OSError as err:
-        raise_if_storage_full(err, dest)
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -320,20 +308,3 @@ def local_shard_dir(shards: str | os.PathLike, cache_dir: str | os.PathLike | No
         if not manifest_path.is_file() or manifest_path.read_bytes() != data:
             write_atomic(manifest_path, data)  # last: a cache with a manifest is a complete one
     return folder
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` whole or not at all: a temporary name, fsync, then rename (a full disk:
-    StorageFullError, the temporary removed)."""
-    tmp = tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        raise_if_storage_full(err, path)
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)

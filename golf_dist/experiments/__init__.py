@@ -12,7 +12,7 @@ def record(name: str, out: Path, result: dict, params: dict[str, Any],
            experiment: str = "golf-paper") -> None:
     """What every experiment leaves: one MLflow run (tag golf.experiment=NAME; its params, each (metrics, step)
     and the figure) when tracking_uri is set, and OUT/<name with _>.json written whole."""
-    from golf_dist.data.storage import write_atomic
+    from golf_dist.files import write_atomic
     from golf_dist.tracking import Tracker
 
     tracker = Tracker(tracking_uri is not None, tracking_uri, experiment)

@@ -8,13 +8,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from golf_dist.data.loader import ShardPairs
-from golf_dist.evaluate import evaluate_pairs, load_trained
+from golf_dist.data.torch_loader import ShardPairs
+from golf_dist.evaluation.validation import evaluate_pairs
+from golf_dist.inference.engine import load_trained
 
 
 def run_experiment(output_dir: Path, shards: str, iterations: int, out: Path, limit: int | None,
                    tracking_uri: str | None, experiment: str = "golf-paper") -> dict:
-    from golf_dist import plots
+    from golf_dist.evaluation import plots
     from golf_dist.experiments import record
 
     out = Path(out)

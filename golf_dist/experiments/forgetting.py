@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from golf_dist.data.loader import ShardPairs, to_tensor
+from golf_dist.data.torch_loader import ShardPairs, to_tensor
 from golf_dist.errors import DataError
 from golf_dist.metrics import psnr
 from golf_dist.models import f_net
@@ -124,7 +124,7 @@ def run_schedule(phases: tuple[str, str], train: CropBank, val: tuple[torch.Tens
 
 def run_experiment(shards: str, out: Path, cfg: ForgettingConfig, tracking_uri: str | None,
                    experiment: str = "golf-paper") -> dict:
-    from golf_dist import plots
+    from golf_dist.evaluation import plots
     from golf_dist.experiments import record
 
     out = Path(out)

@@ -14,16 +14,17 @@ from pathlib import Path
 import torch
 
 from golf_dist.config import load_config
-from golf_dist.data.loader import ShardPairs
+from golf_dist.data.torch_loader import ShardPairs
 from golf_dist.errors import ConfigError, DataError
-from golf_dist.evaluate import evaluate_pairs, load_trained
+from golf_dist.evaluation.validation import evaluate_pairs
+from golf_dist.inference.engine import load_trained
 from golf_dist.losses import find_vgg_weights, vgg_weights_missing_message
 from golf_dist.training.trainer import train_stage
 
 
 def run_experiment(config: str, overrides: list[str], lambdas: list[float], out: Path, limit: int | None,
                    tracking_uri: str | None, experiment: str = "golf-paper") -> dict:
-    from golf_dist import plots
+    from golf_dist.evaluation import plots
     from golf_dist.experiments import record
 
     if any(value < 0 for value in lambdas):

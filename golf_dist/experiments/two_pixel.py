@@ -174,7 +174,7 @@ def surfaces(classifier: nn.Module, gradient_prior: nn.Module, size: int = 81) -
 def run_experiment(out: Path, seeds: list[int], cfg: ToyConfig, tracking_uri: str | None,
                    experiment: str = "golf-paper") -> dict:
     """Every seed, the summary, the figure (of the first seed) and the JSON under OUT; one MLflow run."""
-    from golf_dist import plots
+    from golf_dist.evaluation import plots
     from golf_dist.experiments import record
 
     out = Path(out)

@@ -3,7 +3,7 @@ one interface, so the training loop has no DeepSpeed branches.
 
 DeepSpeed's engine divides by the accumulation count, reduces and steps at its own accumulation boundary,
 clips (gradient_clipping in its config) and partitions Adam's state across ranks (ZeRO-2); checkpoints
-hold Adam's plain layout either way (golf_dist.distributed.full_state / load_full_state), so a
+hold Adam's plain layout either way (golf_dist.commands.launch.full_state / load_full_state), so a
 checkpoint is the same file whether DDP or DeepSpeed wrote it.
 
 A step whose loss or gradient norm is NaN or Inf on any rank is found by both (`finish_step` returns whether
@@ -18,10 +18,10 @@ from typing import Any, Callable
 
 import torch
 
-from golf_dist import distributed as dist_utils
 from golf_dist.errors import GolfError
 from golf_dist.log import get_logger
-from golf_dist.optim import clip_gradients
+from golf_dist.training import distributed as dist_utils
+from golf_dist.training.optim import clip_gradients
 
 LossOf = Callable[[], dict[str, torch.Tensor]]
 log = get_logger(__name__)

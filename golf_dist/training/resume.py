@@ -23,8 +23,8 @@ import torch.distributed as dist
 from golf_dist.checkpoints import clean_stale_temporaries, list_checkpoints, load_latest, read_state
 from golf_dist.config import Config
 from golf_dist.data.loaders import make_train_loader, resolve_loader
-from golf_dist.data.shard_reader import sha256_file
 from golf_dist.errors import DataError
+from golf_dist.files import sha256_file
 from golf_dist.log import get_logger
 from golf_dist.tracking import redact
 from golf_dist.training.state import TrainingState
@@ -137,7 +137,7 @@ def resume_from_checkpoint(uri: str, scratch_dir: Path, tracking_uri: str | None
     state.json to the others, which load that one (each its own download: no shared file system assumed) and
     stop, every rank naming it, when theirs differs (the store changed in between) or cannot be loaded.
     A collective: every rank calls it once."""
-    from golf_dist.remote import load_resume_checkpoint
+    from golf_dist.training.remote import load_resume_checkpoint
 
     def fetch(where: str) -> dict[str, Any]:
         return load_resume_checkpoint(where, scratch_dir, tracking_uri, allow_unverified=allow_unverified)

@@ -1,5 +1,5 @@
 """The speed layer for a training stage: its networks prepared with the switches of `speed:`, and, with any
-switch on, the start-up check first (golf_dist.speed.settle_training: the prepared networks against eager on a
+switch on, the start-up check first (golf_dist.perf.speed.settle_training: the prepared networks against eager on a
 real batch, a failing switch that auto or try turned on turned off), and the record of what it turned off."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from golf_dist.data.loader import ShardPairs, to_tensor
-from golf_dist.data.storage import write_atomic
-from golf_dist.speed import (
+from golf_dist.data.torch_loader import ShardPairs, to_tensor
+from golf_dist.files import write_atomic
+from golf_dist.perf.speed import (
     FALLBACK_FILE, Speed, fallback_json, fallback_tag, is_checked, prepare_module, settle_training,
 )
 from golf_dist.training.stages import FStage, GStage

@@ -29,26 +29,25 @@ from golf_dist.checkpoints import (
 )
 from golf_dist.config import Config, flatten, to_dict
 from golf_dist.data.split_check import check_crop_fits, open_pairs
-from golf_dist.data.loader import unwrapped_errors
-from golf_dist.data.shard_reader import sha256_file
-from golf_dist.data.storage import write_atomic
+from golf_dist.data.torch_loader import unwrapped_errors
 from golf_dist.errors import ConfigError, GolfError
-from golf_dist.evaluate import evaluate_pairs
+from golf_dist.evaluation.validation import evaluate_pairs
+from golf_dist.files import sha256_file, write_atomic
 from golf_dist.log import get_logger
 from golf_dist.losses import GolfLoss, find_vgg_weights, load_vgg_features, vgg_weights_missing_message
 from golf_dist.models import f_net
-from golf_dist.optim import EMA, make_scheduler
-from golf_dist.preemption import StopCheck, print_stopped
-from golf_dist.run_info import run_params
-from golf_dist.speed import adam_options, apply_backend_flags, prepare_input, warn_if_bf16_is_slow
-from golf_dist.speed import resolve as resolve_speed
+from golf_dist.perf.speed import adam_options, apply_backend_flags, prepare_input, warn_if_bf16_is_slow
+from golf_dist.perf.speed import resolve as resolve_speed
 from golf_dist.tracking import Tracker, redact_config_dict
 from golf_dist.training.backend import NonFiniteSteps, make_accelerator, make_backend
 from golf_dist.training.meter import StepMeter
+from golf_dist.training.optim import EMA, make_scheduler
+from golf_dist.training.preemption import StopCheck, print_stopped
 from golf_dist.training.resume import (
     StagePaths, clean_leftovers, f_weights_record, open_train_loader, resolve_f_weights, resume_checkpoint,
     resume_from_checkpoint,
 )
+from golf_dist.training.run_info import run_params
 from golf_dist.training.speed_check import prepare_stage, record_fallbacks
 from golf_dist.training.stages import FStage, GStage
 from golf_dist.training.state import TrainingState
@@ -113,7 +112,7 @@ class Trainer:
     def _build(self) -> None:
         cfg, t = self.cfg, self.t
         torch.manual_seed(cfg.seed)
-        # the speed layer (golf_dist/speed.py): all off on a CPU; on a GPU compile, channels_last, TF32, fused Adam
+        # the speed layer (golf_dist/perf/speed.py): all off on a CPU; on a GPU compile, channels_last, TF32, fused Adam
         self.speed = resolve_speed(cfg.speed, self.device, training=True)
         apply_backend_flags(self.speed)
         stage_class = FStage if self.stage_name == "f" else GStage
@@ -134,7 +133,7 @@ class Trainer:
                                 t.unroll_weighting)
         optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2),
                                      **adam_options(self.speed, self.device))
-        self.scheduler = make_scheduler(optimizer, t)  # warm-up, then exp | cosine | constant (golf_dist.optim)
+        self.scheduler = make_scheduler(optimizer, t)  # warm-up, then exp | cosine | constant (training/optim.py)
         self.backend = make_backend(self.accelerator, model, optimizer, accum=self.accum, grad_clip=t.grad_clip,
                                     per_device=self.per_device, global_batch=self.global_batch, device=self.device)
         self.cfg.train.mixed_precision = self.accelerator.mixed_precision  # DeepSpeed's JSON may set it

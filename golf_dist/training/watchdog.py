@@ -6,7 +6,7 @@ The training loop calls `beat(what)` before each step, validation, checkpoint an
 the rank checks the deadline. The main thread may be blocked inside a C++ collective (which releases the
 GIL), so the thread can still act; it writes the stacks (faulthandler) to stderr and to
 STAGE_DIR/hang-rank<R>.txt, then ends the process with os._exit: a clean exit would wait for the stuck
-thread. The process group timeout (GOLF_DIST_TIMEOUT_S, golf_dist/distributed.py) fails a collective on
+thread. The process group timeout (GOLF_DIST_TIMEOUT_S, golf_dist/commands/launch.py) fails a collective on
 its own clock; the watchdog also covers data reads and says where every thread was.
 """
 
@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from golf_dist.data.storage import write_atomic
+from golf_dist.files import write_atomic
 
 HANG_EXIT_CODE = 124  # timeout(1)'s status for "timed out"
 # the first step (torch.compile, loader start-up), validation, checkpoints and the export may take this many

@@ -5,11 +5,11 @@
 #   GPU nodes (GOLF_GPUS_PER_NODE > 0):
 #     accelerate launch --config_file $ACCELERATE_CONFIG --num_machines N --num_processes N*GPUS
 #         --machine_rank $SLURM_NODEID --main_process_ip HEAD --main_process_port PORT launch/train.py ARGS
-#     through `python -m golf_dist.distributed accelerate-launch`: one process in all (single_gpu.yaml) runs
+#     through `python -m golf_dist.commands.launch accelerate-launch`: one process in all (single_gpu.yaml) runs
 #     with no launcher process at all (the trainer is exec'd with the environment Accelerate builds for it).
 #   CPU nodes (GOLF_GPUS_PER_NODE = 0): ACCELERATE_USE_CPU=1 torchrun (gloo) with a c10d rendezvous at
 #     HEAD:PORT, --nproc_per_node $GOLF_CPU_PROCS, join_timeout=$GOLF_RDZV_TIMEOUT, through
-#     `python -m golf_dist.distributed torchrun`, which ends a rendezvous that cannot form with one clear
+#     `python -m golf_dist.commands.launch torchrun`, which ends a rendezvous that cannot form with one clear
 #     error line instead of a hang or a bare traceback.
 #
 # Needs GOLF_ROOT, GOLF_HEAD, GOLF_PORT, GOLF_NNODES, GOLF_GPUS_PER_NODE (set by train.sbatch) and
@@ -41,14 +41,14 @@ if [ "$GOLF_GPUS_PER_NODE" -gt 0 ]; then
   # several nodes meet through c10d with a bounded wait; one node needs no rendezvous timeout
   [ "$GOLF_NNODES" -gt 1 ] && rdzv=(--rdzv_backend c10d --rdzv_conf "join_timeout=$TIMEOUT")
   # ${rdzv[@]+"${rdzv[@]}"}, not "${rdzv[@]}": bash before 4.4 takes an empty array as unset under set -u
-  exec "$PY" -m golf_dist.distributed accelerate-launch -- --config_file "$ACCELERATE_CONFIG" \
+  exec "$PY" -m golf_dist.commands.launch accelerate-launch -- --config_file "$ACCELERATE_CONFIG" \
     --num_machines "$GOLF_NNODES" --num_processes $((GOLF_NNODES * GOLF_GPUS_PER_NODE)) \
     --machine_rank "$NODE_RANK" --main_process_ip "$GOLF_HEAD" --main_process_port "$GOLF_PORT" \
     ${rdzv[@]+"${rdzv[@]}"} launch/train.py "$@"
 fi
 
 export ACCELERATE_USE_CPU=1
-exec "$PY" -m golf_dist.distributed torchrun -- \
+exec "$PY" -m golf_dist.commands.launch torchrun -- \
   --nnodes "$GOLF_NNODES" --node_rank "$NODE_RANK" --nproc_per_node "${GOLF_CPU_PROCS:-1}" \
   --rdzv-backend c10d --rdzv-endpoint "$GOLF_HEAD:$GOLF_PORT" --rdzv-id "golf-${SLURM_JOB_ID:-local}" \
   --rdzv-conf "join_timeout=$TIMEOUT" \

@@ -19,10 +19,10 @@ import pytest
 from PIL import Image
 
 from golf_dist.data.dali import DaliTrainLoader
-from golf_dist.data.split_check import check_split
-from golf_dist.data.loader import ShardPairs
+from golf_dist.data.prep.sharding import shard_gopro
 from golf_dist.data.shard_reader import index_shard, read_manifest, shard_paths
-from golf_dist.data.sharding import shard_gopro
+from golf_dist.data.split_check import check_split
+from golf_dist.data.torch_loader import ShardPairs
 from golf_dist.errors import DataError
 
 from conftest import rewrite_shard

@@ -234,7 +234,7 @@ def test_disk_full_while_metrics_are_logged(tmp_path, record):
     import io
     import contextlib
 
-    from golf_dist.plots import read_metrics
+    from golf_dist.evaluation.plots import read_metrics
     from golf_dist.tracking import Tracker
 
     record.expect("ENOSPC while metrics are logged", "metrics.jsonl (golf_dist.tracking.Tracker)")

@@ -1,6 +1,6 @@
 """The speed layer, in one place for training, evaluation, deblurring and the benchmark (config section
 `speed:`): torch.compile, channels_last, TF32, cudnn.benchmark, fused Adam and the fused InstanceNorm + ReLU
-kernel (golf_dist/fused_norm.py).
+kernel (golf_dist/perf/fused_norm.py).
 
 Each switch is auto, try, on or off; auto means try where a CUDA GPU runs the work and off on a CPU, so CPU runs
 stay exactly what eager PyTorch computes (the tests' bitwise resume, the demo's figures).
@@ -29,8 +29,8 @@ from typing import Callable, Sequence
 import torch
 
 from golf_dist.errors import ConfigError, GolfError
-from golf_dist.fused_norm import fuse_norm_relu, kernel_available, unfuse_norm_relu
 from golf_dist.log import get_logger
+from golf_dist.perf.fused_norm import fuse_norm_relu, kernel_available, unfuse_norm_relu
 
 SWITCH_VALUES = ("auto", "try", "on", "off")
 # The switches the start-up check may turn off, in the order it turns them off when the prepared network fails

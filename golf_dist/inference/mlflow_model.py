@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from golf_dist.errors import ConfigError, DataError
-from golf_dist.inference import MIN_SIDE, check_iterations
+from golf_dist.inference.engine import MIN_SIDE, check_iterations
 from golf_dist.log import get_logger
 
 IMAGE, PATH = "image", "path"
@@ -109,8 +109,8 @@ class GolfModel(mlflow.pyfunc.PythonModel):
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
-        from golf_dist.data.loader import to_tensor
-        from golf_dist.inference import restore_iterates, to_uint8
+        from golf_dist.data.torch_loader import to_tensor
+        from golf_dist.inference.engine import restore_iterates, to_uint8
 
         if isinstance(model_input, dict):
             model_input = pd.DataFrame([model_input])
@@ -163,3 +163,22 @@ def log_model(output_dir: Path, iterations: int, ensemble: str = "x1", name: str
         code_paths=[str(Path(golf_dist.__file__).parent)], signature=signature(), input_example=example,
         pip_requirements=requirements,
     )
+
+
+def register_model(tracker, output_dir: Path, iterations: int, ensemble: str, name: str,
+                   test_psnr: float, path_root: str | None = None) -> dict[str, str]:
+    """Log F + G (run as evaluated: `iterations`, `ensemble`; reading the `path` column under `path_root` only)
+    as a pyfunc model into the evaluation's MLflow run and register it as NAME, its test PSNR a tag of the new
+    version. Unlike metrics, this does not survive an unreachable store: it is what was asked for."""
+    from golf_dist.errors import TrackingError
+    from golf_dist.tracking import fluent_tracking_uri
+
+    if tracker.run_id is None:
+        raise TrackingError(f"--register {name}: the MLflow store at {tracker.display_uri} did not take the "
+                            "evaluation's run, so there is no run to log the model into")
+    with fluent_tracking_uri(tracker.uri):
+        with mlflow.start_run(run_id=tracker.run_id):
+            info = log_model(output_dir, iterations, ensemble, path_root=path_root)
+        version = mlflow.register_model(info.model_uri, name, tags={"test_psnr": f"{test_psnr:.4f}"})
+    log.info(f"registered model {name} version {version.version} ({info.model_uri}; test PSNR {test_psnr:.2f} dB)")
+    return {"name": name, "version": str(version.version), "model_uri": info.model_uri}

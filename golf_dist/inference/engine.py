@@ -1,6 +1,6 @@
 """How a trained F + G runs on an image, for evaluation and deblurring alike: on an engine (PyTorch, or ONNX
-Runtime on the graphs `launch/export.py --onnx` writes), whole or on tiles (golf_dist.tiling), plain or
-self-ensembled (golf_dist.ensemble)."""
+Runtime on the graphs `launch/export.py --onnx` writes), whole or on tiles (golf_dist.inference.tiling), plain or
+self-ensembled (golf_dist.inference.ensemble)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from golf_dist.ensemble import ensemble_iterates
 from golf_dist.errors import ConfigError, DataError
-from golf_dist.tiling import tiled_iterates
+from golf_dist.inference.ensemble import ensemble_iterates
+from golf_dist.inference.tiling import tiled_iterates
 
 ENGINES = ("torch", "onnxruntime")
 MIN_SIDE = 4  # a 7x7 convolution pads 3 pixels by reflection, which needs 4 pixels to reflect
@@ -113,3 +113,24 @@ def restore_iterates(f, g, blur: Tensor, iterations: int, tile: int | None = Non
     """F's estimate and each of `iterations` G iterations' of a 1x3xHxW image, on tiles when `tile` is set,
     averaged over the transforms of `ensemble` (x1: none). f and g: modules or OnnxNetworks."""
     return ensemble_iterates(lambda image: tiled_iterates(f, g, image, iterations, tile, overlap), blur, ensemble)
+
+
+def load_trained(output_dir: Path, device: torch.device, iterations: int):
+    """F (and G when iterations > 0) from a training output folder, in eval mode on `device`."""
+    from golf_dist.checkpoints import load_into
+    from golf_dist.errors import DataError
+    from golf_dist.models import f_net, g_net
+
+    f_path, g_path = Path(output_dir) / "f.safetensors", Path(output_dir) / "g.safetensors"
+    if not f_path.is_file():
+        raise DataError(f"no trained F at {f_path}: train stage f with --output-dir {output_dir} first")
+    f = load_into(f_net(), f_path, "F")
+    g = None
+    if iterations > 0:
+        if not g_path.is_file():
+            raise DataError(
+                f"no trained G at {g_path}: train stage g with --output-dir {output_dir} first, "
+                "or use F alone with --iterations 0"
+            )
+        g = load_into(g_net(), g_path, "G").to(device).eval()
+    return f.to(device).eval(), g

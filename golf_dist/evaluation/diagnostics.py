@@ -79,9 +79,10 @@ def _best_shift(blur: np.ndarray, sharp: np.ndarray, radius: int = 2) -> tuple[i
 def loader_stream(cfg, loader_kind: str, crops: int) -> dict[str, Any]:
     """Statistics of the first `crops` training crops `loader_kind` ('dali' or 'torch') gives for `cfg`
     (one process), each crop checked against its source pair decoded by the shard reader."""
+    from golf_dist.data.crop_plan import CropPlan, paired_crop
     from golf_dist.data.loaders import make_train_loader
     from golf_dist.data.split_check import open_pairs
-    from golf_dist.data.loader import CropPlan, paired_crop, to_tensor
+    from golf_dist.data.torch_loader import to_tensor
 
     pairs = open_pairs(cfg.data.shards, cfg.data.train_split, cfg.data.on_bad_sample, cfg.data.cache_dir,
                        min_side=cfg.data.crop)
@@ -146,7 +147,7 @@ def gain_on_crops_and_frames(
     on random `crop`-sided windows with F run on the window (as stage g trains), and on the whole frames
     (as evaluation measures). G that gains on crops and not on frames learnt to correct F's estimate near
     a crop's border, which a whole frame does not have. `frames`: (blur, sharp) HxWx3 uint8 pairs."""
-    from golf_dist.data.loader import to_tensor
+    from golf_dist.data.torch_loader import to_tensor
     from golf_dist.metrics import psnr
 
     rng = np.random.default_rng(seed)
@@ -197,7 +198,7 @@ def linear_headroom(
     per channel fitted by least squares on the training frames. Every path through G passes an InstanceNorm,
     so this is what G's linear part can make of the filter: its amplitude cannot follow each frame's
     contrast."""
-    from golf_dist.data.loader import to_tensor
+    from golf_dist.data.torch_loader import to_tensor
     from golf_dist.metrics import psnr
 
     if kernel < 1 or kernel % 2 == 0:

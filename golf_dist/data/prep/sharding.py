@@ -19,8 +19,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from golf_dist.data.formats import FORMATS
-from golf_dist.data.gopro import HOW_TO_GET_GOPRO, check_pair, scan_gopro
-from golf_dist.data.shard_files import Shard, ShardPlan, fill_shard, plan_split, shard_target
+from golf_dist.data.prep.gopro import HOW_TO_GET_GOPRO, check_pair, scan_gopro
+from golf_dist.data.prep.shard_files import Shard, ShardPlan, fill_shard, plan_split, shard_target
 from golf_dist.data.shard_reader import FORMAT_VERSION, MANIFEST, PARTS_DIR, SPLITS
 from golf_dist.errors import ConfigError, DataError
 

@@ -1,5 +1,5 @@
 """Throughput, latency and memory of the two training stages and of inference, on one device, eager and
-with the speed layer (golf_dist/speed.py) side by side. The data path: golf_dist/benchmark_data.py.
+with the speed layer (golf_dist/perf/speed.py) side by side. The data path: golf_dist/perf/benchmark_data.py.
 
 Random tensors stand in for data: the figures are the networks' cost, not the loader's. Stage g is
 the real recipe: frozen F under no_grad gives x0, G is unrolled N times (checkpointed per step),
@@ -22,8 +22,8 @@ from golf_dist.config import SpeedConfig
 from golf_dist.errors import ConfigError, GolfError
 from golf_dist.losses import GolfLoss, VGGFeatures, find_vgg_weights, load_vgg_features
 from golf_dist.models import f_net, g_net
-from golf_dist.profiling import top_operators, write_profile
-from golf_dist.speed import EAGER, Speed, adam_options, apply_backend_flags, prepare_input, prepare_module, resolve
+from golf_dist.perf.profiling import top_operators, write_profile
+from golf_dist.perf.speed import EAGER, Speed, adam_options, apply_backend_flags, prepare_input, prepare_module, resolve
 from golf_dist.training.stages import FStage, GStage
 
 PAPER_PERCEPTUAL_WEIGHT = 5e-6
@@ -64,7 +64,7 @@ class Settings:
     skip_720p: bool = False
     perceptual: bool = False
     vgg_weights: str | None = None
-    # the speed layer's column (golf_dist/speed.py): compile on by default, so a CPU run shows it too
+    # the speed layer's column (golf_dist/perf/speed.py): compile on by default, so a CPU run shows it too
     skip_speed: bool = False
     compile: str = "on"
     compile_backend: str = "inductor"

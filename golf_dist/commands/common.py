@@ -36,8 +36,8 @@ def release_process_group() -> None:
 
 
 def add_ensemble_argument(parser: argparse.ArgumentParser) -> None:
-    """--ensemble of evaluate and deblur: the modes golf_dist.ensemble knows."""
-    from golf_dist.ensemble import ENSEMBLES
+    """--ensemble of evaluate and deblur: the modes golf_dist.inference.ensemble knows."""
+    from golf_dist.inference.ensemble import ENSEMBLES
 
     parser.add_argument("--ensemble", default="x1", choices=tuple(ENSEMBLES),
                         help="self-ensemble: average over x8 flips and transposes, x4 flips, x2 a horizontal flip; "

@@ -1,7 +1,7 @@
 """What one shard holds and where it is written: the plan of a split's shards (which pairs go in which
 tar), a shard's members made from the source pairs, and the two places shards go, a local folder or an
-S3 prefix, each writing a shard whole or not at all. Used by the offline writer (golf_dist.data.sharding)
-and verifier (golf_dist.data.shard_verify), never by training.
+S3 prefix, each writing a shard whole or not at all. Used by the offline writer (golf_dist.data.prep.sharding)
+and verifier (golf_dist.data.prep.shard_verify), never by training.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import shutil
 import tarfile
@@ -22,9 +21,10 @@ import numpy as np
 
 from golf_dist.data import storage
 from golf_dist.data.formats import decode, encode
-from golf_dist.data.gopro import Pair
-from golf_dist.data.shard_reader import dali_index, index_shard, read_member, sha256_file
-from golf_dist.errors import DataError, raise_if_storage_full
+from golf_dist.data.prep.gopro import Pair
+from golf_dist.data.shard_reader import dali_index, index_shard, read_member
+from golf_dist.errors import DataError
+from golf_dist.files import atomic_path, sha256_file, write_atomic
 
 
 @lru_cache(maxsize=16)
@@ -150,8 +150,7 @@ def _write_files(folder: Path, shard: Shard) -> None:
     """Write one shard, then its DALI index, each to a temporary name, fsync, rename: whole or not at all."""
     path = folder / shard.relpath
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = storage.tmp_name(path)
-    try:
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             with tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
                 for sample in shard.samples:
@@ -162,15 +161,8 @@ def _write_files(folder: Path, shard: Shard) -> None:
                         info.uid = info.gid = 0
                         info.uname = info.gname = ""
                         tar.addfile(info, io.BytesIO(data))
-            f.flush()
-            os.fsync(f.fileno())
         index = dali_index(index_shard(tmp))
-        os.replace(tmp, path)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        raise_if_storage_full(err, path)
-        raise
-    storage.write_atomic(folder / shard.index_relpath, index)
+    write_atomic(folder / shard.index_relpath, index)
 
 
 def _file_entry(relpath: str, path: Path) -> dict:
@@ -211,7 +203,7 @@ class LocalTarget:
     def write(self, relpath: str, data: bytes) -> None:
         path = self.out / relpath
         path.parent.mkdir(parents=True, exist_ok=True)
-        storage.write_atomic(path, data)
+        write_atomic(path, data)
 
     def delete(self, relpath: str) -> None:
         (self.out / relpath).unlink(missing_ok=True)
@@ -239,7 +231,7 @@ class LocalTarget:
         else:  # a finished shard: its index may have been lost to a kill between the two renames
             index = dali_index(index_shard(self.out / shard.relpath))
             if self.read(shard.index_relpath) != index:
-                storage.write_atomic(self.out / shard.index_relpath, index)
+                write_atomic(self.out / shard.index_relpath, index)
         return _entry(self.out, shard)
 
     def close(self) -> None:

@@ -10,9 +10,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from golf_dist.data import storage
-from golf_dist.data.shard_files import LocalTarget, S3Target, shard_target
-from golf_dist.data.shard_reader import HOW_TO_MAKE_SHARDS, MANIFEST, parse_manifest, sha256_file
+from golf_dist.data.prep.shard_files import LocalTarget, S3Target, shard_target
+from golf_dist.data.shard_reader import HOW_TO_MAKE_SHARDS, MANIFEST, parse_manifest
 from golf_dist.errors import DataError
+from golf_dist.files import sha256_file
 
 
 @dataclass

@@ -29,10 +29,10 @@ BLOCK_C = 16   # channels per program: F has 32 and G 16 channels, the last laye
 
 @functools.cache
 def _kernels():
-    """The kernel module (golf_dist/fused_norm_kernels.py), imported on first use (Triton costs ~0.2 s to import),
+    """The kernel module (golf_dist/perf/fused_norm_kernels.py), imported on first use (Triton costs ~0.2 s to import),
     or None where Triton cannot be imported (it ships with CUDA builds of torch; CPU builds may lack it)."""
     try:
-        from golf_dist import fused_norm_kernels
+        from golf_dist.perf import fused_norm_kernels
     except ImportError:
         return None
     return fused_norm_kernels

@@ -30,6 +30,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from golf_dist.files import write_atomic
 from golf_dist.log import get_logger
 
 log = get_logger(__name__)
@@ -165,12 +166,7 @@ class StopCheck:
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         }
         self.marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.marker.with_name(f".{self.marker.name}.tmp-{os.getpid()}")
-        with open(tmp, "w") as fh:
-            fh.write(json.dumps(info, indent=2))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.marker)
+        write_atomic(self.marker, json.dumps(info, indent=2).encode())
 
     def clear_marker(self) -> None:
         if self.is_main and self.marker.exists():

@@ -2,7 +2,7 @@
 Runtime (`launch/deblur.py --engine onnxruntime`) or any other ONNX runtime. Each graph is checked against
 PyTorch on an image of a size it was not traced at before it is kept. The graphs travel as a pair: both are
 exported and checked in a staging folder before either replaces anything, and the folder's manifest
-(golf_dist.inference.ONNX_MANIFEST: each graph's sha256, the weights and training runs they came from) is
+(golf_dist.inference.engine.ONNX_MANIFEST: each graph's sha256, the weights and training runs they came from) is
 written last, so the onnxruntime engine never runs an F with a G of another export."""
 
 from __future__ import annotations
@@ -15,11 +15,9 @@ from pathlib import Path
 
 import torch
 
-from golf_dist.data.shard_reader import sha256_file
-from golf_dist.data.storage import write_atomic
 from golf_dist.errors import DataError
-from golf_dist.evaluate import load_trained
-from golf_dist.inference import ONNX_FILES, ONNX_MANIFEST, OnnxNetwork
+from golf_dist.files import sha256_file, write_atomic
+from golf_dist.inference.engine import ONNX_FILES, ONNX_MANIFEST, OnnxNetwork, load_trained
 from golf_dist.log import get_logger
 from golf_dist.training.resume import StagePaths
 

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
+from golf_dist.files import atomic_path
 from golf_dist.log import get_logger
 
 log = get_logger(__name__)
@@ -30,9 +31,8 @@ def _pyplot():
 def _save(fig, path: Path, metadata: dict[str, str] | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight", metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path, tmp=path.with_name(f".{path.name}.tmp-{os.getpid()}.png")) as tmp:  # .png: the format
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", metadata=metadata)
     return path
 
 

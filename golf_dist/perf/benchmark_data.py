@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from golf_dist.benchmark import _sync, device_name
 from golf_dist.errors import ConfigError, GolfError
+from golf_dist.perf.benchmark import _sync, device_name
 
 DATA_LOADERS = ("torch", "dali")
 

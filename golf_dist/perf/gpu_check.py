@@ -23,16 +23,16 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from golf_dist.benchmark import (
+from golf_dist.perf.benchmark import (
     _autocast, _batch, _median_ms, device_name, f_train_step, g_train_step, stage_g_peak_bytes,
 )
 from golf_dist.config import SpeedConfig
-from golf_dist.data.storage import write_atomic
 from golf_dist.errors import ConfigError, GolfError
-from golf_dist.fused_norm import kernel_available
+from golf_dist.files import write_atomic
 from golf_dist.losses import GolfLoss
 from golf_dist.models import f_net, g_net
-from golf_dist.speed import (
+from golf_dist.perf.fused_norm import kernel_available
+from golf_dist.perf.speed import (
     EAGER, NUMERICS_RTOL, Speed, adam_options, apply_backend_flags, fallbacks_of, first_line, for_inference,
     prepare_input, prepare_module, tf32_off,
 )
@@ -125,7 +125,7 @@ def _networks(dev: str, speed_cfg: SpeedConfig):
 
 def _restore_ms(dev: str, z: Sizes, size: tuple[int, int], speed_cfg: SpeedConfig) -> dict:
     """F + 3 G on one image through the speed layer as deblurring runs it (its first-call check included)."""
-    from golf_dist.inference import restore_iterates
+    from golf_dist.inference.engine import restore_iterates
 
     f, g = _networks(dev, speed_cfg)
     image = torch.rand(1, 3, *size, device=dev, generator=None)
@@ -166,8 +166,8 @@ def _dali_row(shards: str | None, dev: str, z: Sizes) -> dict:
     """The DALI crop path against the PyTorch loader: the same first batch, and batches per second of each."""
     from golf_dist.config import load_config
     from golf_dist.data.dali import dali_import_error
-    from golf_dist.data.loader import ShardPairs
     from golf_dist.data.loaders import make_train_loader
+    from golf_dist.data.torch_loader import ShardPairs
 
     if shards is None:
         raise _Skip("needs --shards DIR (a shard folder: data_prep/shard_gopro.py)")
@@ -193,8 +193,8 @@ def _dali_row(shards: str | None, dev: str, z: Sizes) -> dict:
 
 def _evaluation_row(shards: str | None, dev: str, z: Sizes, speed_cfg: SpeedConfig) -> dict:
     """evaluate_pairs (PSNR and SSIM, F + 3 G) over two test pairs through the speed layer."""
-    from golf_dist.data.loader import ShardPairs
-    from golf_dist.evaluate import evaluate_pairs
+    from golf_dist.data.torch_loader import ShardPairs
+    from golf_dist.evaluation.validation import evaluate_pairs
 
     if shards is None:
         raise _Skip("needs --shards DIR (a shard folder with a test split)")
@@ -206,13 +206,13 @@ def _evaluation_row(shards: str | None, dev: str, z: Sizes, speed_cfg: SpeedConf
 
 
 def _onnx_row(dev: str, z: Sizes, work: Path) -> dict:
-    """F exported to ONNX (golf_dist.export's parity check) and run by ONNX Runtime on one image."""
+    """F exported to ONNX (golf_dist.inference.export's parity check) and run by ONNX Runtime on one image."""
     import importlib.util
 
     if importlib.util.find_spec("onnxruntime") is None:
         raise _Skip("onnxruntime is not installed")
-    from golf_dist.export import _export_one
-    from golf_dist.inference import OnnxNetwork
+    from golf_dist.inference.engine import OnnxNetwork
+    from golf_dist.inference.export import _export_one
 
     torch.manual_seed(0)
     difference = _export_one(f_net(zero_init_last=False).eval(), "F", work / "f.onnx")

@@ -11,14 +11,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from golf_dist.data.formats import MAX_PIXELS, decode_pil
-from golf_dist.data.loader import to_tensor
-from golf_dist.data.storage import write_atomic
+from golf_dist.data.torch_loader import to_tensor
 from golf_dist.errors import ConfigError, DataError
-from golf_dist.ensemble import check_ensemble
-from golf_dist.evaluate import load_trained
-from golf_dist.inference import ENGINES, MIN_SIDE, check_iterations, load_onnx, restore_iterates, to_uint8
-from golf_dist.speed import FALLBACK_FILE, fallback_json, for_inference
-from golf_dist.tiling import check_tile_count, check_tiling
+from golf_dist.files import write_atomic
+from golf_dist.inference.ensemble import check_ensemble
+from golf_dist.inference.engine import (ENGINES, MIN_SIDE, check_iterations, load_onnx, load_trained,
+                                        restore_iterates, to_uint8)
+from golf_dist.inference.tiling import check_tile_count, check_tiling
+from golf_dist.perf.speed import FALLBACK_FILE, fallback_json, for_inference
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # No PNG or JPEG of MAX_PIXELS pixels is larger (16-bit RGBA stored uncompressed, plus room for metadata):
@@ -112,8 +112,9 @@ def deblur_files(output_dir: Path, inputs: list[str], out_dir: Path, iterations:
                  tile: int | None = None, overlap: int = 32, ensemble: str = "x1", engine: str = "torch",
                  overwrite: bool = False, speed_cfg=None) -> list[Path]:
     """Run F then `iterations` G steps on every input image (whole, or on overlapping tiles of side `tile`:
-    golf_dist.tiling; averaged over flips and transposes with `ensemble`: golf_dist.ensemble) with PyTorch on
-    OUTPUT_DIR's safetensors or with ONNX Runtime on its f.onnx and g.onnx (`engine`); write PNGs under out_dir.
+    golf_dist.inference.tiling; averaged over flips and transposes with `ensemble`: golf_dist.inference.ensemble)
+    with PyTorch on OUTPUT_DIR's safetensors or with ONNX Runtime on its f.onnx and g.onnx (`engine`); write PNGs
+    under out_dir.
     The whole plan (flags, inputs, output paths: plan_outputs) is checked before the model loads, so a refusal
     writes nothing; an existing output is replaced only with `overwrite`, an input never."""
     check_iterations(iterations)
@@ -127,7 +128,7 @@ def deblur_files(output_dir: Path, inputs: list[str], out_dir: Path, iterations:
     check_inputs(files, tile, overlap)
     if engine == "torch":
         f, g = load_trained(Path(output_dir), dev, iterations)
-        # the speed layer (golf_dist/speed.py; speed_cfg None: its defaults, all off on a CPU); what its first-call
+        # the speed layer (golf_dist/perf/speed.py; speed_cfg None: its defaults, all off on a CPU); what its first-call
         # check turns off is recorded in out_dir
         def record(fallbacks: list[dict[str, str]]) -> None:
             Path(out_dir).mkdir(parents=True, exist_ok=True)

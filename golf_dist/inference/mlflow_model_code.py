@@ -3,6 +3,6 @@ model holds this source, not a pickled Python object, so loading it runs no seri
 
 import mlflow
 
-from golf_dist.mlflow_model import GolfModel
+from golf_dist.inference.mlflow_model import GolfModel
 
 mlflow.models.set_model(GolfModel())

@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from golf_dist.files import write_atomic
+
 
 def _self_us(event, on_gpu: bool) -> float:
     # torch renamed cuda_* to device_* (2.4); read whichever this build has
@@ -58,7 +60,5 @@ def write_profile(folder: Path, name: str, rows: list[dict], table: str, title: 
     lines = [title, "", f"{'self ms/step':>12}  {'share':>6}  {'calls':>5}  operator"]
     lines += [f"{r['self_ms']:12.3f}  {r['share']:6.1%}  {r['calls']:5d}  {r['name']}" for r in rows]
     path = folder / f"profile_{name}.txt"
-    tmp = path.with_suffix(".txt.tmp")
-    tmp.write_text("\n".join(lines) + "\n\ntorch.profiler (all repeats):\n" + table + "\n")
-    tmp.replace(path)
+    write_atomic(path, ("\n".join(lines) + "\n\ntorch.profiler (all repeats):\n" + table + "\n").encode())
     return path

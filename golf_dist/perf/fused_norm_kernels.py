@@ -1,4 +1,4 @@
-"""The Triton kernels behind golf_dist/fused_norm.py: InstanceNorm + ReLU forward and backward over one image's
+"""The Triton kernels behind golf_dist/perf/fused_norm.py: InstanceNorm + ReLU forward and backward over one image's
 channels per program. Imported only when a kernel is about to run (fused_norm._kernels), so processes that
 never run one (every CPU run) do not import Triton."""
 
