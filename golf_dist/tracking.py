@@ -34,8 +34,9 @@ from golf_dist.log import get_logger
 log = get_logger(__name__)
 
 _MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
-# MLflow 3's UI opens an experiment on the view its kind names; without the tag it guesses and opens
-# the GenAI traces overview. "custom_model_development" is its model-training view (runs, metrics, charts).
+# The experiment's kind: "custom_model_development" is MLflow's model-training kind (runs, metrics, charts).
+# MLflow 3.17's UI no longer picks its view from this tag but from its GenAI / Model training switch
+# (remembered per browser, or ?workflowType=machine_learning in the URL): docs/tracking.md.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 

@@ -30,4 +30,8 @@ fi
 echo "training curves: $OUT/training_curves.png"
 echo
 echo "Compare the F, G and evaluation runs in the MLflow UI:"
-echo "  mlflow ui --backend-store-uri sqlite:///$OUT/mlflow.db    # then open http://127.0.0.1:5000"
+# MLflow 3.17's UI opens an experiment on its GenAI view unless the URL or its switch asks for Model training
+EXP_ID=$("$PY" -c "import mlflow, sys; print(mlflow.MlflowClient(sys.argv[1]).get_experiment_by_name('golf-demo')
+.experiment_id)" "sqlite:///$OUT/mlflow.db" 2>/dev/null || echo 1)
+echo "  mlflow ui --backend-store-uri sqlite:///$OUT/mlflow.db"
+echo "  then open http://127.0.0.1:5000/#/experiments/$EXP_ID?workflowType=machine_learning   (docs/tracking.md)"
