@@ -6,7 +6,12 @@ import argparse
 
 from golf_dist.cli import run_main
 from golf_dist.data.synthetic import (
-    CONTENTS, DEFAULT_NOISE, KERNEL_FAMILIES, Variety, format_summary, make_synthetic_gopro,
+    CONTENTS,
+    DEFAULT_NOISE,
+    KERNEL_FAMILIES,
+    Variety,
+    format_summary,
+    make_synthetic_gopro,
 )
 
 

@@ -38,7 +38,7 @@ def wide_kernel_size(height: int, width: int) -> int:
     """Odd kernel canvas for the wide family: about min(H, W) / 16, within [15, 41] (17 at 256x448)."""
     if height < 32 or width < 32:
         raise ValueError(f"frame must be at least 32x32 for a blur kernel, got {height}x{width}")
-    return min(41, max(15, int(round(min(height, width) / 16)) | 1))
+    return min(41, max(15, round(min(height, width) / 16) | 1))
 
 
 def _check_size(size: int) -> None:
