@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 
 from golf_dist.commands.common import run_main
-from golf_dist.data.prep.synthetic import DEFAULT_NOISE, format_summary, make_synthetic_gopro
+from golf_dist.data.prep.synthetic import (
+    CONTENTS,
+    DEFAULT_NOISE,
+    KERNEL_FAMILIES,
+    Variety,
+    format_summary,
+    make_synthetic_gopro,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +42,15 @@ then:    python data_prep/shard_gopro.py --src data/synth --out data/synth_shard
     parser.add_argument("--noise", type=float, nargs=2, default=list(DEFAULT_NOISE), metavar=("LOW", "HIGH"),
                         help="sigma of the blurred frames' Gaussian noise, of 255, drawn per pair from LOW..HIGH "
                              f"(default: {DEFAULT_NOISE[0]:g} {DEFAULT_NOISE[1]:g})")
+    parser.add_argument("--content", default="photos", choices=CONTENTS,
+                        help="scene content: the photographs (default), every other scene procedural (mixed: "
+                             "dead leaves with textures, gradients, edges), or only procedural scenes")
+    parser.add_argument("--kernels", default="demo", choices=KERNEL_FAMILIES,
+                        help="blur kernels: the demo's camera shake (default), or the wide family (camera shake "
+                             "of three lengths, straight and curved motion, small defocus; canvas about "
+                             "min(height, width)/16, at least 15)")
+    parser.add_argument("--clean-share", type=float, default=0.0, metavar="P",
+                        help="share of pairs left without noise, the others drawn from --noise (default: 0)")
     parser.add_argument("--frames-per-scene", type=int, default=4, help="consecutive frames per scene (default: 4)")
     parser.add_argument("--workers", type=int, default=None, help="processes rendering scenes (default: min(4, CPUs))")
     parser.add_argument(
@@ -55,6 +71,7 @@ then:    python data_prep/shard_gopro.py --src data/synth --out data/synth_shard
         progress=not args.no_progress,
         kernel=args.kernel_size,
         noise=tuple(args.noise),
+        variety=Variety(args.content, args.kernels, args.clean_share),
     )
     print(format_summary(args.out, counts))
     return 0

@@ -24,6 +24,8 @@ from PIL import Image
 from scipy.signal import fftconvolve
 from tqdm import tqdm
 
+from golf_dist.data.prep.kernels import draw_training_kernel, noise_sigma, wide_kernel_size
+from golf_dist.data.prep.scenes import procedural_scene
 from golf_dist.errors import ConfigError, DataError
 
 SPLITS = ("train", "test")
@@ -48,8 +50,13 @@ PNG_COMPRESS_LEVEL = 3
 # DeblurGAN's choices of "anxiety" (expl) for the Boracchi & Foi trajectory.
 ANXIETIES = (0.01, 0.009, 0.008, 0.007, 0.005, 0.003)
 
-# Tags that keep the seed streams for the plan, the scenes and the pairs apart.
-_PLAN, _SCENE, _PAIR = 0, 1, 2
+# Tags that keep the seed streams for the plan, the scenes, the pairs and procedural content apart.
+_PLAN, _SCENE, _PAIR, _CONTENT = 0, 1, 2, 3
+# Scene content: the photographs only (the demo's data), every other scene procedural, or all procedural
+# (golf_dist/data/prep/scenes.py). Kernels: the demo's camera shake, or the wide training family
+# (golf_dist/data/prep/kernels.py).
+CONTENTS = ("photos", "mixed", "procedural")
+KERNEL_FAMILIES = ("demo", "wide")
 
 
 # sigma of the blurred frames' Gaussian noise (of 255), drawn per pair from this range
@@ -156,9 +163,21 @@ class _Scene:
     name: str
     source: Path
     frames: tuple[str, ...]
+    procedural: bool = False  # a procedural image (seeded by the scene) instead of `source`
 
 
-def _plan(seed: int, pairs: dict[str, int], frames_per_scene: int, sources: list[Path]) -> list[_Scene]:
+@dataclass(frozen=True)
+class Variety:
+    """The data beyond the demo's: scene content, kernel family and the share of noise-free pairs.
+    The defaults add nothing, so the demo's bytes stay the same."""
+
+    content: str = "photos"
+    kernels: str = "demo"
+    clean_share: float = 0.0
+
+
+def _plan(seed: int, pairs: dict[str, int], frames_per_scene: int, sources: list[Path],
+          content: str = "photos") -> list[_Scene]:
     names: set[str] = set()
     scenes = []
     for split in reversed(SPLITS):
@@ -179,12 +198,14 @@ def _plan(seed: int, pairs: dict[str, int], frames_per_scene: int, sources: list
             count = min(frames_per_scene, pairs[split] - i * frames_per_scene)
             start = base - int(rng.integers(0, count))
             frames = tuple(f"{start + k:06d}" for k in range(count))
-            scenes.append(_Scene(split, i, name, sources[order[i % len(sources)]], frames))
+            procedural = content == "procedural" or (content == "mixed" and i % 2 == 1)
+            slot = i // 2 if content == "mixed" else i  # mixed: the photographs still take turns
+            scenes.append(_Scene(split, i, name, sources[order[slot % len(sources)]], frames, procedural))
     return scenes
 
 
 def _render_scene(scene: _Scene, height: int, width: int, seed: int, root: Path, kernel: int | None,
-                  noise: tuple[float, float]) -> None:
+                  noise: tuple[float, float], variety: Variety = Variety()) -> None:
     split_id = SPLITS.index(scene.split)
     rng = np.random.default_rng([seed, _SCENE, split_id, scene.index])
     n = len(scene.frames)
@@ -197,13 +218,19 @@ def _render_scene(scene: _Scene, height: int, width: int, seed: int, root: Path,
     path = np.concatenate([[0], np.cumsum(velocity[:-1])])
     ys, xs = np.rint(path.imag).astype(int), np.rint(path.real).astype(int)
     ys, xs = ys - ys.min(), xs - xs.min()
-    k = kernel or kernel_size(height, width)
+    k = kernel or (wide_kernel_size(height, width) if variety.kernels == "wide" else kernel_size(height, width))
     r = k // 2
     win_h, win_w = height + 2 * r, width + 2 * r
     need_h, need_w = win_h + ys.max(), win_w + xs.max()
 
-    with Image.open(scene.source) as im:
-        src = im.convert("RGB")
+    if scene.procedural:
+        # drawn 1.4 times the size needed, so that the view's zoom below only ever shrinks it (stays sharp)
+        pixels = procedural_scene(np.random.default_rng([seed, _CONTENT, split_id, scene.index]),
+                                  math.ceil(need_h * 1.4), math.ceil(need_w * 1.4))
+        src = Image.fromarray(np.rint(pixels * 255).astype(np.uint8))
+    else:
+        with Image.open(scene.source) as im:
+            src = im.convert("RGB")
     scale = max(need_h / src.height, need_w / src.width) * rng.uniform(1.0, 1.4)
     new_w, new_h = max(need_w, math.ceil(src.width * scale)), max(need_h, math.ceil(src.height * scale))
     img = np.asarray(src.resize((new_w, new_h), Image.LANCZOS))
@@ -221,25 +248,27 @@ def _render_scene(scene: _Scene, height: int, width: int, seed: int, root: Path,
         y, x = top + ys[i], left + xs[i]
         window = img[y : y + win_h, x : x + win_w]
         sharp = np.ascontiguousarray(window[r : r + height, r : r + width])
-        psf = motion_kernel(k, pair_rng)
-        blur = blur_frame(window.astype(np.float32), psf, pair_rng.uniform(*noise), pair_rng)
+        psf = motion_kernel(k, pair_rng) if variety.kernels == "demo" else draw_training_kernel(pair_rng, k)[1]
+        sigma = noise_sigma(pair_rng, *noise, variety.clean_share) if variety.clean_share else pair_rng.uniform(*noise)
+        blur = blur_frame(window.astype(np.float32), psf, sigma, pair_rng)
         Image.fromarray(sharp).save(sharp_dir / f"{frame}.png", format="PNG", compress_level=PNG_COMPRESS_LEVEL)
         Image.fromarray(blur).save(blur_dir / f"{frame}.png", format="PNG", compress_level=PNG_COMPRESS_LEVEL)
 
 
 def _render_all(scenes: list, height: int, width: int, seed: int, folder: Path, kernel: int | None,
-                noise: tuple[float, float], workers: int, progress: bool) -> None:
+                noise: tuple[float, float], workers: int, progress: bool, variety: Variety = Variety()) -> None:
     """Every scene into `folder`, by `workers` processes, with one progress bar over the pairs."""
     total = sum(len(scene.frames) for scene in scenes)
     with tqdm(total=total, unit="pair", desc="synthetic GoPro", disable=not progress) as bar:
         if workers == 1:
             for scene in scenes:
-                _render_scene(scene, height, width, seed, folder, kernel, noise)
+                _render_scene(scene, height, width, seed, folder, kernel, noise, variety)
                 bar.update(len(scene.frames))
             return
         pool = ProcessPoolExecutor(workers)
         try:
-            futures = {pool.submit(_render_scene, sc, height, width, seed, folder, kernel, noise): sc for sc in scenes}
+            futures = {pool.submit(_render_scene, sc, height, width, seed, folder, kernel, noise, variety): sc
+                       for sc in scenes}
             for future in as_completed(futures):
                 future.result()
                 bar.update(len(futures[future].frames))
@@ -261,11 +290,14 @@ def make_synthetic_gopro(
     progress: bool = True,
     kernel: int | None = None,
     noise: tuple[float, float] = DEFAULT_NOISE,
+    variety: Variety = Variety(),
 ) -> dict:
     """Write `out/{train,test}/<scene>/{blur,sharp}/<frame>.png`; returns {split: {"scenes": n, "pairs": n}}.
 
     `kernel` is the blur kernels' size (odd; default `kernel_size(height, width)`, about min(H, W) / 24).
     Each blurred frame gets Gaussian noise whose sigma (of 255) is drawn uniformly from the `noise` range.
+    `variety` widens the data: procedural scenes, the wide kernel family (canvas `wide_kernel_size`
+    unless `kernel`), a share of noise-free pairs; its defaults give the demo's data byte for byte.
     Scenes are rendered by `workers` processes (default min(4, CPUs)). Everything is written into a
     hidden sibling folder first and moved into `out` at the end, so an interrupted run leaves nothing
     half-written there.
@@ -287,6 +319,7 @@ def make_synthetic_gopro(
         raise ConfigError(f"--noise must be LOW HIGH with 0 <= LOW <= HIGH <= 64 (sigma, of 255), got {noise[0]} {noise[1]}")
     if kernel is not None and (kernel < 3 or kernel % 2 == 0 or kernel > min(height, width) // 2):
         raise ConfigError(f"--kernel-size must be odd, at least 3 and at most half the frame's short side, got {kernel}")
+    _check_variety(variety, kernel)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} exists and is not a folder: choose another --out")
@@ -294,7 +327,7 @@ def make_synthetic_gopro(
     if existing and not overwrite:
         raise DataError(f"{existing[0]} already exists: pass --overwrite to replace it, or choose another --out")
     sources = source_images()
-    scenes = _plan(seed, {"train": train_pairs, "test": test_pairs}, frames_per_scene, sources)
+    scenes = _plan(seed, {"train": train_pairs, "test": test_pairs}, frames_per_scene, sources, variety.content)
 
     parent = out.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -303,7 +336,7 @@ def make_synthetic_gopro(
         shutil.rmtree(stale, ignore_errors=True)
     tmp = parent / f"{tmp_prefix}{os.getpid()}"
     try:
-        _render_all(scenes, height, width, seed, tmp, kernel, noise, workers, progress)
+        _render_all(scenes, height, width, seed, tmp, kernel, noise, workers, progress, variety)
         if not out.exists():
             os.replace(tmp, out)
         else:
@@ -321,6 +354,17 @@ def make_synthetic_gopro(
         }
         for split in SPLITS
     }
+
+
+def _check_variety(variety: Variety, kernel: int | None) -> None:
+    if variety.content not in CONTENTS:
+        raise ConfigError(f"--content must be one of {', '.join(CONTENTS)}, got {variety.content!r}")
+    if variety.kernels not in KERNEL_FAMILIES:
+        raise ConfigError(f"--kernels must be one of {', '.join(KERNEL_FAMILIES)}, got {variety.kernels!r}")
+    if variety.kernels == "wide" and kernel is not None and kernel < 5:
+        raise ConfigError(f"--kernel-size must be at least 5 with --kernels wide, got {kernel}")
+    if not 0 <= variety.clean_share <= 1:
+        raise ConfigError(f"--clean-share must be within [0, 1], got {variety.clean_share}")
 
 
 def format_summary(out: str | Path, counts: dict) -> str:
