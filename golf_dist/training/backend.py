@@ -3,7 +3,7 @@ one interface, so the training loop has no DeepSpeed branches.
 
 DeepSpeed's engine divides by the accumulation count, reduces and steps at its own accumulation boundary,
 clips (gradient_clipping in its config) and partitions Adam's state across ranks (ZeRO-2); checkpoints
-hold Adam's plain layout either way (golf_dist.commands.launch.full_state / load_full_state), so a
+hold Adam's plain layout either way (golf_dist.training.distributed.full_state / load_full_state), so a
 checkpoint is the same file whether DDP or DeepSpeed wrote it.
 
 A step whose loss or gradient norm is NaN or Inf on any rank is found by both (`finish_step` returns whether
