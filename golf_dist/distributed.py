@@ -1,7 +1,7 @@
 """What training across processes needs beyond Accelerate's defaults: launch-config checks, the
 mixed precision a launcher asks for, process-group timeouts and DeepSpeed ZeRO-2 specifics.
 
-    python -m golf_dist.distributed check-config configs/accelerate/one_node.yaml
+    python -m golf_dist.distributed check-config configs/accelerate/one_node.yaml   # or a bundled name: one_node
     python -m golf_dist.distributed torchrun -- --nnodes 2 ... launch/train.py ...   # clear rendezvous errors
     python -m golf_dist.distributed accelerate-launch -- --config_file CFG launch/train.py ...  # see below
 
@@ -26,9 +26,9 @@ from typing import Any, Callable
 
 import torch
 
+from golf_dist.configs import ACCELERATE_CONFIGS, accelerate_config_path, bundled_deepspeed_json, bundled_launch_args
 from golf_dist.errors import ConfigError
 
-ACCELERATE_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
 DEEPSPEED_ZERO2_JSON = ACCELERATE_CONFIGS / "deepspeed_zero2.json"
 TIMEOUT_ENV = "GOLF_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 1800
@@ -38,8 +38,8 @@ DEFAULT_TIMEOUT_S = 1800
 
 
 def check_accelerate_config(path: str | os.PathLike) -> dict[str, Any]:
-    """Load an `accelerate launch --config_file` file with Accelerate's own loader; a missing,
-    unreadable or invalid file (or a DeepSpeed JSON it names) is a ConfigError naming the file.
+    """Load an `accelerate launch --config_file` file (or a bundled one by name: one_node) with Accelerate's own
+    loader; a missing, unreadable or invalid file (or a DeepSpeed JSON it names) is a ConfigError naming the file.
 
     Returns a short summary (distributed type, processes, machines, mixed precision, rendezvous).
     `accelerate launch` itself stops on a missing file with a clear last line; this check gives the
@@ -48,7 +48,7 @@ def check_accelerate_config(path: str | os.PathLike) -> dict[str, Any]:
     """
     from accelerate.commands.config.config_args import load_config_from_file
 
-    path = Path(path)
+    path = accelerate_config_path(path)
     if not path.exists():
         raise ConfigError(f"accelerate config {path} does not exist (configs/accelerate/ has the project's)")
     if not path.is_file():
@@ -72,8 +72,8 @@ def check_accelerate_config(path: str | os.PathLike) -> dict[str, Any]:
     if summary["distributed_type"] == "DEEPSPEED":
         if not ds_file:
             raise ConfigError(f"accelerate config {path}: deepspeed_config.deepspeed_config_file is not set")
+        summary["deepspeed_config_file"] = ds_file = bundled_deepspeed_json(ds_file, path)  # a wheel's: in it
         read_deepspeed_json(ds_file, named_in=path)
-        summary["deepspeed_config_file"] = ds_file
     return summary
 
 
@@ -189,6 +189,7 @@ def accelerate_launch(args: list[str]) -> int:
     from accelerate.commands import launch as accelerate_cli
     from accelerate.utils import ComputeEnvironment, prepare_simple_launcher_cmd_env
 
+    args = bundled_launch_args(args)  # --config_file one_node: the bundled file
     parsed = accelerate_cli.launch_command_parser().parse_args(args)
     # Accelerate's own reading of config file and flags (private; what launch_command uses): (args, defaults, ...)
     parsed, defaults = accelerate_cli._validate_launch_command(parsed)[:2]
