@@ -156,6 +156,29 @@ def test_one_node_config_asks_the_trainer_for_bf16(tiny_shards, tmp_path):
     assert all(v.dtype == torch.float32 for v in weights.values())
 
 
+def test_the_launchers_precision_is_kept_on_the_trainer_and_the_config_is_left_as_written(tiny_shards, tmp_path):
+    """ACCELERATE_MIXED_PRECISION=bf16 (what `accelerate launch --mixed_precision bf16` sets) and a config saying
+    train.mixed_precision=no: the trainer runs bf16 and records it (the run's config.yaml, the MLflow params),
+    while the validated config object still says no."""
+    import yaml
+
+    cfg = write_config(tmp_path / "c.yaml", tiny_shards, tmp_path / "out", data={**TINY_DATA, **TORCH_LOADER},
+                       val=BF16_VAL, train={"steps": 1, "mixed_precision": "no"})
+    script = ("import json, sys\n"
+              "from golf_dist.config import load_config\n"
+              "from golf_dist.training.trainer import Trainer\n"
+              "cfg = load_config(sys.argv[1], 'f')\n"
+              "trainer = Trainer(cfg, 'f')\n"
+              "trainer.setup()\n"
+              "trainer.close()\n"
+              "print(json.dumps({'config': cfg.train.mixed_precision, 'trainer': trainer.mixed_precision}))\n")
+    proc = _ok(_run([sys.executable, "-c", script, str(cfg)], _env(ACCELERATE_MIXED_PRECISION="bf16"), timeout=300))
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"config": "no", "trainer": "bf16"}
+    record = yaml.safe_load((tmp_path / "out" / "f" / "config.yaml").read_text())
+    assert record["train"]["mixed_precision"] == "bf16"
+    assert _params(tmp_path / "mlflow.db")["train.mixed_precision"] == "bf16"
+
+
 def test_mixed_precision_of_config_and_launcher_that_disagree(shards, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out")
     proc = run_cli("launch/train.py", "--config", cfg, "--stage", "f", "train.mixed_precision=fp16",
