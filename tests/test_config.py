@@ -103,6 +103,7 @@ def test_train_cli_rejects_bad_config_with_exit_2_before_work(tmp_path, args, na
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_help_of_every_command_line():
     for script in ("launch/train.py", "launch/evaluate.py", "launch/deblur.py", "launch/benchmark.py",
                    "data_prep/synth_gopro.py", "data_prep/shard_gopro.py"):

@@ -137,6 +137,7 @@ def test_crops_per_frame_cuts_k_windows_from_one_decoded_pair(coordinate_shards)
 
 
 
+@pytest.mark.slow
 def test_batches_for_a_gpu_are_page_locked_so_their_copy_overlaps_the_step(shards):
     """The trainer copies each batch with non_blocking=True: from pinned memory that copy is asynchronous."""
     from golf_dist.config import load_config
