@@ -146,7 +146,7 @@ def test_corrupt_data_torch_error_names_it_and_skip_replaces_it(shards, tmp_path
     assert checked.n_bad == 0
     pairs = ShardPairs(folder, "train")
     for on_bad in ("error", "skip"):
-        cfg = load_config(None, "f", [f"data.shards={folder}", "data.crop=32", "data.num_workers=0",
+        cfg = load_config("gopro", "f", [f"data.shards={folder}", "data.crop=32", "data.num_workers=0",
                                       f"data.on_bad_sample={on_bad}", "train.steps=6"])
         loader = make_train_loader(cfg, pairs, global_batch=4, accum=1, world=1, rank=0, start_step=0,
                                    device="cpu", loader="torch")

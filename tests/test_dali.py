@@ -256,7 +256,7 @@ def test_a_two_process_dali_run_resumes_with_one_process_and_either_loader_to_th
 def test_factory_gives_the_torch_loader_the_same_contract(shards):
     from golf_dist.config import load_config
 
-    cfg = load_config(None, "f", [f"data.shards={shards}", "data.crop=32", "data.num_workers=0", "seed=1"])
+    cfg = load_config("gopro", "f", [f"data.shards={shards}", "data.crop=32", "data.num_workers=0", "seed=1"])
     pairs = ShardPairs(shards, "train")
     first = {}
     for kind in ("torch", "dali"):

@@ -214,7 +214,7 @@ def test_a_frame_smaller_than_the_crop_is_a_skipped_bad_sample(shards, tmp_path,
     record.expect(FAULT, "frame smaller than data.crop, data.on_bad_sample=skip")
     small = _save(Image.fromarray(np.zeros((16, 16, 3), np.uint8)))
     folder, shard, key = with_bad_sample(shards, tmp_path / "small", "png", small)
-    cfg = load_config(None, "f", [f"data.shards={folder}", "data.crop=32", "data.num_workers=0",
+    cfg = load_config("gopro", "f", [f"data.shards={folder}", "data.crop=32", "data.num_workers=0",
                                   "data.on_bad_sample=skip", "train.steps=6"])
     outcomes = {}
     for loader_kind in ("torch", "dali"):
