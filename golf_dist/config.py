@@ -17,16 +17,23 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
+from golf_dist.configs import BUNDLED_CONFIGS, DEFAULT_CONFIG, PAPER_CONFIG, config_path  # the bundled files
 from golf_dist.errors import ConfigError
 
 STAGES = ("f", "g")
-SCHEDULES = ("exp", "cosine", "constant")
-UNROLL_WEIGHTINGS = ("uniform", "linear", "last")  # golf_dist.losses.iterate_weights
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "gopro.yaml"
+
+# The choice fields' allowed values, declared once: validation and the loaders read them with typing.get_args
+Loader = Literal["auto", "dali", "torch"]  # golf_dist.data.loaders.resolve_loader
+OnBadSample = Literal["error", "skip"]
+Schedule = Literal["exp", "cosine", "constant"]  # golf_dist.optim.make_scheduler
+UnrollWeighting = Literal["uniform", "linear", "last"]  # golf_dist.losses.iterate_weights
+MixedPrecision = Literal["no", "bf16", "fp16"]
+NonFinite = Literal["skip", "stop"]
+Switch = Literal["auto", "try", "on", "off"]  # golf_dist.speed
 
 
 @dataclass
@@ -38,9 +45,9 @@ class DataConfig:
     flips: bool = True  # random horizontal and vertical flips, the same for blur and sharp
     batch_size: int = 4  # global: summed over ranks and accumulation steps
     num_workers: int = 2  # loader processes per rank
-    loader: str = "auto"  # auto (DALI when it imports and builds, else torch) | dali | torch
+    loader: Loader = "auto"  # auto (DALI when it imports and builds, else torch) | dali | torch
     crops_per_frame: int = 1  # windows cut from each decoded frame pair (decode once, crop k times)
-    on_bad_sample: str = "error"  # error: stop naming shard and key | skip: skip, count, log the count
+    on_bad_sample: OnBadSample = "error"  # error: stop naming shard and key | skip: skip, count, log the count
     cache_dir: Optional[str] = None  # local cache for s3:// shards; default ~/.cache/golf_dist/shards
 
 
@@ -55,7 +62,7 @@ class TrainConfig:
     steps: int = 500_000  # optimizer steps of the stage
     lr: float = 1e-3
     warmup_steps: int = 0  # linear warm-up from lr / warmup_steps to lr over the first steps
-    schedule: str = "exp"  # after warm-up: exp (paper: lr * gamma ** (lr_decays * progress)) | cosine | constant
+    schedule: Schedule = "exp"  # after warm-up: exp (paper: lr * gamma ** (lr_decays * progress)) | cosine | constant
     lr_gamma: float = 0.3  # exp schedule: the lr falls to lr * lr_gamma ** lr_decays at the last step
     lr_decays: float = 11.0
     grad_clip: float = 0.0  # clip the global gradient norm to this (0 = off; the norm is logged either way)
@@ -65,10 +72,10 @@ class TrainConfig:
     unroll: int = 5  # N, the unrolled G steps of Eq. 4 (stage g)
     # the weights of the N iterates in Eq. 4: uniform (the paper's mean) | linear (iterate i weighs i: later
     # iterates count more, so G learns to converge) | last (iterate N alone: G's N-th step is the one that lands)
-    unroll_weighting: str = "uniform"
+    unroll_weighting: UnrollWeighting = "uniform"
     gradient_checkpointing: bool = True  # checkpoint each unrolled G step (stage g)
     grad_accum: int = 1
-    mixed_precision: str = "no"  # no | bf16 | fp16
+    mixed_precision: MixedPrecision = "no"  # no | bf16 | fp16
     log_every: int = 100
     val_every: int = 5000
     checkpoint_every: int = 5000
@@ -80,7 +87,7 @@ class TrainConfig:
     resume_unverified: bool = False
     # a step whose loss or gradient norm is NaN/Inf: skip (no optimizer step, no EMA update; counted in the metric
     # nonfinite_steps_skipped) | stop (a named error at the first); either stops after nonfinite_patience in a row
-    nonfinite: str = "skip"
+    nonfinite: NonFinite = "skip"
     nonfinite_patience: int = 10
     hang_timeout_s: float = 1800.0  # no progress for this long: dump every thread's stack, exit 124 (0 = off)
 
@@ -109,18 +116,18 @@ class SpeedConfig:
     exact) | try (on, turned off with a warning when it fails or disagrees with eager at start-up) | on (on; its
     failure fails the run) | off."""
 
-    compile: str = "auto"  # torch.compile F and G (G compiled once, reused by every unrolled step)
+    compile: Switch = "auto"  # torch.compile F and G (G compiled once, reused by every unrolled step)
     compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: tracing without code generation), or
     #                                    "module:function", a custom backend imported from an importable module
-    channels_last: str = "auto"  # NHWC weights and inputs (cuDNN's fast convolutions): auto | on | off
+    channels_last: Switch = "auto"  # NHWC weights and inputs (cuDNN's fast convolutions): auto | on | off
     tf32: bool = True  # TF32 for fp32 convolutions and matmuls on GPUs that have it (no effect on a CPU)
-    cudnn_benchmark: str = "auto"  # auto: on for evaluation, deblurring and benchmarks, off in training, whose
+    cudnn_benchmark: Switch = "auto"  # auto: on for evaluation, deblurring and benchmarks, off in training, whose
     #                                resume is promised bitwise exact | on | off
-    fused_adam: str = "auto"  # Adam's fused CUDA kernel: auto | on | off
-    fused_norm: str = "auto"  # InstanceNorm + ReLU as one Triton kernel (golf_dist/perf/fused_norm.py): auto (on with
+    fused_adam: Switch = "auto"  # Adam's fused CUDA kernel: auto | on | off
+    fused_norm: Switch = "auto"  # InstanceNorm + ReLU as one Triton kernel (golf_dist/perf/fused_norm.py): auto (on with
     #                           CUDA and Triton, unless compile is on) | on (the PyTorch fallback where the kernel
     #                           cannot run) | off
-    cuda_graphs: str = "auto"  # CUDA graphs through compile (reduce-overhead) on CUDA: auto (off until measured on
+    cuda_graphs: Switch = "auto"  # CUDA graphs through compile (reduce-overhead) on CUDA: auto (off until measured on
     #                            a GPU) | on | off; on needs compile
 
 
@@ -141,10 +148,8 @@ class Config:
 
 
 def load_config(path: str | Path | None, stage: str | None = None, overrides: list[str] = ()) -> Config:
-    """Read `path` (default: the paper recipe), merge the `stage` section, apply overrides, validate."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist (see configs/ for examples)")
+    """Read `path` (a file or a bundled name; default: demo), merge the `stage` section, apply overrides, validate."""
+    path = config_path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
@@ -182,7 +187,7 @@ def _apply_override(tree: dict, item: str) -> None:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
-    if isinstance(value, bool) and str in (field_type, *typing.get_args(field_type)):
+    if isinstance(value, bool) and _is_text(field_type):
         value = text.strip()  # YAML 1.1 reads no/yes/off/on as booleans: train.mixed_precision=no means "no"
     node = tree
     parts = key.split(".")
@@ -214,6 +219,13 @@ def _unknown_key(dotted: str, hints: dict) -> str:
     return f"unknown config key '{dotted}'{hint}"
 
 
+def _is_text(tp: Any) -> bool:
+    """str, a Literal of words, or either of them Optional."""
+    if tp is str or typing.get_origin(tp) is Literal:
+        return True
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and any(_is_text(a) for a in typing.get_args(tp))
+
+
 def _build(cls: Any, values: Any, prefix: str) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"config key '{prefix.rstrip('.')}' must be a mapping, not {values!r}")
@@ -236,7 +248,7 @@ def _coerce(tp: Any, value: Any, dotted: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
             return None
         return _coerce(args[0], value, dotted)
-    wrong = ConfigError(f"config key '{dotted}' must be {tp.__name__}, got {value!r}")
+    wrong = ConfigError(f"config key '{dotted}' must be {getattr(tp, '__name__', 'str')}, got {value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -254,7 +266,7 @@ def _coerce(tp: Any, value: Any, dotted: str) -> Any:
             except ValueError:
                 raise wrong from None
         raise wrong
-    if tp is str:
+    if tp is str or origin is Literal:  # a Literal's choices are checked by validate(), naming them
         if isinstance(value, bool) and dotted.startswith("speed."):  # YAML 1.1 reads on/off as booleans
             return "on" if value else "off"
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -283,16 +295,14 @@ def validate(cfg: Config, stage: str | None = None) -> None:
         if not ok:
             raise ConfigError(f"config key '{key}' {what}, got {_get(cfg, key)!r}")
 
+    for key, choices in choice_fields().items():  # every Literal field, its values from the schema
+        need(_get(cfg, key) in choices, key, f"must be {_one_of(choices)}")
     need(cfg.seed >= 0, "seed", "must be 0 or more")
     need(cfg.data.crop >= 32, "data.crop", "must be at least 32 (the VGG features pool by 32)")
     need(cfg.data.batch_size >= 1, "data.batch_size", "must be at least 1")
     need(cfg.data.num_workers >= 0, "data.num_workers", "must be 0 or more")
-    need(cfg.data.loader in ("auto", "dali", "torch"), "data.loader", "must be auto, dali or torch")
     need(cfg.data.crops_per_frame >= 1, "data.crops_per_frame", "must be at least 1")
-    need(cfg.data.on_bad_sample in ("error", "skip"), "data.on_bad_sample", "must be error or skip")
     need(cfg.loss.perceptual_weight >= 0, "loss.perceptual_weight", "must be 0 or more")
-    for key in ("compile", "channels_last", "cudnn_benchmark", "fused_adam", "fused_norm", "cuda_graphs"):
-        need(getattr(cfg.speed, key) in ("auto", "try", "on", "off"), f"speed.{key}", "must be auto, try, on or off")
     need(not (cfg.speed.cuda_graphs == "on" and cfg.speed.compile == "off"), "speed.cuda_graphs",
          "on needs speed.compile auto or on (CUDA graphs are recorded through torch.compile)")
     need(cfg.speed.compile_backend in ("inductor", "aot_eager", "eager", "cudagraphs")
@@ -303,7 +313,6 @@ def validate(cfg: Config, stage: str | None = None) -> None:
     need(t.lr > 0, "train.lr", "must be positive")
     need(0 < t.lr_gamma <= 1, "train.lr_gamma", "must be in (0, 1]")
     need(t.lr_decays >= 0, "train.lr_decays", "must be 0 or more")
-    need(t.schedule in SCHEDULES, "train.schedule", f"must be one of {', '.join(SCHEDULES)}")
     need(t.warmup_steps >= 0, "train.warmup_steps", "must be 0 or more")
     need(t.warmup_steps < t.steps, "train.warmup_steps", f"must be smaller than train.steps={t.steps}")
     need(t.grad_clip >= 0, "train.grad_clip", "must be 0 (off) or a positive norm")
@@ -311,10 +320,7 @@ def validate(cfg: Config, stage: str | None = None) -> None:
     need(0 <= t.beta1 < 1, "train.beta1", "must be in [0, 1)")
     need(0 <= t.beta2 < 1, "train.beta2", "must be in [0, 1)")
     need(t.unroll >= 1, "train.unroll", "must be at least 1")
-    need(t.unroll_weighting in UNROLL_WEIGHTINGS, "train.unroll_weighting", f"must be one of {', '.join(UNROLL_WEIGHTINGS)}")
     need(t.grad_accum >= 1, "train.grad_accum", "must be at least 1")
-    need(t.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision", "must be no, bf16 or fp16")
-    need(t.nonfinite in ("skip", "stop"), "train.nonfinite", "must be skip or stop")
     need(t.nonfinite_patience >= 1, "train.nonfinite_patience", "must be at least 1")
     need(t.hang_timeout_s >= 0, "train.hang_timeout_s", "must be 0 (off) or a positive number of seconds")
     for key in ("log_every", "val_every", "checkpoint_every", "keep_last"):
@@ -326,6 +332,26 @@ def validate(cfg: Config, stage: str | None = None) -> None:
     need(bool(cfg.data.shards), "data.shards", "must not be empty")
 
 
+def choices_of(tp: Any) -> tuple[str, ...]:
+    """The allowed values of a Literal type (e.g. golf_dist.config.Loader)."""
+    return typing.get_args(tp)
+
+
+def choice_fields(cls: Any = Config, prefix: str = "") -> dict[str, tuple[str, ...]]:
+    """Dotted key -> allowed values, for every Literal field of the schema."""
+    out: dict[str, tuple[str, ...]] = {}
+    for name, tp in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            out.update(choice_fields(tp, f"{prefix}{name}."))
+        elif typing.get_origin(tp) is Literal:
+            out[f"{prefix}{name}"] = choices_of(tp)
+    return out
+
+
+def _one_of(choices: tuple[str, ...]) -> str:
+    return f"{', '.join(choices[:-1])} or {choices[-1]}"
+
+
 def _get(cfg: Config, dotted: str) -> Any:
     node: Any = cfg
     for part in dotted.split("."):
@@ -333,8 +359,16 @@ def _get(cfg: Config, dotted: str) -> Any:
     return node
 
 
-def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+def to_dict(cfg: Config, resolved: dict[str, Any] | None = None) -> dict:
+    """The config as nested dicts; `resolved` replaces dotted keys by what the run made of them (a record)."""
+    tree = dataclasses.asdict(cfg)
+    for dotted, value in (resolved or {}).items():
+        *parents, leaf = dotted.split(".")
+        node = tree
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return tree
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -36,6 +36,7 @@ from PIL import Image
 from torch import nn
 
 from fork_runs import Run, forked_run, start_forked, start_up_part
+from plain_runs import FORK_SERVER, start_plain
 
 ROOT = Path(__file__).resolve().parent.parent
 _LOG_DATE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
@@ -69,8 +70,9 @@ def _cli_env(env: dict | None = None) -> dict[str, str]:
 def start_cli(script: str, *args, env: dict | None = None) -> Run:
     """Start one of the project's command lines in a process of its own (a child of the fork server,
     tests/fork_runs.py) and return at once: a Run to poll (`running()`, `wait()`), signal (`pid`, the leader
-    of its own process group) or kill, whose output is in `stdout` and `stderr`."""
-    return start_forked(script, args, _cli_env(env))
+    of its own process group) or kill, whose output is in `stdout` and `stderr`. GOLF_TESTS_FORKSERVER=0: a
+    plain subprocess (tests/plain_runs.py)."""
+    return (start_forked if FORK_SERVER else start_plain)(script, args, _cli_env(env))
 
 
 def wait_for_first_checkpoint(proc: subprocess.Popen | Run, ckpts: Path, timeout: float = 300) -> None:
@@ -89,9 +91,10 @@ def run_cli(script: str, *args: str, env: dict | None = None, timeout: int = 600
     """Run one of the project's command lines as a user would, in a process of its own; returns the
     CompletedProcess. Where `env` leaves the variables read at start-up (PYTHONPATH, OMP_NUM_THREADS, ...) as
     the suite's, the process is a child of the fork server (tests/fork_runs.py), which has done the imports
-    already; otherwise, or with `fresh`, a new interpreter (what a command's own imports do is then tested)."""
+    already; otherwise, or with `fresh`, or with GOLF_TESTS_FORKSERVER=0, a new interpreter (what a command's own
+    imports do is then tested)."""
     base_env, full_env = _cli_env(), _cli_env(env)
-    if not fresh and start_up_part(full_env) == start_up_part(base_env):
+    if FORK_SERVER and not fresh and start_up_part(full_env) == start_up_part(base_env):
         proc = forked_run(script, [str(a) for a in args], full_env, timeout)
     else:
         proc = subprocess.run(

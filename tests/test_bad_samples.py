@@ -125,6 +125,7 @@ def test_training_stops_with_the_sample_named(shards, tmp_path, kind, loader):
     assert not any((tmp_path / "out").rglob("step-*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, loader", [("truncated", "torch"), ("size_mismatch", "dali")])
 def test_training_skips_counts_prints_and_logs_to_mlflow(shards, tmp_path, kind, loader):
     folder, _ = broken_shards(shards, tmp_path / "s", kind)
@@ -145,7 +146,7 @@ def test_corrupt_data_torch_error_names_it_and_skip_replaces_it(shards, tmp_path
     assert checked.n_bad == 0
     pairs = ShardPairs(folder, "train")
     for on_bad in ("error", "skip"):
-        cfg = load_config(None, "f", [f"data.shards={folder}", "data.crop=32", "data.num_workers=0",
+        cfg = load_config("gopro", "f", [f"data.shards={folder}", "data.crop=32", "data.num_workers=0",
                                       f"data.on_bad_sample={on_bad}", "train.steps=6"])
         loader = make_train_loader(cfg, pairs, global_batch=4, accum=1, world=1, rank=0, start_step=0,
                                    device="cpu", loader="torch")
@@ -172,6 +173,7 @@ def test_open_pairs_decodes_the_first_pairs_so_corrupt_validation_frames_are_fou
     assert key not in [ref.key for ref in pairs.refs]
 
 
+@pytest.mark.slow
 def test_a_frame_that_fails_in_the_evaluation_worker_is_named_without_the_workers_traceback(shards, tmp_path):
     """evaluate_pairs decodes frames in a DataLoader worker, which wraps an error in its traceback: the
     DataError that reaches validation or golf-evaluate carries the sample's message alone."""
@@ -197,6 +199,7 @@ def test_corrupt_data_dali_stops_naming_the_sample(shards, tmp_path):
     assert key in str(caught.value) and str(folder / SHARD) in str(caught.value)
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_mid_training_ends_its_mlflow_run_as_failed(shards, tmp_path):
     """Corrupt data found only when decoded stops training after the tracking run has started; the trainer's
     close() ends that run FAILED instead of leaving it RUNNING in the MLflow UI."""

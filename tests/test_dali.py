@@ -184,6 +184,7 @@ def _no_dali_env(tmp_path: Path) -> dict:
     return {"PYTHONPATH": os.pathsep.join([str(fake.parent.parent), str(ROOT), str(ROOT / "tests")])}
 
 
+@pytest.mark.slow
 def test_auto_falls_back_to_torch_with_one_line_and_dali_without_dali_is_an_error(shards, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out", train={"steps": 1, "log_every": 1})
     env = _no_dali_env(tmp_path)
@@ -203,6 +204,7 @@ def _assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[key], wb[key]), key
 
 
+@pytest.mark.slow
 def test_kill_and_resume_with_dali_is_bitwise_exact(shards, tmp_path):
     """SIGKILL after the first checkpoint, start again: the weights equal an uninterrupted DALI run's, bit for bit."""
     steps = {"steps": 12, "checkpoint_every": 4, "val_every": 12, "log_every": 4}
@@ -226,6 +228,7 @@ def test_kill_and_resume_with_dali_is_bitwise_exact(shards, tmp_path):
     _assert_same_weights(tmp_path / "ref" / "f.safetensors", tmp_path / "cut" / "f.safetensors")
 
 
+@pytest.mark.slow
 def test_a_two_process_dali_run_resumes_with_one_process_and_either_loader_to_the_same_weights(shards, tmp_path):
     """Two processes (gloo) with DALI for 2 steps; then the same checkpoint resumed with one process, once with
     DALI and once with the PyTorch loader: both hand out the same crops, so both end with the same weights."""
@@ -254,7 +257,7 @@ def test_a_two_process_dali_run_resumes_with_one_process_and_either_loader_to_th
 def test_factory_gives_the_torch_loader_the_same_contract(shards):
     from golf_dist.config import load_config
 
-    cfg = load_config(None, "f", [f"data.shards={shards}", "data.crop=32", "data.num_workers=0", "seed=1"])
+    cfg = load_config("gopro", "f", [f"data.shards={shards}", "data.crop=32", "data.num_workers=0", "seed=1"])
     pairs = ShardPairs(shards, "train")
     first = {}
     for kind in ("torch", "dali"):
@@ -268,6 +271,7 @@ def test_factory_gives_the_torch_loader_the_same_contract(shards):
     assert torch.equal(first["torch"], first["dali"])
 
 
+@pytest.mark.slow
 def test_data_benchmark_prints_one_json_line_per_format_and_loader(format_shards):
     proc = run_cli("launch/benchmark.py", "--what", "data", "--shards", format_shards["png"], format_shards["npy"],
                    "--crop", 32, "--batch", 4, "--steps", 2, "--warmup", 1, "--repeats", 1, "--workers", 1, check=True)

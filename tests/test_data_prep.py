@@ -333,6 +333,7 @@ def test_index_shard_rejects_truncated_and_incomplete_shards(dp_shards, tmp_path
 # ---------------------------------------------------------------- command lines
 
 
+@pytest.mark.slow
 def test_help_of_both_clis():
     for script, flags in (
         ("synth_gopro.py", ("--out", "--train-pairs", "--test-pairs", "--height", "--frames-per-scene", "--overwrite")),
@@ -345,6 +346,7 @@ def test_help_of_both_clis():
     assert "GOPRO_Large" in proc.stdout and "GOPRO_shards" in proc.stdout
 
 
+@pytest.mark.slow
 def test_clis_end_to_end_with_default_paths(tmp_path):
     proc = _cli("synth_gopro.py", "--out", "GOPRO_Large", "--train-pairs", "4", "--test-pairs", "2", "--height", "48",
                 "--width", "64", "--no-progress", cwd=tmp_path)
@@ -427,6 +429,7 @@ def test_motion_kernels_always_spread_over_most_of_their_canvas():
 # ---------------------------------------------------------------- integrity: --verify and SIGKILL
 
 
+@pytest.mark.slow
 def test_verify_names_each_missing_truncated_or_changed_file(dp_shards, tmp_path):
     out = tmp_path / "shards"
     shutil.copytree(dp_shards, out)
@@ -483,6 +486,7 @@ def _finals(out: Path) -> dict[str, bytes]:
     return {k: v for k, v in _tree(out).items() if ".tmp-" not in k} if out.exists() else {}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["first temporary file", "first shard", "fifth shard"])
 def test_sigkill_then_rerun_gives_the_uninterrupted_bytes(when, kill_gopro, kill_reference, tmp_path):
     """SIGKILL the whole process group (as SLURM or the OOM killer would) at a point of the run; every file
@@ -536,6 +540,7 @@ def test_lost_index_is_rewritten_on_rerun(dp_gopro, dp_shards, tmp_path):
 # ---------------------------------------------------------------- parts (SLURM job arrays)
 
 
+@pytest.mark.slow
 def test_parts_then_merge_give_the_single_run_bytes(dp_gopro, dp_shards, tmp_path):
     out = tmp_path / "shards"
     # PNG in both splits, as the library call that made dp_shards writes them (the CLI's default for

@@ -105,6 +105,7 @@ def test_launch_configs_load_with_accelerates_own_loader(monkeypatch):
     assert ds["train_micro_batch_size_per_gpu"] == "auto"  # filled from data.batch_size by the trainer
 
 
+@pytest.mark.slow
 def test_missing_or_invalid_accelerate_config_is_named(tmp_path, monkeypatch):
     from golf_dist.commands.launch import check_accelerate_config
     from golf_dist.errors import ConfigError
@@ -142,6 +143,7 @@ def test_missing_or_invalid_accelerate_config_is_named(tmp_path, monkeypatch):
         check_accelerate_config(ds_yaml)
 
 
+@pytest.mark.slow
 def test_one_node_config_asks_the_trainer_for_bf16(tiny_shards, tmp_path):
     """`accelerate launch --config_file one_node.yaml`: its bf16 reaches the trainer, although the
     golf config says train.mixed_precision=no (an explicit Accelerator(mixed_precision=...) would
@@ -156,6 +158,30 @@ def test_one_node_config_asks_the_trainer_for_bf16(tiny_shards, tmp_path):
     assert all(v.dtype == torch.float32 for v in weights.values())
 
 
+@pytest.mark.slow
+def test_the_launchers_precision_is_kept_on_the_trainer_and_the_config_is_left_as_written(tiny_shards, tmp_path):
+    """ACCELERATE_MIXED_PRECISION=bf16 (what `accelerate launch --mixed_precision bf16` sets) and a config saying
+    train.mixed_precision=no: the trainer runs bf16 and records it (the run's config.yaml, the MLflow params),
+    while the validated config object still says no."""
+    import yaml
+
+    cfg = write_config(tmp_path / "c.yaml", tiny_shards, tmp_path / "out", data={**TINY_DATA, **TORCH_LOADER},
+                       val=BF16_VAL, train={"steps": 1, "mixed_precision": "no"})
+    script = ("import json, sys\n"
+              "from golf_dist.config import load_config\n"
+              "from golf_dist.training.trainer import Trainer\n"
+              "cfg = load_config(sys.argv[1], 'f')\n"
+              "trainer = Trainer(cfg, 'f')\n"
+              "trainer.setup()\n"
+              "trainer.close()\n"
+              "print(json.dumps({'config': cfg.train.mixed_precision, 'trainer': trainer.mixed_precision}))\n")
+    proc = _ok(_run([sys.executable, "-c", script, str(cfg)], _env(ACCELERATE_MIXED_PRECISION="bf16"), timeout=300))
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"config": "no", "trainer": "bf16"}
+    record = yaml.safe_load((tmp_path / "out" / "f" / "config.yaml").read_text())
+    assert record["train"]["mixed_precision"] == "bf16"
+    assert _params(tmp_path / "mlflow.db")["train.mixed_precision"] == "bf16"
+
+
 def test_mixed_precision_of_config_and_launcher_that_disagree(shards, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out")
     proc = run_cli("launch/train.py", "--config", cfg, "--stage", "f", "train.mixed_precision=fp16",
@@ -164,6 +190,7 @@ def test_mixed_precision_of_config_and_launcher_that_disagree(shards, tmp_path):
     assert not (tmp_path / "out" / "f").exists()
 
 
+@pytest.mark.slow
 def test_global_batch_that_does_not_divide_across_ranks(shards, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out")
     proc = _run(_torchrun("--standalone", "--nproc_per_node", 2, "launch/train.py", "--config", cfg, "--stage", "f",
@@ -176,6 +203,7 @@ def test_global_batch_that_does_not_divide_across_ranks(shards, tmp_path):
 # ---- distributed correctness -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_processes_with_accumulation_match_one_process_on_stage_g(shards, trained_f, tmp_path):
     """Stage g, checkpointed unrolling: 2 ranks x 2 micro-batches of 1 == 1 process with the batch of 4."""
     outs = {}
@@ -202,6 +230,7 @@ def test_two_processes_with_accumulation_match_one_process_on_stage_g(shards, tr
     assert _relative_gap(outs[1], outs[2], _init("g"), drop=0.01) < 2e-2
 
 
+@pytest.mark.slow
 def test_two_node_rendezvous_trains_and_checkpoints(shards, tmp_path):
     """Two torchrun agents on 127.0.0.1 meet at a c10d rendezvous (--nnodes 2), one process each."""
     cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out", train=SHORT, data=TORCH_LOADER)
@@ -225,6 +254,7 @@ def test_two_node_rendezvous_trains_and_checkpoints(shards, tmp_path):
     assert _params(tmp_path / "mlflow.db")["world_size"] == "2"
 
 
+@pytest.mark.slow
 def test_a_rendezvous_that_cannot_form_fails_in_bounded_time(shards, tmp_path):
     """Only one of two agents starts: it gives up after join_timeout and says what happened."""
     cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out", train=SHORT)
@@ -244,6 +274,7 @@ def test_a_rendezvous_that_cannot_form_fails_in_bounded_time(shards, tmp_path):
     assert not any((tmp_path / "out").rglob("step-*"))
 
 
+@pytest.mark.slow
 def test_deepspeed_engine_matches_ddp_on_stage_g(shards, trained_f):
     """DeepSpeed ZeRO-2 (its CPU accelerator, gloo, the project's JSON with bf16 off) against DDP,
     2 ranks x 2 micro-batches, frozen F outside the engine, checkpointed unroll; and ZeRO's
@@ -260,6 +291,7 @@ def test_deepspeed_engine_matches_ddp_on_stage_g(shards, trained_f):
     assert result["resume_gap"] < 1e-6 and result["ok"] is True
 
 
+@pytest.mark.slow
 def test_trainer_under_accelerate_deepspeed_checkpoints_and_resumes(shards, tmp_path):
     """The trainer's Accelerate+DeepSpeed path (engine backward/step, ZeRO state gathered into the
     checkpoint, scattered back on resume), as far as a CPU machine can run it: Accelerate runs
@@ -300,6 +332,7 @@ def test_trainer_under_accelerate_deepspeed_checkpoints_and_resumes(shards, tmp_
         torch.testing.assert_close(resumed[key], final[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow
 def test_accelerate_launch_with_the_deepspeed_config_exports_fp32_masters(tiny_shards, tmp_path):
     """`accelerate launch` with the project's DeepSpeed YAML and JSON as they are (bf16): bf16 working
     weights, but the exported ones are the fp32 masters."""

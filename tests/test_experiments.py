@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import run_cli
@@ -37,6 +38,7 @@ def test_integrating_the_optimal_gradient_gives_the_optimal_prior():
     assert np.abs(two_pixel.integrate_prior(optimal_update, grid) - 0.5 * (u1 + u2) ** 2).max() < 2e-3
 
 
+@pytest.mark.slow
 def test_toy_accuracy_and_the_two_mses_at_a_small_size():
     """The classifier separates blurred from sharp; the learned gradient restores far better than a step
     along the classifier's gradient does (seed 0 at this size: accuracy 0.99, MSEs 1.0 and 0.002)."""
@@ -47,6 +49,7 @@ def test_toy_accuracy_and_the_two_mses_at_a_small_size():
     assert metrics["mse_ratio"] > 50 and metrics["mse_discriminative_best_step"] > 0.5 * metrics["mse_input"]
 
 
+@pytest.mark.slow
 def test_two_pixel_command_writes_its_figure_json_and_run(tmp_path):
     out = tmp_path / "toy"
     proc = run_cli("launch/experiment.py", "two-pixel", "--out", out, "--seeds", "0", "3", "--train-pairs", "400",
@@ -65,6 +68,7 @@ def test_two_pixel_command_writes_its_figure_json_and_run(tmp_path):
     assert bad.returncode == 2 and "--steps" in bad.stderr and not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_forgetting_command_runs_the_four_schedules(shards, tmp_path):
     """Figure 5 at a tiny size: four schedules, each validated at its start, its phase change and its end."""
     out = tmp_path / "forgetting"
@@ -82,6 +86,7 @@ def test_forgetting_command_runs_the_four_schedules(shards, tmp_path):
     assert (out / "forgetting.png").stat().st_size > 20_000
 
 
+@pytest.mark.slow
 def test_g_convergence_command(small_run, shards, tmp_path):
     out = tmp_path / "conv"
     proc = run_cli("launch/experiment.py", "g-convergence", "--output-dir", small_run["out"], "--shards", shards,
@@ -95,6 +100,7 @@ def test_g_convergence_command(small_run, shards, tmp_path):
     assert plotted["iterations"] == list(range(6))
 
 
+@pytest.mark.slow
 def test_lambda_sweep_trains_one_f_per_weight_with_a_vgg_file_made_here(shards, tmp_path):
     """The harness with a VGG-11-BN file in torchvision's layout (random values, made here): one F per lambda,
     each scored; without the file it stops before any training, saying where the file goes."""
@@ -118,3 +124,29 @@ def test_lambda_sweep_trains_one_f_per_weight_with_a_vgg_file_made_here(shards, 
     assert rows[0]["psnr"] != rows[1]["psnr"]  # the perceptual term changed what F learnt
     assert (out / "lambda_0" / "f.safetensors").is_file() and (out / "lambda_0.001" / "f.safetensors").is_file()
     assert (out / "lambda_sweep.png").stat().st_size > 10_000
+
+
+def test_forgetting_crop_bank_cuts_paired_windows_and_refuses_frames_smaller_than_the_crop(shards):
+    """The fast loop's unit of golf_dist.experiments.forgetting (its command runs in the slow test above)."""
+    from golf_dist.errors import DataError
+    from golf_dist.experiments.forgetting import CropBank
+
+    bank = CropBank(str(shards), "train", pairs=3, crop=32)
+    blur, sharp = bank.sample(5, np.random.default_rng(0))
+    assert blur.shape == sharp.shape == (5, 3, 32, 32) and len(bank.frames) == 3
+    again, _ = bank.sample(5, np.random.default_rng(0))
+    assert torch.equal(blur, again) and not torch.equal(blur, sharp)
+    with pytest.raises(DataError, match="smaller than the 128-pixel crop"):
+        CropBank(str(shards), "train", pairs=1, crop=128)
+
+
+def test_lambda_sweep_and_convergence_refuse_what_they_cannot_run(shards, tmp_path):
+    """The fast loop's units of golf_dist.experiments.lambda_sweep and .convergence: bad input named, nothing run."""
+    from golf_dist.errors import ConfigError, DataError
+    from golf_dist.experiments import convergence, lambda_sweep
+
+    with pytest.raises(ConfigError, match="--lambdas must be 0 or more"):
+        lambda_sweep.run_experiment("demo", [], [0.0, -1.0], tmp_path / "sweep", None, None)
+    assert not (tmp_path / "sweep").exists()
+    with pytest.raises(DataError, match="no trained F at"):
+        convergence.run_experiment(tmp_path / "untrained", str(shards), 2, tmp_path / "out", 1, None)

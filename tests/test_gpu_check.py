@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import run_cli
 
 ROWS = [f"train_{stage} {column}" for stage in ("f", "g") for column in (
@@ -12,6 +14,7 @@ ROWS = [f"train_{stage} {column}" for stage in ("f", "g") for column in (
     "deblur 1280x720", "onnxruntime"]
 
 
+@pytest.mark.slow
 def test_gpu_check_on_a_cpu_writes_every_row_with_its_status(shards, tmp_path):
     proc = run_cli("launch/gpu_check.py", "--device", "cpu", "--shards", shards, "--out", tmp_path, check=True)
     report = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -33,3 +36,21 @@ def test_gpu_check_on_a_cpu_writes_every_row_with_its_status(shards, tmp_path):
     assert rows["deblur 1280x720"]["size"] == "72x40" and rows["deblur 1280x720"]["ms"] > 0
     assert "not judged on a CPU" in rows["train_f eager"]["goal"]
     assert rows["memory g unroll 8"]["status"] == "skipped"
+
+
+def test_the_rows_and_their_table_without_a_gpu(tmp_path):
+    """The fast loop's unit of golf_dist.gpu_check: the rows it would run, those that need CUDA or shards skipped
+    with the reason, the goals judged only on CUDA, and the Markdown table."""
+    from golf_dist import gpu_check
+
+    rows = dict(gpu_check.rows_to_run("cpu", gpu_check.SIZES["cpu"], None, tmp_path))
+    assert {"train_f eager", "train_g eager", "dali vs torch loader", "onnxruntime"} <= set(rows)
+    for name, why in (("train_f cuda_graphs", "CUDA"), ("dali vs torch loader", "--shards")):
+        with pytest.raises(gpu_check._Skip, match=why):
+            rows[name]()
+    assert "not judged on a CPU" in gpu_check._judge("infer 256", {"ms": 3.0}, "cpu")
+    assert gpu_check._judge("infer 256", {"ms": 0.5}, "cuda").startswith("met")
+    report = {"device": "cpu", "torch": "x", "seconds": 1.0,
+              "rows": [{"row": "infer 256", "status": "ok", "ms": 3.0, "seconds": 0.1},
+                       {"row": "onnxruntime", "status": "skipped", "why": "no onnx", "seconds": 0.0}]}
+    assert "| infer 256 | ok | ms 3.0 |" in gpu_check.table(report) and "skipped: no onnx" in gpu_check.table(report)

@@ -145,6 +145,7 @@ def test_a_checkpoint_written_before_the_digests_still_loads_with_one_warning(tm
     assert torch.equal(exported_weights(path)["w"], torch.full((4, 4), 3.5))
 
 
+@pytest.mark.slow
 def test_resume_from_an_altered_checkpoint_exits_naming_the_file_before_training(shards, tmp_path):
     """train.resume_from=<one checkpoint> whose weights were altered after it was written (still a valid
     safetensors file): exit 1 naming the file and both digests; nothing trained or written."""

@@ -138,12 +138,14 @@ def test_crops_per_frame_cuts_k_windows_from_one_decoded_pair(coordinate_shards)
 
 
 
+@pytest.mark.slow
 def test_batches_for_a_gpu_are_page_locked_so_their_copy_overlaps_the_step(shards):
     """The trainer copies each batch with non_blocking=True: from pinned memory that copy is asynchronous."""
     from golf_dist.config import load_config
     from golf_dist.data.loaders import make_train_loader
 
-    cfg = load_config(None, overrides=[f"data.shards={shards}", "data.crop=32", "data.num_workers=0", "train.steps=2"])
+    cfg = load_config("gopro", overrides=[f"data.shards={shards}", "data.crop=32", "data.num_workers=0",
+                                          "train.steps=2"])
     pairs = ShardPairs(shards, "train")
     for device, pinned in (("cpu", False), ("cuda", True)):
         loader = make_train_loader(cfg, pairs, global_batch=4, accum=1, world=1, rank=0, start_step=0,

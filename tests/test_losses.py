@@ -72,6 +72,7 @@ def test_vgg_state_dict_keys_are_torchvision_layout():
     assert keys == expected
 
 
+@pytest.mark.slow
 def test_load_vgg_features_uses_the_file(tmp_path):
     sd = torchvision_like_state_dict()
     path = tmp_path / VGG_WEIGHTS_FILE
@@ -181,6 +182,7 @@ def test_target_features_carry_no_gradient():
     assert target.grad is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("checkpoint", [True, False])
 def test_eq4_is_the_mean_over_iterates_by_hand(checkpoint):
     # x0 = 0, G(x) = 0.5 x + 0.5, target 1: iterates 0.5, 0.75, 0.875; MSEs 0.25, 0.0625, 0.015625.
@@ -223,6 +225,7 @@ def test_last_weighting_scores_the_last_iterate_alone():
     assert g.scale.grad.item() == pytest.approx(-2 * 0.125 * 1.0)
 
 
+@pytest.mark.slow
 def test_checkpointing_changes_neither_loss_nor_gradients():
     torch.manual_seed(0)
     g = g_net(zero_init_last=False)  # a zero last conv would leave most gradients zero

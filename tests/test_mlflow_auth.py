@@ -77,6 +77,7 @@ def test_a_non_loopback_bind_without_auth_is_refused(tmp_path):
     assert _serve(tmp_path).returncode == 0  # loopback, the default: no authentication needed
 
 
+@pytest.mark.slow
 def test_unauthenticated_requests_get_401_and_a_trainer_logs_with_its_credentials(server, shards, monkeypatch):
     url, base = server["server"].url, server["base"]
     api = f"{url}/api/2.0/mlflow"

@@ -76,6 +76,7 @@ def first_run(team, shards):
     return {"cfg": cfg, "run_id": run_id, "proc": proc, "out": base / "a"}
 
 
+@pytest.mark.slow
 def test_metrics_and_params_land_in_the_team_server_without_credentials(team, first_run):
     from mlflow.tracking import MlflowClient
 
@@ -103,6 +104,7 @@ def test_metrics_and_params_land_in_the_team_server_without_credentials(team, fi
         assert cur.fetchone() == (3,)
 
 
+@pytest.mark.slow
 def test_checkpoints_land_in_the_bucket(team, first_run):
     s3 = _s3(team["s3"])
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{PREFIX}/")["Contents"]]
@@ -117,6 +119,7 @@ def test_checkpoints_land_in_the_bucket(team, first_run):
     assert any(k.endswith("/weights/f.safetensors") for k in run_keys)
 
 
+@pytest.mark.slow
 def test_resume_from_an_artifact_uri_matches_the_uninterrupted_run(team, first_run, shards):
     from mlflow.tracking import MlflowClient
 
@@ -140,6 +143,7 @@ def test_resume_from_an_artifact_uri_matches_the_uninterrupted_run(team, first_r
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [4, 6]
 
 
+@pytest.mark.slow
 def test_resume_from_a_missing_or_corrupt_artifact_names_the_uri(team, first_run, shards):
     base = team["base"]
     cfg = write_config(base / "c.yaml", shards, base / "c", tracking={"uri": team["server"].url})
@@ -181,6 +185,7 @@ def _group_cmdlines(pgid: int) -> list[str]:
     return lines
 
 
+@pytest.mark.slow
 def test_a_password_in_the_backend_uris_query_is_never_on_a_command_line_nor_printed(team):
     """The team server was started by serve.py from postgresql://user@host/db?password=... (libpq's query form)
     and no PGPASSWORD: it answers from PostgreSQL (the password arrived), passed in the environment, so no
@@ -196,6 +201,7 @@ def test_a_password_in_the_backend_uris_query_is_never_on_a_command_line_nor_pri
     assert password not in log and "password=***" in log, log[-2000:]
 
 
+@pytest.mark.slow
 def test_an_auth_db_uri_with_a_password_in_its_query_is_refused_unwritten(tmp_path):
     """--auth-db-uri is written to the basic-auth app's ini file, which holds no secret: a password in its query
     is refused like one in its userinfo, and not printed."""

@@ -46,6 +46,7 @@ def _log_and_load(model_dir, tmp_path, **kwargs):
         return mlflow.pyfunc.load_model(info.model_uri)
 
 
+@pytest.mark.slow
 def test_mlflow_model_reads_paths_only_under_its_root_and_says_nothing_of_other_files(model_dir, closed_model,
                                                                                        tmp_path, monkeypatch):
     import pandas as pd
@@ -86,6 +87,7 @@ def test_mlflow_model_reads_paths_only_under_its_root_and_says_nothing_of_other_
         assert "stack_trace" not in answer.json() and str(Path(golf_dist.__file__).parent) not in answer.text
 
 
+@pytest.mark.slow
 def test_mlflow_model_holds_the_image_column_to_the_pixel_limit(closed_model):
     """An `image` over MAX_PIXELS is refused from its shape, before it is converted or run (unbounded, one
     request of it would hold gigabytes of activations); lists are measured as arrays are. The loaded model's
@@ -132,3 +134,19 @@ def test_deblur_and_evaluate_refuse_what_cannot_finish_naming_the_flag(model_dir
         assert proc.returncode == 2 and f"error: {flag.strip()} " in proc.stderr, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
     assert f"more than {MAX_TILES}" in refused["--tile"].stderr and not out.exists()
+
+
+def test_the_models_from_code_file_hands_mlflow_a_golf_model():
+    """golf_dist/mlflow_model_code.py is the source MLflow runs when it loads the logged model: importing it sets
+    the GolfModel MLflow builds the pyfunc from (the loads themselves run in the slow tests above)."""
+    import importlib
+
+    import mlflow.models.model
+
+    from golf_dist.mlflow_model import GolfModel
+
+    try:
+        importlib.reload(importlib.import_module("golf_dist.mlflow_model_code"))
+        assert isinstance(mlflow.models.model.__mlflow_model__, GolfModel)
+    finally:
+        mlflow.models.model.__mlflow_model__ = None  # as MLflow leaves it after a load

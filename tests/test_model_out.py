@@ -71,6 +71,7 @@ def _test_frame(shards):
     return blur.unsqueeze(0)
 
 
+@pytest.mark.slow
 def test_onnx_runtime_matches_pytorch_on_random_and_real_images(small_run, onnx_dir, shards):
     from golf_dist.inference.engine import load_trained
     from golf_dist.inference.engine import load_onnx
@@ -84,6 +85,7 @@ def test_onnx_runtime_matches_pytorch_on_random_and_real_images(small_run, onnx_
             assert (a - b).abs().max().item() <= 1e-4
 
 
+@pytest.mark.slow
 def test_deblur_with_onnxruntime(onnx_dir, tmp_path):
     src = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 44, 3), dtype=np.uint8)).save(src)
@@ -99,6 +101,7 @@ def test_deblur_with_onnxruntime(onnx_dir, tmp_path):
 # ---- MLflow ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_registered_mlflow_model_predicts_what_deblur_writes(small_run, tmp_path):
     """evaluate --ensemble x2 --register logs F + G as a pyfunc model run as evaluated and registers it;
     `mlflow models predict` on it gives the pixels `launch/deblur.py --ensemble x2` writes from an array; it
@@ -185,3 +188,13 @@ def test_runs_without_deepspeed_do_not_load_it(small_run):
     import it (train, G training and evaluation of the small run)."""
     for stderr in small_run["stderr"]:
         assert "Setting accelerator" not in stderr and "real_accelerator" not in stderr
+
+
+def test_export_of_a_folder_without_weights_is_named_and_writes_nothing(tmp_path):
+    """The fast loop's unit of golf_dist.export (the ONNX exports themselves run in the slow tests above)."""
+    from golf_dist.errors import DataError
+    from golf_dist.export import export_onnx
+
+    with pytest.raises(DataError, match=f"no trained F at {tmp_path / 'run' / 'f.safetensors'}"):
+        export_onnx(tmp_path / "run", tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()

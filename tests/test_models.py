@@ -70,6 +70,7 @@ def test_unroll_returns_the_n_iterates(checkpoint):
         unroll(AffineMap(), torch.zeros(1, 3, 2, 2), 0)
 
 
+@pytest.mark.slow
 def test_checkpointing_cuts_stage_g_peak_memory_at_16_steps():
     assert checkpoint_memory_ratio(steps=16, batch=1, crop=32) < 1 / 3
 
@@ -85,6 +86,7 @@ def _run_cli(*args):
     return run_cli("launch/benchmark.py", *args, timeout=300)
 
 
+@pytest.mark.slow
 def test_benchmark_cli_prints_one_json_line(tmp_path):
     # the speed layer's column with channels_last and the fused norm (its PyTorch fallback on a CPU):
     # compiling on a 2-core CPU takes minutes
@@ -125,3 +127,25 @@ def test_benchmark_cli_without_cuda_says_so():
     r = _run_cli("--device", "cuda")
     assert r.returncode == 1
     assert r.stderr.startswith("error: ") and "CUDA" in r.stderr
+
+
+def test_data_benchmark_settings_and_the_profiler_on_a_tiny_network(tmp_path):
+    """The fast loop's units of golf_dist.benchmark_data (settings checked before any shard is read) and
+    golf_dist.profiling (the operators of a tiny F on a CPU, written as a profile file)."""
+    from golf_dist.benchmark_data import make_data_settings
+    from golf_dist.errors import ConfigError
+    from golf_dist.profiling import top_operators, write_profile
+
+    with pytest.raises(ConfigError, match="--loader must be one of torch, dali, got 'tf'"):
+        make_data_settings(["shards"], loader="tf")
+    with pytest.raises(ConfigError, match="--crops-per-frame 3 must divide --batch 8"):
+        make_data_settings(["shards"], batch=8, crops_per_frame=3)
+    assert make_data_settings(["a", "b"], loader="torch").loaders == ("torch",)
+
+    net, x = f_net().eval(), torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        rows, table = top_operators(lambda: net(x), "cpu", warmup=0, repeats=1, top=5)
+    assert 0 < len(rows) <= 5 and any("conv" in row["name"] for row in rows) and table
+    assert sum(row["share"] for row in rows) <= 1.0 + 1e-6
+    path = write_profile(tmp_path / "prof", "f", rows, table, "tiny F")
+    assert path.read_text().startswith("tiny F") and rows[0]["name"] in path.read_text()

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import (LONG_F, ONE_THREAD, ROOT, assert_weights_equal, run_cli, start_cli, wait_for_first_checkpoint,
                       write_config)
 
@@ -22,6 +24,7 @@ def _steps(ckpts: Path) -> list[int]:
     return sorted(int(p.name[5:]) for p in ckpts.iterdir() if p.name.startswith("step-"))
 
 
+@pytest.mark.slow
 def test_sigusr2_checkpoints_exits_cleanly_and_the_rerun_matches_an_uninterrupted_run(shards, long_f_reference,
                                                                                        tmp_path):
     out = tmp_path / "cut"
@@ -48,6 +51,7 @@ def test_sigusr2_checkpoints_exits_cleanly_and_the_rerun_matches_an_uninterrupte
     assert_weights_equal(long_f_reference, out / "f.safetensors")
 
 
+@pytest.mark.slow
 def test_stop_file_stops_two_ranks_at_the_same_step_and_the_rerun_finishes(shards, tmp_path):
     """torchrun does not forward SIGUSR2, so the batch script touches OUTPUT_DIR/<stage>/STOP."""
     out = tmp_path / "two"

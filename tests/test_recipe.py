@@ -135,6 +135,7 @@ def one_batch(shards):
     return torch.stack([b for b, _, _ in items]), torch.stack([s for _, s, _ in items])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage, steps", [("f", 150), ("g", 200)])
 def test_overfit_one_batch(one_batch, stage, steps):
     """F, and G on a fixed F, bring the loss on one fixed batch down by 10x within a bounded number of steps
@@ -147,6 +148,7 @@ def test_overfit_one_batch(one_batch, stage, steps):
     assert history[-1] <= history[0] / 10 and all(h > history[0] / 10 for h in history[:-1])  # stopped there
 
 
+@pytest.mark.slow
 def test_overfit_command_reports_pass(shards, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out")
     # the command's plumbing (the 10x check itself is test_overfit_one_batch): pass at a 2x target ...
@@ -221,6 +223,7 @@ def _kill_after_first_checkpoint(cfg, out, nproc):
     assert not (out / "f.safetensors").exists(), "the run finished before it was killed"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_kill_and_resume_with_ema_is_bitwise_exact(shards, tmp_path, nproc):
     """With EMA, warm-up, cosine and clipping on, a run killed after its first checkpoint and started again
@@ -349,6 +352,7 @@ def test_deblur_on_tiles_writes_the_whole_image(small_run, tmp_path):
     assert bad.returncode == 2 and "--overlap" in bad.stderr and not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_gpu_recipe_runs_at_a_small_size_on_cpu(shards, tmp_path):
     """configs/gpu_quick.yaml as it is, shrunk by overrides only (crop, batch, steps, fp32): both stages train,
     with its warm-up, cosine schedule, EMA and two crops per decoded frame."""

@@ -140,6 +140,7 @@ def test_an_explicit_folder_resumes_from_its_newest_checkpoint_exactly(store, tm
     assert loaded["path"] == f"{uri}/step-00000002" and loaded["model"]["w"][0, 0] == 2.0
 
 
+@pytest.mark.slow
 def test_resume_from_every_rank_loads_rank_0s_choice_or_all_stop_naming_it(tmp_path):
     """2 gloo processes, each seeing its own copy of the same relative train.resume_from (node-local disks):
     rank 1 loads the checkpoint rank 0 resolved, not its own newest; when its copy of that checkpoint
@@ -181,6 +182,7 @@ def test_a_state_json_of_the_wrong_type_is_refused_naming_file_and_key(tmp_path)
             TrainingState.from_json({"step": 2, key: value}, source=bad / "state.json")
 
 
+@pytest.mark.slow
 def test_a_kill_mid_prune_leaves_whole_checkpoints_and_a_temporary_that_is_cleaned(tmp_path):
     for step in (1, 2, 3):
         _save(tmp_path, step, value=float(step))
@@ -221,12 +223,14 @@ def signed_run(tiny_shards, tmp_path_factory):
     return {"base": base, "run_id": run_id, "proc": proc, "store": base / "mlartifacts"}
 
 
+@pytest.mark.slow
 def test_uploaded_checkpoints_are_pruned_with_the_local_ones(signed_run):
     [uploaded] = signed_run["store"].glob(f"*/artifacts")  # one run, keep_last 1: step 2 went, here and there
     assert sorted(p.name for p in (uploaded / "checkpoints").iterdir()) == ["step-00000004"]
     assert sorted(p.name for p in (signed_run["base"] / "a" / "f" / "checkpoints").iterdir()) == ["step-00000004"]
 
 
+@pytest.mark.slow
 def test_a_signed_run_resumes_from_its_uploaded_folder_and_refuses_another_key(signed_run, tiny_shards):
     base, uri = signed_run["base"], f"runs:/{signed_run['run_id']}/checkpoints"
     stale = base / "b" / "f" / f".resume-ab12cd-{_dead_pid()}"  # what a killed download left

@@ -66,6 +66,7 @@ def s3_env(s3_server, monkeypatch) -> dict:
     storage._clients.clear()
 
 
+@pytest.mark.slow
 def test_shard_to_s3_equals_local_rerun_skips_and_verify_finds_damage(shards, s3_server):
     env = s3_server
     make_bucket(env, "h1-up")
@@ -112,6 +113,7 @@ def test_shard_to_s3_equals_local_rerun_skips_and_verify_finds_damage(shards, s3
     _no_secrets(*(p.stdout + p.stderr for p in (proc, again, good, bad, refused, repaired)))
 
 
+@pytest.mark.slow
 def test_s3_errors_name_the_bucket_and_key(shards, s3_server, tmp_path):
     env = s3_server
     make_bucket(env, "h1-empty")
@@ -187,6 +189,7 @@ def test_local_cache_downloads_verifies_reuses_and_repairs(shards, s3_env, tmp_p
         storage.local_shard_dir("s3://h1-cache/sets/none", cache)
 
 
+@pytest.mark.slow
 def test_parts_on_s3_merge_to_the_single_run_bytes(shards, s3_server):
     env = s3_server
     make_bucket(env, "h1-parts")
@@ -207,6 +210,7 @@ def test_parts_on_s3_merge_to_the_single_run_bytes(shards, s3_server):
     ]
 
 
+@pytest.mark.slow
 def test_train_reads_s3_shards_and_logs_no_credentials(shards, s3_server, tmp_path):
     env = {**s3_server, "HOME": str(tmp_path / "home")}  # any default cache lands in the test's folder
     make_bucket(env, "h1-train")
@@ -228,6 +232,7 @@ def test_train_reads_s3_shards_and_logs_no_credentials(shards, s3_server, tmp_pa
     assert not any("AWS_SECRET" in k or "aws_secret" in k for k in params)
 
 
+@pytest.mark.slow
 def test_sigkill_during_upload_then_rerun_gives_the_uninterrupted_objects(s3_server, tmp_path):
     """Kill the whole run once its first shard is up; the rerun keeps what was uploaded and ends with exactly
     the objects of an uninterrupted (local) run."""

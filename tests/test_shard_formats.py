@@ -143,6 +143,7 @@ def test_npy_and_jp2_shards_are_reproducible_and_sized_as_planned(fmt_gopro, fmt
     assert size == 128 + 40 * 56 * 3
 
 
+@pytest.mark.slow
 def test_dali_index_files_match_wds2idx_and_the_manifest(fmt_shards, tmp_path):
     tool = shutil.which("wds2idx")
     for fmt, out in fmt_shards.items():

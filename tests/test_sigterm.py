@@ -22,6 +22,8 @@ import torch
 
 from conftest import ROOT, assert_weights_equal, write_config
 
+pytestmark = pytest.mark.slow  # signals to real launchers and trainers: training runs, most of them several ranks
+
 # steps of ~0.3 s on 2 loaded cores: the stop lands a few steps after the first checkpoint, well before the end
 TRAIN = {"steps": 24, "checkpoint_every": 4, "val_every": 24, "log_every": 4, "keep_last": 3}
 ACK = "received SIGTERM: will checkpoint"

@@ -17,6 +17,8 @@ import pytest
 
 from conftest import LONG_F, ONE_THREAD, ROOT, assert_weights_equal, run_cli, write_config
 
+pytestmark = pytest.mark.slow  # jobs on the local SLURM cluster (one suite at a time may use it)
+
 CLUSTER = ROOT / "infra" / "slurm" / "local_cluster.sh"
 TRAIN_SBATCH = ROOT / "infra" / "slurm" / "train.sbatch"
 

@@ -73,6 +73,7 @@ def test_channels_last_computes_what_eager_computes(make):
     assert max(weights.values()) == 0
 
 
+@pytest.mark.slow
 def test_compiled_unrolled_checkpointed_g_gives_the_eager_gradients():
     """G compiled once and called by every unrolled, checkpointed step: the weights' gradients of Eq. 4's
     mean loss equal eager's."""
@@ -90,6 +91,7 @@ def test_compiled_unrolled_checkpointed_g_gives_the_eager_gradients():
     assert all(close(b, a) for a, b in zip(*grads))
 
 
+@pytest.mark.slow
 def test_stage_g_trains_with_compile_and_channels_last(small_run, shards, tmp_path):
     """The trainer with the speed layer forced on a CPU: compiled G (aot_eager), channels_last weights and
     inputs. It trains, checkpoints (contiguous safetensors), validates and exports; the log names the

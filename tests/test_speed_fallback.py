@@ -34,6 +34,7 @@ def _f_config(tmp_path, shards):
                         train={"steps": 2, "val_every": 2, "checkpoint_every": 2, "log_every": 1})
 
 
+@pytest.mark.slow
 def test_training_goes_on_eager_when_compile_fails_and_records_why(shards, tmp_path):
     """speed.compile=try with a backend that raises: stage f trains eagerly, one warning names the switch and the
     error's first line, speed_fallback.json and the MLflow tag say which switch and why."""
@@ -51,6 +52,7 @@ def test_training_goes_on_eager_when_compile_fails_and_records_why(shards, tmp_p
     assert "(eager, no speed options)" in proc.stdout + proc.stderr  # what the steps then ran
 
 
+@pytest.mark.slow
 def test_compile_set_on_fails_the_run_with_its_error(shards, tmp_path):
     proc = run_cli("launch/train.py", "--config", _f_config(tmp_path, shards), "--stage", "f",
                    "speed.compile=on", RAISING)
@@ -60,6 +62,7 @@ def test_compile_set_on_fails_the_run_with_its_error(shards, tmp_path):
     assert not (tmp_path / "out" / "f.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_stage_g_falls_back_when_compiled_outputs_disagree_with_eager(small_run, shards, tmp_path):
     """A backend that compiles but computes 10% too much: the numerics check on the first batch catches it in
     stage g (F and G both prepared), turns compile off and keeps channels_last, which agrees."""
@@ -76,6 +79,7 @@ def test_stage_g_falls_back_when_compiled_outputs_disagree_with_eager(small_run,
     assert "(channels_last)" in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_evaluation_falls_back_and_records_it(small_run, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(small_run["out"], out, ignore=shutil.ignore_patterns("checkpoints"))
@@ -90,6 +94,7 @@ def test_evaluation_falls_back_and_records_it(small_run, tmp_path):
     assert _tags(small_run["db"], result["mlflow_run_id"])["speed_fallback"].startswith("compile: RuntimeError")
 
 
+@pytest.mark.slow
 def test_deblurring_falls_back_to_eager_outputs(small_run, shards, tmp_path):
     from PIL import Image
 

@@ -11,6 +11,8 @@ import re
 import shutil
 import time
 
+import pytest
+
 from conftest import free_port, log_lines, mlflow_template, run_cli, start_cli, write_config
 from mlflow_servers import MlflowServer
 
@@ -38,6 +40,7 @@ def _jsonl_steps(path, key: str) -> list[int]:
     return [rec["step"] for rec in map(json.loads, path.read_text().splitlines()) if key in rec]
 
 
+@pytest.mark.slow
 def test_server_killed_mid_run_training_finishes_and_nothing_is_lost(shards, tmp_path):
     store = tmp_path / "store"
     store.mkdir()
@@ -105,6 +108,7 @@ def test_server_killed_mid_run_training_finishes_and_nothing_is_lost(shards, tmp
     assert not_uploaded <= _kinds(line)["log artifacts"] <= not_uploaded + 1, (uploaded, line)
 
 
+@pytest.mark.slow
 def test_server_down_from_the_start_training_runs_and_reports(shards, tmp_path):
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     out = tmp_path / "out"

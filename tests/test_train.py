@@ -44,6 +44,7 @@ def trained(shards, tmp_path_factory):
     return {"out": out, "cfg": cfg, "db": base / "mlflow.db", "logs": logs}
 
 
+@pytest.mark.slow
 def test_stages_write_weights_checkpoints_and_resolved_config(trained):
     out = trained["out"]
     for stage in ("f", "g"):
@@ -106,6 +107,7 @@ def test_deblur_names_an_image_too_small_for_the_networks(trained, tmp_path):
     assert not (tmp_path / "out" / "strip.png").exists()
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_bitwise_exact(shards, tmp_path):
     """SIGKILL mid-run, start again: the final weights equal an uninterrupted run's, bit for bit."""
     steps = {"steps": 24, "checkpoint_every": 4, "val_every": 8, "log_every": 4}
@@ -165,6 +167,7 @@ def _loss_and_grad_norm(db: Path) -> dict:
     return series
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(shards, tmp_path):
     """DDP over gloo, stage f and stage g with checkpointed unrolling, against a single process.
 
@@ -237,6 +240,7 @@ def test_global_batch_that_does_not_divide(shards, tmp_path):
     assert _no_checkpoints(tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_perceptual_term_without_vgg_weights_says_where_the_file_goes(shards, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out")
     proc = run_cli("launch/train.py", "--config", cfg, "--stage", "f", "loss.perceptual_weight=5e-6",
@@ -246,6 +250,7 @@ def test_perceptual_term_without_vgg_weights_says_where_the_file_goes(shards, tm
     assert _no_checkpoints(tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_training_with_the_perceptual_term_loads_vgg_from_the_hub_cache(shards, tmp_path):
     """A weights file in torchvision's layout (random values, made here) in the hub cache is used."""
     from golf_dist.losses import VGG_WEIGHTS_FILE, VGGFeatures
@@ -268,6 +273,7 @@ def test_training_with_the_perceptual_term_loads_vgg_from_the_hub_cache(shards, 
     assert total[0].value == pytest.approx(content[0].value + 0.01 * perceptual[0].value, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_the_full_batch(shards, tmp_path):
     """Global batch 4 as 2 micro-batches of 2 gives the weights of one batch of 4."""
     from golf_dist.models import f_net
@@ -282,6 +288,7 @@ def test_gradient_accumulation_matches_the_full_batch(shards, tmp_path):
     assert _relative_gap(outs[1] / "f.safetensors", outs[2] / "f.safetensors", f_net().state_dict()) < 2e-2
 
 
+@pytest.mark.slow
 def test_evaluation_across_two_ranks_equals_one_process(trained):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
@@ -299,6 +306,7 @@ def test_evaluation_across_two_ranks_equals_one_process(trained):
     assert two["psnr_per_iteration"] == pytest.approx(one["psnr_per_iteration"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_mlflow_ui_serves_the_local_store(trained):
     """`mlflow ui` on the local store lists the runs and serves their artifacts (sample images)."""
     import socket
@@ -384,6 +392,7 @@ def test_nonfinite_and_hang_keys_are_checked(override, named):
         load_config(DEFAULT_CONFIG, stage="f", overrides=[override])
 
 
+@pytest.mark.slow
 def test_two_ranks_skip_the_same_nonfinite_steps_and_stop_together(shards, tmp_path):
     """DDP: a diverging lr (steps 1-2 finite, then Inf/NaN) makes both ranks skip step 3 and stop at step 4
     (train.nonfinite_patience=2) with the same named error; a rank that decided otherwise would wait in a
@@ -411,6 +420,7 @@ def test_two_ranks_skip_the_same_nonfinite_steps_and_stop_together(shards, tmp_p
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
+@pytest.mark.slow
 def test_deepspeed_stops_at_the_first_nonfinite_step(shards, tmp_path):
     """DeepSpeed's engine has stepped before the trainer sees the loss and the norm (fp32 here; its own
     overflow skip is fp16's): the run stops at step 3 whatever train.nonfinite says, before a checkpoint or

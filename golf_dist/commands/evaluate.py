@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 from golf_dist.commands.common import add_ensemble_argument, run_main
-from golf_dist.config import DEFAULT_CONFIG, load_config, parse_overrides
+from golf_dist.config import PAPER_CONFIG, load_config, parse_overrides
 from golf_dist.errors import ConfigError
 from golf_dist.inference.engine import MAX_ITERATIONS, check_iterations
 from golf_dist.inference.tiling import MAX_TILES, MIN_TILE
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     config = args.config
     if config is None:
         resolved = [out / s / "config.yaml" for s in ("g", "f") if (out / s / "config.yaml").is_file()]
-        config = resolved[0] if resolved else DEFAULT_CONFIG
+        config = resolved[0] if resolved else PAPER_CONFIG  # its tracking.* and eval.* are the schema's defaults
     cfg = load_config(config, overrides=parse_overrides(args.overrides))
     iterations = cfg.eval.iterations if args.iterations is None else args.iterations
     check_iterations(iterations, "eval.iterations" if args.iterations is None else "--iterations")

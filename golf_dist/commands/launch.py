@@ -2,7 +2,7 @@
 without a launcher process for a single process (what training needs across processes once launched:
 golf_dist/training/distributed.py).
 
-    python -m golf_dist.commands.launch check-config configs/accelerate/one_node.yaml
+    python -m golf_dist.commands.launch check-config configs/accelerate/one_node.yaml   # or a bundled name: one_node
     python -m golf_dist.commands.launch torchrun -- --nnodes 2 ... launch/train.py ...   # clear rendezvous errors
     python -m golf_dist.commands.launch accelerate-launch -- --config_file CFG launch/train.py ...  # see below
 """
@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
+from golf_dist.configs import ACCELERATE_CONFIGS, accelerate_config_path, bundled_deepspeed_json, bundled_launch_args
 from golf_dist.errors import ConfigError
 
-ACCELERATE_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
 DEEPSPEED_ZERO2_JSON = ACCELERATE_CONFIGS / "deepspeed_zero2.json"
 
 
@@ -29,8 +29,8 @@ DEEPSPEED_ZERO2_JSON = ACCELERATE_CONFIGS / "deepspeed_zero2.json"
 
 
 def check_accelerate_config(path: str | os.PathLike) -> dict[str, Any]:
-    """Load an `accelerate launch --config_file` file with Accelerate's own loader; a missing,
-    unreadable or invalid file (or a DeepSpeed JSON it names) is a ConfigError naming the file.
+    """Load an `accelerate launch --config_file` file (or a bundled one by name: one_node) with Accelerate's own
+    loader; a missing, unreadable or invalid file (or a DeepSpeed JSON it names) is a ConfigError naming the file.
 
     Returns a short summary (distributed type, processes, machines, mixed precision, rendezvous).
     `accelerate launch` itself stops on a missing file with a clear last line; this check gives the
@@ -39,7 +39,7 @@ def check_accelerate_config(path: str | os.PathLike) -> dict[str, Any]:
     """
     from accelerate.commands.config.config_args import load_config_from_file
 
-    path = Path(path)
+    path = accelerate_config_path(path)
     if not path.exists():
         raise ConfigError(f"accelerate config {path} does not exist (configs/accelerate/ has the project's)")
     if not path.is_file():
@@ -63,8 +63,8 @@ def check_accelerate_config(path: str | os.PathLike) -> dict[str, Any]:
     if summary["distributed_type"] == "DEEPSPEED":
         if not ds_file:
             raise ConfigError(f"accelerate config {path}: deepspeed_config.deepspeed_config_file is not set")
+        summary["deepspeed_config_file"] = ds_file = bundled_deepspeed_json(ds_file, path)  # a wheel's: in it
         read_deepspeed_json(ds_file, named_in=path)
-        summary["deepspeed_config_file"] = ds_file
     return summary
 
 
@@ -180,6 +180,7 @@ def accelerate_launch(args: list[str]) -> int:
     from accelerate.commands import launch as accelerate_cli
     from accelerate.utils import ComputeEnvironment, prepare_simple_launcher_cmd_env
 
+    args = bundled_launch_args(args)  # --config_file one_node: the bundled file
     parsed = accelerate_cli.launch_command_parser().parse_args(args)
     # Accelerate's own reading of config file and flags (private; what launch_command uses): (args, defaults, ...)
     parsed, defaults = accelerate_cli._validate_launch_command(parsed)[:2]

@@ -1,7 +1,8 @@
 """Train stage f (F alone) or stage g (G unrolled on top of the frozen F) of the Golf Optimizer.
 
-    accelerate launch launch/train.py --stage f                 # the paper recipe, configs/gopro.yaml
-    accelerate launch launch/train.py --stage g --unroll 8
+    accelerate launch launch/train.py --config gopro --stage f  # the paper recipe, configs/gopro.yaml
+    accelerate launch launch/train.py --config gopro --stage g --unroll 8
+    golf-train --config demo --stage f                          # the embedded default (demo) on synthetic data
     python launch/train.py --config configs/demo.yaml --stage f train.steps=100 data.batch_size=8
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 launch/train.py ...   # two CPU processes (gloo)
 
@@ -20,7 +21,8 @@ import os
 import sys
 
 from golf_dist.commands.common import run_main
-from golf_dist.config import DEFAULT_CONFIG, load_config, parse_overrides
+from golf_dist.config import load_config, parse_overrides
+from golf_dist.configs import bundled_names
 from golf_dist.training import preemption
 
 
@@ -30,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Overrides: any config key as key=value, e.g. train.lr=5e-4 data.batch_size=8 "
         "(see configs/gopro.yaml for the keys). Unknown keys and wrong types are errors (exit 2).",
     )
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
+    parser.add_argument("--config", default="demo", help="a YAML file, or the name of a config bundled with the "
+                        f"package ({', '.join(bundled_names())}; default: %(default)s)")
     parser.add_argument("--stage", required=True, choices=["f", "g"], help="f: train F; g: train G on the frozen F")
     parser.add_argument("--unroll", type=int, help="N unrolled G steps (same as train.unroll=N)")
     parser.add_argument("--output-dir", help="where checkpoints and weights go (same as output_dir=DIR)")

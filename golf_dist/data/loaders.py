@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import torch
 
+from golf_dist.config import Loader, choices_of
 from golf_dist.data.crop_plan import CropPlan
 from golf_dist.data.dali import DaliTrainLoader, dali_import_error
 from golf_dist.data.split_check import CheckedSplit, check_split
 from golf_dist.data.torch_loader import ShardPairs, train_loader
 from golf_dist.errors import ConfigError
 
-LOADERS = ("auto", "dali", "torch")
+LOADERS = choices_of(Loader)  # auto | dali | torch, as the config schema declares them
 
 
 class TorchTrainLoader:

@@ -26,7 +26,9 @@ SPLITS = ("train", "test")
 MANIFEST = "manifest.json"
 PARTS_DIR = "parts"
 DALI_INDEX_VERSION = "v1.2"  # the index format of DALI's wds2idx and fn.readers.webdataset(index_paths=...)
-HOW_TO_MAKE_SHARDS = "make them with: python data_prep/shard_gopro.py --src GOPRO_Large --out SHARD_DIR"
+HOW_TO_MAKE_SHARDS = ("make them with: python data_prep/shard_gopro.py --src GOPRO_Large --out SHARD_DIR (without "
+                      "the GoPro download, python data_prep/synth_gopro.py --out GOPRO_Large makes a synthetic set "
+                      "to shard; bash launch/quickstart.sh makes the demo config's)")
 # WebDataset's own key/suffix split: the key is the member path up to the first dot of its file name.
 _KEY_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 

@@ -59,14 +59,14 @@ def make_data_settings(shards: list[str], loader: str | None = None, device: str
 
 def _data_rate(s: DataSettings, shard_dir: str, loader: str) -> dict:
     """Crop pairs per second one loader delivers from one shard folder onto s.device."""
-    from golf_dist.config import load_config
+    from golf_dist.config import PAPER_CONFIG, load_config
     from golf_dist.data.loaders import make_train_loader, resolve_loader
     from golf_dist.data.split_check import open_pairs
 
     pairs = open_pairs(shard_dir, s.split)
     if loader == "dali":
         resolve_loader("dali")  # a clear ConfigError when DALI does not import
-    cfg = load_config(None, "f", [
+    cfg = load_config(PAPER_CONFIG, "f", [
         f"data.shards={shard_dir}", f"data.crop={s.crop}", f"data.num_workers={s.workers}",
         f"data.crops_per_frame={s.crops_per_frame}", f"train.steps={s.warmup + s.batches + 1}",
     ])

@@ -164,7 +164,7 @@ def _memory_row(unroll: int, dev: str, z: Sizes) -> dict:
 
 def _dali_row(shards: str | None, dev: str, z: Sizes) -> dict:
     """The DALI crop path against the PyTorch loader: the same first batch, and batches per second of each."""
-    from golf_dist.config import load_config
+    from golf_dist.config import PAPER_CONFIG, load_config
     from golf_dist.data.dali import dali_import_error
     from golf_dist.data.loaders import make_train_loader
     from golf_dist.data.torch_loader import ShardPairs
@@ -173,7 +173,8 @@ def _dali_row(shards: str | None, dev: str, z: Sizes) -> dict:
         raise _Skip("needs --shards DIR (a shard folder: data_prep/shard_gopro.py)")
     if dali_import_error():
         raise _Skip(f"DALI is not installed: {dali_import_error()}")
-    cfg = load_config(None, "f", [f"data.shards={shards}", f"data.crop={z.crop}", "data.num_workers=0", "seed=1"])
+    cfg = load_config(PAPER_CONFIG, "f",
+                      [f"data.shards={shards}", f"data.crop={z.crop}", "data.num_workers=0", "seed=1"])
     pairs, found = ShardPairs(shards, "train"), {}
     for kind in ("torch", "dali"):
         loader = make_train_loader(cfg, pairs, global_batch=z.batch, accum=1, world=1, rank=0, start_step=0,

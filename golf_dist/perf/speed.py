@@ -28,11 +28,12 @@ from typing import Callable, Sequence
 
 import torch
 
+from golf_dist.config import Switch, choices_of
 from golf_dist.errors import ConfigError, GolfError
 from golf_dist.log import get_logger
 from golf_dist.perf.fused_norm import fuse_norm_relu, kernel_available, unfuse_norm_relu
 
-SWITCH_VALUES = ("auto", "try", "on", "off")
+SWITCH_VALUES = choices_of(Switch)  # auto | try | on | off (golf_dist.config.SpeedConfig)
 # The switches the start-up check may turn off, in the order it turns them off when the prepared network fails
 # (CUDA graphs ride on compile; TF32 last: it changes numbers, never fails)
 FALLBACK_ORDER = ("cuda_graphs", "compile", "fused_norm", "channels_last", "tf32")

@@ -186,14 +186,14 @@ class DeepSpeedBackend(AccelerateBackend):
 
 
 def make_accelerator(cfg):
-    """Accelerate's Accelerator for the run; train.mixed_precision becomes what the launcher asks for too."""
+    """Accelerate's Accelerator for the run, its mixed precision train.mixed_precision or what the launcher asks
+    for (Accelerator.mixed_precision; the config is left as written)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     # bf16 asked for by the launch config (configs/accelerate/*.yaml) counts as well as train.mixed_precision
-    cfg.train.mixed_precision = dist_utils.resolve_mixed_precision(cfg.train.mixed_precision)
     return Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
+        mixed_precision=dist_utils.resolve_mixed_precision(cfg.train.mixed_precision),
         kwargs_handlers=[
             DistributedDataParallelKwargs(find_unused_parameters=False),
             # a hung rank fails the collectives after GOLF_DIST_TIMEOUT_S instead of blocking the others

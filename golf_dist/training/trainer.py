@@ -136,12 +136,12 @@ class Trainer:
         self.scheduler = make_scheduler(optimizer, t)  # warm-up, then exp | cosine | constant (training/optim.py)
         self.backend = make_backend(self.accelerator, model, optimizer, accum=self.accum, grad_clip=t.grad_clip,
                                     per_device=self.per_device, global_batch=self.global_batch, device=self.device)
-        self.cfg.train.mixed_precision = self.accelerator.mixed_precision  # DeepSpeed's JSON may set it
+        self.mixed_precision = self.accelerator.mixed_precision  # the launcher's or DeepSpeed's JSON's; cfg unchanged
         # the weights' moving average: validation, the best-checkpoint choice and the exports use it when on
         self.ema = EMA(self.backend.raw_model, t.ema_decay) if t.ema_decay > 0 else None
         if self.backend.describe():
             log.info(self.backend.describe())
-        warn_if_bf16_is_slow(self.cfg.train.mixed_precision, self.device)
+        warn_if_bf16_is_slow(self.mixed_precision, self.device)
 
     def resume(self) -> None:
         """Start from step 0, or from the checkpoint every rank agrees on (the stage's newest that loads, else
@@ -208,8 +208,8 @@ class Trainer:
     def _start_tracking(self) -> None:
         """The MLflow run (main process only): new, or continued after a resume; params on a new one."""
         cfg, paths, stage = self.cfg, self.paths, self.stage_name
-        # the resolved config as a record, passwords in URIs (tracking.uri, s3 endpoints) replaced by ***
-        resolved_yaml = yaml.safe_dump(redact_config_dict(to_dict(cfg)), sort_keys=False)
+        record = to_dict(cfg, {"train.mixed_precision": self.mixed_precision})  # the config as run, as a record
+        resolved_yaml = yaml.safe_dump(redact_config_dict(record), sort_keys=False)  # passwords in URIs -> ***
         if self.is_main:
             paths.stage_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(paths.stage_dir / "config.yaml", resolved_yaml.encode())
@@ -226,7 +226,7 @@ class Trainer:
         self.tracker.start(run_name=f"{stage}-{paths.output_dir.name}", resume_run_id=self.run_id, tags=tags)
         if self.start_step == 0 or self.tracker.new_run:  # a new MLflow run (also one resumed from elsewhere)
             self.tracker.log_params({
-                **flatten(to_dict(cfg)), "stage": stage, "per_device_batch": self.per_device,
+                **flatten(record), "stage": stage, "per_device_batch": self.per_device,
                 "global_batch": self.global_batch, "grad_accum": self.accum, "device": str(self.device),
                 **f_info, **run_params(self.accelerator),
             })

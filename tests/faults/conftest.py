@@ -22,6 +22,7 @@ import pytest
 
 from conftest import ROOT, mlflow_template, run_cli, write_config  # tests/conftest.py (this folder is the package `faults`)
 from fork_runs import ForkServer, server_for
+from plain_runs import FORK_SERVER, PlainServer
 
 OUTCOMES = ("identical", "named error", "data lost")
 RESULTS_ENV = "GOLF_FAULT_RESULTS"
@@ -146,9 +147,13 @@ def pytest_configure(config):
 def forkserver():
     """The fork server (tests/fork_runs.py) of single-threaded runs: the one `run_cli` uses under pytest-xdist.
     Runs write MLflow to a copy of the suite's initialised store (tests/conftest.py, `mlflow_template`), which
-    `write_config` makes and the tests that make a store themselves make too."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    server = server_for({**env, **ONE_THREAD})
+    `write_config` makes and the tests that make a store themselves make too. GOLF_TESTS_FORKSERVER=0: plain
+    subprocesses instead (tests/plain_runs.py)."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, **ONE_THREAD}
+    if FORK_SERVER:
+        server = server_for(env)
+    else:  # the environment server_for gives its children: without golf variables (each run sets its own)
+        server = PlainServer({**{k: v for k, v in env.items() if not k.startswith("GOLF_")}, "PYTHONUNBUFFERED": "1"})
     mlflow_template()  # made while the server imports, not inside the first test's timing
     server.ready()
     return server

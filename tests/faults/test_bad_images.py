@@ -135,6 +135,7 @@ def _dali_crop_of(checked, key: str, steps: int = 6):
     raise AssertionError(f"DALI never drew sample {key} in {steps} batches")
 
 
+@pytest.mark.slow
 def test_each_bad_image_is_refused_by_name_or_decoded_as_documented(shards, npy_shards, tmp_path, record):
     record.expect(FAULT, "start-up check, PyTorch loader, DALI loader")
     good_png = (shards.parent / "GOPRO_Large").rglob("*.png").__next__().read_bytes()
@@ -213,7 +214,7 @@ def test_a_frame_smaller_than_the_crop_is_a_skipped_bad_sample(shards, tmp_path,
     record.expect(FAULT, "frame smaller than data.crop, data.on_bad_sample=skip")
     small = _save(Image.fromarray(np.zeros((16, 16, 3), np.uint8)))
     folder, shard, key = with_bad_sample(shards, tmp_path / "small", "png", small)
-    cfg = load_config(None, "f", [f"data.shards={folder}", "data.crop=32", "data.num_workers=0",
+    cfg = load_config("gopro", "f", [f"data.shards={folder}", "data.crop=32", "data.num_workers=0",
                                   "data.on_bad_sample=skip", "train.steps=6"])
     outcomes = {}
     for loader_kind in ("torch", "dali"):
@@ -259,6 +260,7 @@ def test_an_exif_orientation_tag_is_ignored_alike_by_both_loaders(shards, tmp_pa
     record(FAULT, target, 1, "identical", "the tag is ignored: both loaders read the stored pixels")
 
 
+@pytest.mark.slow
 def test_a_bad_validation_image_is_found_at_start_up(shards, forkserver, tmp_path, record):
     """A validation (test split) frame corrupt behind a good header: the start-up check decodes the validation
     frames, so `error` stops before the first step naming shard and sample (no worker traceback, no checkpoint:

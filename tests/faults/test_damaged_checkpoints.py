@@ -9,6 +9,8 @@ import json
 import random
 import time
 
+import pytest
+
 from conftest import TINY_DATA, run_cli, write_config  # tests/conftest.py
 
 from .conftest import differences, leftovers, train_argv, train_config
@@ -32,6 +34,7 @@ def _damage(step_dir, kind: str) -> None:
         raise ValueError(kind)
 
 
+@pytest.mark.slow
 def test_damaged_newest_and_oldest_checkpoints(forkserver, references, tmp_path, record):
     record.expect(FAULT, "training run, stage f (torch)")
     rng = random.Random("damaged-checkpoints")
@@ -79,6 +82,7 @@ def test_damaged_newest_and_oldest_checkpoints(forkserver, references, tmp_path,
 REMOTE_FAULT = "a digest-less remote checkpoint"
 
 
+@pytest.mark.slow
 def test_a_digest_less_remote_checkpoint(tiny_shards, tmp_path, record):
     """A checkpoint uploaded by a run (tracking.log_checkpoints, a SQLite store), then its state.json's digests
     deleted in the artifact store (what anyone who can write the store can do to swap the weights unseen):

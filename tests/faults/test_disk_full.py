@@ -80,6 +80,7 @@ def _full_disk_run(forkserver, references, folder: Path, size: int) -> dict:
     return state
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_checkpoint(forkserver, references, tmp_path, record):
     record.expect("ENOSPC while a checkpoint is written", "training run, stage f (torch)")
     ckpt = _checkpoint_bytes(references.get("torch", "f"))
@@ -107,6 +108,7 @@ def test_disk_full_during_a_checkpoint(forkserver, references, tmp_path, record)
 # ---------------------------------------------------------------- shards
 
 
+@pytest.mark.slow
 def test_disk_full_while_sharding_locally(shard_source, shard_reference, tmp_path, record):
     source, reference = shard_source, shard_reference
     record.expect("ENOSPC while shards are written", "local folder")
@@ -141,6 +143,7 @@ def test_disk_full_while_sharding_locally(shard_source, shard_reference, tmp_pat
            "; ".join(details) + "; nothing partial, no manifest; the rerun with room equals an uninterrupted run")
 
 
+@pytest.mark.slow
 def test_disk_full_while_staging_an_s3_upload(shard_source, shard_reference, s3_server, tmp_path, record):
     source, reference = shard_source, shard_reference
     import boto3
@@ -227,6 +230,7 @@ def test_disk_full_in_the_s3_shard_cache(shards, s3_server, tmp_path, monkeypatc
 # ---------------------------------------------------------------- metrics
 
 
+@pytest.mark.slow
 def test_disk_full_while_metrics_are_logged(tmp_path, record):
     """Tracker with a real MLflow store (SQLite) and its metrics.jsonl on a tmpfs that fills: training goes on
     (no exception), a warning names the file, every metric reaches MLflow, and once there is room again the

@@ -62,6 +62,7 @@ def flaky_bucket(s3_server, reference):
     return "s3://faults-flaky/set"
 
 
+@pytest.mark.slow
 def test_uploads_through_a_flaky_s3(flaky_bucket, shard_source, reference, s3_server, tmp_path, record):
     record.expect(FAULT, "upload: shard_gopro.py --out s3://")
     client = _client(s3_server)
@@ -102,6 +103,7 @@ def test_uploads_through_a_flaky_s3(flaky_bucket, shard_source, reference, s3_se
                detail + "; every object whole; the same command without faults completes the set")
 
 
+@pytest.mark.slow
 def test_verify_through_a_flaky_s3(flaky_bucket, s3_server, record):
     record.expect(FAULT, "shard_gopro.py --verify s3://")
     injected = 0
@@ -128,6 +130,7 @@ def test_verify_through_a_flaky_s3(flaky_bucket, s3_server, record):
                detail + "; no whole shard reported bad")
 
 
+@pytest.mark.slow
 def test_shard_cache_through_a_flaky_s3(flaky_bucket, s3_server, reference, tmp_path, monkeypatch, record):
     from golf_dist.data import storage
     from golf_dist.errors import DataError

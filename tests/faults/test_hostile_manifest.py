@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from conftest import make_bucket, run_cli
 
 FAULT = "manifest with hostile paths"
@@ -44,6 +46,7 @@ def _snapshot(root: Path, skip: Path) -> set[str]:
     return {str(p) for p in root.rglob("*") if skip not in p.parents and p != skip}
 
 
+@pytest.mark.slow
 def test_hostile_manifest_paths_are_refused_and_nothing_is_written_outside(shards, s3_server, tmp_path, monkeypatch,
                                                                           record):
     import boto3

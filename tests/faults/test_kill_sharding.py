@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT, make_bucket, run_cli
 
 from .conftest import SHARD_ARGS, files_of, leftovers
@@ -68,6 +70,7 @@ def _start_and_kill(start, count, rng: random.Random) -> tuple[subprocess.Popen,
     raise AssertionError(f"4 runs ended before their kill landed (exit status {proc.returncode})")
 
 
+@pytest.mark.slow
 def test_sigkill_while_sharding_locally(shard_source, shard_reference, tmp_path, record):
     source, reference = shard_source, shard_reference
     record.expect("SIGKILL at a random moment of sharding", "local folder")
@@ -100,6 +103,7 @@ def test_sigkill_while_sharding_locally(shard_source, shard_reference, tmp_path,
            f"killed with {'; '.join(details)}: every file under a final name whole, the rerun equals an uninterrupted run")
 
 
+@pytest.mark.slow
 def test_sigkill_while_sharding_to_s3(shard_source, shard_reference, s3_server, tmp_path, record):
     source, reference = shard_source, shard_reference
     import boto3

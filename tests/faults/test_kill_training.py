@@ -68,6 +68,7 @@ def kill_chain(server, references, loader: str, stage: str, folder: Path) -> dic
             "leftovers": leftovers(out)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["f", "g"])
 def test_sigkill_at_random_steps_then_the_rerun_is_bitwise_identical(stage, forkserver, references, tmp_path, record):
     record.expect("SIGKILL at a random step of training", f"stage {stage}, torch and DALI loaders")

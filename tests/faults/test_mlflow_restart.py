@@ -15,6 +15,8 @@ import re
 import signal
 import time
 
+import pytest
+
 from conftest import log_lines, mlflow_template  # tests/conftest.py
 from mlflow_servers import MlflowServer
 
@@ -25,6 +27,7 @@ FAULT = "MLflow server SIGKILLed and restarted mid-run"
 TARGET = "training run, stage f (torch)"
 
 
+@pytest.mark.slow
 def test_mlflow_server_killed_and_restarted_mid_run(forkserver, references, tmp_path, record):
     import shutil
 

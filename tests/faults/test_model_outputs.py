@@ -100,6 +100,7 @@ def _deblur_onnx(onnx_dir: Path, photo: Path, out: Path, iterations: int):
                    "--iterations", str(iterations))
 
 
+@pytest.mark.slow
 def test_onnx_graphs_of_two_exports_are_never_run_together(model_dir, tmp_path, record):
     """A G of another export beside F (swapped in by hand), a re-export of F alone over a pair, and a re-export
     whose G fails its parity check after F passed: the engine refuses a pair its manifest does not vouch for,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -32,6 +33,7 @@ def _assert_same(a: dict, b: dict, what: str) -> None:
     assert all(torch.isfinite(v).all() for v in a.values() if v.is_floating_point()), f"{what}: not finite"
 
 
+@pytest.mark.slow
 def test_diverging_lr_stops_named_and_the_last_checkpoint_resumes_skipping(forkserver, references, tmp_path, record):
     record.expect("non-finite steps: a diverging learning rate", "training run, stage f (torch)")
     out, ref_out = tmp_path / "out", tmp_path / "ref" / "out"
@@ -67,6 +69,7 @@ def test_diverging_lr_stops_named_and_the_last_checkpoint_resumes_skipping(forks
            "steps 3-6 skipped and counted (nonfinite_steps_skipped); weights, Adam, EMA and export bitwise step 2's")
 
 
+@pytest.mark.slow
 def test_nan_in_f_skips_g_steps_then_stops_after_the_patience(forkserver, references, tmp_path, record):
     record.expect("non-finite steps: an F with a NaN weight", "training run, stage g (torch)")
     f_weights = load_weights(references.f_weights())

@@ -14,6 +14,7 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from conftest import ROOT, wait_for_first_checkpoint  # tests/conftest.py
 
@@ -32,6 +33,7 @@ def _rank_process(torchrun: subprocess.Popen, rank: int) -> psutil.Process:
     raise AssertionError(f"no process of rank {rank} under torchrun")
 
 
+@pytest.mark.slow
 def test_a_stalled_rank_makes_the_other_dump_its_stacks_and_fail(shards, tmp_path, record):
     record.expect("a stalled rank (SIGSTOP on rank 1 of 2)", "training run, stage f, torchrun with 2 processes (gloo)")
     out = tmp_path / "out"
