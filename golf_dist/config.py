@@ -29,11 +29,11 @@ STAGES = ("f", "g")
 # The choice fields' allowed values, declared once: validation and the loaders read them with typing.get_args
 Loader = Literal["auto", "dali", "torch"]  # golf_dist.data.loaders.resolve_loader
 OnBadSample = Literal["error", "skip"]
-Schedule = Literal["exp", "cosine", "constant"]  # golf_dist.optim.make_scheduler
+Schedule = Literal["exp", "cosine", "constant"]  # golf_dist.training.optim.make_scheduler
 UnrollWeighting = Literal["uniform", "linear", "last"]  # golf_dist.losses.iterate_weights
 MixedPrecision = Literal["no", "bf16", "fp16"]
 NonFinite = Literal["skip", "stop"]
-Switch = Literal["auto", "try", "on", "off"]  # golf_dist.speed
+Switch = Literal["auto", "try", "on", "off"]  # golf_dist.perf.speed
 
 
 @dataclass

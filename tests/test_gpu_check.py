@@ -39,9 +39,9 @@ def test_gpu_check_on_a_cpu_writes_every_row_with_its_status(shards, tmp_path):
 
 
 def test_the_rows_and_their_table_without_a_gpu(tmp_path):
-    """The fast loop's unit of golf_dist.gpu_check: the rows it would run, those that need CUDA or shards skipped
+    """The fast loop's unit of golf_dist.perf.gpu_check: the rows it would run, those that need CUDA or shards skipped
     with the reason, the goals judged only on CUDA, and the Markdown table."""
-    from golf_dist import gpu_check
+    from golf_dist.perf import gpu_check
 
     rows = dict(gpu_check.rows_to_run("cpu", gpu_check.SIZES["cpu"], None, tmp_path))
     assert {"train_f eager", "train_g eager", "dali vs torch loader", "onnxruntime"} <= set(rows)

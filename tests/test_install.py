@@ -109,7 +109,7 @@ def test_the_wheel_trains_a_bundled_config_without_the_repository(tiny_shards, t
     missing = run(venv / "bin" / "golf-train", "--stage", "f")  # the default, demo: its runs/demo/shards is not here
     assert missing.returncode != 0 and "runs/demo/shards does not exist" in missing.stderr
     assert "data_prep/synth_gopro.py" in missing.stderr and "Traceback" not in missing.stderr
-    checked = run(python, "-m", "golf_dist.distributed", "check-config", "deepspeed_zero2")
+    checked = run(python, "-m", "golf_dist.commands.launch", "check-config", "deepspeed_zero2")
     assert checked.returncode == 0, checked.stderr
     assert Path(json.loads(checked.stdout)["deepspeed_config_file"]).is_relative_to(venv)
 

@@ -137,16 +137,16 @@ def test_deblur_and_evaluate_refuse_what_cannot_finish_naming_the_flag(model_dir
 
 
 def test_the_models_from_code_file_hands_mlflow_a_golf_model():
-    """golf_dist/mlflow_model_code.py is the source MLflow runs when it loads the logged model: importing it sets
+    """golf_dist/inference/mlflow_model_code.py is the source MLflow runs when it loads the logged model: importing it sets
     the GolfModel MLflow builds the pyfunc from (the loads themselves run in the slow tests above)."""
     import importlib
 
     import mlflow.models.model
 
-    from golf_dist.mlflow_model import GolfModel
+    from golf_dist.inference.mlflow_model import GolfModel
 
     try:
-        importlib.reload(importlib.import_module("golf_dist.mlflow_model_code"))
+        importlib.reload(importlib.import_module("golf_dist.inference.mlflow_model_code"))
         assert isinstance(mlflow.models.model.__mlflow_model__, GolfModel)
     finally:
         mlflow.models.model.__mlflow_model__ = None  # as MLflow leaves it after a load

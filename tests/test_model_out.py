@@ -191,9 +191,9 @@ def test_runs_without_deepspeed_do_not_load_it(small_run):
 
 
 def test_export_of_a_folder_without_weights_is_named_and_writes_nothing(tmp_path):
-    """The fast loop's unit of golf_dist.export (the ONNX exports themselves run in the slow tests above)."""
+    """The fast loop's unit of golf_dist.inference.export (the ONNX exports themselves run in the slow tests above)."""
     from golf_dist.errors import DataError
-    from golf_dist.export import export_onnx
+    from golf_dist.inference.export import export_onnx
 
     with pytest.raises(DataError, match=f"no trained F at {tmp_path / 'run' / 'f.safetensors'}"):
         export_onnx(tmp_path / "run", tmp_path / "onnx")

@@ -130,11 +130,11 @@ def test_benchmark_cli_without_cuda_says_so():
 
 
 def test_data_benchmark_settings_and_the_profiler_on_a_tiny_network(tmp_path):
-    """The fast loop's units of golf_dist.benchmark_data (settings checked before any shard is read) and
-    golf_dist.profiling (the operators of a tiny F on a CPU, written as a profile file)."""
-    from golf_dist.benchmark_data import make_data_settings
+    """The fast loop's units of golf_dist.perf.benchmark_data (settings checked before any shard is read) and
+    golf_dist.perf.profiling (the operators of a tiny F on a CPU, written as a profile file)."""
+    from golf_dist.perf.benchmark_data import make_data_settings
     from golf_dist.errors import ConfigError
-    from golf_dist.profiling import top_operators, write_profile
+    from golf_dist.perf.profiling import top_operators, write_profile
 
     with pytest.raises(ConfigError, match="--loader must be one of torch, dali, got 'tf'"):
         make_data_settings(["shards"], loader="tf")
