@@ -1,6 +1,7 @@
 """The speed layer for a training stage: its networks prepared with the switches of `speed:`, and, with any
 switch on, the start-up check first (golf_dist.speed.settle_training: the prepared networks against eager on a
-real batch, a failing switch that auto or try turned on turned off), and the record of what it turned off."""
+real batch, a failing switch that auto or try turned on turned off), fused Adam's step checked the same way
+(make_optimizer), and the record of what it turned off."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch
 from golf_dist.data.loader import ShardPairs, to_tensor
 from golf_dist.data.storage import write_atomic
 from golf_dist.speed import (
-    FALLBACK_FILE, Speed, fallback_json, fallback_tag, is_checked, prepare_module, settle_training,
+    FALLBACK_FILE, Speed, fallback_json, fallback_tag, is_checked, make_adam, prepare_module, settle_fused_adam,
+    settle_training,
 )
 from golf_dist.training.stages import FStage, GStage
 
@@ -38,6 +40,18 @@ def prepare_stage(trainer, speed: Speed, networks: list[torch.nn.Module], loss_f
     batch = check_batch(trainer.val_pairs, trainer.cfg.data.crop, trainer.per_device, trainer.device)
     return settle_training(speed, trainer.cfg.speed, networks, batch, loss_of, trainer.accelerator.autocast,
                            f"training stage {trainer.stage_name}")
+
+
+def make_optimizer(trainer, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Adam over `model`'s parameters as train: configures it, made before DDP or DeepSpeed take it; with fused
+    Adam on, its step is checked first (golf_dist.speed.settle_fused_adam): a fallback turns it off in
+    trainer.speed and joins trainer.speed_fallbacks."""
+    t = trainer.t
+    parameters, options = list(model.parameters()), {"lr": t.lr, "betas": (t.beta1, t.beta2)}
+    trainer.speed, fallbacks = settle_fused_adam(trainer.speed, trainer.cfg.speed, parameters, trainer.device,
+                                                 f"training stage {trainer.stage_name}", **options)
+    trainer.speed_fallbacks = [*trainer.speed_fallbacks, *fallbacks]
+    return make_adam(parameters, trainer.speed, trainer.device, **options)
 
 
 def record_fallbacks(fallbacks: list[dict[str, str]], stage_dir: Path, is_main: bool) -> dict[str, str]:

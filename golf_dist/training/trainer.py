@@ -40,7 +40,7 @@ from golf_dist.models import f_net
 from golf_dist.optim import EMA, make_scheduler
 from golf_dist.preemption import StopCheck, print_stopped
 from golf_dist.run_info import run_params
-from golf_dist.speed import adam_options, apply_backend_flags, prepare_input, warn_if_bf16_is_slow
+from golf_dist.speed import apply_backend_flags, prepare_input, warn_if_bf16_is_slow
 from golf_dist.speed import resolve as resolve_speed
 from golf_dist.tracking import Tracker, redact_config_dict
 from golf_dist.training.backend import NonFiniteSteps, make_accelerator, make_backend
@@ -49,7 +49,7 @@ from golf_dist.training.resume import (
     StagePaths, clean_leftovers, f_weights_record, open_train_loader, resolve_f_weights, resume_checkpoint,
     resume_from_checkpoint,
 )
-from golf_dist.training.speed_check import prepare_stage, record_fallbacks
+from golf_dist.training.speed_check import make_optimizer, prepare_stage, record_fallbacks
 from golf_dist.training.stages import FStage, GStage
 from golf_dist.training.state import TrainingState
 from golf_dist.training.watchdog import LONG_ALLOWANCE, Watchdog
@@ -132,8 +132,8 @@ class Trainer:
         else:
             self.stage = GStage(loss_fn, networks[0], t.unroll, t.gradient_checkpointing, cfg.eval.iterations,
                                 t.unroll_weighting)
-        optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2),
-                                     **adam_options(self.speed, self.device))
+        # Adam; fused where on, its step checked first on a copy of the weights (golf_dist/training/speed_check.py)
+        optimizer = make_optimizer(self, model)
         self.scheduler = make_scheduler(optimizer, t)  # warm-up, then exp | cosine | constant (golf_dist.optim)
         self.backend = make_backend(self.accelerator, model, optimizer, accum=self.accum, grad_clip=t.grad_clip,
                                     per_device=self.per_device, global_batch=self.global_batch, device=self.device)
