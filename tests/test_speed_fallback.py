@@ -218,3 +218,30 @@ def test_fused_adam_check_passes_torchs_fused_step_and_catches_one_that_disagree
         settle_fused_adam(speed, SpeedConfig(fused_adam="on"), params, cpu, "x", lr=1e-3)
     # an auto that stayed off (a CPU) or a device without a fused kernel: nothing to check, nothing turned off
     assert settle_fused_adam(Speed(), SpeedConfig(), params, cpu, "x", lr=1e-3) == (Speed(), [])
+
+
+BUILD_FAILS = {"TRITON_INTERPRET": "1", "GOLF_FUSED_NORM_FAULT": "build"}  # the kernel runs on a CPU, and fails
+
+
+def test_training_falls_back_when_the_fused_norm_kernel_fails_to_build_and_fails_with_it_set_on(shards, tmp_path):
+    """speed.fused_norm=try with the Triton kernel failing at its first launch (a failed build): stage f trains
+    with eager's InstanceNorm and ReLU, one warning, speed_fallback.json and the MLflow tag name fused_norm;
+    speed.fused_norm=on fails the run with the build's error before any step."""
+    proc = run_cli("launch/train.py", "--config", _f_config(tmp_path, shards), "--stage", "f",
+                   "speed.fused_norm=try", env=BUILD_FAILS, check=True)
+    reason = "RuntimeError: injected Triton build failure of fwd_kernel (GOLF_FUSED_NORM_FAULT=build)"
+    (warning,) = _warnings(proc.stdout + proc.stderr)
+    assert f"speed.fused_norm turned off for training stage f: {reason}" in warning
+    (fallback,) = json.loads((tmp_path / "out" / "f" / "speed_fallback.json").read_text())
+    assert fallback == {"switch": "fused_norm", "reason": reason, "work": "training stage f"}
+    run_id = json.loads((tmp_path / "out" / "f_run.json").read_text())["mlflow_run_id"]
+    assert _tags(tmp_path / "mlflow.db", run_id)["speed_fallback"] == f"fused_norm: {reason}"
+    assert "(eager, no speed options)" in proc.stdout + proc.stderr
+
+    on = write_config(tmp_path / "on.yaml", shards, tmp_path / "on", data={"loader": "torch"},
+                      train={"steps": 2, "val_every": 2, "checkpoint_every": 2, "log_every": 1})
+    proc = run_cli("launch/train.py", "--config", on, "--stage", "f", "speed.fused_norm=on", env=BUILD_FAILS)
+    assert proc.returncode != 0
+    assert reason in proc.stderr and not _warnings(proc.stdout + proc.stderr), proc.stderr[-3000:]
+    assert not (tmp_path / "on" / "f" / "speed_fallback.json").exists()
+    assert not (tmp_path / "on" / "f" / "checkpoints").exists()
