@@ -13,8 +13,8 @@ the Triton kernel, a CUDA graph capture) or disagrees, a switch that auto or try
 FALLBACK_ORDER), with one warning naming it and the error's first line, and the check runs again; the work goes on
 with the switches that pass, and the callers record what was turned off as `speed_fallback` (an MLflow tag and a
 speed_fallback.json). A switch set to `on` is never turned off: its failure fails the run, with its error. Fused
-Adam is checked the same way before training takes the optimizer (`settle_fused_adam`: one fused step on a copy of
-the weights against the unfused step). cudnn.benchmark
+Adam is checked the same way before training takes the optimizer (golf_dist/training/speed_check.py: one fused
+step on a copy of the weights against the unfused step). cudnn.benchmark
 picks convolution algorithms by timing them, which may differ between runs: auto keeps it off in training,
 whose kill-and-resume is promised bitwise exact, and on for evaluation, deblurring and benchmarks.
 """
@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import importlib
 import json
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
@@ -279,75 +278,6 @@ def adam_options(speed: Speed, device: torch.device) -> dict:
     """Extra keyword arguments for torch.optim.Adam: the fused kernel where it is on and the device is CUDA or a
     CPU (torch has a fused CPU kernel too; auto leaves it off there)."""
     return {"fused": True} if speed.fused_adam and device.type in ("cuda", "cpu") else {}
-
-
-# The optimizer class fused Adam is built from: torch.optim.Adam(fused=True), or "module:Class" named by this
-# environment variable, a torch.optim.Adam subclass: the hook by which the tests make the fused step fail on a
-# CPU (tests/speed_backends.py), as speed.compile_backend=module:function does for compile
-FUSED_ADAM_CLASS_ENV = "GOLF_FUSED_ADAM_CLASS"
-
-
-def fused_adam_class() -> type[torch.optim.Adam]:
-    name = os.environ.get(FUSED_ADAM_CLASS_ENV, "")
-    if not name:
-        return torch.optim.Adam
-    module_name, _, attr = name.partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ConfigError(f"environment variable {FUSED_ADAM_CLASS_ENV}={name!r}: cannot import it ({err})") from None
-
-
-def make_adam(parameters, speed: Speed, device: torch.device, **kwargs) -> torch.optim.Optimizer:
-    """torch.optim.Adam over `parameters` (lr, betas... in kwargs), fused where adam_options says so."""
-    if adam_options(speed, device):
-        return fused_adam_class()(parameters, fused=True, **kwargs)
-    return torch.optim.Adam(parameters, **kwargs)
-
-
-def check_fused_adam(parameters: Sequence[torch.Tensor], **kwargs) -> None:
-    """One fused Adam step on a throwaway copy of `parameters` with made-up gradients against the unfused step
-    (foreach on CUDA, the for-loop on a CPU) from the same start. Raises what the fused step raises, or
-    NumericsMismatch unless each parameter's update is within NUMERICS_RTOL of the unfused update's largest
-    magnitude (the updates, not the weights: one step moves a weight by about lr, far below rtol x its size).
-    The parameters, their gradients and the global RNG are left as they were."""
-    generator = torch.Generator().manual_seed(0)
-    grads = [torch.randn(p.shape, generator=generator).to(p.device, p.dtype) for p in parameters]
-    updates = []
-    for fused in (True, False):
-        copies = [p.detach().clone().requires_grad_(True) for p in parameters]
-        for copy_, grad in zip(copies, grads):
-            copy_.grad = grad.clone()
-        optimizer = fused_adam_class()(copies, fused=True, **kwargs) if fused else torch.optim.Adam(copies, **kwargs)
-        optimizer.step()
-        updates.append([c.detach() - p.detach() for c, p in zip(copies, parameters)])
-    try:
-        compare_outputs(*updates)
-    except NumericsMismatch as err:
-        raise NumericsMismatch(str(err).replace("outputs differ from eager PyTorch's",
-                                                "fused Adam's updates differ from the unfused step's", 1)) from None
-
-
-def settle_fused_adam(speed: Speed, speed_cfg, parameters: Sequence[torch.Tensor], device: torch.device, what: str,
-                      **kwargs) -> tuple[Speed, list[dict[str, str]]]:
-    """The start-up check of fused Adam (check_fused_adam), before DDP or DeepSpeed take the optimizer: when it
-    raises or disagrees, fused Adam that auto or try turned on is turned off with one warning, as `settle` does
-    for the other switches; set to `on`, its error fails the run. Returns (switches, fallbacks)."""
-    if not adam_options(speed, device):
-        return speed, []
-    try:
-        check_fused_adam(parameters, **kwargs)
-        return speed, []
-    except ConfigError:
-        raise
-    except Exception as err:  # noqa: BLE001 - whatever the fused kernel raises on this machine
-        if speed_cfg.fused_adam == "on":
-            if isinstance(err, NumericsMismatch):
-                raise NumericsMismatch(f"{what} with speed.fused_adam=on: {err}") from None
-            raise
-        reason = first_line(err)
-        get_logger(__name__).warning(f"speed.fused_adam turned off for {what}: {reason}")
-        return replace(speed, fused_adam=False), [{"switch": "fused_adam", "reason": reason, "work": what}]
 
 
 def bf16_is_slow_here(precision: str, device: torch.device) -> bool:

@@ -18,8 +18,9 @@ def off_by_ten_percent(gm, example_inputs):
     return run
 
 
-# Fused Adam that fails (GOLF_FUSED_ADAM_CLASS=tests.speed_backends:NAME; golf_dist.speed.fused_adam_class): built
-# with fused=True like torch's, its step raises or moves the weights 10% too far
+# Fused Adam that fails (GOLF_FUSED_ADAM_CLASS=tests.speed_backends:NAME, read by fused_adam_class in
+# golf_dist/training/speed_check.py): built with fused=True like torch's, its step raises or moves the weights 10%
+# too far
 
 
 class RaisingFusedAdam(torch.optim.Adam):

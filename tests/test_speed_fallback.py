@@ -201,7 +201,8 @@ def test_fused_adam_set_on_fails_the_run_with_its_error(shards, tmp_path):
 def test_fused_adam_check_passes_torchs_fused_step_and_catches_one_that_disagrees(monkeypatch):
     """torch's own fused CPU step agrees with the for-loop step (no fallback, the weights and the global RNG
     untouched); one that steps 10% too far is a NumericsMismatch: a fallback with try, the run's error with on."""
-    from golf_dist.speed import NumericsMismatch, settle_fused_adam
+    from golf_dist.speed import NumericsMismatch
+    from golf_dist.training.speed_check import settle_fused_adam
 
     net = f_net(zero_init_last=False)
     params = list(net.parameters())
@@ -237,6 +238,10 @@ def test_training_falls_back_when_the_fused_norm_kernel_fails_to_build_and_fails
     run_id = json.loads((tmp_path / "out" / "f_run.json").read_text())["mlflow_run_id"]
     assert _tags(tmp_path / "mlflow.db", run_id)["speed_fallback"] == f"fused_norm: {reason}"
     assert "(eager, no speed options)" in proc.stdout + proc.stderr
+    plain = write_config(tmp_path / "plain.yaml", shards, tmp_path / "plain", data={"loader": "torch"},
+                         train={"steps": 2, "val_every": 2, "checkpoint_every": 2, "log_every": 1})
+    run_cli("launch/train.py", "--config", plain, "--stage", "f", "speed.fused_norm=off", check=True)
+    assert_weights_equal(tmp_path / "plain" / "f.safetensors", tmp_path / "out" / "f.safetensors")
 
     on = write_config(tmp_path / "on.yaml", shards, tmp_path / "on", data={"loader": "torch"},
                       train={"steps": 2, "val_every": 2, "checkpoint_every": 2, "log_every": 1})
