@@ -40,8 +40,7 @@ from golf_dist.models import f_net
 from golf_dist.optim import EMA, make_scheduler
 from golf_dist.preemption import StopCheck, print_stopped
 from golf_dist.run_info import run_params
-from golf_dist.speed import apply_backend_flags, prepare_input, warn_if_bf16_is_slow
-from golf_dist.speed import resolve as resolve_speed
+from golf_dist.speed import apply_backend_flags, prepare_input, resolve as resolve_speed, warn_if_bf16_is_slow
 from golf_dist.tracking import Tracker, redact_config_dict
 from golf_dist.training.backend import NonFiniteSteps, make_accelerator, make_backend
 from golf_dist.training.meter import StepMeter
@@ -243,7 +242,8 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         self.setup()
-        with Watchdog(self.t.hang_timeout_s, self.rank, self.paths.stage_dir) as self.watchdog:  # a stuck rank: exit 124
+        with Watchdog(self.t.hang_timeout_s, self.rank, self.paths.stage_dir,  # a stuck rank: exit 124, its
+                      lambda: self.close("FAILED")) as self.watchdog:  # MLflow run ended as FAILED first (best effort)
             try:
                 stopped = self._run_steps()
                 self.watchdog.beat("the export" if not stopped else "the preemption stop", LONG_ALLOWANCE)
