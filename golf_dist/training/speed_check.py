@@ -119,7 +119,7 @@ def settle_fused_adam(speed: Speed, speed_cfg, parameters: Sequence[torch.Tensor
 
 def make_optimizer(trainer, model: torch.nn.Module) -> torch.optim.Optimizer:
     """Adam over `model`'s parameters as train: configures it, made before DDP or DeepSpeed take it; with fused
-    Adam on, its step is checked first (golf_dist.speed.settle_fused_adam): a fallback turns it off in
+    Adam on, its step is checked first (settle_fused_adam): a fallback turns it off in
     trainer.speed and joins trainer.speed_fallbacks."""
     t = trainer.t
     parameters, options = list(model.parameters()), {"lr": t.lr, "betas": (t.beta1, t.beta2)}
