@@ -232,7 +232,7 @@ def test_scancel_checkpoints_the_job_stays_cancelled_and_a_resubmission_resumes(
     # the launcher outlived the trainer and ended with it, status 0: it did not die on a SIGTERM of its own
     # (srun --kill-on-bad-exit would then kill the step, whatever the trainer was writing)
     assert "SignalException" not in text and "Exited with exit code" not in text, text[-3000:]
-    assert not (out / "f.safetensors").exists()
+    assert not (out / "f.safetensors").exists() and not list((out / "f").glob(".launch-*"))  # the script's stamp
 
     again = _sbatch(slurm, tmp_path, *args, sbatch_opts=["--cpus-per-task=1"])
     info = _wait_state(slurm, again, {"COMPLETED", "FAILED", "CANCELLED"}, _log(tmp_path, again))
