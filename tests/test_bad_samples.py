@@ -214,3 +214,30 @@ def test_a_run_that_fails_mid_training_ends_its_mlflow_run_as_failed(shards, tmp
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("golf-test").experiment_id])
     assert run.info.status == "FAILED"
+
+
+def test_evaluation_checks_its_split_at_start_up_like_validation(small_run, shards, tmp_path):
+    """golf-evaluate runs the validation split's start-up check on the split it evaluates: with the run's
+    data.on_bad_sample=error a frame corrupt behind a good header stops it before any network runs, naming the
+    shard and the sample, nothing written; with skip the pair is left out, the next takes its place, and the
+    result and MLflow count it."""
+    import json
+
+    out = tmp_path / "out"
+    shutil.copytree(small_run["out"], out, ignore=shutil.ignore_patterns("checkpoints", "evaluation*.json"))
+    folder, key = broken_shards(shards, tmp_path / "s", "corrupt_data")  # pair 5 of the 12 training pairs
+    args = ("launch/evaluate.py", "--output-dir", out, "--shards", folder, "--split", "train", "--limit", "8",
+            "--iterations", "1")
+    stopped = run_cli(*args)
+    assert stopped.returncode != 0
+    error = stopped.stderr.strip().splitlines()[-1]
+    assert f"bad sample: shard {folder / SHARD} sample {key}" in error and "data.on_bad_sample=skip" in error, error
+    assert "Traceback" not in stopped.stderr and not (out / "evaluation.json").exists()
+
+    skipped = run_cli(*args, "data.on_bad_sample=skip", check=True)
+    result = json.loads((out / "evaluation.json").read_text())
+    assert result["pairs"] == 8 and result["bad_samples_skipped"] == 1, skipped.stdout[-2000:]
+    import mlflow
+
+    run = mlflow.MlflowClient(f"sqlite:///{small_run['db']}").get_run(result["mlflow_run_id"])
+    assert run.data.metrics["test_bad_samples_skipped"] == 1.0

@@ -234,7 +234,7 @@ def test_scancel_checkpoints_the_job_stays_cancelled_and_a_resubmission_resumes(
     # the launcher outlived the trainer and ended with it, status 0: it did not die on a SIGTERM of its own
     # (srun --kill-on-bad-exit would then kill the step, whatever the trainer was writing)
     assert "SignalException" not in text and "Exited with exit code" not in text, text[-3000:]
-    assert not (out / "f.safetensors").exists()
+    assert not (out / "f.safetensors").exists() and not list((out / "f").glob(".launch-*"))  # the script's stamp
 
     again = _sbatch(slurm, tmp_path, *args, sbatch_opts=["--cpus-per-task=1"])
     info = _wait_state(slurm, again, {"COMPLETED", "FAILED", "CANCELLED"}, _log(tmp_path, again))
@@ -242,6 +242,37 @@ def test_scancel_checkpoints_the_job_stays_cancelled_and_a_resubmission_resumes(
     assert info["JobState"] == "COMPLETED", text[-3000:]
     assert f"resuming stage f from {out / 'f' / 'checkpoints' / f'step-{step:08d}'} (step {step} of 24)" in text
     assert (out / "f.safetensors").is_file() and not (out / "f" / "PREEMPTED").exists()
+
+
+def test_a_hung_training_is_requeued_where_configured_at_most_the_configured_times(slurm, shards, tmp_path):
+    """A trainer its watchdog stops (exit 124, f/hang-rank0.txt): with GOLF_REQUEUE_ON_HANG=1 the job is requeued
+    while SLURM_RESTART_COUNT < GOLF_REQUEUE_ON_HANG_MAX (1 here), then fails; without it the job fails at once.
+    Each log says why. The hang: train.hang_timeout_s=0.001, shorter than any step, so every run hangs at step 1
+    as a deterministic hang would (the watchdog itself on a frozen peer: tests/faults/test_stalled_rank.py)."""
+    jobs = {}
+    for name, extra in (("requeued", {"GOLF_REQUEUE_ON_HANG": "1", "GOLF_REQUEUE_ON_HANG_MAX": "1"}), ("plain", {})):
+        out = tmp_path / name
+        cfg = write_config(tmp_path / f"{name}.yaml", shards, out, train={"hang_timeout_s": 0.001})
+        jobs[name] = (_sbatch(slurm, tmp_path, "--config", cfg, "--stage", "f", "--output-dir", out,
+                              extra_env=extra, sbatch_opts=["--cpus-per-task=1"]), out)
+    for name, (job, out) in jobs.items():
+        info = _wait_state(slurm, job, {"COMPLETED", "FAILED", "CANCELLED"}, _log(tmp_path, job))
+        text = _log(tmp_path, job).read_text()
+        restarts = 1 if name == "requeued" else 0
+        assert info["JobState"] == "FAILED" and int(info["Restarts"]) == restarts, (info, text[-3000:])
+        assert "golf watchdog: rank 0 (pid " in text and (out / "f" / "hang-rank0.txt").is_file(), text[-3000:]
+        hung = f"training hung: the watchdog stopped it (train.hang_timeout_s; every thread's stack in {out / 'f'}/: " \
+               "hang-rank0.txt)"
+        assert text.count(hung) == restarts + 1, text[-3000:]
+        assert "golf: error: training failed" in text and not list((out / "f").glob(".launch-*"))
+    requeued = _log(tmp_path, jobs["requeued"][0]).read_text()
+    job = jobs["requeued"][0]
+    assert f"requeueing job {job} (restart 1 of at most 1, GOLF_REQUEUE_ON_HANG=1)" in requeued
+    assert f"job {job} (restart 1)" in requeued  # the requeued run, appended to the same log
+    assert f"not requeued: job {job} has been restarted 1 time(s) (GOLF_REQUEUE_ON_HANG_MAX=1)" in requeued
+    plain = _log(tmp_path, jobs["plain"][0]).read_text()
+    assert "not requeued (GOLF_REQUEUE_ON_HANG=1 requeues a job whose training hung)" in plain
+    assert "requeueing" not in plain
 
 
 def test_gpu_job_with_a_missing_accelerate_config_fails_before_training(slurm, tmp_path):

@@ -39,7 +39,10 @@ def test_auto_is_off_on_a_cpu_and_on_on_a_gpu_with_cudnn_benchmark_off_in_traini
     assert resolve(SpeedConfig(), torch.device("cuda"), training=False).cudnn_benchmark
     forced = resolve(SpeedConfig(compile="on", channels_last="on", tf32=True), torch.device("cpu"), training=True)
     assert forced.compile and forced.channels_last and not forced.tf32  # TF32 exists on GPUs only
-    assert adam_options(Speed(fused_adam=True), torch.device("cpu")) == {}
+    # fused Adam: off on a CPU unless asked for (torch has a fused CPU kernel), never where torch has none
+    assert adam_options(resolve(SpeedConfig(), torch.device("cpu"), training=True), torch.device("cpu")) == {}
+    assert adam_options(Speed(fused_adam=True), torch.device("cpu")) == {"fused": True}
+    assert adam_options(Speed(fused_adam=True), torch.device("meta")) == {}
 
 
 def test_bad_speed_values_name_the_key():

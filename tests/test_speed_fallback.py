@@ -1,7 +1,9 @@
 """The speed layer's start-up check (golf_dist.perf.speed.settle): a switch that auto or try turned on and that fails
 (compilation raises) or disagrees with eager PyTorch is turned off with one warning, and recorded as the MLflow tag
 speed_fallback and a speed_fallback.json; one set to `on` fails the run with its error. On a CPU the failure is
-injected by custom compile backends (tests/speed_backends.py, named as speed.compile_backend=module:function)."""
+injected by custom compile backends (tests/speed_backends.py, named as speed.compile_backend=module:function), by
+fused Adam classes that fail (GOLF_FUSED_ADAM_CLASS=module:Class) and by a Triton kernel that fails to build
+(GOLF_FUSED_NORM_FAULT=build, golf_dist/perf/fused_norm_kernels.py, under Triton's CPU interpreter)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import mlflow
 import pytest
 import torch
 
-from conftest import run_cli, write_config
+from conftest import assert_weights_equal, run_cli, write_config
 from golf_dist.config import SpeedConfig
 from golf_dist.inference.deblur import deblur_files
 from golf_dist.models import f_net, g_net
@@ -164,3 +166,92 @@ def test_bf16_training_check_compares_with_eager_bf16_and_keeps_its_switches():
         lambda: torch.autocast("cpu", dtype=torch.bfloat16), "training stage f")
     assert fallbacks == [] and speed.channels_last and prepared is f
     assert all(p.grad is None for p in f.parameters())  # the check's backward leaves no gradient behind
+
+
+RAISING_ADAM = {"GOLF_FUSED_ADAM_CLASS": "tests.speed_backends:RaisingFusedAdam"}
+
+
+def test_training_falls_back_to_unfused_adam_when_the_fused_step_fails_and_matches_an_unfused_run(shards, tmp_path):
+    """speed.fused_adam=try with a fused step that raises: the start-up check (one fused step on a copy of the
+    weights, before the optimizer is taken) turns it off with one warning and records why; training then runs the
+    unfused Adam, step for step what speed.fused_adam=off computes. Without the check the first real step raises."""
+    cfg = _f_config(tmp_path, shards)
+    proc = run_cli("launch/train.py", "--config", cfg, "--stage", "f", "speed.fused_adam=try", env=RAISING_ADAM,
+                   check=True)
+    (warning,) = _warnings(proc.stdout + proc.stderr)
+    assert "speed.fused_adam turned off for training stage f: RuntimeError: injected fused Adam failure" in warning
+    assert "second line" not in proc.stdout + proc.stderr
+    (fallback,) = json.loads((tmp_path / "out" / "f" / "speed_fallback.json").read_text())
+    assert fallback == {"switch": "fused_adam", "reason": "RuntimeError: injected fused Adam failure",
+                        "work": "training stage f"}
+    run_id = json.loads((tmp_path / "out" / "f_run.json").read_text())["mlflow_run_id"]
+    assert _tags(tmp_path / "mlflow.db", run_id)["speed_fallback"] == (
+        "fused_adam: RuntimeError: injected fused Adam failure")
+    assert "(eager, no speed options)" in proc.stdout + proc.stderr
+    plain = write_config(tmp_path / "plain.yaml", shards, tmp_path / "plain", data={"loader": "torch"},
+                         train={"steps": 2, "val_every": 2, "checkpoint_every": 2, "log_every": 1})
+    run_cli("launch/train.py", "--config", plain, "--stage", "f", "speed.fused_adam=off", check=True)
+    assert_weights_equal(tmp_path / "plain" / "f.safetensors", tmp_path / "out" / "f.safetensors")
+
+
+def test_fused_adam_set_on_fails_the_run_with_its_error(shards, tmp_path):
+    proc = run_cli("launch/train.py", "--config", _f_config(tmp_path, shards), "--stage", "f",
+                   "speed.fused_adam=on", env=RAISING_ADAM)
+    assert proc.returncode != 0
+    assert "RuntimeError: injected fused Adam failure" in proc.stderr and not _warnings(proc.stdout + proc.stderr)
+    assert not (tmp_path / "out" / "f" / "speed_fallback.json").exists()
+    assert not (tmp_path / "out" / "f" / "checkpoints").exists()  # stopped before its first step
+
+
+def test_fused_adam_check_passes_torchs_fused_step_and_catches_one_that_disagrees(monkeypatch):
+    """torch's own fused CPU step agrees with the for-loop step (no fallback, the weights and the global RNG
+    untouched); one that steps 10% too far is a NumericsMismatch: a fallback with try, the run's error with on."""
+    from golf_dist.perf.speed import NumericsMismatch
+    from golf_dist.training.speed_check import settle_fused_adam
+
+    net = f_net(zero_init_last=False)
+    params = list(net.parameters())
+    weights, rng = [p.detach().clone() for p in params], torch.get_rng_state()
+    cpu, speed = torch.device("cpu"), Speed(fused_adam=True)
+    assert settle_fused_adam(speed, SpeedConfig(fused_adam="on"), params, cpu, "x", lr=1e-3) == (speed, [])
+    assert all(torch.equal(w, p) and p.grad is None for w, p in zip(weights, params))
+    assert torch.equal(rng, torch.get_rng_state())
+    monkeypatch.setenv("GOLF_FUSED_ADAM_CLASS", "tests.speed_backends:TenPercentFusedAdam")
+    kept, (fallback,) = settle_fused_adam(speed, SpeedConfig(fused_adam="try"), params, cpu, "x", lr=1e-3)
+    assert not kept.fused_adam and fallback["switch"] == "fused_adam"
+    assert fallback["reason"].startswith("NumericsMismatch: fused Adam's updates differ from the unfused step's by")
+    with pytest.raises(NumericsMismatch, match="x with speed.fused_adam=on: fused Adam's updates differ"):
+        settle_fused_adam(speed, SpeedConfig(fused_adam="on"), params, cpu, "x", lr=1e-3)
+    # an auto that stayed off (a CPU) or a device without a fused kernel: nothing to check, nothing turned off
+    assert settle_fused_adam(Speed(), SpeedConfig(), params, cpu, "x", lr=1e-3) == (Speed(), [])
+
+
+BUILD_FAILS = {"TRITON_INTERPRET": "1", "GOLF_FUSED_NORM_FAULT": "build"}  # the kernel runs on a CPU, and fails
+
+
+def test_training_falls_back_when_the_fused_norm_kernel_fails_to_build_and_fails_with_it_set_on(shards, tmp_path):
+    """speed.fused_norm=try with the Triton kernel failing at its first launch (a failed build): stage f trains
+    with eager's InstanceNorm and ReLU, one warning, speed_fallback.json and the MLflow tag name fused_norm;
+    speed.fused_norm=on fails the run with the build's error before any step."""
+    proc = run_cli("launch/train.py", "--config", _f_config(tmp_path, shards), "--stage", "f",
+                   "speed.fused_norm=try", env=BUILD_FAILS, check=True)
+    reason = "RuntimeError: injected Triton build failure of fwd_kernel (GOLF_FUSED_NORM_FAULT=build)"
+    (warning,) = _warnings(proc.stdout + proc.stderr)
+    assert f"speed.fused_norm turned off for training stage f: {reason}" in warning
+    (fallback,) = json.loads((tmp_path / "out" / "f" / "speed_fallback.json").read_text())
+    assert fallback == {"switch": "fused_norm", "reason": reason, "work": "training stage f"}
+    run_id = json.loads((tmp_path / "out" / "f_run.json").read_text())["mlflow_run_id"]
+    assert _tags(tmp_path / "mlflow.db", run_id)["speed_fallback"] == f"fused_norm: {reason}"
+    assert "(eager, no speed options)" in proc.stdout + proc.stderr
+    plain = write_config(tmp_path / "plain.yaml", shards, tmp_path / "plain", data={"loader": "torch"},
+                         train={"steps": 2, "val_every": 2, "checkpoint_every": 2, "log_every": 1})
+    run_cli("launch/train.py", "--config", plain, "--stage", "f", "speed.fused_norm=off", check=True)
+    assert_weights_equal(tmp_path / "plain" / "f.safetensors", tmp_path / "out" / "f.safetensors")
+
+    on = write_config(tmp_path / "on.yaml", shards, tmp_path / "on", data={"loader": "torch"},
+                      train={"steps": 2, "val_every": 2, "checkpoint_every": 2, "log_every": 1})
+    proc = run_cli("launch/train.py", "--config", on, "--stage", "f", "speed.fused_norm=on", env=BUILD_FAILS)
+    assert proc.returncode != 0
+    assert reason in proc.stderr and not _warnings(proc.stdout + proc.stderr), proc.stderr[-3000:]
+    assert not (tmp_path / "on" / "f" / "speed_fallback.json").exists()
+    assert not (tmp_path / "on" / "f" / "checkpoints").exists()

@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     check_tiling(args.tile, args.overlap)
     result = run_evaluation(out, args.shards or cfg.data.shards, args.split, iterations, args.limit, cfg.tracking,
                             tile=args.tile, overlap=args.overlap, ensemble=args.ensemble, register=args.register,
-                            speed_cfg=cfg.speed, path_root=args.path_root)
+                            speed_cfg=cfg.speed, path_root=args.path_root, on_bad_sample=cfg.data.on_bad_sample,
+                            cache_dir=cfg.data.cache_dir)
     if result is not None:
         print_result(result)
     return 0

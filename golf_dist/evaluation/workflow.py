@@ -5,10 +5,11 @@ in golf_dist/evaluation/validation.py), figures, MLflow run (and, asked for, a r
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
-from golf_dist.data.torch_loader import ShardPairs
+from golf_dist.data.split_check import open_pairs
 from golf_dist.evaluation import plots
 from golf_dist.evaluation.validation import evaluate_pairs
 from golf_dist.files import write_atomic
@@ -19,10 +20,12 @@ from golf_dist.perf.speed import FALLBACK_FILE, fallback_json, fallback_tag, fal
 
 def run_evaluation(output_dir: Path, shards: str, split: str, iterations: int, limit: int | None,
                    tracking_cfg, tile: int | None = None, overlap: int = 32, ensemble: str = "x1",
-                   register: str | None = None, speed_cfg=None, path_root: str | None = None
-                   ) -> dict[str, Any] | None:
+                   register: str | None = None, speed_cfg=None, path_root: str | None = None,
+                   on_bad_sample: str = "error", cache_dir: str | None = None) -> dict[str, Any] | None:
     """The command line's work: evaluate F + G of `output_dir`, log to MLflow (`register`: also an MLflow model,
-    which may read images under `path_root`); the result on rank 0."""
+    which may read images under `path_root`); the result on rank 0. The split gets the validation split's start-up
+    check (golf_dist.data.split_check.open_pairs, every pair evaluated decoded first): a bad sample stops it
+    naming the shard and key before any network runs (on_bad_sample=error) or is left out and counted (skip)."""
     from accelerate import Accelerator
 
     from golf_dist.tracking import Tracker
@@ -33,7 +36,7 @@ def run_evaluation(output_dir: Path, shards: str, split: str, iterations: int, l
     # golf_dist/perf/speed.py: all off on a CPU; what its first-call check turns off is recorded beside evaluation.json
     f, g = for_inference(f, g, speed_cfg, accelerator.device, on_fallback=lambda fallbacks: write_atomic(
         output_dir / f"evaluation_{FALLBACK_FILE}", fallback_json(fallbacks)) if accelerator.is_main_process else None)
-    pairs = ShardPairs(shards, split)
+    pairs = open_pairs(shards, split, on_bad_sample, cache_dir, decoded=limit or sys.maxsize)
     result = evaluate_pairs(
         f, g, pairs, iterations, accelerator.device,
         rank=accelerator.process_index, world=accelerator.num_processes,
@@ -46,7 +49,7 @@ def run_evaluation(output_dir: Path, shards: str, split: str, iterations: int, l
         return None
     samples, frames = result.pop("samples"), result.pop("frames")
     result.update(iterations=iterations, split=split, shards=str(shards), tile=tile, overlap=overlap if tile else None,
-                  ensemble=ensemble)
+                  ensemble=ensemble, bad_samples_skipped=pairs.checked.n_bad)
     # what a person looks at, beside the numbers: PSNR against G iteration and blur | F | F + N G | sharp
     figures = {"psnr_by_iteration": plots.psnr_by_iteration(
         result["psnr_per_iteration"], result["input_psnr"], output_dir / "psnr_by_iteration.png",
@@ -64,7 +67,7 @@ def run_evaluation(output_dir: Path, shards: str, split: str, iterations: int, l
                         "iterations": iterations, "pairs": result["pairs"], "ssim_variant": SSIM_VARIANT,
                         "tile": tile or "whole", "overlap": overlap if tile else 0, "ensemble": ensemble})
     metrics = {k: result[k] for k in ("psnr", "ssim", "input_psnr", "input_ssim")}
-    metrics["seconds_per_pair"] = result["seconds_per_pair"]
+    metrics.update(seconds_per_pair=result["seconds_per_pair"], bad_samples_skipped=float(pairs.checked.n_bad))
     tracker.log_metrics({f"test_{k}": v for k, v in metrics.items()}, step=0)
     for i, value in enumerate(result["psnr_per_iteration"]):
         tracker.log_metrics({"test_psnr_by_iteration": value}, step=i)

@@ -1,9 +1,17 @@
 """The Triton kernels behind golf_dist/perf/fused_norm.py: InstanceNorm + ReLU forward and backward over one image's
 channels per program. Imported only when a kernel is about to run (fused_norm._kernels), so processes that
-never run one (every CPU run) do not import Triton."""
+never run one (every CPU run) do not import Triton.
+
+Fault injection: with GOLF_FUSED_NORM_FAULT=build in the environment when this module is imported, each kernel
+raises at its launch, where Triton builds a kernel the first time and where a failed build (no C compiler, a
+PTX assembler error) raises: how tests/test_speed_fallback.py checks the speed layer's fallback on a CPU."""
+
+import os
 
 import triton
 import triton.language as tl
+
+FAULT_ENV = "GOLF_FUSED_NORM_FAULT"
 
 
 @triton.jit
@@ -80,3 +88,19 @@ def bwd_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, 
         dz = tl.where(xhat * w[None, :] + b[None, :] > 0, dy, 0.0)
         dx = (w * rstd)[None, :] * (dz - mean_dz[None, :] - xhat * mean_dzx[None, :])
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
+
+
+class _FailingBuild:
+    """A kernel whose launch raises as a failed Triton build does (GOLF_FUSED_NORM_FAULT=build)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            raise RuntimeError(f"injected Triton build failure of {self.name} ({FAULT_ENV}=build)")
+        return launch
+
+
+if os.environ.get(FAULT_ENV) == "build":
+    fwd_kernel, bwd_kernel = _FailingBuild("fwd_kernel"), _FailingBuild("bwd_kernel")

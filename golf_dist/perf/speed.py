@@ -12,7 +12,9 @@ of the outputs' largest magnitude. When it raises (compilation,
 the Triton kernel, a CUDA graph capture) or disagrees, a switch that auto or try turned on is turned off (in
 FALLBACK_ORDER), with one warning naming it and the error's first line, and the check runs again; the work goes on
 with the switches that pass, and the callers record what was turned off as `speed_fallback` (an MLflow tag and a
-speed_fallback.json). A switch set to `on` is never turned off: its failure fails the run, with its error. cudnn.benchmark
+speed_fallback.json). A switch set to `on` is never turned off: its failure fails the run, with its error. Fused
+Adam is checked the same way before training takes the optimizer (golf_dist/training/speed_check.py: one fused
+step on a copy of the weights against the unfused step). cudnn.benchmark
 picks convolution algorithms by timing them, which may differ between runs: auto keeps it off in training,
 whose kill-and-resume is promised bitwise exact, and on for evaluation, deblurring and benchmarks.
 """
@@ -274,8 +276,9 @@ def prepare_input(x: torch.Tensor, speed: Speed) -> torch.Tensor:
 
 
 def adam_options(speed: Speed, device: torch.device) -> dict:
-    """Extra keyword arguments for torch.optim.Adam: the fused kernel where it is on and the device is CUDA."""
-    return {"fused": True} if speed.fused_adam and device.type == "cuda" else {}
+    """Extra keyword arguments for torch.optim.Adam: the fused kernel where it is on and the device is CUDA or a
+    CPU (torch has a fused CPU kernel too; auto leaves it off there)."""
+    return {"fused": True} if speed.fused_adam and device.type in ("cuda", "cpu") else {}
 
 
 def bf16_is_slow_here(precision: str, device: torch.device) -> bool:

@@ -36,8 +36,7 @@ from golf_dist.files import sha256_file, write_atomic
 from golf_dist.log import get_logger
 from golf_dist.losses import GolfLoss, find_vgg_weights, load_vgg_features, vgg_weights_missing_message
 from golf_dist.models import f_net
-from golf_dist.perf.speed import adam_options, apply_backend_flags, prepare_input, warn_if_bf16_is_slow
-from golf_dist.perf.speed import resolve as resolve_speed
+from golf_dist.perf.speed import apply_backend_flags, prepare_input, resolve as resolve_speed, warn_if_bf16_is_slow
 from golf_dist.tracking import Tracker, redact_config_dict
 from golf_dist.training.backend import NonFiniteSteps, make_accelerator, make_backend
 from golf_dist.training.meter import StepMeter
@@ -48,7 +47,7 @@ from golf_dist.training.resume import (
     resume_from_checkpoint,
 )
 from golf_dist.training.run_info import run_params
-from golf_dist.training.speed_check import prepare_stage, record_fallbacks
+from golf_dist.training.speed_check import make_optimizer, prepare_stage, record_fallbacks
 from golf_dist.training.stages import FStage, GStage
 from golf_dist.training.state import TrainingState
 from golf_dist.training.watchdog import LONG_ALLOWANCE, Watchdog
@@ -131,8 +130,8 @@ class Trainer:
         else:
             self.stage = GStage(loss_fn, networks[0], t.unroll, t.gradient_checkpointing, cfg.eval.iterations,
                                 t.unroll_weighting)
-        optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2),
-                                     **adam_options(self.speed, self.device))
+        # Adam; fused where on, its step checked first on a copy of the weights (golf_dist/training/speed_check.py)
+        optimizer = make_optimizer(self, model)
         self.scheduler = make_scheduler(optimizer, t)  # warm-up, then exp | cosine | constant (training/optim.py)
         self.backend = make_backend(self.accelerator, model, optimizer, accum=self.accum, grad_clip=t.grad_clip,
                                     per_device=self.per_device, global_batch=self.global_batch, device=self.device)
@@ -242,7 +241,8 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         self.setup()
-        with Watchdog(self.t.hang_timeout_s, self.rank, self.paths.stage_dir) as self.watchdog:  # a stuck rank: exit 124
+        with Watchdog(self.t.hang_timeout_s, self.rank, self.paths.stage_dir,  # a stuck rank: exit 124, its
+                      lambda: self.close("FAILED")) as self.watchdog:  # MLflow run ended as FAILED first (best effort)
             try:
                 stopped = self._run_steps()
                 self.watchdog.beat("the export" if not stopped else "the preemption stop", LONG_ALLOWANCE)

@@ -6,8 +6,10 @@ The training loop calls `beat(what)` before each step, validation, checkpoint an
 the rank checks the deadline. The main thread may be blocked inside a C++ collective (which releases the
 GIL), so the thread can still act; it writes the stacks (faulthandler) to stderr and to
 STAGE_DIR/hang-rank<R>.txt, then ends the process with os._exit: a clean exit would wait for the stuck
-thread. The process group timeout (GOLF_DIST_TIMEOUT_S, golf_dist/commands/launch.py) fails a collective on
-its own clock; the watchdog also covers data reads and says where every thread was.
+thread. Before that it calls `on_hang` (the trainer: end the MLflow run as FAILED, not left RUNNING) in a thread of
+its own, waited for at most ON_HANG_TIMEOUT_S: a store that does not answer, or a lock the stuck thread holds,
+cannot keep the process alive. The process group timeout (GOLF_DIST_TIMEOUT_S, golf_dist/commands/launch.py) fails a
+collective on its own clock; the watchdog also covers data reads and says where every thread was.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from golf_dist.files import write_atomic
 
@@ -26,11 +29,13 @@ HANG_EXIT_CODE = 124  # timeout(1)'s status for "timed out"
 # the first step (torch.compile, loader start-up), validation, checkpoints and the export may take this many
 # times train.hang_timeout_s
 LONG_ALLOWANCE = 3.0
+ON_HANG_TIMEOUT_S = 10.0  # what on_hang may take before the process exits anyway
 
 
 class Watchdog:
-    def __init__(self, timeout_s: float, rank: int, dump_dir: Path):
+    def __init__(self, timeout_s: float, rank: int, dump_dir: Path, on_hang: Callable[[], None] | None = None):
         self.timeout_s, self.rank, self.dump_file = timeout_s, rank, Path(dump_dir) / f"hang-rank{rank}.txt"
+        self.on_hang = on_hang
         self._what, self._since, self._deadline = "start-up", time.monotonic(), None
         self._closed = threading.Event()
         self._thread = None
@@ -77,4 +82,18 @@ class Watchdog:
                 self.dump_file.parent.mkdir(parents=True, exist_ok=True)
                 write_atomic(self.dump_file, report)
             finally:
+                self._call_on_hang()
                 os._exit(HANG_EXIT_CODE)
+
+    def _call_on_hang(self) -> None:
+        if self.on_hang is None:
+            return
+        thread = threading.Thread(target=self._on_hang_quietly, name="golf-watchdog-on-hang", daemon=True)
+        thread.start()
+        thread.join(ON_HANG_TIMEOUT_S)
+
+    def _on_hang_quietly(self) -> None:
+        try:
+            self.on_hang()
+        except BaseException:  # noqa: BLE001 - best effort: the exit that follows is what matters
+            pass

@@ -112,27 +112,52 @@ def record(request):
 
 
 class _OutageRecorder:
-    """Rows for tests/test_tracking_outage.py when it runs in the same session (the whole suite): the MLflow
-    server killed mid-run, and down from the start. Registered globally, so it sees tests outside this folder."""
+    """Rows for tests outside this folder when they run in the same session (the whole suite): the MLflow server
+    killed mid-run and down from the start (tests/test_tracking_outage.py), a speed switch that fails on the
+    machine (tests/test_speed_fallback.py), a hung trainer under SLURM (tests/test_slurm.py). Registered
+    globally, so it sees tests outside this folder. Each passing test adds its rows; a failing one, "failed"."""
 
+    OUTAGE = "training finished; every metric in metrics.jsonl; failed MLflow calls counted"
     TESTS = {
-        "test_server_killed_mid_run_training_finishes_and_nothing_is_lost":
-            ("MLflow server SIGKILLed mid-run", "training run, stage f (tests/test_tracking_outage.py)"),
-        "test_server_down_from_the_start_training_runs_and_reports":
-            ("MLflow server down from the start", "training run, stage f (tests/test_tracking_outage.py)"),
+        ("test_tracking_outage.py", "test_server_killed_mid_run_training_finishes_and_nothing_is_lost"): [
+            ("MLflow server SIGKILLed mid-run", "training run, stage f (tests/test_tracking_outage.py)", "identical",
+             OUTAGE)],
+        ("test_tracking_outage.py", "test_server_down_from_the_start_training_runs_and_reports"): [
+            ("MLflow server down from the start", "training run, stage f (tests/test_tracking_outage.py)",
+             "identical", OUTAGE)],
+        ("test_speed_fallback.py",
+         "test_training_falls_back_to_unfused_adam_when_the_fused_step_fails_and_matches_an_unfused_run"): [
+            ("fused Adam's step fails (speed.fused_adam=try)", "training run, stage f (tests/test_speed_fallback.py)",
+             "identical", "fell back to the unfused Adam at start-up (warning, speed_fallback.json, MLflow tag); "
+             "weights bitwise those of speed.fused_adam=off")],
+        ("test_speed_fallback.py", "test_fused_adam_set_on_fails_the_run_with_its_error"): [
+            ("fused Adam's step fails (speed.fused_adam=on)", "training run, stage f (tests/test_speed_fallback.py)",
+             "named error", "the run failed at start-up with the fused step's error, before any checkpoint")],
+        ("test_speed_fallback.py",
+         "test_training_falls_back_when_the_fused_norm_kernel_fails_to_build_and_fails_with_it_set_on"): [
+            ("the Triton fused-norm kernel fails to build (speed.fused_norm=try)",
+             "training run, stage f (tests/test_speed_fallback.py)", "identical",
+             "fell back to eager InstanceNorm + ReLU at start-up (warning, speed_fallback.json, MLflow tag); "
+             "weights bitwise those of speed.fused_norm=off"),
+            ("the Triton fused-norm kernel fails to build (speed.fused_norm=on)",
+             "training run, stage f (tests/test_speed_fallback.py)", "named error",
+             "the run failed at start-up with the build's error, before any checkpoint")],
+        ("test_slurm.py", "test_a_hung_training_is_requeued_where_configured_at_most_the_configured_times"): [
+            ("a hung trainer (watchdog exit 124) under SLURM, GOLF_REQUEUE_ON_HANG=1 and =0",
+             "SLURM job, stage f (tests/test_slurm.py)", "named error",
+             "requeued while SLURM_RESTART_COUNT < GOLF_REQUEUE_ON_HANG_MAX, then FAILED; without the switch FAILED "
+             "at once; the job log says why each time")],
     }
 
     def pytest_runtest_logreport(self, report):
         path, _, name = report.nodeid.partition("::")
-        if not path.endswith("test_tracking_outage.py") or name not in self.TESTS or report.when != "call":
+        rows = self.TESTS.get((path.rsplit("/", 1)[-1], name))
+        if rows is None or report.when != "call" or report.skipped:
             return
-        if report.skipped:
-            return
-        fault, target = self.TESTS[name]
-        write_row({"fault": fault, "target": target, "injections": 1,
-                   "outcome": "identical" if report.passed else "failed",
-                   "detail": "training finished; every metric in metrics.jsonl; failed MLflow calls counted"
-                   if report.passed else "the test failed", "test": report.nodeid})
+        for fault, target, outcome, detail in rows:
+            write_row({"fault": fault, "target": target, "injections": 1,
+                       "outcome": outcome if report.passed else "failed",
+                       "detail": detail if report.passed else "the test failed", "test": report.nodeid})
 
 
 def pytest_configure(config):

@@ -1,11 +1,12 @@
 """A stalled rank: two processes under torchrun (gloo on the CPU); once training has checkpointed, rank 1 is
 frozen with SIGSTOP (a peer that hangs without dying: torchrun sees nothing wrong). Rank 0 then waits in a
 collective; after train.hang_timeout_s without progress its watchdog must dump every thread's stack, naming
-the rank, to stderr and to f/hang-rank0.txt, and exit 124, so that torchrun exits non-zero instead of the
-allocation burning until the process group's timeout."""
+the rank, to stderr and to f/hang-rank0.txt, end the MLflow run as FAILED and exit 124, so that torchrun exits
+non-zero instead of the allocation burning until the process group's timeout."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import mlflow
 import psutil
 import pytest
 
@@ -79,6 +81,10 @@ def test_a_stalled_rank_makes_the_other_dump_its_stacks_and_fail(shards, tmp_pat
     dump = (out / "f" / "hang-rank0.txt").read_text()
     assert dump.startswith(header) and "in _run_steps" in dump and "Thread 0x" in dump, dump[:3000]
     assert not leftovers(out)
+    # the run is not left RUNNING in MLflow: rank 0's watchdog ended it as FAILED before exiting
+    state = json.loads(next((out / "f" / "checkpoints").glob("step-*/state.json")).read_text())
+    run = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(state["mlflow_run_id"])
+    assert run.info.status == "FAILED", run.info.status
     record("a stalled rank (SIGSTOP on rank 1 of 2)", "training run, stage f, torchrun with 2 processes (gloo)", 1,
            "named error", f"rank 0 dumped every thread's stack (stderr, f/hang-rank0.txt) {detected_s:.0f} s after the "
            f"freeze (train.hang_timeout_s={HANG_TIMEOUT_S}) and exited 124; torchrun exited {rc}")
