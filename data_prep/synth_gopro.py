@@ -37,20 +37,43 @@ then:    python data_prep/shard_gopro.py --src data/synth --out data/synth_shard
     parser.add_argument("--height", type=int, default=720, help="frame height in pixels (default: 720, as GoPro)")
     parser.add_argument("--width", type=int, default=1280, help="frame width in pixels (default: 1280, as GoPro)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default: 0)")
-    parser.add_argument("--kernel-size", type=int, default=None,
-                        help="blur kernel size in pixels, odd (default: about min(height, width)/24, within 7..31)")
-    parser.add_argument("--noise", type=float, nargs=2, default=list(DEFAULT_NOISE), metavar=("LOW", "HIGH"),
-                        help="sigma of the blurred frames' Gaussian noise, of 255, drawn per pair from LOW..HIGH "
-                             f"(default: {DEFAULT_NOISE[0]:g} {DEFAULT_NOISE[1]:g})")
-    parser.add_argument("--content", default="photos", choices=CONTENTS,
-                        help="scene content: the photographs (default), every other scene procedural (mixed: "
-                             "dead leaves with textures, gradients, edges), or only procedural scenes")
-    parser.add_argument("--kernels", default="demo", choices=KERNEL_FAMILIES,
-                        help="blur kernels: the demo's camera shake (default), or the wide family (camera shake "
-                             "of three lengths, straight and curved motion, small defocus; canvas about "
-                             "min(height, width)/16, at least 15)")
-    parser.add_argument("--clean-share", type=float, default=0.0, metavar="P",
-                        help="share of pairs left without noise, the others drawn from --noise (default: 0)")
+    parser.add_argument(
+        "--kernel-size",
+        type=int,
+        default=None,
+        help="blur kernel size in pixels, odd (default: about min(height, width)/24, within 7..31)",
+    )
+    parser.add_argument(
+        "--noise",
+        type=float,
+        nargs=2,
+        default=list(DEFAULT_NOISE),
+        metavar=("LOW", "HIGH"),
+        help="sigma of the blurred frames' Gaussian noise, of 255, drawn per pair from LOW..HIGH "
+        f"(default: {DEFAULT_NOISE[0]:g} {DEFAULT_NOISE[1]:g})",
+    )
+    parser.add_argument(
+        "--content",
+        default="photos",
+        choices=CONTENTS,
+        help="scene content: the photographs (default), every other scene procedural (mixed: "
+        "dead leaves with textures, gradients, edges), or only procedural scenes",
+    )
+    parser.add_argument(
+        "--kernels",
+        default="demo",
+        choices=KERNEL_FAMILIES,
+        help="blur kernels: the demo's camera shake (default), or the wide family (camera shake "
+        "of three lengths, straight and curved motion, small defocus; canvas about "
+        "min(height, width)/16, at least 15)",
+    )
+    parser.add_argument(
+        "--clean-share",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="share of pairs left without noise, the others drawn from --noise (default: 0)",
+    )
     parser.add_argument("--frames-per-scene", type=int, default=4, help="consecutive frames per scene (default: 4)")
     parser.add_argument("--workers", type=int, default=None, help="processes rendering scenes (default: min(4, CPUs))")
     parser.add_argument(

@@ -54,8 +54,11 @@ def check_hmac(path: Path, state: dict[str, Any], key: bytes, allow_unverified: 
     recorded = state.get(HMAC)
     if recorded is None:
         if allow_unverified:
-            warnings.warn(f"checkpoint {path}: {file} carries no {HMAC} although {KEY_ENV} is set: loaded "
-                          "unverified (train.resume_unverified=true)", stacklevel=3)
+            warnings.warn(
+                f"checkpoint {path}: {file} carries no {HMAC} although {KEY_ENV} is set: loaded "
+                "unverified (train.resume_unverified=true)",
+                stacklevel=3,
+            )
             return
         raise UnsignedCheckpointError(
             f"checkpoint file {file} carries no {HMAC} although {KEY_ENV} is set: not signed with the key, so "
@@ -74,10 +77,18 @@ def recorded_digests(path: Path, state: dict[str, Any]) -> dict[str, str] | None
     digests = state.get(DIGESTS)
     if digests is None:
         return None
-    if not isinstance(digests, dict) or not digests or not all(
-        isinstance(name, str) and name not in ("", ".", "..", "state.json") and "/" not in name and "\\" not in name
-        and isinstance(value, str) and _HEX64.match(value)
-        for name, value in digests.items()
+    if (
+        not isinstance(digests, dict)
+        or not digests
+        or not all(
+            isinstance(name, str)
+            and name not in ("", ".", "..", "state.json")
+            and "/" not in name
+            and "\\" not in name
+            and isinstance(value, str)
+            and _HEX64.match(value)
+            for name, value in digests.items()
+        )
     ):
         raise DataError(
             f"checkpoint {path}: state.json's {DIGESTS} is not a map of the folder's file names to sha256 "
@@ -116,8 +127,9 @@ def verify_file(path: Path, name: str, digests: dict[str, str] | None) -> Path:
     return file
 
 
-def check_digests_present(path: Path, digests: dict[str, str] | None, require_digests: bool,
-                          allow_unverified: bool) -> None:
+def check_digests_present(
+    path: Path, digests: dict[str, str] | None, require_digests: bool, allow_unverified: bool
+) -> None:
     """A checkpoint fetched from elsewhere (`require_digests`) without digests: a DataError naming its
     state.json, unless `allow_unverified` (train.resume_unverified)."""
     if digests is None and require_digests and not allow_unverified:

@@ -40,8 +40,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from golf_dist.checkpoint_digests import (
-    DIGESTS, HMAC, UnsignedCheckpointError, check_digests_present, check_hmac, check_weights, checkpoint_key,
-    recorded_digests, state_hmac, verify_file,
+    DIGESTS,
+    HMAC,
+    UnsignedCheckpointError,
+    check_digests_present,
+    check_hmac,
+    check_weights,
+    checkpoint_key,
+    recorded_digests,
+    state_hmac,
+    verify_file,
 )
 from golf_dist.errors import DataError, raise_if_storage_full
 from golf_dist.files import atomic_path, fsync_dir, fsync_file, sha256_file

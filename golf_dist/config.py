@@ -17,11 +17,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
-from golf_dist.configs import BUNDLED_CONFIGS, DEFAULT_CONFIG, PAPER_CONFIG, config_path  # the bundled files
+from golf_dist.configs import config_path  # the bundled files
 from golf_dist.errors import ConfigError
 
 STAGES = ("f", "g")
@@ -48,13 +48,13 @@ class DataConfig:
     loader: Loader = "auto"  # auto (DALI when it imports and builds, else torch) | dali | torch
     crops_per_frame: int = 1  # windows cut from each decoded frame pair (decode once, crop k times)
     on_bad_sample: OnBadSample = "error"  # error: stop naming shard and key | skip: skip, count, log the count
-    cache_dir: Optional[str] = None  # local cache for s3:// shards; default ~/.cache/golf_dist/shards
+    cache_dir: str | None = None  # local cache for s3:// shards; default ~/.cache/golf_dist/shards
 
 
 @dataclass
 class LossConfig:
     perceptual_weight: float = 5e-6  # lambda of L = Lc + lambda * Lp; 0 turns the VGG term off
-    vgg_weights: Optional[str] = None  # vgg11_bn-6002323d.pth; default: the PyTorch hub cache
+    vgg_weights: str | None = None  # vgg11_bn-6002323d.pth; default: the PyTorch hub cache
 
 
 @dataclass
@@ -80,8 +80,8 @@ class TrainConfig:
     val_every: int = 5000
     checkpoint_every: int = 5000
     keep_last: int = 3  # checkpoints kept besides the best by validation PSNR
-    f_weights: Optional[str] = None  # stage g: trained F; default OUTPUT_DIR/f.safetensors
-    resume_from: Optional[str] = None  # a checkpoint dir or an MLflow artifact URI; default: newest in DIR
+    f_weights: str | None = None  # stage g: trained F; default OUTPUT_DIR/f.safetensors
+    resume_from: str | None = None  # a checkpoint dir or an MLflow artifact URI; default: newest in DIR
     # load a checkpoint that cannot be verified: an artifact URI's without file_sha256, or (GOLF_CHECKPOINT_KEY set)
     # one without an HMAC; a digest or HMAC that does not match is refused even so
     resume_unverified: bool = False
@@ -105,7 +105,7 @@ class EvalConfig:
 
 @dataclass
 class TrackingConfig:
-    uri: Optional[str] = None  # MLFLOW_TRACKING_URI wins; default sqlite:///mlflow.db (cwd)
+    uri: str | None = None  # MLFLOW_TRACKING_URI wins; default sqlite:///mlflow.db (cwd)
     experiment: str = "golf-optimizer"
     log_checkpoints: bool = False  # also upload each checkpoint to the run's artifact store
 
@@ -124,7 +124,9 @@ class SpeedConfig:
     cudnn_benchmark: Switch = "auto"  # auto: on for evaluation, deblurring and benchmarks, off in training, whose
     #                                resume is promised bitwise exact | on | off
     fused_adam: Switch = "auto"  # Adam's fused CUDA kernel: auto | on | off
-    fused_norm: Switch = "auto"  # InstanceNorm + ReLU as one Triton kernel (golf_dist/perf/fused_norm.py): auto (on with
+    fused_norm: Switch = (
+        "auto"  # InstanceNorm + ReLU as one Triton kernel (golf_dist/perf/fused_norm.py): auto (on with
+    )
     #                           CUDA and Triton, unless compile is on) | on (the PyTorch fallback where the kernel
     #                           cannot run) | off
     cuda_graphs: Switch = "auto"  # CUDA graphs through compile (reduce-overhead) on CUDA: auto (off until measured on
@@ -303,11 +305,17 @@ def validate(cfg: Config, stage: str | None = None) -> None:
     need(cfg.data.num_workers >= 0, "data.num_workers", "must be 0 or more")
     need(cfg.data.crops_per_frame >= 1, "data.crops_per_frame", "must be at least 1")
     need(cfg.loss.perceptual_weight >= 0, "loss.perceptual_weight", "must be 0 or more")
-    need(not (cfg.speed.cuda_graphs == "on" and cfg.speed.compile == "off"), "speed.cuda_graphs",
-         "on needs speed.compile auto or on (CUDA graphs are recorded through torch.compile)")
-    need(cfg.speed.compile_backend in ("inductor", "aot_eager", "eager", "cudagraphs")
-         or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", cfg.speed.compile_backend) is not None,
-         "speed.compile_backend", "must be inductor, aot_eager, eager, cudagraphs or module:function")
+    need(
+        not (cfg.speed.cuda_graphs == "on" and cfg.speed.compile == "off"),
+        "speed.cuda_graphs",
+        "on needs speed.compile auto or on (CUDA graphs are recorded through torch.compile)",
+    )
+    need(
+        cfg.speed.compile_backend in ("inductor", "aot_eager", "eager", "cudagraphs")
+        or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", cfg.speed.compile_backend) is not None,
+        "speed.compile_backend",
+        "must be inductor, aot_eager, eager, cudagraphs or module:function",
+    )
     t = cfg.train
     need(t.steps >= 1, "train.steps", "must be at least 1")
     need(t.lr > 0, "train.lr", "must be positive")
@@ -380,4 +388,3 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
-

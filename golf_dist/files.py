@@ -14,8 +14,8 @@ import contextlib
 import hashlib
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from golf_dist.errors import raise_if_storage_full
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -54,7 +54,7 @@ class VGGFeatures(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    def train(self, mode: bool = True) -> "VGGFeatures":
+    def train(self, mode: bool = True) -> VGGFeatures:
         # A parent's .train() must not switch BN to batch statistics.
         return super().train(False)
 
@@ -102,7 +102,9 @@ def load_vgg_features(path: str | os.PathLike) -> VGGFeatures:
     model = VGGFeatures()
     missing = [k for k in model.state_dict() if k not in kept]
     if missing:
-        raise GolfError(f"VGG weights {path} lack {len(missing)} tensors ({', '.join(missing[:3])}, ...): expected {expected}")
+        raise GolfError(
+            f"VGG weights {path} lack {len(missing)} tensors ({', '.join(missing[:3])}, ...): expected {expected}"
+        )
     try:
         model.load_state_dict(kept, strict=True)
     except RuntimeError as err:  # a wrong shape; torch's message spans lines
@@ -162,7 +164,10 @@ def iterate_weights(n: int, weighting: str = "uniform") -> list[float]:
 
 
 def unrolled_loss(
-    loss_fn: Callable[..., dict[str, Tensor]], iterates: list[Tensor], target: Tensor, checkpoint: bool,
+    loss_fn: Callable[..., dict[str, Tensor]],
+    iterates: list[Tensor],
+    target: Tensor,
+    checkpoint: bool,
     weighting: str = "uniform",
 ) -> dict[str, Tensor]:
     """Eq. 4: the mean over i = 1..N of loss_fn(iterate_i, target), for each key (`weighting` linear: the

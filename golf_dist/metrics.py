@@ -70,4 +70,3 @@ def ssim(x: Tensor, y: Tensor) -> Tensor:
     vxy = uxy - ux * uy
     s = ((2 * ux * uy + _C1) * (2 * vxy + _C2)) / ((ux * ux + uy * uy + _C1) * (vx + vy + _C2))
     return s.flatten(1).mean(1)
-

@@ -18,7 +18,6 @@ import torch.nn as nn
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-
 PADDING = "reflect"
 
 
@@ -37,12 +36,7 @@ class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int):
         super().__init__()
         self.residual = nn.Sequential(
-            _norm(cin),
-            nn.ReLU(),
-            _conv(cin, cout, 7),
-            _norm(cout),
-            nn.ReLU(),
-            _conv(cout, cout, 5),
+            _norm(cin), nn.ReLU(), _conv(cin, cout, 7), _norm(cout), nn.ReLU(), _conv(cout, cout, 5)
         )
         if cin == cout:
             self.shortcut: nn.Module = nn.Identity()
@@ -122,7 +116,9 @@ def unroll(g: nn.Module, x0: Tensor, steps: int, checkpoint: bool = True) -> lis
 
 
 @torch.no_grad()
-def golf_iterates(f: torch.nn.Module, g: torch.nn.Module | None, blur: torch.Tensor, iterations: int) -> list[torch.Tensor]:
+def golf_iterates(
+    f: torch.nn.Module, g: torch.nn.Module | None, blur: torch.Tensor, iterations: int
+) -> list[torch.Tensor]:
     """[x0 = F(y), G(x0), G(G(x0)), ...]: the estimate after each of the `iterations` G steps.
 
     On CUDA each kept iterate is a copy: networks replayed as CUDA graphs (speed.cuda_graphs) write their

@@ -90,7 +90,7 @@ def _redact_userinfo(uri: str) -> str:
     except ValueError:  # e.g. an unbalanced '[' in the host
         netloc = ""
     if "@" in netloc and "@" not in rest[len(netloc) :]:
-        return f"{scheme}://***@{netloc.rpartition('@')[2]}{rest[len(netloc):]}"
+        return f"{scheme}://***@{netloc.rpartition('@')[2]}{rest[len(netloc) :]}"
     if "@" not in netloc and ":" not in rest.rpartition("@")[0]:
         return uri  # an '@' in a path or query, and no ':' before it: no password anywhere
     # An '@' after what urlsplit calls the host: in a path or query, or in a password holding '/', '?' or
@@ -243,8 +243,11 @@ class Tracker:
         def _start() -> str:
             exp = self._client.get_experiment_by_name(self.experiment)
             if exp is None:
-                exp_id = self._client.create_experiment(self.experiment, artifact_location=local_artifact_root(self.uri),
-                                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+                exp_id = self._client.create_experiment(
+                    self.experiment,
+                    artifact_location=local_artifact_root(self.uri),
+                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+                )
             else:
                 exp_id = exp.experiment_id
                 if EXPERIMENT_KIND_TAG not in exp.tags:  # an older experiment; a kind a user chose is kept
@@ -319,8 +322,9 @@ class Tracker:
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
         """Upload a folder (e.g. a checkpoint) under `artifact_path` of the run's artifacts."""
-        self._call("log artifacts", self._client_call, "log_artifacts", local_dir=str(local_dir),
-                   artifact_path=artifact_path)
+        self._call(
+            "log artifacts", self._client_call, "log_artifacts", local_dir=str(local_dir), artifact_path=artifact_path
+        )
 
     def delete_artifacts(self, artifact_paths: list[str]) -> None:
         """Delete these folders or files of the run's artifacts (pruned checkpoints), through MLflow's artifact

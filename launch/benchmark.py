@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Benchmark the Golf networks, or the data loaders, on one machine; prints one JSON line.
 
-A thin wrapper over golf_dist/commands/benchmark.py, installed as the command `golf-benchmark` as well; --help says more.
+A thin wrapper over golf_dist/commands/benchmark.py, installed as the command `golf-benchmark` as well;
+--help says more.
 """
 
 import sys

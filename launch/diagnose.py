@@ -42,8 +42,9 @@ def _overfit(args) -> int:
     from golf_dist.evaluation.diagnostics import overfit_one_batch
 
     cfg = load_config(args.config, args.stage, parse_overrides(args.overrides))
-    pairs = open_pairs(cfg.data.shards, cfg.data.train_split, cfg.data.on_bad_sample, cfg.data.cache_dir,
-                       min_side=cfg.data.crop)
+    pairs = open_pairs(
+        cfg.data.shards, cfg.data.train_split, cfg.data.on_bad_sample, cfg.data.cache_dir, min_side=cfg.data.crop
+    )
     crops = TrainCrops(pairs, CropPlan(len(pairs), args.crop or cfg.data.crop, cfg.data.flips, cfg.seed))
     items = [crops[i] for i in range(args.batch)]
     blur, sharp = torch.stack([b for b, _, _ in items]), torch.stack([s for _, s, _ in items])
@@ -53,16 +54,38 @@ def _overfit(args) -> int:
         from golf_dist.models import f_net
 
         f_model = load_into(f_net(), Path(args.f_weights), "F")
-    history = overfit_one_batch(args.stage, blur, sharp, steps=args.steps, lr=args.lr, f_model=f_model,
-                                unroll_steps=cfg.train.unroll if args.unroll is None else args.unroll, seed=cfg.seed)
+    history = overfit_one_batch(
+        args.stage,
+        blur,
+        sharp,
+        steps=args.steps,
+        lr=args.lr,
+        f_model=f_model,
+        unroll_steps=cfg.train.unroll if args.unroll is None else args.unroll,
+        seed=cfg.seed,
+    )
     reached = next((i for i, v in enumerate(history) if v <= history[0] / args.factor), None)
     for i in range(0, len(history), max(1, len(history) // 10)):
         print(f"step {i:5d}: loss {history[i]:.3e} ({history[i] / history[0]:.3f} of the first)")
-    verdict = (f"loss fell {args.factor:g}x by step {reached}" if reached is not None
-               else f"loss did NOT fall {args.factor:g}x in {args.steps} steps (lowest {min(history) / history[0]:.3f} of the first)")
+    verdict = (
+        f"loss fell {args.factor:g}x by step {reached}"
+        if reached is not None
+        else f"loss did NOT fall {args.factor:g}x in {args.steps} steps "
+        f"(lowest {min(history) / history[0]:.3f} of the first)"
+    )
     print(f"overfit one batch, stage {args.stage}: {verdict}")
-    print(json.dumps({"stage": args.stage, "first": history[0], "last": history[-1], "reached_at": reached,
-                      "factor": args.factor, "steps": args.steps}))
+    print(
+        json.dumps(
+            {
+                "stage": args.stage,
+                "first": history[0],
+                "last": history[-1],
+                "reached_at": reached,
+                "factor": args.factor,
+                "steps": args.steps,
+            }
+        )
+    )
     return 0 if reached is not None else 1
 
 
@@ -74,8 +97,10 @@ def _loaders(args) -> int:
     keys = [k for k in rows[0] if k != "loader"]
     print(f"{'':34s}" + "".join(f"{r['loader']:>24s}" for r in rows))
     for key in keys:  # the digest cut to 16 hex digits in the table (whole in the JSON line)
-        print(f"{key:34s}" + "".join(f"{json.dumps(r[key][:16] if key == 'stream_sha256' else r[key]):>24s}"
-                                     for r in rows))
+        print(
+            f"{key:34s}"
+            + "".join(f"{json.dumps(r[key][:16] if key == 'stream_sha256' else r[key]):>24s}" for r in rows)
+        )
     print(json.dumps(rows))
     return 1 if any(r["crops_not_matching_their_source"] for r in rows) else 0
 
@@ -118,11 +143,15 @@ def _crops(args) -> int:
     f, g = load_trained(out, torch.device("cpu"), args.iterations)
     pairs = ShardPairs(shards, args.split)
     frames = [pairs.load(i)[:2] for i in range(min(args.pairs, len(pairs)))]
-    result = gain_on_crops_and_frames(f, g, frames, crop=args.crop, iterations=args.iterations,
-                                      crops_per_frame=args.crops_per_frame, seed=args.seed)
+    result = gain_on_crops_and_frames(
+        f, g, frames, crop=args.crop, iterations=args.iterations, crops_per_frame=args.crops_per_frame, seed=args.seed
+    )
     for where in ("crops", "frames"):
-        print(f"G's gain over F on {args.split} {where}, iterations 1..{args.iterations}: "
-              + ", ".join(f"{v:+.4f}" for v in result[where]) + " dB")
+        print(
+            f"G's gain over F on {args.split} {where}, iterations 1..{args.iterations}: "
+            + ", ".join(f"{v:+.4f}" for v in result[where])
+            + " dB"
+        )
     print(json.dumps({"split": args.split, "pairs": len(frames), "crop": args.crop, **result}))
     return 0
 
@@ -140,17 +169,31 @@ def _headroom(args) -> int:
     f, g = load_trained(out, torch.device("cpu"), args.iterations if with_g else 0)
     train, test = ShardPairs(shards, "train"), ShardPairs(shards, "test")
     result = linear_headroom(
-        f, g, [train.load(i)[:2] for i in range(min(args.train_pairs, len(train)))],
-        [test.load(i)[:2] for i in range(min(args.test_pairs, len(test)))], kernel=args.kernel,
-        samples_per_frame=args.samples, iterations=args.iterations, seed=args.seed, instance_norm=args.instance_norm)
-    print(f"best linear {args.kernel}x{args.kernel} correction of F's output, fitted on {result['train_frames']} "
-          f"training frames: {result['linear_gain']:+.4f} dB over F on {result['test_frames']} test frames")
+        f,
+        g,
+        [train.load(i)[:2] for i in range(min(args.train_pairs, len(train)))],
+        [test.load(i)[:2] for i in range(min(args.test_pairs, len(test)))],
+        kernel=args.kernel,
+        samples_per_frame=args.samples,
+        iterations=args.iterations,
+        seed=args.seed,
+        instance_norm=args.instance_norm,
+    )
+    print(
+        f"best linear {args.kernel}x{args.kernel} correction of F's output, fitted on {result['train_frames']} "
+        f"training frames: {result['linear_gain']:+.4f} dB over F on {result['test_frames']} test frames"
+    )
     if "normalised_gain" in result:
-        print(f"the same correction through an InstanceNorm (its amplitude no longer following each frame's contrast): "
-              f"{result['normalised_gain']:+.4f} dB")
+        print(
+            f"the same correction through an InstanceNorm (its amplitude no longer following each frame's contrast): "
+            f"{result['normalised_gain']:+.4f} dB"
+        )
     if "g_gains" in result:
-        print("G's gain over F on the same frames, iterations 1..{}: {} dB".format(
-            args.iterations, ", ".join(f"{v:+.4f}" for v in result["g_gains"])))
+        print(
+            "G's gain over F on the same frames, iterations 1..{}: {} dB".format(
+                args.iterations, ", ".join(f"{v:+.4f}" for v in result["g_gains"])
+            )
+        )
     print(json.dumps(result))
     return 0
 
@@ -158,7 +201,9 @@ def _headroom(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("overfit", help="train F (or G on a fixed F) on one fixed batch; pass = the loss falls --factor x")
+    p = sub.add_parser(
+        "overfit", help="train F (or G on a fixed F) on one fixed batch; pass = the loss falls --factor x"
+    )
     p.add_argument("--config", required=True, help="config whose data.shards and data.crop are used")
     p.add_argument("--stage", choices=("f", "g"), default="f")
     p.add_argument("--batch", type=int, default=4, help="crops in the batch (default: %(default)s)")
@@ -180,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("output_dirs", nargs="+", help="training output folders (holding f/ and g/)")
     p.add_argument("--out", required=True, help="PNG to write")
     p.set_defaults(func=_curves)
-    p = sub.add_parser("crops", help="a trained G's gain per iteration on crops (F run on the crop) and on whole frames")
+    p = sub.add_parser(
+        "crops", help="a trained G's gain per iteration on crops (F run on the crop) and on whole frames"
+    )
     p.add_argument("--output-dir", required=True, help="training output folder holding f.safetensors and g.safetensors")
     p.add_argument("--shards", help="shard folder (default: data.shards of OUTPUT_DIR/g/config.yaml)")
     p.add_argument("--split", default="test", choices=("train", "test"), help="default: %(default)s")
@@ -191,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the crop windows (default: %(default)s)")
     p.set_defaults(func=_crops)
     p = sub.add_parser("headroom", help="the best linear correction of F's output (least squares) beside G's gain")
-    p.add_argument("--output-dir", required=True, help="training output folder holding f.safetensors (and g.safetensors)")
+    p.add_argument(
+        "--output-dir", required=True, help="training output folder holding f.safetensors (and g.safetensors)"
+    )
     p.add_argument("--shards", help="shard folder (default: data.shards of OUTPUT_DIR/g/config.yaml)")
     p.add_argument("--train-pairs", type=int, default=48, help="training frames to fit on (default: %(default)s)")
     p.add_argument("--test-pairs", type=int, default=16, help="test frames to score on (default: %(default)s)")
@@ -199,9 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=6000, help="pixels sampled per training frame (default: %(default)s)")
     p.add_argument("--iterations", type=int, default=3, help="G iterations (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled pixels (default: %(default)s)")
-    p.add_argument("--instance-norm", action="store_true",
-                   help="also score the filter's correction through an InstanceNorm (per frame and channel: zero mean, "
-                        "unit deviation, one fitted factor per channel), as every path through G passes one")
+    p.add_argument(
+        "--instance-norm",
+        action="store_true",
+        help="also score the filter's correction through an InstanceNorm (per frame and channel: zero mean, "
+        "unit deviation, one fitted factor per channel), as every path through G passes one",
+    )
     p.set_defaults(func=_headroom)
     args = parser.parse_args(argv)
     return args.func(args)

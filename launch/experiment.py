@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """The paper's experiments as commands: results to MLflow, figures as PNG.
 
-A thin wrapper over golf_dist/commands/experiment.py, installed as the command `golf-experiment` as well; --help says more.
+A thin wrapper over golf_dist/commands/experiment.py, installed as the command `golf-experiment` as well;
+--help says more.
 """
 
 import sys

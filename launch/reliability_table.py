@@ -39,8 +39,13 @@ def read_rows(path: Path) -> list[dict]:
             row = json.loads(line)
             if not isinstance(row, dict):
                 raise ValueError("not an object")
-            row = {"fault": str(row["fault"]), "target": str(row["target"]), "injections": int(row["injections"]),
-                   "outcome": str(row["outcome"]), "detail": str(row.get("detail", ""))}
+            row = {
+                "fault": str(row["fault"]),
+                "target": str(row["target"]),
+                "injections": int(row["injections"]),
+                "outcome": str(row["outcome"]),
+                "detail": str(row.get("detail", "")),
+            }
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{path}:{number}: not a result row ({err})") from None
         rows.append(row)
@@ -66,8 +71,10 @@ def table(rows: list[dict], details: bool = False) -> str:
     for row in rows:
         by_outcome[row["outcome"]] = by_outcome.get(row["outcome"], 0) + row["injections"]
     total = sum(by_outcome.values())
-    summary = (f"{by_outcome.get('identical', 0)} survived with identical results, "
-               f"{by_outcome.get('named error', 0)} stopped with a named error, {by_outcome.get('data lost', 0)} data lost")
+    summary = (
+        f"{by_outcome.get('identical', 0)} survived with identical results, "
+        f"{by_outcome.get('named error', 0)} stopped with a named error, {by_outcome.get('data lost', 0)} data lost"
+    )
     others = {o: n for o, n in by_outcome.items() if o not in ("identical", "named error", "data lost")}
     if others:
         summary += ", " + ", ".join(f"{n} {o}" for o, n in others.items())
@@ -82,8 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         epilog="The results file is written by `python -m pytest -q tests/faults`; $GOLF_FAULT_RESULTS moves it.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("results", nargs="?", default=None,
-                        help=f"the suite's results file (default: $GOLF_FAULT_RESULTS or {DEFAULT.relative_to(ROOT)})")
+    parser.add_argument(
+        "results",
+        nargs="?",
+        default=None,
+        help=f"the suite's results file (default: $GOLF_FAULT_RESULTS or {DEFAULT.relative_to(ROOT)})",
+    )
     parser.add_argument("--details", action="store_true", help="add a column with what each test saw")
     args = parser.parse_args(argv)
     import os

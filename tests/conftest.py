@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import atexit
 import functools
+import io
+import json
 import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
-import io
-import json
-import tarfile
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,11 +32,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
-from torch import nn
-
 from fork_runs import Run, forked_run, start_forked, start_up_part
+from PIL import Image
 from plain_runs import FORK_SERVER, start_plain
+from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 _LOG_DATE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
@@ -86,8 +85,9 @@ def wait_for_first_checkpoint(proc: subprocess.Popen | Run, ckpts: Path, timeout
         time.sleep(0.02)
 
 
-def run_cli(script: str, *args: str, env: dict | None = None, timeout: int = 600, check: bool = False,
-            fresh: bool = False):
+def run_cli(
+    script: str, *args: str, env: dict | None = None, timeout: int = 600, check: bool = False, fresh: bool = False
+):
     """Run one of the project's command lines as a user would, in a process of its own; returns the
     CompletedProcess. Where `env` leaves the variables read at start-up (PYTHONPATH, OMP_NUM_THREADS, ...) as
     the suite's, the process is a child of the fork server (tests/fork_runs.py), which has done the imports
@@ -99,10 +99,16 @@ def run_cli(script: str, *args: str, env: dict | None = None, timeout: int = 600
     else:
         proc = subprocess.run(
             [sys.executable, str(ROOT / script), *map(str, args)],
-            capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env=full_env,
+            timeout=timeout,
+            cwd=ROOT,
         )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"{script} {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -126,10 +132,36 @@ def built_once(tmp_path_factory, name: str, build):
 
 
 def _make_shards(base: Path, train: int = 12, test: int = 4, height: int = 64, width: int = 96) -> str:
-    run_cli("data_prep/synth_gopro.py", "--out", base / "GOPRO_Large", "--train-pairs", train, "--test-pairs", test,
-            "--height", height, "--width", width, "--seed", 3, check=True)
-    run_cli("data_prep/shard_gopro.py", "--src", base / "GOPRO_Large", "--out", base / "shards",
-            "--maxcount", 4, "--workers", 1, "--format", "png", check=True)
+    run_cli(
+        "data_prep/synth_gopro.py",
+        "--out",
+        base / "GOPRO_Large",
+        "--train-pairs",
+        train,
+        "--test-pairs",
+        test,
+        "--height",
+        height,
+        "--width",
+        width,
+        "--seed",
+        3,
+        check=True,
+    )
+    run_cli(
+        "data_prep/shard_gopro.py",
+        "--src",
+        base / "GOPRO_Large",
+        "--out",
+        base / "shards",
+        "--maxcount",
+        4,
+        "--workers",
+        1,
+        "--format",
+        "png",
+        check=True,
+    )
     return str(base / "shards")
 
 
@@ -147,8 +179,9 @@ def tiny_shards(tmp_path_factory) -> Path:
     """4 train + 1 test synthetic pairs of 32x48, PNG: for the bf16 runs. On a CPU without oneDNN bf16
     kernels (AVX2 only) a bf16 convolution takes a reference path whose time grows faster than the pixel
     count: F on one of these frames is over ten times faster than on one 64x96 frame of `shards`."""
-    return Path(built_once(tmp_path_factory, "tiny-data",
-                           functools.partial(_make_shards, train=4, test=1, height=32, width=48)))
+    return Path(
+        built_once(tmp_path_factory, "tiny-data", functools.partial(_make_shards, train=4, test=1, height=32, width=48))
+    )
 
 
 # the data section of the bf16 runs on `tiny_shards`: the smallest crop the config allows (32), 2 per batch
@@ -161,8 +194,14 @@ def mlflow_template() -> Path:
     folder = Path(tempfile.mkdtemp(prefix="golf-mlflow-template-"))
     atexit.register(shutil.rmtree, folder, True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    subprocess.run([sys.executable, str(ROOT / "tests" / "mlflow_template.py"), str(folder / "mlflow.db")],
-                   cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "mlflow_template.py"), str(folder / "mlflow.db")],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return folder / "mlflow.db"
 
 
@@ -175,8 +214,16 @@ def write_config(path: Path, shards: Path, output_dir: Path, **sections) -> Path
         "output_dir": str(output_dir),
         "data": {"shards": str(shards), "crop": 32, "batch_size": 4, "num_workers": 0},
         "loss": {"perceptual_weight": 0},
-        "train": {"steps": 6, "lr": 1e-3, "lr_decays": 1, "unroll": 3, "log_every": 2, "val_every": 3,
-                  "checkpoint_every": 3, "keep_last": 2},
+        "train": {
+            "steps": 6,
+            "lr": 1e-3,
+            "lr_decays": 1,
+            "unroll": 3,
+            "log_every": 2,
+            "val_every": 3,
+            "checkpoint_every": 3,
+            "keep_last": 2,
+        },
         "val": {"max_pairs": 2, "sample_images": 1},
         "eval": {"iterations": 2},
         "tracking": {"uri": f"sqlite:///{db}", "experiment": "golf-test"},
@@ -198,6 +245,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the same in every run compared bitwise:
 @pytest.fixture(scope="session")
 def long_f_reference(shards, tmp_path_factory) -> Path:
     """f.safetensors of LONG_F run without interruption, with ONE_THREAD."""
+
     def train(base: Path) -> str:
         cfg = write_config(base / "ref.yaml", shards, base / "out", train=LONG_F)
         run_cli("launch/train.py", "--config", cfg, "--stage", "f", env=ONE_THREAD, check=True)
@@ -210,13 +258,20 @@ def long_f_reference(shards, tmp_path_factory) -> Path:
 def small_run(shards, tmp_path_factory):
     """Stage f (4 steps, clipping on), stage g (unroll 3) and an evaluation with 4 G iterations; what each
     command printed on stderr is kept for the tests that read it. Every worker shares it: tests only read it."""
+
     def train(base: Path) -> dict:
         out = base / "out"
-        cfg = write_config(base / "c.yaml", shards, out, train={"grad_clip": 0.01, "steps": 4, "val_every": 2,
-                                                                  "log_every": 2, "checkpoint_every": 4})
-        procs = [run_cli("launch/train.py", "--config", cfg, "--stage", "f", check=True),
-                 run_cli("launch/train.py", "--config", cfg, "--stage", "g", "--unroll", "3", check=True),
-                 run_cli("launch/evaluate.py", "--output-dir", out, "--iterations", "4", check=True)]
+        cfg = write_config(
+            base / "c.yaml",
+            shards,
+            out,
+            train={"grad_clip": 0.01, "steps": 4, "val_every": 2, "log_every": 2, "checkpoint_every": 4},
+        )
+        procs = [
+            run_cli("launch/train.py", "--config", cfg, "--stage", "f", check=True),
+            run_cli("launch/train.py", "--config", cfg, "--stage", "g", "--unroll", "3", check=True),
+            run_cli("launch/evaluate.py", "--output-dir", out, "--iterations", "4", check=True),
+        ]
         return {"out": str(out), "db": str(base / "mlflow.db"), "stderr": [p.stderr for p in procs]}
 
     run = built_once(tmp_path_factory, "small_run", train)
@@ -234,7 +289,6 @@ def write_gopro(root: Path, train: int = 4, test: int = 2, height: int = 32, wid
                 image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
                 Image.fromarray(image).save(folder / f"{i:06d}.png")
     return root
-
 
 
 class AffineMap(nn.Module):
@@ -278,7 +332,7 @@ def s3_server(tmp_path_factory) -> dict[str, str]:
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError(f"moto_server did not start on {endpoint}; log:\n{log.read_text()}")
+                raise RuntimeError(f"moto_server did not start on {endpoint}; log:\n{log.read_text()}") from None
             time.sleep(0.2)
     env = {
         "AWS_ENDPOINT_URL": endpoint,
@@ -300,8 +354,11 @@ def make_bucket(env: dict[str, str], name: str) -> None:
     import boto3
 
     client = boto3.client(
-        "s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"],
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
     )
     client.create_bucket(Bucket=name)
 
@@ -312,8 +369,9 @@ def tmpfs(path: Path, size: int):
     path.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs to fill needs root")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (mount: {proc.stderr.strip() or proc.returncode})")
     try:

@@ -28,7 +28,9 @@ from golf_dist.errors import ConfigError  # noqa: E402
 from golf_dist.training.distributed import full_state, load_full_state, process_group_timeout  # noqa: E402
 
 
-def _relative_gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> tuple[float, float]:
+def _relative_gap(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]
+) -> tuple[float, float]:
     gap = math.sqrt(sum(float(((a[k] - b[k]) ** 2).sum()) for k in ref))
     scale = math.sqrt(sum(float(((a[k] - ref[k]) ** 2).sum()) for k in ref))
     return gap / scale if scale > 0 else math.inf, scale
@@ -81,8 +83,11 @@ def check_deepspeed(
 
     ds_config = read_deepspeed_json(ds_json)
     ds_config.update(
-        train_batch_size=global_batch, train_micro_batch_size_per_gpu=global_batch // (world * accum),
-        gradient_accumulation_steps=accum, bf16={"enabled": False}, fp16={"enabled": False},
+        train_batch_size=global_batch,
+        train_micro_batch_size_per_gpu=global_batch // (world * accum),
+        gradient_accumulation_steps=accum,
+        bf16={"enabled": False},
+        fp16={"enabled": False},
     )
     if ds_config.get("gradient_clipping") in ("auto", None):  # the trainer fills it from train.grad_clip
         ds_config["gradient_clipping"] = 0.0
@@ -136,7 +141,9 @@ def check_deepspeed(
     moments = {}
     for key in ("exp_avg", "exp_avg_sq"):
         n = len(ddp_adam["state"])
-        num = math.sqrt(sum(float(((ds_adam["state"][i][key] - ddp_adam["state"][i][key]) ** 2).sum()) for i in range(n)))
+        num = math.sqrt(
+            sum(float(((ds_adam["state"][i][key] - ddp_adam["state"][i][key]) ** 2).sum()) for i in range(n))
+        )
         den = math.sqrt(sum(float((ddp_adam["state"][i][key] ** 2).sum()) for i in range(n)))
         moments[key] = num / den
     adam_steps = {float(ds_adam["state"][0]["step"]), float(ddp_adam["state"][0]["step"])}
@@ -170,8 +177,11 @@ def check_deepspeed(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ds = argparse.ArgumentParser(prog="torchrun ... tests/deepspeed_vs_ddp.py", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ds = argparse.ArgumentParser(
+        prog="torchrun ... tests/deepspeed_vs_ddp.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ds.add_argument("--shards", required=True, help="shard directory (data_prep/shard_gopro.py)")
     ds.add_argument("--steps", type=int, default=3, help="optimizer steps (default: %(default)s)")
     ds.add_argument("--batch-size", type=int, default=4, help="global batch (default: %(default)s)")
@@ -183,8 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     ds.add_argument("--tolerance", type=float, default=2e-2, help="largest relative weight gap (default: %(default)s)")
     args = ds.parse_args(argv)
     result = check_deepspeed(
-        args.shards, steps=args.steps, global_batch=args.batch_size, accum=args.grad_accum,
-        unroll_steps=args.unroll, crop=args.crop, f_weights=args.f_weights, ds_json=args.deepspeed_config,
+        args.shards,
+        steps=args.steps,
+        global_batch=args.batch_size,
+        accum=args.grad_accum,
+        unroll_steps=args.unroll,
+        crop=args.crop,
+        f_weights=args.f_weights,
+        ds_json=args.deepspeed_config,
     )
     import torch.distributed as dist
 

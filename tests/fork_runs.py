@@ -28,8 +28,21 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 # variables read when the interpreter or a native library starts, not when the code asks for them: a run
 # that sets one of these differently from its server's needs a fresh process
-START_UP_PREFIXES = ("PYTHON", "OMP_", "MKL_", "KMP_", "GOMP_", "LD_", "MALLOC_", "CUDA", "NVIDIA", "TORCH",
-                     "PYTORCH", "DALI", "TRITON")
+START_UP_PREFIXES = (
+    "PYTHON",
+    "OMP_",
+    "MKL_",
+    "KMP_",
+    "GOMP_",
+    "LD_",
+    "MALLOC_",
+    "CUDA",
+    "NVIDIA",
+    "TORCH",
+    "PYTORCH",
+    "DALI",
+    "TRITON",
+)
 
 
 def start_up_part(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
@@ -85,12 +98,14 @@ class Run:
         while self.running():
             if time.monotonic() > deadline:
                 self.kill()
-                raise AssertionError(f"{' '.join(self.argv[:4])} ...: still running after {timeout} s (killed); "
-                                     f"stderr:\n{self.stderr[-3000:]}")
+                raise AssertionError(
+                    f"{' '.join(self.argv[:4])} ...: still running after {timeout} s (killed); "
+                    f"stderr:\n{self.stderr[-3000:]}"
+                )
             time.sleep(0.02)
         return self.status
 
-    def check(self, timeout: float = 300) -> "Run":
+    def check(self, timeout: float = 300) -> Run:
         rc = self.wait(timeout)
         assert rc == 0, f"{self.out.name} exited {rc}:\n{self.stdout[-2000:]}\n{self.stderr[-3000:]}"
         return self
@@ -104,9 +119,15 @@ class Run:
 class ForkServer:
     def __init__(self, env: dict[str, str]):
         self.env = env
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "forkserver.py")], cwd=ROOT, env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "forkserver.py")],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         self._lock = threading.Lock()
         self._ready = False
 
@@ -123,7 +144,9 @@ class ForkServer:
                 self._answer(timeout)
                 self._ready = True
 
-    def run(self, argv: list, out: Path, env: dict | None = None, cwd: Path = ROOT, whole_env: dict | None = None) -> Run:
+    def run(
+        self, argv: list, out: Path, env: dict | None = None, cwd: Path = ROOT, whole_env: dict | None = None
+    ) -> Run:
         """Start `python ARGV...` in a child, with the server's environment and `env` added, or with `whole_env`
         (whose start-up variables must be the server's: `server_for` picks the server by them)."""
         self.ready()

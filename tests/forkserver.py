@@ -30,10 +30,25 @@ import sys
 import traceback
 
 PRELOAD = (
-    "torch", "torch._dynamo", "numpy", "PIL.Image", "yaml", "tqdm", "safetensors.torch", "accelerate",
-    "deepspeed", "mlflow", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store", "nvidia.dali",
-    "nvidia.dali.fn", "nvidia.dali.plugin.pytorch", "golf_dist.training.trainer", "golf_dist.data.dali",
-    "golf_dist.tracking", "golf_dist.evaluation.workflow",
+    "torch",
+    "torch._dynamo",
+    "numpy",
+    "PIL.Image",
+    "yaml",
+    "tqdm",
+    "safetensors.torch",
+    "accelerate",
+    "deepspeed",
+    "mlflow",
+    "mlflow.tracking",
+    "mlflow.store.tracking.sqlalchemy_store",
+    "nvidia.dali",
+    "nvidia.dali.fn",
+    "nvidia.dali.plugin.pytorch",
+    "golf_dist.training.trainer",
+    "golf_dist.data.dali",
+    "golf_dist.tracking",
+    "golf_dist.evaluation.workflow",
 )
 
 

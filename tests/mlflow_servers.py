@@ -27,7 +27,7 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, what: str, timeout: f
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 stop_group(proc)
-                raise RuntimeError(f"{what} did not answer on {url}; log:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(f"{what} did not answer on {url}; log:\n{log.read_text()[-3000:]}") from None
             time.sleep(0.3)
 
 
@@ -47,22 +47,49 @@ def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 class MlflowServer:
     """`mlflow server` (or infra/mlflow/serve.py) in its own process group on a free loopback port."""
 
-    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None, port: int | None = None,
-                 via_script: bool = False):
+    def __init__(
+        self,
+        args: list[str],
+        log: Path,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        via_script: bool = False,
+    ):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
         full_env.update(env or {})
         if via_script:
-            cmd = [sys.executable, str(ROOT / "infra/mlflow/serve.py"), *args, "--host", "127.0.0.1",
-                   "--port", str(self.port), "--workers", "1"]
+            cmd = [
+                sys.executable,
+                str(ROOT / "infra/mlflow/serve.py"),
+                *args,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+            ]
         else:
-            cmd = [sys.executable, "-m", "mlflow", "server", *args, "--host", "127.0.0.1",
-                   "--port", str(self.port), "--workers", "1"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                *args,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+            ]
         with open(log, "w") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=log.parent,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=log.parent, start_new_session=True
+            )
         wait_http(f"{self.url}/health", self.proc, log, "mlflow server")
 
     def kill(self) -> None:
@@ -86,8 +113,10 @@ class Postgres:
     def why_not() -> str | None:
         if not (PG_BIN / "initdb").is_file():
             return f"PostgreSQL is not installed ({PG_BIN}/initdb missing; apt-get install postgresql)"
-        if os.geteuid() == 0 and (shutil.which("runuser") is None or subprocess.run(
-                ["id", "-u", "postgres"], capture_output=True).returncode != 0):
+        if os.geteuid() == 0 and (
+            shutil.which("runuser") is None
+            or subprocess.run(["id", "-u", "postgres"], capture_output=True).returncode != 0
+        ):
             return "running as root without a `postgres` OS user (or runuser) to own the cluster"
         return None
 
@@ -100,17 +129,47 @@ class Postgres:
         (self.base / "pw").write_text(self.password)
         if self._as:
             shutil.chown(self.base / "pw", "postgres", "postgres")
-        self._run(PG_BIN / "initdb", "-D", self.base / "data", "-U", self.user, "--pwfile", self.base / "pw",
-                  "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync")
+        self._run(
+            PG_BIN / "initdb",
+            "-D",
+            self.base / "data",
+            "-U",
+            self.user,
+            "--pwfile",
+            self.base / "pw",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        )
         self.log = self.base / "postgres.log"
         self.proc = subprocess.Popen(
-            [*self._as, str(PG_BIN / "postgres"), "-D", str(self.base / "data"), "-k", str(self.base),
-             "-h", "127.0.0.1", "-p", str(self.port), "-c", "fsync=off"],
-            stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                *self._as,
+                str(PG_BIN / "postgres"),
+                "-D",
+                str(self.base / "data"),
+                "-k",
+                str(self.base),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-c",
+                "fsync=off",
+            ],
+            stdout=open(self.log, "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.monotonic() + 60
-        while subprocess.run([PG_BIN / "pg_isready", "-h", "127.0.0.1", "-p", str(self.port)],
-                             capture_output=True).returncode != 0:
+        while (
+            subprocess.run(
+                [PG_BIN / "pg_isready", "-h", "127.0.0.1", "-p", str(self.port)], capture_output=True
+            ).returncode
+            != 0
+        ):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"PostgreSQL did not start; log:\n{self.log.read_text()[-3000:]}")

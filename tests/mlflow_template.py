@@ -8,4 +8,3 @@ from mlflow.tracking import MlflowClient
 
 client = MlflowClient(tracking_uri=f"sqlite:///{sys.argv[1]}")
 client.search_experiments()  # creates the schema; experiments are made by each run, beside its copy
-

@@ -42,16 +42,23 @@ class PlainServer:
     def ready(self, timeout: float = 180) -> None:
         """Nothing to wait for: each run starts its own interpreter."""
 
-    def run(self, argv: list, out: Path, env: dict | None = None, cwd: Path = ROOT,
-            whole_env: dict | None = None) -> Run:
+    def run(
+        self, argv: list, out: Path, env: dict | None = None, cwd: Path = ROOT, whole_env: dict | None = None
+    ) -> Run:
         out = Path(out)
         for suffix in (".rc", ".status", ".stdout", ".stderr"):
             Path(f"{out}{suffix}").unlink(missing_ok=True)
         argv = [str(a) for a in argv]
         with open(f"{out}.stdout", "wb") as stdout, open(f"{out}.stderr", "wb") as stderr:
-            proc = subprocess.Popen([sys.executable, *argv], cwd=cwd, env=whole_env or {**self.env, **(env or {})},
-                                    stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                                    process_group=0)  # its own group, as the fork server's children
+            proc = subprocess.Popen(
+                [sys.executable, *argv],
+                cwd=cwd,
+                env=whole_env or {**self.env, **(env or {})},
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+                process_group=0,
+            )  # its own group, as the fork server's children
 
         def reap() -> None:
             code = proc.wait()

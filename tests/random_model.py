@@ -20,7 +20,9 @@ def write_random_model(folder: Path, seed: int = 0, with_g: bool = True, nan_g: 
     if with_g:
         g = g_net(zero_init_last=False).state_dict()
         if nan_g:
-            g = {name: torch.full_like(value, float("nan")) if value.is_floating_point() else value
-                 for name, value in g.items()}
+            g = {
+                name: torch.full_like(value, float("nan")) if value.is_floating_point() else value
+                for name, value in g.items()
+            }
         save_weights(g, Path(folder) / "g.safetensors")
     return Path(folder)

@@ -24,7 +24,7 @@ from golf_dist.training.resume import resume_checkpoint, resume_from_checkpoint 
 
 def main() -> int:
     from_option = sys.argv[1] == "--resume-from"
-    base, cases = Path(sys.argv[1 + from_option]), sys.argv[2 + from_option:]
+    base, cases = Path(sys.argv[1 + from_option]), sys.argv[2 + from_option :]
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     failed = False
@@ -35,8 +35,15 @@ def main() -> int:
                 ckpt = resume_from_checkpoint("checkpoints", Path("scratch"), None, rank, world)
             else:
                 ckpt = resume_checkpoint(base / case / f"rank{rank}", rank, world)
-            result = {"path": None} if ckpt is None else {
-                "path": str(ckpt["path"]), "step": ckpt["state"]["step"], "value": float(ckpt["model"]["w"].flatten()[0])}
+            result = (
+                {"path": None}
+                if ckpt is None
+                else {
+                    "path": str(ckpt["path"]),
+                    "step": ckpt["state"]["step"],
+                    "value": float(ckpt["model"]["w"].flatten()[0]),
+                }
+            )
         except GolfError as err:
             result, failed = {"error": str(err)}, True
         (base / f"{case}-rank{rank}.json").write_text(json.dumps(result))

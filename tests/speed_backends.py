@@ -11,10 +11,12 @@ def raising(gm, example_inputs):
 
 def off_by_ten_percent(gm, example_inputs):
     """Compilation that succeeds but computes outputs 10% too large: a numerics check must catch it."""
+
     def run(*args):
         out = gm(*args)
         scale = [o * 1.1 if isinstance(o, torch.Tensor) and o.is_floating_point() else o for o in out]
         return type(out)(scale) if isinstance(out, (list, tuple)) else scale
+
     return run
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import rewrite_shard, run_cli, write_config
 from PIL import Image
 
 from golf_dist.data.dali import DaliTrainLoader
@@ -19,8 +20,6 @@ from golf_dist.data.shard_reader import index_shard
 from golf_dist.data.split_check import check_split, open_pairs
 from golf_dist.data.torch_loader import ShardPairs
 from golf_dist.errors import DataError
-
-from conftest import rewrite_shard, run_cli, write_config
 
 SHARD = "train/train-000001.tar"  # the shard that gets broken; its second sample is the bad one
 KINDS = ("truncated", "missing_member", "undecodable", "size_mismatch")
@@ -91,8 +90,18 @@ def test_skip_leaves_the_sample_out_of_both_loaders_and_counts_it(shards, tmp_pa
         pairs.load(i)
 
     # DALI: three epochs of this split never bring the bad sample, and bring every good one
-    loader = DaliTrainLoader(checked, crop=32, flips=False, crops_per_frame=1, per_device=3, rank=0, world=1,
-                             seed=0, device="cpu", num_threads=1)
+    loader = DaliTrainLoader(
+        checked,
+        crop=32,
+        flips=False,
+        crops_per_frame=1,
+        per_device=3,
+        rank=0,
+        world=1,
+        seed=0,
+        device="cpu",
+        num_threads=1,
+    )
     seen = set()
     for _ in range(3 * checked.n_samples // 3):
         next(loader)
@@ -102,9 +111,13 @@ def test_skip_leaves_the_sample_out_of_both_loaders_and_counts_it(shards, tmp_pa
 
 
 def _cli_run(folder: Path, tmp_path: Path, loader: str, on_bad: str):
-    cfg = write_config(tmp_path / "c.yaml", folder, tmp_path / "out",
-                       data={"loader": loader, "on_bad_sample": on_bad},
-                       train={"steps": 2, "log_every": 2, "val_every": 2, "checkpoint_every": 2})
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        folder,
+        tmp_path / "out",
+        data={"loader": loader, "on_bad_sample": on_bad},
+        train={"steps": 2, "log_every": 2, "val_every": 2, "checkpoint_every": 2},
+    )
     return run_cli("launch/train.py", "--config", cfg, "--stage", "f")
 
 
@@ -146,10 +159,20 @@ def test_corrupt_data_torch_error_names_it_and_skip_replaces_it(shards, tmp_path
     assert checked.n_bad == 0
     pairs = ShardPairs(folder, "train")
     for on_bad in ("error", "skip"):
-        cfg = load_config("gopro", "f", [f"data.shards={folder}", "data.crop=32", "data.num_workers=0",
-                                      f"data.on_bad_sample={on_bad}", "train.steps=6"])
-        loader = make_train_loader(cfg, pairs, global_batch=4, accum=1, world=1, rank=0, start_step=0,
-                                   device="cpu", loader="torch")
+        cfg = load_config(
+            "gopro",
+            "f",
+            [
+                f"data.shards={folder}",
+                "data.crop=32",
+                "data.num_workers=0",
+                f"data.on_bad_sample={on_bad}",
+                "train.steps=6",
+            ],
+        )
+        loader = make_train_loader(
+            cfg, pairs, global_batch=4, accum=1, world=1, rank=0, start_step=0, device="cpu", loader="torch"
+        )
         if on_bad == "error":
             with pytest.raises(DataError, match=key):
                 for _ in range(6):  # two epochs of 12 pairs: the bad one is drawn
@@ -183,16 +206,27 @@ def test_a_frame_that_fails_in_the_evaluation_worker_is_named_without_the_worker
 
     folder, key = broken_shards(shards, tmp_path / "s", "corrupt_data")  # pair 5 of 12
     with pytest.raises(DataError) as caught:
-        evaluate_pairs(torch.nn.Identity(), None, ShardPairs(folder, "train"), 0, torch.device("cpu"), limit=8,
-                       with_ssim=False)
+        evaluate_pairs(
+            torch.nn.Identity(), None, ShardPairs(folder, "train"), 0, torch.device("cpu"), limit=8, with_ssim=False
+        )
     message = str(caught.value)
     assert message.startswith(f"shard {folder / SHARD} sample {key}") and "Traceback" not in message, message
 
 
 def test_corrupt_data_dali_stops_naming_the_sample(shards, tmp_path):
     folder, key = broken_shards(shards, tmp_path / "s", "corrupt_data")
-    loader = DaliTrainLoader(check_split(folder, "train", "skip"), crop=32, flips=False, crops_per_frame=1,
-                             per_device=4, rank=0, world=1, seed=0, device="cpu", num_threads=1)
+    loader = DaliTrainLoader(
+        check_split(folder, "train", "skip"),
+        crop=32,
+        flips=False,
+        crops_per_frame=1,
+        per_device=4,
+        rank=0,
+        world=1,
+        seed=0,
+        device="cpu",
+        num_threads=1,
+    )
     with pytest.raises(DataError) as caught:
         for _ in range(6):
             next(loader)
@@ -206,9 +240,13 @@ def test_a_run_that_fails_mid_training_ends_its_mlflow_run_as_failed(shards, tmp
     from mlflow.tracking import MlflowClient
 
     folder, key = broken_shards(shards, tmp_path / "s", "corrupt_data")
-    cfg = write_config(tmp_path / "c.yaml", folder, tmp_path / "out",
-                       data={"loader": "torch", "on_bad_sample": "error", "num_workers": 0},
-                       train={"steps": 8, "log_every": 2, "val_every": 100, "checkpoint_every": 100})
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        folder,
+        tmp_path / "out",
+        data={"loader": "torch", "on_bad_sample": "error", "num_workers": 0},
+        train={"steps": 8, "log_every": 2, "val_every": 100, "checkpoint_every": 100},
+    )
     proc = run_cli("launch/train.py", "--config", cfg, "--stage", "f")
     assert proc.returncode == 1 and key in proc.stderr, proc.stdout + proc.stderr
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -226,8 +264,19 @@ def test_evaluation_checks_its_split_at_start_up_like_validation(small_run, shar
     out = tmp_path / "out"
     shutil.copytree(small_run["out"], out, ignore=shutil.ignore_patterns("checkpoints", "evaluation*.json"))
     folder, key = broken_shards(shards, tmp_path / "s", "corrupt_data")  # pair 5 of the 12 training pairs
-    args = ("launch/evaluate.py", "--output-dir", out, "--shards", folder, "--split", "train", "--limit", "8",
-            "--iterations", "1")
+    args = (
+        "launch/evaluate.py",
+        "--output-dir",
+        out,
+        "--shards",
+        folder,
+        "--split",
+        "train",
+        "--limit",
+        "8",
+        "--iterations",
+        "1",
+    )
     stopped = run_cli(*args)
     assert stopped.returncode != 0
     error = stopped.stderr.strip().splitlines()[-1]

@@ -8,10 +8,10 @@ from golf_dist.checkpoints import (
     list_checkpoints,
     load_checkpoint,
     load_latest,
+    load_weights,
     prune,
     save_checkpoint,
     save_weights,
-    load_weights,
 )
 from golf_dist.errors import DataError
 
@@ -19,8 +19,7 @@ from golf_dist.errors import DataError
 def _save(root, step, psnr=None, value=0.0):
     model = {"w": torch.full((2, 2), value)}
     opt = {"state": {0: {"exp_avg": torch.ones(2)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
-    return save_checkpoint(root, step, model, {"optimizer": opt, "scheduler": {"last_epoch": step}},
-                           {"val_psnr": psnr})
+    return save_checkpoint(root, step, model, {"optimizer": opt, "scheduler": {"last_epoch": step}}, {"val_psnr": psnr})
 
 
 def test_round_trip_restores_weights_optimizer_and_rng(tmp_path):

@@ -2,14 +2,11 @@ import typing
 from pathlib import Path
 
 import pytest
-
-from golf_dist.config import (
-    BUNDLED_CONFIGS, DEFAULT_CONFIG, PAPER_CONFIG, Config, Loader, choice_fields, flatten, load_config, to_dict,
-    validate,
-)
-from golf_dist.errors import ConfigError
-
 from conftest import ROOT, run_cli
+
+from golf_dist.config import Config, Loader, choice_fields, flatten, load_config, to_dict, validate
+from golf_dist.configs import BUNDLED_CONFIGS, DEFAULT_CONFIG, PAPER_CONFIG
+from golf_dist.errors import ConfigError
 
 
 def test_paper_recipe_loads_with_stage_sections():
@@ -31,8 +28,14 @@ def test_overrides_are_parsed_by_type():
     cfg = load_config(
         DEFAULT_CONFIG,
         stage="f",
-        overrides=["train.lr=5e-4", "data.batch_size=8", "train.gradient_checkpointing=false",
-                   "loss.vgg_weights=/x/vgg.pth", "train.mixed_precision=bf16", "output_dir=runs/x"],
+        overrides=[
+            "train.lr=5e-4",
+            "data.batch_size=8",
+            "train.gradient_checkpointing=false",
+            "loss.vgg_weights=/x/vgg.pth",
+            "train.mixed_precision=bf16",
+            "output_dir=runs/x",
+        ],
     )
     assert cfg.train.lr == pytest.approx(5e-4) and isinstance(cfg.train.lr, float)
     assert cfg.data.batch_size == 8 and cfg.train.gradient_checkpointing is False
@@ -105,8 +108,14 @@ def test_train_cli_rejects_bad_config_with_exit_2_before_work(tmp_path, args, na
 
 @pytest.mark.slow
 def test_help_of_every_command_line():
-    for script in ("launch/train.py", "launch/evaluate.py", "launch/deblur.py", "launch/benchmark.py",
-                   "data_prep/synth_gopro.py", "data_prep/shard_gopro.py"):
+    for script in (
+        "launch/train.py",
+        "launch/evaluate.py",
+        "launch/deblur.py",
+        "launch/benchmark.py",
+        "data_prep/synth_gopro.py",
+        "data_prep/shard_gopro.py",
+    ):
         proc = run_cli(script, "--help", fresh=True)  # a new interpreter: --help must not wait on heavy imports
         assert proc.returncode == 0, (script, proc.stderr)
         assert "usage" in proc.stdout.lower()
@@ -147,12 +156,22 @@ def test_choice_fields_are_declared_once_as_literals():
 
     choices = choice_fields()
     assert choices["data.loader"] == typing.get_args(Loader) == LOADERS == ("auto", "dali", "torch")
-    assert {"data.on_bad_sample", "train.schedule", "train.unroll_weighting", "train.mixed_precision",
-            "train.nonfinite", "speed.compile", "speed.cuda_graphs"} <= set(choices)
+    assert {
+        "data.on_bad_sample",
+        "train.schedule",
+        "train.unroll_weighting",
+        "train.mixed_precision",
+        "train.nonfinite",
+        "speed.compile",
+        "speed.cuda_graphs",
+    } <= set(choices)
     for key, allowed in choices.items():
         for value in allowed:  # every declared value passes (YAML reads no/on/off as booleans: kept as words)
-            load_config(PAPER_CONFIG, "f", [f"{key}={value}", "speed.compile=auto"] if key == "speed.cuda_graphs"
-                        else [f"{key}={value}"])
+            load_config(
+                PAPER_CONFIG,
+                "f",
+                [f"{key}={value}", "speed.compile=auto"] if key == "speed.cuda_graphs" else [f"{key}={value}"],
+            )
         with pytest.raises(ConfigError) as err:
             load_config(PAPER_CONFIG, "f", [f"{key}=bogus"])
         assert str(err.value).startswith(f"config key '{key}' must be ") and all(v in str(err.value) for v in allowed)

@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, log_lines, run_cli, start_cli, wait_for_first_checkpoint, write_config
 from safetensors.torch import load_file
+from test_loader import coordinate_shards  # noqa: F401  (pytest fixture: pixels that encode their coordinates)
 
 from golf_dist.data.crop_plan import CropPlan, paired_crop
 from golf_dist.data.dali import DaliTrainLoader, dali_full_frames
@@ -20,13 +22,11 @@ from golf_dist.data.split_check import check_split, open_pairs
 from golf_dist.data.torch_loader import ShardPairs, full_frame_loader, to_tensor, train_loader
 from golf_dist.errors import ConfigError
 
-from conftest import ROOT, log_lines, run_cli, start_cli, wait_for_first_checkpoint, write_config
-from test_loader import coordinate_shards  # noqa: F401  (pytest fixture: pixels that encode their coordinates)
-
 
 def _loader(shard_dir, split="train", **kw):
-    args = dict(crop=32, flips=True, crops_per_frame=1, per_device=4, rank=0, world=1, seed=1, device="cpu",
-                num_threads=1)
+    args = dict(
+        crop=32, flips=True, crops_per_frame=1, per_device=4, rank=0, world=1, seed=1, device="cpu", num_threads=1
+    )
     args.update(kw)
     return DaliTrainLoader(check_split(shard_dir, split), **args)
 
@@ -59,8 +59,22 @@ def format_shards(shards, tmp_path_factory):
     base = tmp_path_factory.mktemp("formats")
     out = {"png": shards}
     for fmt in ("jp2", "npy"):
-        run_cli("data_prep/shard_gopro.py", "--src", shards.parent / "GOPRO_Large", "--out", base / fmt,
-                "--maxcount", 4, "--workers", 1, "--format", fmt, "--test-format", fmt, check=True)
+        run_cli(
+            "data_prep/shard_gopro.py",
+            "--src",
+            shards.parent / "GOPRO_Large",
+            "--out",
+            base / fmt,
+            "--maxcount",
+            4,
+            "--workers",
+            1,
+            "--format",
+            fmt,
+            "--test-format",
+            fmt,
+            check=True,
+        )
         out[fmt] = base / fmt
     return out
 
@@ -140,8 +154,7 @@ def test_dali_hands_out_the_torch_loaders_batches_from_any_step(shards, crops_pe
     plan = CropPlan(len(pairs), 32, True, 1, crops_per_frame)
     for rank in range(2):
         torch_batches = iter(train_loader(pairs, plan, 8, 2, 2, rank, 2, 6, num_workers=0))
-        dali = _loader(shards, per_device=2, accum=2, rank=rank, world=2, crops_per_frame=crops_per_frame,
-                       start_step=2)
+        dali = _loader(shards, per_device=2, accum=2, rank=rank, world=2, crops_per_frame=crops_per_frame, start_step=2)
         for _ in range(4 * 2):
             (b, s, _), (b2, s2) = next(torch_batches), next(dali)
             assert torch.equal(b, b2) and torch.equal(s, s2)
@@ -192,8 +205,16 @@ def test_auto_falls_back_to_torch_with_one_line_and_dali_without_dali_is_an_erro
     lines = [line for line in log_lines(proc.stdout) if line.startswith("data loader:")]
     assert lines == [lines[0]] and lines[0].startswith("data loader: torch (data.loader=auto and DALI is not usable")
     assert "simulated: not installed" in lines[0]
-    proc = run_cli("launch/train.py", "--config", cfg, "--stage", "f", "data.loader=dali",
-                   f"output_dir={tmp_path / 'out2'}", env=env)
+    proc = run_cli(
+        "launch/train.py",
+        "--config",
+        cfg,
+        "--stage",
+        "f",
+        "data.loader=dali",
+        f"output_dir={tmp_path / 'out2'}",
+        env=env,
+    )
     assert proc.returncode == 2 and "data.loader" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -232,14 +253,34 @@ def test_kill_and_resume_with_dali_is_bitwise_exact(shards, tmp_path):
 def test_a_two_process_dali_run_resumes_with_one_process_and_either_loader_to_the_same_weights(shards, tmp_path):
     """Two processes (gloo) with DALI for 2 steps; then the same checkpoint resumed with one process, once with
     DALI and once with the PyTorch loader: both hand out the same crops, so both end with the same weights."""
-    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out", data={"loader": "dali"},
-                       train={"steps": 2, "checkpoint_every": 2, "val_every": 4, "log_every": 2})
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        shards,
+        tmp_path / "out",
+        data={"loader": "dali"},
+        train={"steps": 2, "checkpoint_every": 2, "val_every": 4, "log_every": 2},
+    )
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(ROOT / "launch/train.py"), "--config", str(cfg), "--stage", "f"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "launch/train.py"),
+            "--config",
+            str(cfg),
+            "--stage",
+            "f",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     state = json.loads((tmp_path / "out" / "f" / "checkpoints" / "step-00000002" / "state.json").read_text())
@@ -247,8 +288,17 @@ def test_a_two_process_dali_run_resumes_with_one_process_and_either_loader_to_th
     shutil.copytree(tmp_path / "out", tmp_path / "out_torch")
 
     for loader, out in (("dali", tmp_path / "out"), ("torch", tmp_path / "out_torch")):
-        more = run_cli("launch/train.py", "--config", cfg, "--stage", "f", "train.steps=4", f"output_dir={out}",
-                       f"data.loader={loader}", check=True)
+        more = run_cli(
+            "launch/train.py",
+            "--config",
+            cfg,
+            "--stage",
+            "f",
+            "train.steps=4",
+            f"output_dir={out}",
+            f"data.loader={loader}",
+            check=True,
+        )
         assert f"resuming stage f from {out / 'f' / 'checkpoints' / 'step-00000002'}" in more.stdout
     assert "was made with the dali loader, which hands out the same crops" in more.stdout
     _assert_same_weights(tmp_path / "out" / "f.safetensors", tmp_path / "out_torch" / "f.safetensors")
@@ -261,8 +311,9 @@ def test_factory_gives_the_torch_loader_the_same_contract(shards):
     pairs = ShardPairs(shards, "train")
     first = {}
     for kind in ("torch", "dali"):
-        loader = make_train_loader(cfg, pairs, global_batch=4, accum=1, world=1, rank=0, start_step=0,
-                                   device=torch.device("cpu"), loader=kind)
+        loader = make_train_loader(
+            cfg, pairs, global_batch=4, accum=1, world=1, rank=0, start_step=0, device=torch.device("cpu"), loader=kind
+        )
         blur, sharp = next(iter(loader))
         assert loader.kind == kind and blur.shape == sharp.shape == (4, 3, 32, 32)
         assert blur.dtype == torch.float32 and 0 <= float(blur.min()) and float(blur.max()) <= 1
@@ -273,8 +324,27 @@ def test_factory_gives_the_torch_loader_the_same_contract(shards):
 
 @pytest.mark.slow
 def test_data_benchmark_prints_one_json_line_per_format_and_loader(format_shards):
-    proc = run_cli("launch/benchmark.py", "--what", "data", "--shards", format_shards["png"], format_shards["npy"],
-                   "--crop", 32, "--batch", 4, "--steps", 2, "--warmup", 1, "--repeats", 1, "--workers", 1, check=True)
+    proc = run_cli(
+        "launch/benchmark.py",
+        "--what",
+        "data",
+        "--shards",
+        format_shards["png"],
+        format_shards["npy"],
+        "--crop",
+        32,
+        "--batch",
+        4,
+        "--steps",
+        2,
+        "--warmup",
+        1,
+        "--repeats",
+        1,
+        "--workers",
+        1,
+        check=True,
+    )
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1
     out = json.loads(lines[0])

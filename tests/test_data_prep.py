@@ -132,7 +132,9 @@ def test_synthetic_noise_range_sets_how_far_blurred_frames_stray_and_a_bad_range
     light, noisy = scan_gopro(dp_gopro, "train"), scan_gopro(tmp_path / "noisy", "train")
 
     def err(pair):
-        return np.abs(np.asarray(Image.open(pair.blur_path), float) - np.asarray(Image.open(pair.sharp_path), float)).mean()
+        return np.abs(
+            np.asarray(Image.open(pair.blur_path), float) - np.asarray(Image.open(pair.sharp_path), float)
+        ).mean()
 
     for a, b in zip(light, noisy):
         assert Image.open(a.sharp_path).tobytes() == Image.open(b.sharp_path).tobytes()
@@ -276,7 +278,10 @@ def test_other_plan_in_out_is_refused_unless_overwrite(dp_gopro, dp_shards, tmp_
     manifest = read_manifest(out)
     assert manifest["maxcount"] == 3 and len(manifest["splits"]["train"]["shards"]) == 2
     assert sorted(p.name for p in (out / "train").iterdir()) == [
-        "train-000000.idx", "train-000000.tar", "train-000001.idx", "train-000001.tar"
+        "train-000000.idx",
+        "train-000000.tar",
+        "train-000001.idx",
+        "train-000001.tar",
     ]
 
 
@@ -337,8 +342,25 @@ def test_index_shard_rejects_truncated_and_incomplete_shards(dp_shards, tmp_path
 def test_help_of_both_clis():
     for script, flags in (
         ("synth_gopro.py", ("--out", "--train-pairs", "--test-pairs", "--height", "--frames-per-scene", "--overwrite")),
-        ("shard_gopro.py", ("--src", "--out", "--blur-dir", "--maxcount", "--workers", "--seed", "--splits",
-                            "--format", "--test-format", "--verify", "--num-parts", "--part", "--merge", "s3://")),
+        (
+            "shard_gopro.py",
+            (
+                "--src",
+                "--out",
+                "--blur-dir",
+                "--maxcount",
+                "--workers",
+                "--seed",
+                "--splits",
+                "--format",
+                "--test-format",
+                "--verify",
+                "--num-parts",
+                "--part",
+                "--merge",
+                "s3://",
+            ),
+        ),
     ):
         proc = _cli(script, "--help")
         assert proc.returncode == 0, proc.stderr
@@ -348,8 +370,21 @@ def test_help_of_both_clis():
 
 @pytest.mark.slow
 def test_clis_end_to_end_with_default_paths(tmp_path):
-    proc = _cli("synth_gopro.py", "--out", "GOPRO_Large", "--train-pairs", "4", "--test-pairs", "2", "--height", "48",
-                "--width", "64", "--no-progress", cwd=tmp_path)
+    proc = _cli(
+        "synth_gopro.py",
+        "--out",
+        "GOPRO_Large",
+        "--train-pairs",
+        "4",
+        "--test-pairs",
+        "2",
+        "--height",
+        "48",
+        "--width",
+        "64",
+        "--no-progress",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "shard_gopro.py --src GOPRO_Large" in proc.stdout
     proc = _cli("shard_gopro.py", "--no-progress", cwd=tmp_path)
@@ -465,8 +500,9 @@ def test_verify_names_each_missing_truncated_or_changed_file(dp_shards, tmp_path
 def kill_gopro(tmp_path_factory) -> Path:
     """Frames big enough (8 + 2 pairs of 192x256, jp2, one pair per shard) that a kill lands mid-run."""
     root = tmp_path_factory.mktemp("kill") / "GOPRO_Large"
-    make_synthetic_gopro(root, seed=4, workers=1, train_pairs=8, test_pairs=2, height=192, width=256,
-                         frames_per_scene=2, progress=False)
+    make_synthetic_gopro(
+        root, seed=4, workers=1, train_pairs=8, test_pairs=2, height=192, width=256, frames_per_scene=2, progress=False
+    )
     return root
 
 
@@ -496,16 +532,26 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_bytes(when, kill_gopro, kill
     import time
 
     out = tmp_path / "shards"
-    cmd = [sys.executable, str(REPO / "data_prep" / "shard_gopro.py"), "--src", str(kill_gopro), "--out", str(out),
-           *KILL_ARGS]
+    cmd = [
+        sys.executable,
+        str(REPO / "data_prep" / "shard_gopro.py"),
+        "--src",
+        str(kill_gopro),
+        "--out",
+        str(out),
+        *KILL_ARGS,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline:
             names = [p.name for p in out.rglob("*")] if out.exists() else []
             tars = [n for n in names if n.endswith(".tar")]
-            if (when == "first temporary file" and any(".tmp-" in n for n in names)) or (
-                when == "first shard" and tars) or (when == "fifth shard" and len(tars) >= 5):
+            if (
+                (when == "first temporary file" and any(".tmp-" in n for n in names))
+                or (when == "first shard" and tars)
+                or (when == "fifth shard" and len(tars) >= 5)
+            ):
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
             time.sleep(0.002)
@@ -545,8 +591,19 @@ def test_parts_then_merge_give_the_single_run_bytes(dp_gopro, dp_shards, tmp_pat
     out = tmp_path / "shards"
     # PNG in both splits, as the library call that made dp_shards writes them (the CLI's default for
     # training is npy)
-    common = ("--src", str(dp_gopro), "--out", str(out), "--maxcount", "4", "--workers", "1", "--no-progress",
-              "--format", "png")
+    common = (
+        "--src",
+        str(dp_gopro),
+        "--out",
+        str(out),
+        "--maxcount",
+        "4",
+        "--workers",
+        "1",
+        "--no-progress",
+        "--format",
+        "png",
+    )
     proc = _cli("shard_gopro.py", *common, "--num-parts", "2", "--part", "1")
     assert proc.returncode == 0, proc.stderr
     assert sorted(_tree(out)) == ["parts/part-00001-of-00002.json", "train/train-000001.idx", "train/train-000001.tar"]

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, TINY_DATA, free_port, run_cli, write_config
+from safetensors.torch import load_file
 
 CONFIGS = ROOT / "configs" / "accelerate"
 SHORT = {"steps": 3, "checkpoint_every": 3, "val_every": 3}
@@ -112,8 +111,20 @@ def test_missing_or_invalid_accelerate_config_is_named(tmp_path, monkeypatch):
 
     missing = tmp_path / "nowhere.yaml"
     # accelerate launch itself: non-zero, and its last line names the file
-    proc = _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(missing),
-                 "launch/train.py", "--stage", "f"], _env(), timeout=120)
+    proc = _run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(missing),
+            "launch/train.py",
+            "--stage",
+            "f",
+        ],
+        _env(),
+        timeout=120,
+    )
     assert proc.returncode != 0 and str(missing) in proc.stderr.strip().splitlines()[-1]
     # the project's check (the SLURM script runs it before queueing): one line, exit 2, no traceback
     proc = run_cli("golf_dist/commands/launch.py", "check-config", missing)
@@ -130,16 +141,26 @@ def test_missing_or_invalid_accelerate_config_is_named(tmp_path, monkeypatch):
     folder.mkdir()
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(b"\xff\xfe\x00garbage")
-    for path, words in ((bad_yaml, "not a valid"), (unknown_key, "num_proceses"), (wrong_value, "MULTI_GPUS"),
-                        (folder, "is not a file"), (binary, "unreadable")):
+    for path, words in (
+        (bad_yaml, "not a valid"),
+        (unknown_key, "num_proceses"),
+        (wrong_value, "MULTI_GPUS"),
+        (folder, "is not a file"),
+        (binary, "unreadable"),
+    ):
         with pytest.raises(ConfigError) as err:
             check_accelerate_config(path)
         assert str(path) in str(err.value) and words in str(err.value)
 
     ds_yaml = tmp_path / "ds.yaml"
-    ds_yaml.write_text((CONFIGS / "deepspeed_zero2.yaml").read_text().replace(
-        "configs/accelerate/deepspeed_zero2.json", str(tmp_path / "gone.json")))
-    with pytest.raises(ConfigError, match=f"DeepSpeed config {tmp_path / 'gone.json'} does not exist .named in {ds_yaml}"):
+    ds_yaml.write_text(
+        (CONFIGS / "deepspeed_zero2.yaml")
+        .read_text()
+        .replace("configs/accelerate/deepspeed_zero2.json", str(tmp_path / "gone.json"))
+    )
+    with pytest.raises(
+        ConfigError, match=f"DeepSpeed config {tmp_path / 'gone.json'} does not exist .named in {ds_yaml}"
+    ):
         check_accelerate_config(ds_yaml)
 
 
@@ -148,10 +169,34 @@ def test_one_node_config_asks_the_trainer_for_bf16(tiny_shards, tmp_path):
     """`accelerate launch --config_file one_node.yaml`: its bf16 reaches the trainer, although the
     golf config says train.mixed_precision=no (an explicit Accelerator(mixed_precision=...) would
     otherwise override it). On a CPU-only machine `--cpu` makes it one process (Accelerate's rule)."""
-    cfg = write_config(tmp_path / "c.yaml", tiny_shards, tmp_path / "out", val=BF16_VAL, data=TINY_DATA,
-                       train={"steps": 2, "val_every": 2, "checkpoint_every": 2})
-    _ok(_run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "one_node.yaml"),
-              "--cpu", "--num_processes", "1", "launch/train.py", "--config", str(cfg), "--stage", "f"], _env()))
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        tiny_shards,
+        tmp_path / "out",
+        val=BF16_VAL,
+        data=TINY_DATA,
+        train={"steps": 2, "val_every": 2, "checkpoint_every": 2},
+    )
+    _ok(
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--config_file",
+                str(CONFIGS / "one_node.yaml"),
+                "--cpu",
+                "--num_processes",
+                "1",
+                "launch/train.py",
+                "--config",
+                str(cfg),
+                "--stage",
+                "f",
+            ],
+            _env(),
+        )
+    )
     params = _params(tmp_path / "mlflow.db")
     assert params["train.mixed_precision"] == "bf16" and params["world_size"] == "1"
     weights = load_file(str(tmp_path / "out" / "f.safetensors"))
@@ -165,16 +210,24 @@ def test_the_launchers_precision_is_kept_on_the_trainer_and_the_config_is_left_a
     while the validated config object still says no."""
     import yaml
 
-    cfg = write_config(tmp_path / "c.yaml", tiny_shards, tmp_path / "out", data={**TINY_DATA, **TORCH_LOADER},
-                       val=BF16_VAL, train={"steps": 1, "mixed_precision": "no"})
-    script = ("import json, sys\n"
-              "from golf_dist.config import load_config\n"
-              "from golf_dist.training.trainer import Trainer\n"
-              "cfg = load_config(sys.argv[1], 'f')\n"
-              "trainer = Trainer(cfg, 'f')\n"
-              "trainer.setup()\n"
-              "trainer.close()\n"
-              "print(json.dumps({'config': cfg.train.mixed_precision, 'trainer': trainer.mixed_precision}))\n")
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        tiny_shards,
+        tmp_path / "out",
+        data={**TINY_DATA, **TORCH_LOADER},
+        val=BF16_VAL,
+        train={"steps": 1, "mixed_precision": "no"},
+    )
+    script = (
+        "import json, sys\n"
+        "from golf_dist.config import load_config\n"
+        "from golf_dist.training.trainer import Trainer\n"
+        "cfg = load_config(sys.argv[1], 'f')\n"
+        "trainer = Trainer(cfg, 'f')\n"
+        "trainer.setup()\n"
+        "trainer.close()\n"
+        "print(json.dumps({'config': cfg.train.mixed_precision, 'trainer': trainer.mixed_precision}))\n"
+    )
     proc = _ok(_run([sys.executable, "-c", script, str(cfg)], _env(ACCELERATE_MIXED_PRECISION="bf16"), timeout=300))
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"config": "no", "trainer": "bf16"}
     record = yaml.safe_load((tmp_path / "out" / "f" / "config.yaml").read_text())
@@ -184,8 +237,15 @@ def test_the_launchers_precision_is_kept_on_the_trainer_and_the_config_is_left_a
 
 def test_mixed_precision_of_config_and_launcher_that_disagree(shards, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out")
-    proc = run_cli("launch/train.py", "--config", cfg, "--stage", "f", "train.mixed_precision=fp16",
-                   env={"ACCELERATE_MIXED_PRECISION": "bf16"})
+    proc = run_cli(
+        "launch/train.py",
+        "--config",
+        cfg,
+        "--stage",
+        "f",
+        "train.mixed_precision=fp16",
+        env={"ACCELERATE_MIXED_PRECISION": "bf16"},
+    )
     assert proc.returncode == 2 and "train.mixed_precision" in proc.stderr and "bf16" in proc.stderr
     assert not (tmp_path / "out" / "f").exists()
 
@@ -193,8 +253,21 @@ def test_mixed_precision_of_config_and_launcher_that_disagree(shards, tmp_path):
 @pytest.mark.slow
 def test_global_batch_that_does_not_divide_across_ranks(shards, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out")
-    proc = _run(_torchrun("--standalone", "--nproc_per_node", 2, "launch/train.py", "--config", cfg, "--stage", "f",
-                          "data.batch_size=6", "train.grad_accum=2"), _env(ACCELERATE_USE_CPU="1"))
+    proc = _run(
+        _torchrun(
+            "--standalone",
+            "--nproc_per_node",
+            2,
+            "launch/train.py",
+            "--config",
+            cfg,
+            "--stage",
+            "f",
+            "data.batch_size=6",
+            "train.grad_accum=2",
+        ),
+        _env(ACCELERATE_USE_CPU="1"),
+    )
     assert proc.returncode != 0
     assert "'data.batch_size'=6 (the global batch) must divide evenly across 2 process(es)" in proc.stderr
     assert not any((tmp_path / "out").rglob("step-*"))
@@ -209,14 +282,43 @@ def test_two_processes_with_accumulation_match_one_process_on_stage_g(shards, tr
     outs = {}
     for world, accum in ((1, 1), (2, 2)):
         out = tmp_path / f"w{world}"
-        cfg = write_config(tmp_path / f"w{world}.yaml", shards, out,
-                           train={**SHORT, "grad_accum": accum, "f_weights": str(trained_f)}, data=TORCH_LOADER)
+        cfg = write_config(
+            tmp_path / f"w{world}.yaml",
+            shards,
+            out,
+            train={**SHORT, "grad_accum": accum, "f_weights": str(trained_f)},
+            data=TORCH_LOADER,
+        )
         if world == 1:  # one process on its own, as a user starts it
-            proc = run_cli("launch/train.py", "--config", cfg, "--stage", "g", "--unroll", 2,
-                           env={"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}, check=True)
+            proc = run_cli(
+                "launch/train.py",
+                "--config",
+                cfg,
+                "--stage",
+                "g",
+                "--unroll",
+                2,
+                env={"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"},
+                check=True,
+            )
         else:
-            proc = _ok(_run(_torchrun("--standalone", "--nproc_per_node", world, "launch/train.py", "--config", cfg,
-                                      "--stage", "g", "--unroll", 2), _env(ACCELERATE_USE_CPU="1")))
+            proc = _ok(
+                _run(
+                    _torchrun(
+                        "--standalone",
+                        "--nproc_per_node",
+                        world,
+                        "launch/train.py",
+                        "--config",
+                        cfg,
+                        "--stage",
+                        "g",
+                        "--unroll",
+                        2,
+                    ),
+                    _env(ACCELERATE_USE_CPU="1"),
+                )
+            )
         assert f"{world} process(es) x {4 // (world * accum)} per device x {accum} accumulation" in proc.stdout
         assert "checkpointing on" in proc.stdout
         outs[world] = out / "g.safetensors"
@@ -237,10 +339,32 @@ def test_two_node_rendezvous_trains_and_checkpoints(shards, tmp_path):
     port = free_port()
     agents = [
         subprocess.Popen(
-            _torchrun("--nnodes", 2, "--node_rank", rank, "--nproc_per_node", 1, "--rdzv-backend", "c10d",
-                      "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "golf-test",
-                      "--rdzv-conf", "join_timeout=120", "launch/train.py", "--config", cfg, "--stage", "f"),
-            cwd=ROOT, env=_env(ACCELERATE_USE_CPU="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            _torchrun(
+                "--nnodes",
+                2,
+                "--node_rank",
+                rank,
+                "--nproc_per_node",
+                1,
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv-id",
+                "golf-test",
+                "--rdzv-conf",
+                "join_timeout=120",
+                "launch/train.py",
+                "--config",
+                cfg,
+                "--stage",
+                "f",
+            ),
+            cwd=ROOT,
+            env=_env(ACCELERATE_USE_CPU="1"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for rank in (0, 1)
     ]
@@ -259,13 +383,30 @@ def test_a_rendezvous_that_cannot_form_fails_in_bounded_time(shards, tmp_path):
     """Only one of two agents starts: it gives up after join_timeout and says what happened."""
     cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out", train=SHORT)
     port = free_port()
-    args = ["--nnodes", "2", "--node_rank", "0", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
-            "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-conf", "join_timeout=10",
-            "launch/train.py", "--config", str(cfg), "--stage", "f"]
+    args = [
+        "--nnodes",
+        "2",
+        "--node_rank",
+        "0",
+        "--nproc_per_node",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-conf",
+        "join_timeout=10",
+        "launch/train.py",
+        "--config",
+        str(cfg),
+        "--stage",
+        "f",
+    ]
     start = time.monotonic()
     # torchrun under the project's wrapper: torchrun's own output passes through, then one clear line
-    wrapped = run_cli("golf_dist/commands/launch.py", "torchrun", "--", *args, env={"ACCELERATE_USE_CPU": "1"},
-                      timeout=180)
+    wrapped = run_cli(
+        "golf_dist/commands/launch.py", "torchrun", "--", *args, env={"ACCELERATE_USE_CPU": "1"}, timeout=180
+    )
     took = time.monotonic() - start
     assert wrapped.returncode == 1 and took < 90, f"{took:.0f} s"
     assert "RendezvousTimeoutError" in wrapped.stderr  # torchrun's own words: a bare exception name
@@ -279,9 +420,27 @@ def test_deepspeed_engine_matches_ddp_on_stage_g(shards, trained_f):
     """DeepSpeed ZeRO-2 (its CPU accelerator, gloo, the project's JSON with bf16 off) against DDP,
     2 ranks x 2 micro-batches, frozen F outside the engine, checkpointed unroll; and ZeRO's
     partitioned state gathered into Adam's layout and loaded into a fresh engine resumes exactly."""
-    proc = _ok(_run(_torchrun("--standalone", "--nproc_per_node", 2, "tests/deepspeed_vs_ddp.py",
-                              "--shards", shards, "--f-weights", trained_f, "--steps", 3,
-                              "--grad-accum", 2, "--unroll", 2), _env()))
+    proc = _ok(
+        _run(
+            _torchrun(
+                "--standalone",
+                "--nproc_per_node",
+                2,
+                "tests/deepspeed_vs_ddp.py",
+                "--shards",
+                shards,
+                "--f-weights",
+                trained_f,
+                "--steps",
+                3,
+                "--grad-accum",
+                2,
+                "--unroll",
+                2,
+            ),
+            _env(),
+        )
+    )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["world_size"] == 2 and result["zero_stage"] == 2
     assert result["optimizer"] == "DeepSpeedZeroOptimizer"
@@ -296,15 +455,19 @@ def test_trainer_under_accelerate_deepspeed_checkpoints_and_resumes(shards, tmp_
     """The trainer's Accelerate+DeepSpeed path (engine backward/step, ZeRO state gathered into the
     checkpoint, scattered back on resume), as far as a CPU machine can run it: Accelerate runs
     DeepSpeed only on an accelerator, so with DeepSpeed's CPU accelerator it sees one process."""
-    pytest.importorskip("transformers", reason="Accelerate's DeepSpeed integration imports transformers: pip install transformers")
+    pytest.importorskip(
+        "transformers", reason="Accelerate's DeepSpeed integration imports transformers: pip install transformers"
+    )
     ds_json = json.loads((CONFIGS / "deepspeed_zero2.json").read_text())
     ds_json["bf16"] = {"enabled": False}  # no bf16 on this CPU path; the rest is the project's file
     ds_json["zero_optimization"]["overlap_comm"] = False
     (tmp_path / "ds_cpu.json").write_text(json.dumps(ds_json))
     ds_env = _env(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_CONFIG_FILE=str(tmp_path / "ds_cpu.json"))
     outs = {kind: tmp_path / kind for kind in ("plain", "ds")}
-    cfgs = {kind: write_config(tmp_path / f"{kind}.yaml", shards, outs[kind], train=DEEPSPEED_TRAIN, data=TORCH_LOADER)
-            for kind in outs}
+    cfgs = {
+        kind: write_config(tmp_path / f"{kind}.yaml", shards, outs[kind], train=DEEPSPEED_TRAIN, data=TORCH_LOADER)
+        for kind in outs
+    }
     run_cli("launch/train.py", "--config", cfgs["plain"], "--stage", "f", env={"OMP_NUM_THREADS": "1"}, check=True)
     cmd = _torchrun("--standalone", "--nproc_per_node", 1, "launch/train.py", "--config", cfgs["ds"], "--stage", "f")
     proc = _ok(_run(cmd, ds_env))
@@ -314,7 +477,9 @@ def test_trainer_under_accelerate_deepspeed_checkpoints_and_resumes(shards, tmp_
     # the checkpoint holds Adam's plain layout, whole: the same keys and shapes DDP writes
     ds_opt = torch.load(outs["ds"] / "f/checkpoints/step-00000004/optimizer.pt", weights_only=True)["optimizer"]
     plain_opt = torch.load(outs["plain"] / "f/checkpoints/step-00000004/optimizer.pt", weights_only=True)["optimizer"]
-    assert ds_opt["state"].keys() == plain_opt["state"].keys() and float(ds_opt["state"][0]["step"]) == 4.0  # optimizer steps
+    assert (
+        ds_opt["state"].keys() == plain_opt["state"].keys() and float(ds_opt["state"][0]["step"]) == 4.0
+    )  # optimizer steps
     for i in plain_opt["state"]:
         assert ds_opt["state"][i]["exp_avg"].shape == plain_opt["state"][i]["exp_avg"].shape
 
@@ -324,8 +489,21 @@ def test_trainer_under_accelerate_deepspeed_checkpoints_and_resumes(shards, tmp_
 
     shutil.rmtree(outs["ds"] / "f/checkpoints/step-00000004")
     (outs["ds"] / "f.safetensors").unlink()
-    proc = _ok(_run(_torchrun("--standalone", "--nproc_per_node", 1, "launch/train.py", "--config",
-                              tmp_path / "ds.yaml", "--stage", "f"), ds_env))
+    proc = _ok(
+        _run(
+            _torchrun(
+                "--standalone",
+                "--nproc_per_node",
+                1,
+                "launch/train.py",
+                "--config",
+                tmp_path / "ds.yaml",
+                "--stage",
+                "f",
+            ),
+            ds_env,
+        )
+    )
     assert "resuming stage f from" in proc.stdout and "step-00000002" in proc.stdout
     resumed = load_file(str(outs["ds"] / "f.safetensors"))
     for key in final:
@@ -336,13 +514,37 @@ def test_trainer_under_accelerate_deepspeed_checkpoints_and_resumes(shards, tmp_
 def test_accelerate_launch_with_the_deepspeed_config_exports_fp32_masters(tiny_shards, tmp_path):
     """`accelerate launch` with the project's DeepSpeed YAML and JSON as they are (bf16): bf16 working
     weights, but the exported ones are the fp32 masters."""
-    pytest.importorskip("transformers", reason="Accelerate's DeepSpeed integration imports transformers: pip install transformers")
+    pytest.importorskip(
+        "transformers", reason="Accelerate's DeepSpeed integration imports transformers: pip install transformers"
+    )
     bf16_out = tmp_path / "bf16"
-    cfg = write_config(tmp_path / "bf16.yaml", tiny_shards, bf16_out, data={**TORCH_LOADER, **TINY_DATA}, val=BF16_VAL,
-                       train={**DEEPSPEED_TRAIN, "steps": 2, "val_every": 2})  # 2 optimizer steps of 2 micro-batches
-    proc = _ok(_run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                     str(CONFIGS / "deepspeed_zero2.yaml"), "--num_processes", "1",
-                     "launch/train.py", "--config", str(cfg), "--stage", "f"], _env()))
+    cfg = write_config(
+        tmp_path / "bf16.yaml",
+        tiny_shards,
+        bf16_out,
+        data={**TORCH_LOADER, **TINY_DATA},
+        val=BF16_VAL,
+        train={**DEEPSPEED_TRAIN, "steps": 2, "val_every": 2},
+    )  # 2 optimizer steps of 2 micro-batches
+    proc = _ok(
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--config_file",
+                str(CONFIGS / "deepspeed_zero2.yaml"),
+                "--num_processes",
+                "1",
+                "launch/train.py",
+                "--config",
+                str(cfg),
+                "--stage",
+                "f",
+            ],
+            _env(),
+        )
+    )
     assert "DeepSpeed ZeRO stage 2 (DeepSpeedZeroOptimizer), mixed precision bf16" in proc.stdout
     weights = load_file(str(bf16_out / "f.safetensors"))
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli
+
 from golf_dist.experiments import two_pixel
 
 
@@ -52,8 +52,22 @@ def test_toy_accuracy_and_the_two_mses_at_a_small_size():
 @pytest.mark.slow
 def test_two_pixel_command_writes_its_figure_json_and_run(tmp_path):
     out = tmp_path / "toy"
-    proc = run_cli("launch/experiment.py", "two-pixel", "--out", out, "--seeds", "0", "3", "--train-pairs", "400",
-                   "--test-points", "200", "--steps", "800", check=True)
+    proc = run_cli(
+        "launch/experiment.py",
+        "two-pixel",
+        "--out",
+        out,
+        "--seeds",
+        "0",
+        "3",
+        "--train-pairs",
+        "400",
+        "--test-points",
+        "200",
+        "--steps",
+        "800",
+        check=True,
+    )
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     result = json.loads((out / "two_pixel.json").read_text())
     assert [row["seed"] for row in result["seeds"]] == [0, 3]
@@ -72,9 +86,28 @@ def test_two_pixel_command_writes_its_figure_json_and_run(tmp_path):
 def test_forgetting_command_runs_the_four_schedules(shards, tmp_path):
     """Figure 5 at a tiny size: four schedules, each validated at its start, its phase change and its end."""
     out = tmp_path / "forgetting"
-    run_cli("launch/experiment.py", "forgetting", "--out", out, "--shards", shards, "--steps-per-phase", "2",
-            "--val-every", "2", "--crop", "32", "--batch", "2", "--train-pairs", "4", "--val-crops", "2",
-            "--no-tracking", check=True)
+    run_cli(
+        "launch/experiment.py",
+        "forgetting",
+        "--out",
+        out,
+        "--shards",
+        shards,
+        "--steps-per-phase",
+        "2",
+        "--val-every",
+        "2",
+        "--crop",
+        "32",
+        "--batch",
+        "2",
+        "--train-pairs",
+        "4",
+        "--val-crops",
+        "2",
+        "--no-tracking",
+        check=True,
+    )
     result = json.loads((out / "forgetting.json").read_text())
     assert len(result["curves"]) == 4
     for curve in result["curves"].values():
@@ -89,8 +122,21 @@ def test_forgetting_command_runs_the_four_schedules(shards, tmp_path):
 @pytest.mark.slow
 def test_g_convergence_command(small_run, shards, tmp_path):
     out = tmp_path / "conv"
-    proc = run_cli("launch/experiment.py", "g-convergence", "--output-dir", small_run["out"], "--shards", shards,
-                   "--iterations", "5", "--limit", "1", "--out", out, check=True)
+    proc = run_cli(
+        "launch/experiment.py",
+        "g-convergence",
+        "--output-dir",
+        small_run["out"],
+        "--shards",
+        shards,
+        "--iterations",
+        "5",
+        "--limit",
+        "1",
+        "--out",
+        out,
+        check=True,
+    )
     result = json.loads((out / "g_convergence.json").read_text())
     assert len(result["psnr_per_iteration"]) == 6 and len(result["change_per_iteration"]) == 5
     assert json.loads(proc.stdout.strip().splitlines()[-1])["best_iteration"] == result["best_iteration"]
@@ -105,20 +151,45 @@ def test_lambda_sweep_trains_one_f_per_weight_with_a_vgg_file_made_here(shards, 
     """The harness with a VGG-11-BN file in torchvision's layout (random values, made here): one F per lambda,
     each scored; without the file it stops before any training, saying where the file goes."""
     from conftest import write_config
+
     from golf_dist.losses import VGG_WEIGHTS_FILE, VGGFeatures
 
-    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "unused", train={"steps": 2, "val_every": 2,
-                                                                                  "checkpoint_every": 2})
-    missing = run_cli("launch/experiment.py", "lambda-sweep", "--config", cfg, "--out", tmp_path / "none",
-                      "--lambdas", "0", "1e-3", env={"TORCH_HOME": str(tmp_path / "empty_home")})
+    cfg = write_config(
+        tmp_path / "c.yaml", shards, tmp_path / "unused", train={"steps": 2, "val_every": 2, "checkpoint_every": 2}
+    )
+    missing = run_cli(
+        "launch/experiment.py",
+        "lambda-sweep",
+        "--config",
+        cfg,
+        "--out",
+        tmp_path / "none",
+        "--lambdas",
+        "0",
+        "1e-3",
+        env={"TORCH_HOME": str(tmp_path / "empty_home")},
+    )
     assert missing.returncode == 1 and VGG_WEIGHTS_FILE in missing.stderr and not (tmp_path / "none").exists()
 
     weights = tmp_path / "vgg.pth"
     torch.manual_seed(0)
     torch.save(VGGFeatures().state_dict(), weights)
     out = tmp_path / "sweep"
-    run_cli("launch/experiment.py", "lambda-sweep", "--config", cfg, "--out", out, "--lambdas", "0", "1e-3",
-            "--limit", "1", f"loss.vgg_weights={weights}", check=True)
+    run_cli(
+        "launch/experiment.py",
+        "lambda-sweep",
+        "--config",
+        cfg,
+        "--out",
+        out,
+        "--lambdas",
+        "0",
+        "1e-3",
+        "--limit",
+        "1",
+        f"loss.vgg_weights={weights}",
+        check=True,
+    )
     rows = json.loads((out / "lambda_sweep.json").read_text())["rows"]
     assert [row["lambda"] for row in rows] == [0.0, 1e-3] and all(np.isfinite(row["psnr"]) for row in rows)
     assert rows[0]["psnr"] != rows[1]["psnr"]  # the perceptual term changed what F learnt

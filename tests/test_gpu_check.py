@@ -5,13 +5,22 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import run_cli
 
-ROWS = [f"train_{stage} {column}" for stage in ("f", "g") for column in (
-    "eager", "compile", "channels_last", "fused_norm", "fused_adam", "tf32", "cuda_graphs")] + [
-    "bf16 vs fp32", "memory g unroll 8", "memory g unroll 32", "dali vs torch loader", "evaluation", "infer 256",
-    "deblur 1280x720", "onnxruntime"]
+ROWS = [
+    f"train_{stage} {column}"
+    for stage in ("f", "g")
+    for column in ("eager", "compile", "channels_last", "fused_norm", "fused_adam", "tf32", "cuda_graphs")
+] + [
+    "bf16 vs fp32",
+    "memory g unroll 8",
+    "memory g unroll 32",
+    "dali vs torch loader",
+    "evaluation",
+    "infer 256",
+    "deblur 1280x720",
+    "onnxruntime",
+]
 
 
 @pytest.mark.slow
@@ -50,7 +59,13 @@ def test_the_rows_and_their_table_without_a_gpu(tmp_path):
             rows[name]()
     assert "not judged on a CPU" in gpu_check._judge("infer 256", {"ms": 3.0}, "cpu")
     assert gpu_check._judge("infer 256", {"ms": 0.5}, "cuda").startswith("met")
-    report = {"device": "cpu", "torch": "x", "seconds": 1.0,
-              "rows": [{"row": "infer 256", "status": "ok", "ms": 3.0, "seconds": 0.1},
-                       {"row": "onnxruntime", "status": "skipped", "why": "no onnx", "seconds": 0.0}]}
+    report = {
+        "device": "cpu",
+        "torch": "x",
+        "seconds": 1.0,
+        "rows": [
+            {"row": "infer 256", "status": "ok", "ms": 3.0, "seconds": 0.1},
+            {"row": "onnxruntime", "status": "skipped", "why": "no onnx", "seconds": 0.0},
+        ],
+    }
     assert "| infer 256 | ok | ms 3.0 |" in gpu_check.table(report) and "skipped: no onnx" in gpu_check.table(report)

@@ -18,17 +18,15 @@ import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import tmpfs, write_gopro
 
 from golf_dist import checkpoints
 from golf_dist.checkpoints import best_checkpoint, exported_weights, list_checkpoints, prune, save_checkpoint
 from golf_dist.data import storage
 from golf_dist.data.prep.sharding import shard_gopro
 from golf_dist.data.shard_reader import parse_manifest, read_manifest
-from conftest import tmpfs, write_gopro
 from golf_dist.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,15 +36,27 @@ WHERE = "s3://bucket/set/manifest.json"
 def _manifest() -> dict:
     """The shape shard_gopro writes (see sharding._build_manifest / shard_files._entry)."""
     return {
-        "format_version": 1, "image_format": "png", "blur_dir": "blur", "seed": 0, "maxcount": 4,
+        "format_version": 1,
+        "image_format": "png",
+        "blur_dir": "blur",
+        "seed": 0,
+        "maxcount": 4,
         "splits": {
             "train": {
-                "pairs": 2, "height": 32, "width": 48, "image_format": "png",
-                "shards": [{
-                    "path": "train/train-000000.tar", "samples": 2, "bytes": 10, "sha256": "0" * 64,
-                    "index": {"path": "train/train-000000.idx", "bytes": 5, "sha256": "1" * 64},
-                }],
-            },
+                "pairs": 2,
+                "height": 32,
+                "width": 48,
+                "image_format": "png",
+                "shards": [
+                    {
+                        "path": "train/train-000000.tar",
+                        "samples": 2,
+                        "bytes": 10,
+                        "sha256": "0" * 64,
+                        "index": {"path": "train/train-000000.idx", "bytes": 5, "sha256": "1" * 64},
+                    }
+                ],
+            }
         },
     }
 
@@ -71,11 +81,25 @@ def test_manifests_the_sharder_writes_stay_valid(tmp_path):
     parse_manifest(_dump(old), WHERE)
 
 
-@pytest.mark.parametrize("path", [
-    "../evil.tar", "/etc/evil.tar", "train/../../evil.tar", "train/../evil.tar", "train\\evil.tar",
-    "train//evil.tar", "train/evil.txt", "val/val-000000.tar", "train/sub/evil.tar", "./train/evil.tar",
-    "train/.tar", "train/", "train/train-000000.idx", "",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "../evil.tar",
+        "/etc/evil.tar",
+        "train/../../evil.tar",
+        "train/../evil.tar",
+        "train\\evil.tar",
+        "train//evil.tar",
+        "train/evil.txt",
+        "val/val-000000.tar",
+        "train/sub/evil.tar",
+        "./train/evil.tar",
+        "train/.tar",
+        "train/",
+        "train/train-000000.idx",
+        "",
+    ],
+)
 def test_manifest_shard_paths_must_be_split_relative(path):
     manifest = _manifest()
     manifest["splits"]["train"]["shards"][0]["path"] = path
@@ -106,31 +130,34 @@ def _set(tree: dict, dotted: str, value) -> None:
     tree[last] = value
 
 
-@pytest.mark.parametrize("field, value", [
-    ("splits.train.shards[0].path", None),
-    ("splits.train.shards[0].path", 7),
-    ("splits.train.shards[0].bytes", "10"),
-    ("splits.train.shards[0].bytes", True),
-    ("splits.train.shards[0].bytes", -1),
-    ("splits.train.shards[0].samples", 2.5),
-    ("splits.train.shards[0].sha256", None),
-    ("splits.train.shards[0].index.path", None),
-    ("splits.train.shards[0].index.bytes", [5]),
-    ("splits.train.shards[0].index.sha256", {}),
-    ("splits.train.shards[0].index", "train/train-000000.idx"),
-    ("splits.train.shards[0]", None),
-    ("splits.train.shards", {}),
-    ("splits.train.pairs", None),
-    ("splits.train.height", "32"),
-    ("splits.train.width", -48),
-    ("splits.train.image_format", 3),
-    ("splits.train", []),
-    ("splits", ["train"]),
-    ("image_format", None),
-    ("blur_dir", 1),
-    ("seed", "0"),
-    ("maxcount", None),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("splits.train.shards[0].path", None),
+        ("splits.train.shards[0].path", 7),
+        ("splits.train.shards[0].bytes", "10"),
+        ("splits.train.shards[0].bytes", True),
+        ("splits.train.shards[0].bytes", -1),
+        ("splits.train.shards[0].samples", 2.5),
+        ("splits.train.shards[0].sha256", None),
+        ("splits.train.shards[0].index.path", None),
+        ("splits.train.shards[0].index.bytes", [5]),
+        ("splits.train.shards[0].index.sha256", {}),
+        ("splits.train.shards[0].index", "train/train-000000.idx"),
+        ("splits.train.shards[0]", None),
+        ("splits.train.shards", {}),
+        ("splits.train.pairs", None),
+        ("splits.train.height", "32"),
+        ("splits.train.width", -48),
+        ("splits.train.image_format", 3),
+        ("splits.train", []),
+        ("splits", ["train"]),
+        ("image_format", None),
+        ("blur_dir", 1),
+        ("seed", "0"),
+        ("maxcount", None),
+    ],
+)
 def test_every_manifest_field_is_type_checked(field, value):
     manifest = _manifest()
     _set(manifest, field, value)
@@ -194,8 +221,14 @@ def _save(root, step, psnr=None, value=0.0, ema=None, opt_size=2):
     model = {"w": torch.full((2, 2), value)}
     opt = {"state": {0: {"exp_avg": torch.ones(opt_size)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
     ema_state = None if ema is None else {"w": torch.full((2, 2), ema)}
-    return save_checkpoint(root, step, model, {"optimizer": opt, "scheduler": {"last_epoch": step}},
-                           {"val_psnr": psnr}, ema_state=ema_state)
+    return save_checkpoint(
+        root,
+        step,
+        model,
+        {"optimizer": opt, "scheduler": {"last_epoch": step}},
+        {"val_psnr": psnr},
+        ema_state=ema_state,
+    )
 
 
 def test_prune_after_a_save_survives_a_truncated_oldest_state_json(tmp_path):
@@ -336,13 +369,17 @@ def test_clean_stale_temporaries_removes_what_dead_writers_left(tmp_path):
         (tmp_path / f".best.safetensors.tmp-{dead.pid}").write_bytes(b"partial")  # save_weights' temporary
         (tmp_path / "notes.tmp-1").write_text("not ours")
         removed = clean_stale_temporaries(tmp_path)
-        assert sorted(p.name for p in removed) == sorted([
-            f".tmp-step-00000002-{dead.pid}", f".tmp-step-00000004-{os.getpid()}",
-            f".old-step-00000001-{dead.pid}", f".best.safetensors.tmp-{dead.pid}",
-        ])
-        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
-            "step-00000001", "step-00000006", f".tmp-step-00000003-{live.pid}", "notes.tmp-1",
-        ])
+        assert sorted(p.name for p in removed) == sorted(
+            [
+                f".tmp-step-00000002-{dead.pid}",
+                f".tmp-step-00000004-{os.getpid()}",
+                f".old-step-00000001-{dead.pid}",
+                f".best.safetensors.tmp-{dead.pid}",
+            ]
+        )
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            ["step-00000001", "step-00000006", f".tmp-step-00000003-{live.pid}", "notes.tmp-1"]
+        )
         assert checkpoints.load_checkpoint(tmp_path / "step-00000006")["state"]["val_psnr"] == 26.0
         assert clean_stale_temporaries(tmp_path / "absent") == []
     finally:
@@ -353,17 +390,23 @@ def test_clean_stale_temporaries_removes_what_dead_writers_left(tmp_path):
 # ---------------------------------------------------------------- 4. secrets
 
 
-@pytest.mark.parametrize("text, shown", [
-    ("https://user:p@ss/word@host/path", "https://***@host/path"),
-    ("https://user:p/ss@host:8443/x", "https://***@host:8443/x"),
-    ("postgresql://mlflow:s3cr@t@db:5432/mlflow", "postgresql://***@db:5432/mlflow"),
-    ("https://u:p?w#d@host/x", "https://***@host/x"),
-    ("http://u:pw@127.0.0.1:5000", "http://***@127.0.0.1:5000"),
-    ("failed: 'https://a:b@h:1/api?x=1' (retry https://c:d@e)", "failed: 'https://***@h:1/api?x=1' (retry https://***@e)"),
-    ("http://127.0.0.1:5000/api and s3://bucket/key", "http://127.0.0.1:5000/api and s3://bucket/key"),
-    ("sqlite:////tmp/a@b/mlflow.db", "sqlite:////tmp/a@b/mlflow.db"),
-    ("https://github.com/org/repo@v1", "https://github.com/org/repo@v1"),
-])
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        ("https://user:p@ss/word@host/path", "https://***@host/path"),
+        ("https://user:p/ss@host:8443/x", "https://***@host:8443/x"),
+        ("postgresql://mlflow:s3cr@t@db:5432/mlflow", "postgresql://***@db:5432/mlflow"),
+        ("https://u:p?w#d@host/x", "https://***@host/x"),
+        ("http://u:pw@127.0.0.1:5000", "http://***@127.0.0.1:5000"),
+        (
+            "failed: 'https://a:b@h:1/api?x=1' (retry https://c:d@e)",
+            "failed: 'https://***@h:1/api?x=1' (retry https://***@e)",
+        ),
+        ("http://127.0.0.1:5000/api and s3://bucket/key", "http://127.0.0.1:5000/api and s3://bucket/key"),
+        ("sqlite:////tmp/a@b/mlflow.db", "sqlite:////tmp/a@b/mlflow.db"),
+        ("https://github.com/org/repo@v1", "https://github.com/org/repo@v1"),
+    ],
+)
 def test_redact_hides_passwords_holding_slashes_and_ats(text, shown):
     from golf_dist.tracking import redact
 
@@ -375,23 +418,41 @@ def test_redact_hides_passwords_holding_slashes_and_ats(text, shown):
 def test_redact_config_dict_redacts_every_uri_in_a_nested_config():
     from golf_dist.tracking import redact_config_dict
 
-    cfg = {"seed": 1, "tracking": {"uri": "https://user:p@ss/word@mlflow.example/", "experiment": "x"},
-           "data": {"shards": "s3://key:secret@bucket/set", "crops": [1, 2]},
-           "train": {"resume_from": ["runs:/abc/checkpoints", "https://u:pw@h/ck"]}, "none": None}
+    cfg = {
+        "seed": 1,
+        "tracking": {"uri": "https://user:p@ss/word@mlflow.example/", "experiment": "x"},
+        "data": {"shards": "s3://key:secret@bucket/set", "crops": [1, 2]},
+        "train": {"resume_from": ["runs:/abc/checkpoints", "https://u:pw@h/ck"]},
+        "none": None,
+    }
     before = copy.deepcopy(cfg)
     out = redact_config_dict(cfg)
-    assert out == {"seed": 1, "tracking": {"uri": "https://***@mlflow.example/", "experiment": "x"},
-                   "data": {"shards": "s3://***@bucket/set", "crops": [1, 2]},
-                   "train": {"resume_from": ["runs:/abc/checkpoints", "https://***@h/ck"]}, "none": None}
+    assert out == {
+        "seed": 1,
+        "tracking": {"uri": "https://***@mlflow.example/", "experiment": "x"},
+        "data": {"shards": "s3://***@bucket/set", "crops": [1, 2]},
+        "train": {"resume_from": ["runs:/abc/checkpoints", "https://***@h/ck"]},
+        "none": None,
+    }
     assert cfg == before  # a copy: the config itself keeps its URIs
 
 
 def test_real_env_files_are_ignored_and_examples_are_not():
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
-    ignored = subprocess.run(["git", "check-ignore", "infra/mlflow/server.env", "infra/mlflow/trainer.env",
-                              "infra/mlflow/server.env.example", "infra/mlflow/trainer.env.example"],
-                             cwd=ROOT, capture_output=True, text=True).stdout.split()
+    ignored = subprocess.run(
+        [
+            "git",
+            "check-ignore",
+            "infra/mlflow/server.env",
+            "infra/mlflow/trainer.env",
+            "infra/mlflow/server.env.example",
+            "infra/mlflow/trainer.env.example",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     assert ignored == ["infra/mlflow/server.env", "infra/mlflow/trainer.env"]
 
 
@@ -399,7 +460,8 @@ def test_real_env_files_are_ignored_and_examples_are_not():
 
 
 def test_a_negative_seed_is_refused_by_name():
-    from golf_dist.config import DEFAULT_CONFIG, load_config
+    from golf_dist.config import load_config
+    from golf_dist.configs import DEFAULT_CONFIG
 
     with pytest.raises(ConfigError, match="'seed'"):
         load_config(DEFAULT_CONFIG, stage="f", overrides=["seed=-1"])
@@ -412,8 +474,9 @@ CLUSTER = ROOT / "infra" / "slurm" / "local_cluster.sh"
 def _cluster(*args, path: Path):
     """local_cluster.sh with `path` first on PATH (fake daemons there: nothing real ever starts)."""
     env = {**os.environ, "PATH": f"{path}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
-    return subprocess.run([shutil.which("bash"), str(CLUSTER), *map(str, args)], capture_output=True, text=True,
-                          timeout=60, env=env)
+    return subprocess.run(
+        [shutil.which("bash"), str(CLUSTER), *map(str, args)], capture_output=True, text=True, timeout=60, env=env
+    )
 
 
 @pytest.fixture()

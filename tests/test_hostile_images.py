@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_gopro
 from PIL import Image
 
 from golf_dist.data import formats
@@ -23,12 +24,12 @@ from golf_dist.data.prep.sharding import shard_gopro
 from golf_dist.data.shard_reader import index_shard, read_manifest, shard_paths
 from golf_dist.data.split_check import check_split, image_size
 from golf_dist.data.torch_loader import ShardPairs
-from conftest import write_gopro
 from golf_dist.errors import DataError
 
 
 def _png(width: int, height: int, bit_depth: int, color_type: int, raw: bytes) -> bytes:
     """A PNG of one IDAT holding `raw` (filter bytes included) whatever IHDR claims."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -54,8 +55,10 @@ def _save(image: Image.Image, fmt: str = "PNG") -> bytes:
 @pytest.mark.parametrize("width, height", [(4000, 4000), (20000, 20000), (1 << 20, 1 << 14)])
 def test_a_decompression_bomb_is_refused_by_name_before_decoding(width, height):
     bomb = _png(width, height, 8, 2, b"\0" * 64)  # a few bytes claiming a huge frame
-    for decoder in (lambda: formats.decode(bomb, "blur.png", "shard s.tar sample k1 (blur)"),
-                    lambda: formats.decode_pil(bomb, "shard s.tar sample k1 (blur)")):
+    for decoder in (
+        lambda: formats.decode(bomb, "blur.png", "shard s.tar sample k1 (blur)"),
+        lambda: formats.decode_pil(bomb, "shard s.tar sample k1 (blur)"),
+    ):
         with pytest.raises(DataError, match=r"shard s.tar sample k1 \(blur\): .*pixels"):
             decoder()
     with pytest.raises(ValueError, match="pixels"):  # the start-up header check: a bad sample
@@ -93,16 +96,24 @@ def test_an_npy_header_claiming_a_huge_frame_is_refused_by_the_pixel_cap():
         image_size(forged, "npy", len(forged))
 
 
-@pytest.mark.parametrize("head, why", [
-    (b"\x93NUMPY\x01\x00\x10", "cut inside the header length (struct.error before)"),
-    (b"\x93NUMPY\x01\x00" + struct.pack("<H", 60000) + b"{" * 4086, "oversized header length"),
-    (_npy((2, 3, 3), b"", extra="")[:40], "cut inside the header"),
-    (b"\x93NUMPY\x01\x00" + struct.pack("<H", 54) + b"{'descr': '|u1', 'fortran_order': False}".ljust(53) + b"\n",
-     "no shape key (KeyError before)"),
-    (_npy((2, 3, 3), b"\0" * 18, extra="'evil': 1, "), "an extra header key"),
-    (b"\x93NUMPY\x01\x00" + struct.pack("<H", 22) + b"[1, 2, 3]".ljust(21) + b"\n", "not a dict (AttributeError)"),
-    (b"\x93NUMPY\x01\x00" + struct.pack("<H", 22) + b"(" * 21 + b"\n", "a syntax error"),
-])
+@pytest.mark.parametrize(
+    "head, why",
+    [
+        (b"\x93NUMPY\x01\x00\x10", "cut inside the header length (struct.error before)"),
+        (b"\x93NUMPY\x01\x00" + struct.pack("<H", 60000) + b"{" * 4086, "oversized header length"),
+        (_npy((2, 3, 3), b"", extra="")[:40], "cut inside the header"),
+        (
+            b"\x93NUMPY\x01\x00"
+            + struct.pack("<H", 54)
+            + b"{'descr': '|u1', 'fortran_order': False}".ljust(53)
+            + b"\n",
+            "no shape key (KeyError before)",
+        ),
+        (_npy((2, 3, 3), b"\0" * 18, extra="'evil': 1, "), "an extra header key"),
+        (b"\x93NUMPY\x01\x00" + struct.pack("<H", 22) + b"[1, 2, 3]".ljust(21) + b"\n", "not a dict (AttributeError)"),
+        (b"\x93NUMPY\x01\x00" + struct.pack("<H", 22) + b"(" * 21 + b"\n", "a syntax error"),
+    ],
+)
 def test_malformed_npy_headers_are_bad_samples_not_crashes(head, why):
     with pytest.raises(ValueError):
         image_size(head, "npy", len(head))

@@ -13,24 +13,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli, write_config
 from safetensors.torch import load_file, save_file
 
-from conftest import run_cli, write_config
-from golf_dist.checkpoints import (
-    best_checkpoint,
-    exported_weights,
-    load_checkpoint,
-    load_latest,
-    save_checkpoint,
-)
+from golf_dist.checkpoints import best_checkpoint, exported_weights, load_checkpoint, load_latest, save_checkpoint
 from golf_dist.errors import DataError
 
 
 def _save(root, step, value=0.0, ema=None, psnr=None):
     model = {"w": torch.full((4, 4), value)}
     opt = {"state": {0: {"exp_avg": torch.ones(2)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
-    return save_checkpoint(root, step, model, {"optimizer": opt, "scheduler": {"last_epoch": step}},
-                           {"val_psnr": psnr}, ema_state=None if ema is None else {"w": torch.full((4, 4), ema)})
+    return save_checkpoint(
+        root,
+        step,
+        model,
+        {"optimizer": opt, "scheduler": {"last_epoch": step}},
+        {"val_psnr": psnr},
+        ema_state=None if ema is None else {"w": torch.full((4, 4), ema)},
+    )
 
 
 def _sha(path: Path) -> str:

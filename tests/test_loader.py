@@ -5,12 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 
 from golf_dist.data.crop_plan import CropPlan
 from golf_dist.data.torch_loader import RankBatches, ShardPairs, TrainCrops, full_frame_loader, train_loader
-
-from conftest import run_cli
 
 
 def _coordinate_pairs(root: Path, height=40, width=56, frames=3):
@@ -32,8 +31,18 @@ def _coordinate_pairs(root: Path, height=40, width=56, frames=3):
 def coordinate_shards(tmp_path_factory):
     base = tmp_path_factory.mktemp("coords")
     _coordinate_pairs(base / "GOPRO_Large")
-    run_cli("data_prep/shard_gopro.py", "--src", base / "GOPRO_Large", "--out", base / "shards",
-            "--maxcount", 2, "--workers", 1, check=True)
+    run_cli(
+        "data_prep/shard_gopro.py",
+        "--src",
+        base / "GOPRO_Large",
+        "--out",
+        base / "shards",
+        "--maxcount",
+        2,
+        "--workers",
+        1,
+        check=True,
+    )
     return base / "shards"
 
 
@@ -137,18 +146,27 @@ def test_crops_per_frame_cuts_k_windows_from_one_decoded_pair(coordinate_shards)
     assert len(loads) == 6 and differ >= 5
 
 
-
 @pytest.mark.slow
 def test_batches_for_a_gpu_are_page_locked_so_their_copy_overlaps_the_step(shards):
     """The trainer copies each batch with non_blocking=True: from pinned memory that copy is asynchronous."""
     from golf_dist.config import load_config
     from golf_dist.data.loaders import make_train_loader
 
-    cfg = load_config("gopro", overrides=[f"data.shards={shards}", "data.crop=32", "data.num_workers=0",
-                                          "train.steps=2"])
+    cfg = load_config(
+        "gopro", overrides=[f"data.shards={shards}", "data.crop=32", "data.num_workers=0", "train.steps=2"]
+    )
     pairs = ShardPairs(shards, "train")
     for device, pinned in (("cpu", False), ("cuda", True)):
-        loader = make_train_loader(cfg, pairs, global_batch=4, accum=1, world=1, rank=0, start_step=0,
-                                   device=torch.device(device), loader="torch")
+        loader = make_train_loader(
+            cfg,
+            pairs,
+            global_batch=4,
+            accum=1,
+            world=1,
+            rank=0,
+            start_step=0,
+            device=torch.device(device),
+            loader="torch",
+        )
         assert loader.loader.pin_memory is pinned
         loader.close()

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import AffineMap
 
 from golf_dist.errors import GolfError
 from golf_dist.losses import (
@@ -19,11 +20,17 @@ from golf_dist.losses import (
 )
 from golf_dist.models import g_net, unroll
 
-from conftest import AffineMap
-
 # torchvision vgg11_bn().features: where the convs and BNs sit, and the channel widths (cfg "A").
-CONVS = {0: (3, 64), 4: (64, 128), 8: (128, 256), 11: (256, 256), 15: (256, 512), 18: (512, 512),
-         22: (512, 512), 25: (512, 512)}
+CONVS = {
+    0: (3, 64),
+    4: (64, 128),
+    8: (128, 256),
+    11: (256, 256),
+    15: (256, 512),
+    18: (512, 512),
+    22: (512, 512),
+    25: (512, 512),
+}
 POOLS = {3, 7, 14, 21, 28}
 
 
@@ -54,8 +61,15 @@ def manual_vgg(x: torch.Tensor, sd: dict) -> torch.Tensor:
         if i in CONVS:
             h = F.conv2d(h, sd[f"features.{i}.weight"], sd[f"features.{i}.bias"], padding=1)
             b = f"features.{i + 1}."
-            h = F.batch_norm(h, sd[b + "running_mean"], sd[b + "running_var"], sd[b + "weight"], sd[b + "bias"],
-                             training=False, eps=1e-5)
+            h = F.batch_norm(
+                h,
+                sd[b + "running_mean"],
+                sd[b + "running_var"],
+                sd[b + "weight"],
+                sd[b + "bias"],
+                training=False,
+                eps=1e-5,
+            )
             h = F.relu(h)
         elif i in POOLS:
             h = F.max_pool2d(h, 2, 2)
@@ -67,8 +81,9 @@ def test_vgg_state_dict_keys_are_torchvision_layout():
     expected = set()
     for i in CONVS:
         expected |= {f"features.{i}.weight", f"features.{i}.bias"}
-        expected |= {f"features.{i + 1}.{n}" for n in
-                     ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+        expected |= {
+            f"features.{i + 1}.{n}" for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+        }
     assert keys == expected
 
 
@@ -145,8 +160,12 @@ def test_find_vgg_weights(tmp_path, monkeypatch):
 
 def test_missing_message_says_what_to_do():
     msg = vgg_weights_missing_message()
-    for part in (VGG_WEIGHTS_FILE, "https://download.pytorch.org/models/vgg11_bn-6002323d.pth",
-                 "loss.vgg_weights=", "loss.perceptual_weight=0"):
+    for part in (
+        VGG_WEIGHTS_FILE,
+        "https://download.pytorch.org/models/vgg11_bn-6002323d.pth",
+        "loss.vgg_weights=",
+        "loss.perceptual_weight=0",
+    ):
         assert part in msg
 
 

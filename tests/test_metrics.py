@@ -32,8 +32,13 @@ def test_ssim_of_identical_images_is_one():
 def _skimage_ssim(a: torch.Tensor, b: torch.Tensor) -> list[float]:
     return [
         structural_similarity(
-            a[i].permute(1, 2, 0).double().numpy(), b[i].permute(1, 2, 0).double().numpy(),
-            channel_axis=-1, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+            a[i].permute(1, 2, 0).double().numpy(),
+            b[i].permute(1, 2, 0).double().numpy(),
+            channel_axis=-1,
+            data_range=1.0,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
         )
         for i in range(a.shape[0])
     ]

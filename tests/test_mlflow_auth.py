@@ -17,7 +17,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-
 from conftest import ROOT, mlflow_template, run_cli, write_config
 from mlflow_servers import MlflowServer
 
@@ -26,8 +25,9 @@ TRAINER, TRAINER_PW = "trainer", "trn-5d8e0b3c6a-pw"
 
 
 def _request(url: str, user: str | None = None, password: str | None = None, data: dict | None = None) -> int:
-    req = urllib.request.Request(url, data=None if data is None else json.dumps(data).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=None if data is None else json.dumps(data).encode(), headers={"Content-Type": "application/json"}
+    )
     if user is not None:
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
         req.add_header("Authorization", f"Basic {token}")
@@ -44,9 +44,20 @@ def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("auth")
     shutil.copyfile(mlflow_template(), base / "mlflow.db")  # the schema in place: the server skips its migrations
     srv = MlflowServer(
-        ["--backend-store-uri", f"sqlite:///{base / 'mlflow.db'}", "--artifacts", str(base / "artifacts"),
-         "--auth", "basic", "--auth-dir", str(base / "auth"), "--auth-cache-seconds", "60"],
-        log=base / "server.log", via_script=True,
+        [
+            "--backend-store-uri",
+            f"sqlite:///{base / 'mlflow.db'}",
+            "--artifacts",
+            str(base / "artifacts"),
+            "--auth",
+            "basic",
+            "--auth-dir",
+            str(base / "auth"),
+            "--auth-cache-seconds",
+            "60",
+        ],
+        log=base / "server.log",
+        via_script=True,
         env={"MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PW, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no job workers
     )
     try:
@@ -57,11 +68,24 @@ def server(tmp_path_factory):
 
 def _serve(tmp_path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(ROOT / "infra/mlflow/serve.py"), "--backend-store-uri", f"sqlite:///{tmp_path}/m.db",
-         "--artifacts", str(tmp_path / "art"), "--dry-run", *args],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
-        env={**{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_AUTH", "MLFLOW_HOST"))},
-             **(env or {})},
+        [
+            sys.executable,
+            str(ROOT / "infra/mlflow/serve.py"),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/m.db",
+            "--artifacts",
+            str(tmp_path / "art"),
+            "--dry-run",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_AUTH", "MLFLOW_HOST"))},
+            **(env or {}),
+        },
     )
 
 
@@ -88,9 +112,13 @@ def test_unauthenticated_requests_get_401_and_a_trainer_logs_with_its_credential
     assert _request(f"{api}/users/create", "admin", ADMIN_PW, {"username": TRAINER, "password": TRAINER_PW}) == 200
 
     creds = {"MLFLOW_TRACKING_USERNAME": TRAINER, "MLFLOW_TRACKING_PASSWORD": TRAINER_PW}
-    cfg = write_config(base / "a.yaml", shards, base / "a",
-                       tracking={"uri": url, "experiment": "golf-auth", "log_checkpoints": True},
-                       train={"steps": 3, "log_every": 1, "val_every": 3, "checkpoint_every": 3})
+    cfg = write_config(
+        base / "a.yaml",
+        shards,
+        base / "a",
+        tracking={"uri": url, "experiment": "golf-auth", "log_checkpoints": True},
+        train={"steps": 3, "log_every": 1, "val_every": 3, "checkpoint_every": 3},
+    )
     proc = run_cli("launch/train.py", "--config", cfg, "--stage", "f", env=creds, check=True)
     run_id = json.loads((base / "a" / "f_run.json").read_text())["mlflow_run_id"]
 
@@ -106,10 +134,18 @@ def test_unauthenticated_requests_get_401_and_a_trainer_logs_with_its_credential
     assert run.data.params["tracking.uri"] == url
 
     # no password anywhere: output, params, tags, the run's files, the server's log and config
-    seen = [proc.stdout, proc.stderr, json.dumps(run.data.params), json.dumps(run.data.tags),
-            server["server"].log.read_text()]
-    seen += [p.read_text(errors="replace") for p in (base / "a").rglob("*") if p.is_file() and p.suffix in
-             (".json", ".yaml", ".jsonl", ".txt", ".log")]
+    seen = [
+        proc.stdout,
+        proc.stderr,
+        json.dumps(run.data.params),
+        json.dumps(run.data.tags),
+        server["server"].log.read_text(),
+    ]
+    seen += [
+        p.read_text(errors="replace")
+        for p in (base / "a").rglob("*")
+        if p.is_file() and p.suffix in (".json", ".yaml", ".jsonl", ".txt", ".log")
+    ]
     seen += [p.read_text(errors="replace") for p in (base / "auth").glob("*.ini")]
     for text in seen:
         assert ADMIN_PW not in text and TRAINER_PW not in text, text[:300]

@@ -14,10 +14,9 @@ from pathlib import Path
 import boto3
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, make_bucket, run_cli, write_config
 from mlflow_servers import MlflowServer, Postgres
+from safetensors.torch import load_file
 
 BUCKET, PREFIX = "golf-mlflow", "team"
 TOKEN = "tok-9c27e1"  # stands for a credential in the tracking URI: it must never reach params or logs
@@ -42,7 +41,9 @@ def team(s3_server, tmp_path_factory):
         # serve.py, which must pass it on without showing it (test_..._never_on_a_command_line_nor_printed)
         server = MlflowServer(
             ["--backend-store-uri", f"{pg.uri}?password={pg.password}", "--artifacts", f"s3://{BUCKET}/{PREFIX}"],
-            log=base / "server.log", env=s3_server, via_script=True,
+            log=base / "server.log",
+            env=s3_server,
+            via_script=True,
         )
         yield {"pg": pg, "server": server, "s3": s3_server, "base": base}
     finally:
@@ -58,8 +59,13 @@ def _trainer_env() -> dict[str, str]:
 
 
 def _s3(env):
-    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
+    return boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +73,12 @@ def first_run(team, shards):
     """Six steps of stage f, checkpoints at 3 and 6 uploaded, logged to the team server."""
     base = team["base"]
     port = team["server"].port
-    cfg = write_config(base / "a.yaml", shards, base / "a",
-                       tracking={"uri": f"http://golf:{TOKEN}@127.0.0.1:{port}", "experiment": "golf-team",
-                                 "log_checkpoints": True})
+    cfg = write_config(
+        base / "a.yaml",
+        shards,
+        base / "a",
+        tracking={"uri": f"http://golf:{TOKEN}@127.0.0.1:{port}", "experiment": "golf-team", "log_checkpoints": True},
+    )
     proc = run_cli("launch/train.py", "--config", cfg, "--stage", "f", env=_trainer_env(), check=True)
     run_id = json.loads((base / "a" / "f_run.json").read_text())["mlflow_run_id"]
     assert run_id, proc.stderr[-2000:]
@@ -86,7 +95,9 @@ def test_metrics_and_params_land_in_the_team_server_without_credentials(team, fi
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4, 6]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_psnr")] == [3, 6]
     params = run.data.params
-    assert params["global_batch"] == "4" and params["train.steps"] == "6" and params["tracking.log_checkpoints"] == "True"
+    assert (
+        params["global_batch"] == "4" and params["train.steps"] == "6" and params["tracking.log_checkpoints"] == "True"
+    )
     assert params["tracking.uri"] == f"http://***@127.0.0.1:{team['server'].port}"
     secrets = (TOKEN, team["pg"].password, team["s3"]["AWS_SECRET_ACCESS_KEY"])
     for key, value in params.items():
@@ -125,10 +136,12 @@ def test_resume_from_an_artifact_uri_matches_the_uninterrupted_run(team, first_r
 
     base = team["base"]
     uri = f"runs:/{first_run['run_id']}/checkpoints/step-00000003"
-    cfg = write_config(base / "b.yaml", shards, base / "b",
-                       tracking={"uri": team["server"].url, "experiment": "golf-team"})
-    proc = run_cli("launch/train.py", "--config", cfg, "--stage", "f", f"train.resume_from={uri}",
-                   env=_trainer_env(), check=True)
+    cfg = write_config(
+        base / "b.yaml", shards, base / "b", tracking={"uri": team["server"].url, "experiment": "golf-team"}
+    )
+    proc = run_cli(
+        "launch/train.py", "--config", cfg, "--stage", "f", f"train.resume_from={uri}", env=_trainer_env(), check=True
+    )
     assert f"resuming stage f from {uri} (step 3 of 6)" in proc.stdout, proc.stdout[-2000:]
     assert not list((base / "b" / "f").glob(".resume-*")), "the download was not cleaned up"
     ref, resumed = load_file(str(first_run["out"] / "f.safetensors")), load_file(str(base / "b" / "f.safetensors"))
@@ -148,14 +161,17 @@ def test_resume_from_a_missing_or_corrupt_artifact_names_the_uri(team, first_run
     base = team["base"]
     cfg = write_config(base / "c.yaml", shards, base / "c", tracking={"uri": team["server"].url})
     missing = f"runs:/{first_run['run_id']}/checkpoints/step-00000099"
-    proc = run_cli("launch/train.py", "--config", cfg, "--stage", "f", f"train.resume_from={missing}",
-                   env=_trainer_env())
+    proc = run_cli(
+        "launch/train.py", "--config", cfg, "--stage", "f", f"train.resume_from={missing}", env=_trainer_env()
+    )
     assert proc.returncode == 1 and f"train.resume_from={missing}" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     print("\n" + proc.stderr.strip().splitlines()[-1])
     gone = base / "nowhere" / "step-00000003"  # a local folder that does not exist
     proc = run_cli("launch/train.py", "--config", cfg, "--stage", "f", f"train.resume_from={gone}")
-    assert proc.returncode == 1 and f"train.resume_from={gone}: {gone} does not exist" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 1 and f"train.resume_from={gone}: {gone} does not exist" in proc.stderr, proc.stderr[
+        -2000:
+    ]
 
     # a checkpoint whose weights are damaged, read straight from the bucket (s3://, trainer with S3 access)
     s3 = _s3(team["s3"])
@@ -207,10 +223,25 @@ def test_an_auth_db_uri_with_a_password_in_its_query_is_refused_unwritten(tmp_pa
     is refused like one in its userinfo, and not printed."""
     secret = "auth-db-secret-81c2"
     refused = subprocess.run(
-        [sys.executable, str(ROOT / "infra/mlflow/serve.py"), "--backend-store-uri", f"sqlite:///{tmp_path}/m.db",
-         "--artifacts", str(tmp_path / "art"), "--auth", "basic", "--auth-dir", str(tmp_path / "auth"),
-         "--auth-db-uri", f"postgresql://mlflow@db.internal/auth?sslmode=require&password={secret}", "--dry-run"],
-        capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            str(ROOT / "infra/mlflow/serve.py"),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/m.db",
+            "--artifacts",
+            str(tmp_path / "art"),
+            "--auth",
+            "basic",
+            "--auth-dir",
+            str(tmp_path / "auth"),
+            "--auth-db-uri",
+            f"postgresql://mlflow@db.internal/auth?sslmode=require&password={secret}",
+            "--dry-run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert "--auth-db-uri" in refused.stderr and "holds a password" in refused.stderr, refused.stderr
     assert secret not in refused.stdout + refused.stderr

@@ -9,17 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from mlflow.exceptions import MlflowException
 from PIL import Image
+from random_model import write_random_model
 
 import golf_dist
-
-from conftest import run_cli
 from golf_dist.data.formats import MAX_PIXELS
 from golf_dist.errors import ConfigError
 from golf_dist.inference.engine import MAX_ITERATIONS
 from golf_dist.inference.tiling import MAX_TILES, check_tile_count
-from random_model import write_random_model
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +46,9 @@ def _log_and_load(model_dir, tmp_path, **kwargs):
 
 
 @pytest.mark.slow
-def test_mlflow_model_reads_paths_only_under_its_root_and_says_nothing_of_other_files(model_dir, closed_model,
-                                                                                       tmp_path, monkeypatch):
+def test_mlflow_model_reads_paths_only_under_its_root_and_says_nothing_of_other_files(
+    model_dir, closed_model, tmp_path, monkeypatch
+):
     import pandas as pd
 
     root, elsewhere = tmp_path / "images", tmp_path / "private"
@@ -64,8 +64,14 @@ def test_mlflow_model_reads_paths_only_under_its_root_and_says_nothing_of_other_
     assert np.array_equal(by_path[0], by_pixels) and np.array_equal(by_path[1], by_pixels)
     # outside the root, through `..` or a link, or missing: one answer, whether the file exists or not
     answers = set()
-    for path in (str(elsewhere / "secret.png"), "../private/secret.png", "link.png", str(elsewhere / "none.png"),
-                 "/etc/passwd", "/etc/no-such-file"):
+    for path in (
+        str(elsewhere / "secret.png"),
+        "../private/secret.png",
+        "link.png",
+        str(elsewhere / "none.png"),
+        "/etc/passwd",
+        "/etc/no-such-file",
+    ):
         with pytest.raises(Exception) as refused:
             model.predict(pd.DataFrame({"path": [path]}))
         answers.add(str(refused.value).replace(repr(path), "PATH"))
@@ -124,10 +130,12 @@ def test_deblur_and_evaluate_refuse_what_cannot_finish_naming_the_flag(model_dir
     Image.new("RGB", (1700, 1700), (90, 90, 90)).save(big)  # 1700x1700 in 16-pixel tiles 8 apart: ~45,000
     out = tmp_path / "out"
     refused = {
-        "--tile": run_cli("launch/deblur.py", "--output-dir", model_dir, big, "--out", out, "--tile", "16",
-                          "--overlap", "8"),
-        "--iterations": run_cli("launch/deblur.py", "--output-dir", model_dir, big, "--out", out, "--iterations",
-                                str(MAX_ITERATIONS + 1)),
+        "--tile": run_cli(
+            "launch/deblur.py", "--output-dir", model_dir, big, "--out", out, "--tile", "16", "--overlap", "8"
+        ),
+        "--iterations": run_cli(
+            "launch/deblur.py", "--output-dir", model_dir, big, "--out", out, "--iterations", str(MAX_ITERATIONS + 1)
+        ),
         "--iterations ": run_cli("launch/evaluate.py", "--output-dir", model_dir, "--iterations", "1000000"),
     }
     for flag, proc in refused.items():
@@ -137,8 +145,8 @@ def test_deblur_and_evaluate_refuse_what_cannot_finish_naming_the_flag(model_dir
 
 
 def test_the_models_from_code_file_hands_mlflow_a_golf_model():
-    """golf_dist/inference/mlflow_model_code.py is the source MLflow runs when it loads the logged model: importing it sets
-    the GolfModel MLflow builds the pyfunc from (the loads themselves run in the slow tests above)."""
+    """golf_dist/inference/mlflow_model_code.py is the source MLflow runs when it loads the logged model: importing it
+    sets the GolfModel MLflow builds the pyfunc from (the loads themselves run in the slow tests above)."""
     import importlib
 
     import mlflow.models.model

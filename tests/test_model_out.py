@@ -13,9 +13,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 
-from conftest import run_cli
 from golf_dist.errors import ConfigError
 from golf_dist.inference.ensemble import ENSEMBLES, _forward, _inverse, ensemble_iterates
 from golf_dist.models import f_net, golf_iterates
@@ -73,8 +73,7 @@ def _test_frame(shards):
 
 @pytest.mark.slow
 def test_onnx_runtime_matches_pytorch_on_random_and_real_images(small_run, onnx_dir, shards):
-    from golf_dist.inference.engine import load_trained
-    from golf_dist.inference.engine import load_onnx
+    from golf_dist.inference.engine import load_onnx, load_trained
 
     f, g = load_trained(small_run["out"], torch.device("cpu"), 3)
     f_onnx, g_onnx = load_onnx(onnx_dir, 3)
@@ -89,11 +88,24 @@ def test_onnx_runtime_matches_pytorch_on_random_and_real_images(small_run, onnx_
 def test_deblur_with_onnxruntime(onnx_dir, tmp_path):
     src = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 44, 3), dtype=np.uint8)).save(src)
-    run_cli("launch/deblur.py", "--output-dir", onnx_dir, src, "--out", tmp_path / "out", "--engine", "onnxruntime",
-            "--ensemble", "x2", check=True)
+    run_cli(
+        "launch/deblur.py",
+        "--output-dir",
+        onnx_dir,
+        src,
+        "--out",
+        tmp_path / "out",
+        "--engine",
+        "onnxruntime",
+        "--ensemble",
+        "x2",
+        check=True,
+    )
     assert Image.open(tmp_path / "out" / "photo.png").size == (44, 30)
     # no graph there: a clear error naming the file, nothing written
-    bad = run_cli("launch/deblur.py", "--output-dir", tmp_path, src, "--out", tmp_path / "bad", "--engine", "onnxruntime")
+    bad = run_cli(
+        "launch/deblur.py", "--output-dir", tmp_path, src, "--out", tmp_path / "bad", "--engine", "onnxruntime"
+    )
     assert bad.returncode == 1 and str(tmp_path / "f.onnx") in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "bad").exists()
 
@@ -122,8 +134,23 @@ def test_registered_mlflow_model_predicts_what_deblur_writes(small_run, tmp_path
         assert refused.returncode == 2 and "--path-root" in refused.stderr, refused.stderr[-2000:]
     served = tmp_path / "served"
     served.mkdir()
-    proc = run_cli("launch/evaluate.py", "--output-dir", out, "--iterations", "2", "--limit", "1", "--ensemble", "x2",
-                   "--register", "golf-small", "--path-root", served, f"tracking.uri={db}", check=True)
+    proc = run_cli(
+        "launch/evaluate.py",
+        "--output-dir",
+        out,
+        "--iterations",
+        "2",
+        "--limit",
+        "1",
+        "--ensemble",
+        "x2",
+        "--register",
+        "golf-small",
+        "--path-root",
+        served,
+        f"tracking.uri={db}",
+        check=True,
+    )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["ensemble"] == "x2" and result["pairs"] == 1 and result["seconds_per_pair"] > 0
     client = MlflowClient(tracking_uri=db)
@@ -140,9 +167,28 @@ def test_registered_mlflow_model_predicts_what_deblur_writes(small_run, tmp_path
     request, response = tmp_path / "request.json", tmp_path / "predictions.json"
     request.write_text(json.dumps({"dataframe_records": [{"image": image.tolist()}]}))
     predict = subprocess.run(
-        [sys.executable, "-m", "mlflow", "models", "predict", "-m", "models:/golf-small/1", "-i", str(request),
-         "-t", "json", "--env-manager", "local", "-o", str(response)],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300, env={**_env_without_uri(), "MLFLOW_TRACKING_URI": db},
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "predict",
+            "-m",
+            "models:/golf-small/1",
+            "-i",
+            str(request),
+            "-t",
+            "json",
+            "--env-manager",
+            "local",
+            "-o",
+            str(response),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env={**_env_without_uri(), "MLFLOW_TRACKING_URI": db},
     )
     assert predict.returncode == 0, predict.stderr[-3000:]
     rows = json.loads(response.read_text())["predictions"]

@@ -5,12 +5,11 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+from conftest import AffineMap, run_cli
 
 from golf_dist.errors import GolfError
 from golf_dist.models import BasicBlock, ResidualCNN, f_net, g_net, unroll
 from golf_dist.perf.benchmark import checkpoint_memory_ratio, make_settings
-
-from conftest import AffineMap, run_cli
 
 
 def n_params(m: nn.Module) -> int:
@@ -21,12 +20,20 @@ def test_every_row_of_table_1():
     g_rows = [(label, n_params(m)) for label, m in g_net().table_rows()]
     f_rows = [(label, n_params(m)) for label, m in f_net().table_rows()]
     assert g_rows == [
-        ("Conv(3->16)", 2352), ("BB(16->16)x2", 38016), ("BB(16->16)x2", 38016),
-        ("BB(16->16)x2", 38016), ("BB(16->3)x2", 3347), ("Conv(3->3)", 441),
+        ("Conv(3->16)", 2352),
+        ("BB(16->16)x2", 38016),
+        ("BB(16->16)x2", 38016),
+        ("BB(16->16)x2", 38016),
+        ("BB(16->3)x2", 3347),
+        ("Conv(3->3)", 441),
     ]
     assert f_rows == [
-        ("Conv(3->32)", 4704), ("BB(32->32)x2", 151808), ("BB(32->32)x2", 151808),
-        ("BB(32->32)x2", 151808), ("BB(32->3)x2", 5779), ("Conv(3->3)", 441),
+        ("Conv(3->32)", 4704),
+        ("BB(32->32)x2", 151808),
+        ("BB(32->32)x2", 151808),
+        ("BB(32->32)x2", 151808),
+        ("BB(32->3)x2", 5779),
+        ("Conv(3->3)", 441),
     ]
     # the rows cover the whole network
     assert n_params(g_net()) == 120188
@@ -90,15 +97,42 @@ def _run_cli(*args):
 def test_benchmark_cli_prints_one_json_line(tmp_path):
     # the speed layer's column with channels_last and the fused norm (its PyTorch fallback on a CPU):
     # compiling on a 2-core CPU takes minutes
-    r = _run_cli("--batch", "1", "--crop", "32", "--steps", "1", "--warmup", "0",
-                 "--memory-unrolls", "2,4", "--skip-720p", "--compile", "off", "--channels-last", "on",
-                 "--fused-norm", "on", "--profile", tmp_path / "profile")
+    r = _run_cli(
+        "--batch",
+        "1",
+        "--crop",
+        "32",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--memory-unrolls",
+        "2,4",
+        "--skip-720p",
+        "--compile",
+        "off",
+        "--channels-last",
+        "on",
+        "--fused-norm",
+        "on",
+        "--profile",
+        tmp_path / "profile",
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 1
     out = json.loads(lines[0])
-    for key in ("device", "torch", "settings", "train_f_crops_per_s", "train_g_crops_per_s",
-                "infer_ms_256", "infer_ms_720p", "memory", "memory_method"):
+    for key in (
+        "device",
+        "torch",
+        "settings",
+        "train_f_crops_per_s",
+        "train_g_crops_per_s",
+        "infer_ms_256",
+        "infer_ms_720p",
+        "memory",
+        "memory_method",
+    ):
         assert key in out
     assert out["train_f_crops_per_s"] > 0 and out["train_g_crops_per_s"] > 0 and out["infer_ms_256"] > 0
     assert out["infer_ms_720p"] is None
@@ -110,7 +144,8 @@ def test_benchmark_cli_prints_one_json_line(tmp_path):
     assert out["speed_layer"]["options"] == "channels_last, fused_norm"
     assert out["speed_layer"]["train_f_crops_per_s"] > 0
     assert out["speedup"]["train_f_crops_per_s"] == pytest.approx(
-        out["speed_layer"]["train_f_crops_per_s"] / out["train_f_crops_per_s"], rel=1e-2)
+        out["speed_layer"]["train_f_crops_per_s"] / out["train_f_crops_per_s"], rel=1e-2
+    )
     # --profile: each step's top operators, per column, in files and in the JSON
     for column, result in (("eager", out), ("speed_layer", out["speed_layer"])):
         for step in ("train_f", "train_g", "infer_256"):
@@ -132,8 +167,8 @@ def test_benchmark_cli_without_cuda_says_so():
 def test_data_benchmark_settings_and_the_profiler_on_a_tiny_network(tmp_path):
     """The fast loop's units of golf_dist.perf.benchmark_data (settings checked before any shard is read) and
     golf_dist.perf.profiling (the operators of a tiny F on a CPU, written as a profile file)."""
-    from golf_dist.perf.benchmark_data import make_data_settings
     from golf_dist.errors import ConfigError
+    from golf_dist.perf.benchmark_data import make_data_settings
     from golf_dist.perf.profiling import top_operators, write_profile
 
     with pytest.raises(ConfigError, match="--loader must be one of torch, dali, got 'tf'"):

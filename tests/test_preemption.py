@@ -9,9 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from conftest import (LONG_F, ONE_THREAD, ROOT, assert_weights_equal, run_cli, start_cli, wait_for_first_checkpoint,
-                      write_config)
+from conftest import (
+    LONG_F,
+    ONE_THREAD,
+    ROOT,
+    assert_weights_equal,
+    run_cli,
+    start_cli,
+    wait_for_first_checkpoint,
+    write_config,
+)
 
 
 def _env():
@@ -25,8 +32,9 @@ def _steps(ckpts: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_sigusr2_checkpoints_exits_cleanly_and_the_rerun_matches_an_uninterrupted_run(shards, long_f_reference,
-                                                                                       tmp_path):
+def test_sigusr2_checkpoints_exits_cleanly_and_the_rerun_matches_an_uninterrupted_run(
+    shards, long_f_reference, tmp_path
+):
     out = tmp_path / "cut"
     cfg = write_config(tmp_path / "cut.yaml", shards, out, train=LONG_F)
     run = start_cli("launch/train.py", "--config", cfg, "--stage", "f", env=ONE_THREAD)
@@ -57,8 +65,19 @@ def test_stop_file_stops_two_ranks_at_the_same_step_and_the_rerun_finishes(shard
     out = tmp_path / "two"
     # 24 steps: the stop lands a step or two after the first checkpoint (step 6), and the rerun has less to do
     cfg = write_config(tmp_path / "two.yaml", shards, out, train={**LONG_F, "steps": 24, "val_every": 24})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "launch/train.py"), "--config", str(cfg), "--stage", "f"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "launch/train.py"),
+        "--config",
+        str(cfg),
+        "--stage",
+        "f",
+    ]
     env = {**_env(), "ACCELERATE_USE_CPU": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_first_checkpoint(proc, out / "f" / "checkpoints")
@@ -92,8 +111,9 @@ def test_loader_workers_leave_sigterm_and_sigusr2_to_their_rank_and_still_end_on
 
     from golf_dist.training.preemption import leave_stop_signals_to_the_rank
 
-    loader = torch.utils.data.DataLoader(range(1000), batch_size=1, num_workers=1,
-                                         worker_init_fn=leave_stop_signals_to_the_rank)
+    loader = torch.utils.data.DataLoader(
+        range(1000), batch_size=1, num_workers=1, worker_init_fn=leave_stop_signals_to_the_rank
+    )
     batches = iter(loader)
     assert int(next(batches)) == 0
     (worker,) = batches._workers  # the one worker process (multiprocessing.Process)

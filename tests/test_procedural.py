@@ -157,8 +157,11 @@ def test_held_out_shapes_match_no_training_kernel_as_training_kernels_match_each
         assert max(_best_match(k, pool) for k in draws) < 0.9, shape
     # the control: fresh training kernels find close relatives in the same pool (measured: median 0.98;
     # shake, the most varied family, 0.82-0.99)
-    fresh = [kernels.training_kernel(f, np.random.default_rng(100 + i), size)
-             for f in kernels.TRAINING_FAMILIES for i in range(6)]
+    fresh = [
+        kernels.training_kernel(f, np.random.default_rng(100 + i), size)
+        for f in kernels.TRAINING_FAMILIES
+        for i in range(6)
+    ]
     assert np.median([_best_match(k, pool) for k in fresh]) > 0.95
     ring = kernels.held_out_kernel("ring_defocus", np.random.default_rng(0), size)
     assert ring[size // 2, size // 2] == 0  # empty at its centre, unlike any defocus disk
@@ -210,8 +213,11 @@ def test_held_out_photographs_load_offline_and_were_never_training_sources():
 
 def test_the_default_data_is_byte_identical_to_the_demo_commits(tmp_path):
     """synthetic.py as of DEMO_DATA_COMMIT, run from git, against today's defaults: the same bytes."""
-    old = subprocess.run(["git", "-C", str(REPO), "show", f"{DEMO_DATA_COMMIT}:golf_dist/data/synthetic.py"],
-                         capture_output=True, text=True)
+    old = subprocess.run(
+        ["git", "-C", str(REPO), "show", f"{DEMO_DATA_COMMIT}:golf_dist/data/synthetic.py"],
+        capture_output=True,
+        text=True,
+    )
     if old.returncode != 0:
         pytest.skip(f"commit {DEMO_DATA_COMMIT} is not in this checkout's history: {old.stderr.strip()}")
     path = tmp_path / "synthetic_at_demo_commit.py"
@@ -257,13 +263,27 @@ def test_a_clean_share_leaves_exactly_that_many_pairs_noise_free(tmp_path):
 
 
 def test_bad_variety_exits_2_naming_the_flag(tmp_path):
-    for variety, flag in ((Variety(content="clouds"), "--content"), (Variety(kernels="gauss"), "--kernels"),
-                          (Variety(clean_share=1.5), "--clean-share")):
+    for variety, flag in (
+        (Variety(content="clouds"), "--content"),
+        (Variety(kernels="gauss"), "--kernels"),
+        (Variety(clean_share=1.5), "--clean-share"),
+    ):
         with pytest.raises(ConfigError, match=flag):
             make_synthetic_gopro(tmp_path / "bad", variety=variety, **TINY)
         assert not (tmp_path / "bad").exists()
-    proc = subprocess.run([sys.executable, str(REPO / "data_prep" / "synth_gopro.py"), "--out", str(tmp_path / "x"),
-                           "--clean-share", "-0.1"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "data_prep" / "synth_gopro.py"),
+            "--out",
+            str(tmp_path / "x"),
+            "--clean-share",
+            "-0.1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "--clean-share" in proc.stderr and not (tmp_path / "x").exists()
     with pytest.raises(ConfigError, match="--kernel-size must be at least 5"):
         make_synthetic_gopro(tmp_path / "bad", kernel=3, variety=Variety(kernels="wide"), **TINY)

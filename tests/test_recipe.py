@@ -11,10 +11,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, run_cli, start_cli, wait_for_first_checkpoint, write_config
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli, start_cli, wait_for_first_checkpoint, write_config
 from golf_dist.config import load_config
 from golf_dist.errors import ConfigError
 from golf_dist.training.optim import EMA, clip_gradients, lr_factor
@@ -31,10 +31,10 @@ def test_warmup_is_linear_then_the_schedule_starts_at_one():
 
 def test_each_schedule_at_known_steps():
     # exp without warm-up is the paper's gamma ** (decays * step / steps)
-    assert lr_factor(50, 100, 0.3, 11, schedule="exp") == pytest.approx(0.3 ** 5.5)
-    assert lr_factor(100, 100, 0.3, 11, schedule="exp") == pytest.approx(0.3 ** 11)
+    assert lr_factor(50, 100, 0.3, 11, schedule="exp") == pytest.approx(0.3**5.5)
+    assert lr_factor(100, 100, 0.3, 11, schedule="exp") == pytest.approx(0.3**11)
     # with warm-up the decay runs over the remaining steps
-    assert lr_factor(60, 110, 0.3, 2, warmup=10, schedule="exp") == pytest.approx(0.3 ** 1)
+    assert lr_factor(60, 110, 0.3, 2, warmup=10, schedule="exp") == pytest.approx(0.3**1)
     assert lr_factor(0, 100, schedule="cosine") == pytest.approx(1.0)
     assert lr_factor(50, 100, schedule="cosine") == pytest.approx(0.5)
     assert lr_factor(25, 100, schedule="cosine") == pytest.approx((1 + math.cos(math.pi / 4)) / 2)
@@ -92,14 +92,17 @@ def test_ema_arithmetic():
 # ---- the configs --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key, value", [
-    ("train.warmup_steps", "500"),       # more than train.steps
-    ("train.grad_clip", "-1"),
-    ("train.ema_decay", "1.0"),
-    ("train.ema_decay", "-0.1"),
-    ("train.schedule", "linear"),
-    ("train.unroll_weighting", "quadratic"),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("train.warmup_steps", "500"),  # more than train.steps
+        ("train.grad_clip", "-1"),
+        ("train.ema_decay", "1.0"),
+        ("train.ema_decay", "-0.1"),
+        ("train.schedule", "linear"),
+        ("train.unroll_weighting", "quadratic"),
+    ],
+)
 def test_bad_recipe_values_name_the_key(key, value):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(ROOT / "configs/demo.yaml", "f", [f"{key}={value}", "train.steps=400"])
@@ -152,13 +155,38 @@ def test_overfit_one_batch(one_batch, stage, steps):
 def test_overfit_command_reports_pass(shards, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out")
     # the command's plumbing (the 10x check itself is test_overfit_one_batch): pass at a 2x target ...
-    proc = run_cli("launch/diagnose.py", "overfit", "--config", cfg, "--stage", "f", "--steps", "40",
-                   "--batch", "2", "--factor", "2", check=True)
+    proc = run_cli(
+        "launch/diagnose.py",
+        "overfit",
+        "--config",
+        cfg,
+        "--stage",
+        "f",
+        "--steps",
+        "40",
+        "--batch",
+        "2",
+        "--factor",
+        "2",
+        check=True,
+    )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["reached_at"] is not None and result["last"] < result["first"] / 2
     # ... and exit 1 saying so when the target is out of reach
-    proc = run_cli("launch/diagnose.py", "overfit", "--config", cfg, "--stage", "f", "--steps", "3",
-                   "--batch", "2", "--factor", "1000")
+    proc = run_cli(
+        "launch/diagnose.py",
+        "overfit",
+        "--config",
+        cfg,
+        "--stage",
+        "f",
+        "--steps",
+        "3",
+        "--batch",
+        "2",
+        "--factor",
+        "1000",
+    )
     assert proc.returncode == 1 and "did NOT fall 1000x" in proc.stdout
 
 
@@ -184,8 +212,16 @@ def test_dali_and_torch_streams_are_the_same_stream(shards, tmp_path):
 # ---- EMA in training: exports, checkpoints, exact resume ---------------------------------------------
 
 
-EMA_TRAIN = {"steps": 16, "checkpoint_every": 4, "val_every": 8, "log_every": 4, "ema_decay": 0.9,
-             "warmup_steps": 3, "schedule": "cosine", "grad_clip": 0.05}
+EMA_TRAIN = {
+    "steps": 16,
+    "checkpoint_every": 4,
+    "val_every": 8,
+    "log_every": 4,
+    "ema_decay": 0.9,
+    "warmup_steps": 3,
+    "schedule": "cosine",
+    "grad_clip": 0.05,
+}
 
 
 LAUNCH_ENV = {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
@@ -194,8 +230,19 @@ LAUNCH_ENV = {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
 def _torchrun(cfg, nproc):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(PYTHONUNBUFFERED="1", **LAUNCH_ENV)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           str(ROOT / "launch/train.py"), "--config", str(cfg), "--stage", "f"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        str(ROOT / "launch/train.py"),
+        "--config",
+        str(cfg),
+        "--stage",
+        "f",
+    ]
     return cmd, env
 
 
@@ -215,8 +262,9 @@ def _kill_after_first_checkpoint(cfg, out, nproc):
         run.kill()  # SIGKILL to its process group
     else:
         cmd, env = _torchrun(cfg, nproc)
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         wait_for_first_checkpoint(proc, out / "f" / "checkpoints")
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank, as a node failure would
         proc.wait()
@@ -239,14 +287,19 @@ def test_kill_and_resume_with_ema_is_bitwise_exact(shards, tmp_path, nproc):
     _kill_after_first_checkpoint(cut_cfg, tmp_path / "cut", nproc)
     resumed = _run_to_end(cut_cfg, nproc)
     assert "resuming stage f from" in resumed.stdout
-    for name in ("f.safetensors", "f/checkpoints/step-00000016/model.safetensors",
-                 "f/checkpoints/step-00000016/ema.safetensors"):
+    for name in (
+        "f.safetensors",
+        "f/checkpoints/step-00000016/model.safetensors",
+        "f/checkpoints/step-00000016/ema.safetensors",
+    ):
         a, b = load_file(str(tmp_path / "ref" / name)), load_file(str(tmp_path / "cut" / name))
         assert all(torch.equal(a[k], b[k]) for k in a), name
     # the export is the EMA (what validation scored), not the last trained weights
     final = tmp_path / "ref" / "f/checkpoints/step-00000016"
-    exported, ema, trained = (load_file(str(p)) for p in (tmp_path / "ref" / "f.safetensors",
-                                                            final / "ema.safetensors", final / "model.safetensors"))
+    exported, ema, trained = (
+        load_file(str(p))
+        for p in (tmp_path / "ref" / "f.safetensors", final / "ema.safetensors", final / "model.safetensors")
+    )
     assert all(torch.equal(exported[k], ema[k]) for k in ema)
     assert any(not torch.equal(ema[k], trained[k]) for k in ema)
     state = json.loads((final / "state.json").read_text())
@@ -324,18 +377,50 @@ def test_gain_on_crops_and_frames_measures_each_iteration():
 
 
 def test_crops_command_on_a_trained_run(small_run):
-    proc = run_cli("launch/diagnose.py", "crops", "--output-dir", small_run["out"], "--pairs", "2", "--crop", "32",
-                   "--crops-per-frame", "1", "--iterations", "2", check=True)
+    proc = run_cli(
+        "launch/diagnose.py",
+        "crops",
+        "--output-dir",
+        small_run["out"],
+        "--pairs",
+        "2",
+        "--crop",
+        "32",
+        "--crops-per-frame",
+        "1",
+        "--iterations",
+        "2",
+        check=True,
+    )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["pairs"] == 2 and len(result["crops"]) == len(result["frames"]) == 2
     assert all(math.isfinite(v) for v in result["crops"] + result["frames"])
     # the headroom instrument on the same run: the linear filter and G side by side
-    proc = run_cli("launch/diagnose.py", "headroom", "--output-dir", small_run["out"], "--train-pairs", "4",
-                   "--test-pairs", "2", "--samples", "500", "--kernel", "5", "--iterations", "2", "--instance-norm",
-                   check=True)
+    proc = run_cli(
+        "launch/diagnose.py",
+        "headroom",
+        "--output-dir",
+        small_run["out"],
+        "--train-pairs",
+        "4",
+        "--test-pairs",
+        "2",
+        "--samples",
+        "500",
+        "--kernel",
+        "5",
+        "--iterations",
+        "2",
+        "--instance-norm",
+        check=True,
+    )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["train_frames"] == 4 and result["test_frames"] == 2 and result["samples"] == 2000
-    assert len(result["g_gains"]) == 2 and math.isfinite(result["linear_gain"]) and math.isfinite(result["normalised_gain"])
+    assert (
+        len(result["g_gains"]) == 2
+        and math.isfinite(result["linear_gain"])
+        and math.isfinite(result["normalised_gain"])
+    )
     assert "best linear 5x5 correction of F's output" in proc.stdout and "through an InstanceNorm" in proc.stdout
 
 
@@ -344,11 +429,32 @@ def test_deblur_on_tiles_writes_the_whole_image(small_run, tmp_path):
 
     src = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(src)
-    run_cli("launch/deblur.py", "--output-dir", small_run["out"], src, "--out", tmp_path / "out",
-            "--tile", "32", "--overlap", "8", check=True)
+    run_cli(
+        "launch/deblur.py",
+        "--output-dir",
+        small_run["out"],
+        src,
+        "--out",
+        tmp_path / "out",
+        "--tile",
+        "32",
+        "--overlap",
+        "8",
+        check=True,
+    )
     assert Image.open(tmp_path / "out" / "photo.png").size == (70, 50)
-    bad = run_cli("launch/deblur.py", "--output-dir", small_run["out"], src, "--out", tmp_path / "bad",
-                  "--tile", "32", "--overlap", "20")
+    bad = run_cli(
+        "launch/deblur.py",
+        "--output-dir",
+        small_run["out"],
+        src,
+        "--out",
+        tmp_path / "bad",
+        "--tile",
+        "32",
+        "--overlap",
+        "20",
+    )
     assert bad.returncode == 2 and "--overlap" in bad.stderr and not (tmp_path / "bad").exists()
 
 
@@ -359,9 +465,20 @@ def test_gpu_recipe_runs_at_a_small_size_on_cpu(shards, tmp_path):
     from safetensors import safe_open
 
     out = tmp_path / "gpu"
-    small = [f"data.shards={shards}", f"output_dir={out}", "data.crop=32", "data.batch_size=4", "data.num_workers=0",
-             "train.steps=3", "train.warmup_steps=1", "train.val_every=3", "train.checkpoint_every=3",
-             "train.mixed_precision=no", "val.max_pairs=2", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    small = [
+        f"data.shards={shards}",
+        f"output_dir={out}",
+        "data.crop=32",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "train.steps=3",
+        "train.warmup_steps=1",
+        "train.val_every=3",
+        "train.checkpoint_every=3",
+        "train.mixed_precision=no",
+        "val.max_pairs=2",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    ]
     for stage in ("f", "g"):
         run_cli("launch/train.py", "--config", ROOT / "configs/gpu_quick.yaml", "--stage", stage, *small, check=True)
         with safe_open(str(out / f"{stage}.safetensors"), "pt") as weights:
@@ -382,7 +499,7 @@ def test_linear_headroom_finds_a_known_blur_and_nothing_where_there_is_none():
         sharp = rng.random((40, 48, 3))
         sharp = (sharp + np.roll(sharp, 1, 0) + np.roll(sharp, 1, 1)) / 3  # some structure between pixels
         padded = np.pad(sharp, ((1, 1), (1, 1), (0, 0)), mode="reflect")
-        blur = sum(padded[dy:dy + 40, dx:dx + 48] for dy in range(3) for dx in range(3)) / 9
+        blur = sum(padded[dy : dy + 40, dx : dx + 48] for dy in range(3) for dx in range(3)) / 9
         return (blur * 255).round().astype(np.uint8), (sharp * 255).round().astype(np.uint8)
 
     train, test = [frame() for _ in range(4)], [frame() for _ in range(2)]
@@ -395,8 +512,15 @@ def test_linear_headroom_finds_a_known_blur_and_nothing_where_there_is_none():
         sharp = pair[1].astype(float) + rng.normal(0, 8, pair[1].shape)
         return pair[1], sharp.clip(0, 255).round().astype(np.uint8)
 
-    unpredictable = linear_headroom(identity, identity, [noisy(p) for p in train], [noisy(p) for p in test],
-                                    kernel=7, samples_per_frame=1500, iterations=2)
+    unpredictable = linear_headroom(
+        identity,
+        identity,
+        [noisy(p) for p in train],
+        [noisy(p) for p in test],
+        kernel=7,
+        samples_per_frame=1500,
+        iterations=2,
+    )
     assert -0.5 < unpredictable["linear_gain"] < 0.05, unpredictable  # at most what fitting noise costs
     assert unpredictable["g_gains"] == [0.0, 0.0]  # an identity G changes nothing
     with pytest.raises(ValueError, match="odd"):
@@ -417,14 +541,28 @@ def test_headroom_through_an_instance_norm_loses_what_follows_each_frames_contra
         sharp = (sharp + np.roll(sharp, 1, 0) + np.roll(sharp, 1, 1)) / 3
         sharp = 0.5 + contrast * (sharp - 0.5)
         padded = np.pad(sharp, ((1, 1), (1, 1), (0, 0)), mode="reflect")
-        blur = sum(padded[dy:dy + 40, dx:dx + 48] for dy in range(3) for dx in range(3)) / 9
+        blur = sum(padded[dy : dy + 40, dx : dx + 48] for dy in range(3) for dx in range(3)) / 9
         return (blur * 255).round().astype(np.uint8), (sharp * 255).round().astype(np.uint8)
 
     identity = torch.nn.Identity()
-    same = linear_headroom(identity, None, [frame(1.0) for _ in range(4)], [frame(1.0) for _ in range(2)],
-                           kernel=7, samples_per_frame=1500, instance_norm=True)
+    same = linear_headroom(
+        identity,
+        None,
+        [frame(1.0) for _ in range(4)],
+        [frame(1.0) for _ in range(2)],
+        kernel=7,
+        samples_per_frame=1500,
+        instance_norm=True,
+    )
     assert same["normalised_gain"] > 0.9 * same["linear_gain"] > 2.7, same
-    mixed = linear_headroom(identity, None, [frame(c) for c in (0.1, 1.0, 0.1, 1.0)], [frame(0.1), frame(1.0)],
-                            kernel=7, samples_per_frame=1500, instance_norm=True)
+    mixed = linear_headroom(
+        identity,
+        None,
+        [frame(c) for c in (0.1, 1.0, 0.1, 1.0)],
+        [frame(0.1), frame(1.0)],
+        kernel=7,
+        samples_per_frame=1500,
+        instance_norm=True,
+    )
     assert mixed["linear_gain"] > 2.0 and mixed["normalised_gain"] < mixed["linear_gain"] - 1.0, mixed
     assert "normalised_gain" not in linear_headroom(identity, None, [frame(1.0)], [frame(1.0)], kernel=3)

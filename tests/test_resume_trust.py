@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, TINY_DATA, mlflow_template, run_cli, write_config
 from safetensors.torch import save_file
 
-from conftest import ROOT, TINY_DATA, mlflow_template, run_cli, write_config
 from golf_dist.checkpoints import clean_stale_temporaries, load_checkpoint, load_latest, read_state, save_checkpoint
 from golf_dist.errors import DataError
 from golf_dist.training.remote import load_resume_checkpoint
@@ -33,8 +33,13 @@ FIRST = {"steps": 4, "checkpoint_every": 2, "keep_last": 1, "val_every": 4, "log
 
 def _save(root: Path, step: int, value: float = 0.0, **state) -> Path:
     opt = {"state": {0: {"exp_avg": torch.ones(2)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
-    return save_checkpoint(root, step, {"w": torch.full((4, 4), value)},
-                           {"optimizer": opt, "scheduler": {"last_epoch": step}}, {"stage": "f", **state})
+    return save_checkpoint(
+        root,
+        step,
+        {"w": torch.full((4, 4), value)},
+        {"optimizer": opt, "scheduler": {"last_epoch": step}},
+        {"stage": "f", **state},
+    )
 
 
 def _edit_state(path: Path, edit) -> None:
@@ -79,8 +84,10 @@ def test_with_a_key_each_checkpoint_is_signed_and_a_forged_or_unsigned_one_is_re
         load_checkpoint(path)
     # the HMAC removed as well: refused, unless train.resume_unverified (then one warning)
     _edit_state(path, lambda s: s.pop("state_hmac_sha256"))
-    with pytest.raises(DataError, match=f"checkpoint file {state_file} carries no state_hmac_sha256 although "
-                                        "GOLF_CHECKPOINT_KEY is set"):
+    with pytest.raises(
+        DataError,
+        match=f"checkpoint file {state_file} carries no state_hmac_sha256 although GOLF_CHECKPOINT_KEY is set",
+    ):
         load_checkpoint(path)
     with pytest.warns(UserWarning, match="loaded unverified"):
         assert load_checkpoint(path, allow_unverified=True)["model"]["w"][0, 0] == 9.0
@@ -106,8 +113,9 @@ def test_a_remote_checkpoint_without_digests_is_refused_unless_opted_in(store, t
     scratch = tmp_path / "scratch"
     with pytest.raises(DataError) as err:
         load_resume_checkpoint(uri, scratch, store["uri"])
-    assert str(err.value).startswith(f"train.resume_from={uri}: checkpoint file {uri}/state.json records no "
-                                     "file_sha256"), err.value
+    assert str(err.value).startswith(
+        f"train.resume_from={uri}: checkpoint file {uri}/state.json records no file_sha256"
+    ), err.value
     assert "train.resume_unverified=true" in str(err.value)
     with pytest.warns(UserWarning, match="records no sha256"):
         loaded = load_resume_checkpoint(uri, scratch, store["uri"], allow_unverified=True)
@@ -152,19 +160,35 @@ def test_resume_from_every_rank_loads_rank_0s_choice_or_all_stop_naming_it(tmp_p
     _save(tmp_path / "changed" / "rank1" / "checkpoints", 3, value=7.0)  # the same name, other weights
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "resume_ranks_worker.py"), "--resume-from", str(tmp_path), "stale", "changed"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "tests" / "resume_ranks_worker.py"),
+        "--resume-from",
+        str(tmp_path),
+        "stale",
+        "changed",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output[-3000:]  # the "changed" case stopped both ranks: no hang, non-zero
-    results = {(case, rank): json.loads((tmp_path / f"{case}-rank{rank}.json").read_text())
-               for case in ("stale", "changed") for rank in (0, 1)}
+    results = {
+        (case, rank): json.loads((tmp_path / f"{case}-rank{rank}.json").read_text())
+        for case in ("stale", "changed")
+        for rank in (0, 1)
+    }
     for rank in (0, 1):
         assert results["stale", rank] == {"path": "checkpoints/step-00000003", "step": 3, "value": 3.0}, results
         error = results["changed", rank]["error"]
-        assert error.startswith("rank 0 resumes from checkpoint checkpoints/step-00000003, but rank(s) 1 cannot "
-                                "load it (rank 1: checkpoints/step-00000003: its state.json differs from the one "
-                                "rank 0 loaded"), error
+        assert error.startswith(
+            "rank 0 resumes from checkpoint checkpoints/step-00000003, but rank(s) 1 cannot "
+            "load it (rank 1: checkpoints/step-00000003: its state.json differs from the one "
+            "rank 0 loaded"
+        ), error
 
 
 def test_a_state_json_of_the_wrong_type_is_refused_naming_file_and_key(tmp_path):
@@ -187,14 +211,22 @@ def test_a_kill_mid_prune_leaves_whole_checkpoints_and_a_temporary_that_is_clean
     for step in (1, 2, 3):
         _save(tmp_path, step, value=float(step))
     # prune(keep_last=1) in a process that SIGKILLs itself right after its first file deletion
-    code = ("import os, signal, sys; from pathlib import Path; from golf_dist.checkpoints import prune\n"
-            "real = os.unlink\n"
-            "def unlink(*args, **kwargs):\n"
-            "    real(*args, **kwargs); os.kill(os.getpid(), signal.SIGKILL)\n"
-            "os.unlink = unlink\n"
-            "prune(Path(sys.argv[1]), keep_last=1)\n")
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    code = (
+        "import os, signal, sys; from pathlib import Path; from golf_dist.checkpoints import prune\n"
+        "real = os.unlink\n"
+        "def unlink(*args, **kwargs):\n"
+        "    real(*args, **kwargs); os.kill(os.getpid(), signal.SIGKILL)\n"
+        "os.unlink = unlink\n"
+        "prune(Path(sys.argv[1]), keep_last=1)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     clean_stale_temporaries(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000003"]
@@ -216,8 +248,9 @@ def test_a_download_of_a_killed_process_is_removed_at_the_next_start(tmp_path):
 @pytest.fixture(scope="module")
 def signed_run(tiny_shards, tmp_path_factory):
     base = tmp_path_factory.mktemp("signed")
-    cfg = write_config(base / "a.yaml", tiny_shards, base / "a", data=TINY_DATA, train=FIRST,
-                       tracking={"log_checkpoints": True})
+    cfg = write_config(
+        base / "a.yaml", tiny_shards, base / "a", data=TINY_DATA, train=FIRST, tracking={"log_checkpoints": True}
+    )
     proc = run_cli("launch/train.py", "--config", cfg, "--stage", "f", env={"GOLF_CHECKPOINT_KEY": KEY}, check=True)
     run_id = json.loads((base / "a" / "f_run.json").read_text())["mlflow_run_id"]
     return {"base": base, "run_id": run_id, "proc": proc, "store": base / "mlartifacts"}
@@ -225,7 +258,7 @@ def signed_run(tiny_shards, tmp_path_factory):
 
 @pytest.mark.slow
 def test_uploaded_checkpoints_are_pruned_with_the_local_ones(signed_run):
-    [uploaded] = signed_run["store"].glob(f"*/artifacts")  # one run, keep_last 1: step 2 went, here and there
+    [uploaded] = signed_run["store"].glob("*/artifacts")  # one run, keep_last 1: step 2 went, here and there
     assert sorted(p.name for p in (uploaded / "checkpoints").iterdir()) == ["step-00000004"]
     assert sorted(p.name for p in (signed_run["base"] / "a" / "f" / "checkpoints").iterdir()) == ["step-00000004"]
 
@@ -236,22 +269,42 @@ def test_a_signed_run_resumes_from_its_uploaded_folder_and_refuses_another_key(s
     stale = base / "b" / "f" / f".resume-ab12cd-{_dead_pid()}"  # what a killed download left
     stale.mkdir(parents=True)
     cfg = write_config(base / "b.yaml", tiny_shards, base / "b", data=TINY_DATA, train={**FIRST, "steps": 6})
-    proc = run_cli("launch/train.py", "--config", cfg, "--stage", "f", f"train.resume_from={uri}",
-                   env={"GOLF_CHECKPOINT_KEY": "another key"})
+    proc = run_cli(
+        "launch/train.py",
+        "--config",
+        cfg,
+        "--stage",
+        "f",
+        f"train.resume_from={uri}",
+        env={"GOLF_CHECKPOINT_KEY": "another key"},
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     print("\n" + last)
-    assert last.startswith(f"error: train.resume_from={uri}: checkpoint file {uri}/step-00000004/state.json: its "
-                           "state_hmac_sha256 does not match"), last
+    assert last.startswith(
+        f"error: train.resume_from={uri}: checkpoint file {uri}/step-00000004/state.json: its "
+        "state_hmac_sha256 does not match"
+    ), last
     assert not (base / "b" / "f.safetensors").exists() and not list((base / "b" / "f").glob("checkpoints/step-*"))
 
-    proc = run_cli("launch/train.py", "--config", cfg, "--stage", "f", f"train.resume_from={uri}",
-                   env={"GOLF_CHECKPOINT_KEY": KEY}, check=True)
+    proc = run_cli(
+        "launch/train.py",
+        "--config",
+        cfg,
+        "--stage",
+        "f",
+        f"train.resume_from={uri}",
+        env={"GOLF_CHECKPOINT_KEY": KEY},
+        check=True,
+    )
     assert f"resuming stage f from {uri}/step-00000004 (step 4 of 6)" in proc.stdout, proc.stdout[-2000:]
     assert not list((base / "b" / "f").glob(".resume-*")), "a download was left behind"
     everything = signed_run["proc"].stdout + signed_run["proc"].stderr + proc.stdout + proc.stderr
-    assert KEY not in everything and not any(KEY in p.read_text(errors="replace") for p in base.rglob("*")
-                                             if p.is_file() and p.suffix in (".json", ".yaml", ".jsonl"))
+    assert KEY not in everything and not any(
+        KEY in p.read_text(errors="replace")
+        for p in base.rglob("*")
+        if p.is_file() and p.suffix in (".json", ".yaml", ".jsonl")
+    )
 
 
 def test_a_mistyped_state_json_stops_a_resume_naming_file_and_key(tiny_shards, tmp_path):

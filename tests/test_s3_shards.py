@@ -26,8 +26,11 @@ def _client(env: dict):
     import boto3
 
     return boto3.client(
-        "s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"],
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
     )
 
 
@@ -41,8 +44,11 @@ def _objects(env: dict, bucket: str, prefix: str) -> dict[str, bytes]:
 
 
 def _local(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and not p.name.startswith(".")}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.startswith(".")
+    }
 
 
 def _no_secrets(*texts: str) -> None:
@@ -52,8 +58,22 @@ def _no_secrets(*texts: str) -> None:
 
 
 def _shard_to_s3(shards: Path, env: dict, url: str, *extra) -> subprocess.CompletedProcess:
-    return run_cli("data_prep/shard_gopro.py", "--src", shards.parent / "GOPRO_Large", "--out", url,
-                   "--maxcount", 4, "--workers", 2, "--no-progress", "--format", "png", *extra, env=env)
+    return run_cli(
+        "data_prep/shard_gopro.py",
+        "--src",
+        shards.parent / "GOPRO_Large",
+        "--out",
+        url,
+        "--maxcount",
+        4,
+        "--workers",
+        2,
+        "--no-progress",
+        "--format",
+        "png",
+        *extra,
+        env=env,
+    )
 
 
 @pytest.fixture()
@@ -91,8 +111,9 @@ def test_shard_to_s3_equals_local_rerun_skips_and_verify_finds_damage(shards, s3
     flipped = bytearray(objects["train/train-000001.tar"])
     flipped[1000] ^= 0xFF
     client.put_object(Bucket="h1-up", Key="gopro/png/train/train-000001.tar", Body=bytes(flipped))
-    client.put_object(Bucket="h1-up", Key="gopro/png/train/train-000002.tar",
-                      Body=objects["train/train-000002.tar"][:-1024])
+    client.put_object(
+        Bucket="h1-up", Key="gopro/png/train/train-000002.tar", Body=objects["train/train-000002.tar"][:-1024]
+    )
     client.delete_object(Bucket="h1-up", Key="gopro/png/test/test-000000.idx")
     bad = run_cli("data_prep/shard_gopro.py", "--verify", url, "--no-progress", env=env)
     assert bad.returncode == 1, bad.stdout + bad.stderr
@@ -119,8 +140,10 @@ def test_s3_errors_name_the_bucket_and_key(shards, s3_server, tmp_path):
     make_bucket(env, "h1-empty")
     cases = [
         (("--verify", "s3://h1-no-such-bucket/x"), "bucket s3://h1-no-such-bucket does not exist"),
-        (("--src", shards.parent / "GOPRO_Large", "--out", "s3://h1-no-such-bucket/x", "--no-progress"),
-         "bucket s3://h1-no-such-bucket does not exist"),
+        (
+            ("--src", shards.parent / "GOPRO_Large", "--out", "s3://h1-no-such-bucket/x", "--no-progress"),
+            "bucket s3://h1-no-such-bucket does not exist",
+        ),
         (("--verify", "s3://h1-empty/nothing/here"), "s3://h1-empty/nothing/here/manifest.json is missing"),
     ]
     for args, message in cases:
@@ -137,11 +160,21 @@ def test_s3_errors_name_the_bucket_and_key(shards, s3_server, tmp_path):
     assert "AWS_ENDPOINT_URL" in proc.stderr
     # no credentials anywhere in the standard chain
     bare = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    bare.update(AWS_ENDPOINT_URL=env["AWS_ENDPOINT_URL"], AWS_DEFAULT_REGION="us-east-1",
-                AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
-                AWS_EC2_METADATA_DISABLED="true")
-    proc = subprocess.run([sys.executable, str(ROOT / "data_prep" / "shard_gopro.py"), "--verify", "s3://h1-empty/x"],
-                          capture_output=True, text=True, env=bare, timeout=120, check=False)
+    bare.update(
+        AWS_ENDPOINT_URL=env["AWS_ENDPOINT_URL"],
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+        AWS_CONFIG_FILE=str(tmp_path / "none"),
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "data_prep" / "shard_gopro.py"), "--verify", "s3://h1-empty/x"],
+        capture_output=True,
+        text=True,
+        env=bare,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 1 and "no AWS credentials found" in proc.stderr and "s3://h1-empty" in proc.stderr
 
 
@@ -217,8 +250,13 @@ def test_train_reads_s3_shards_and_logs_no_credentials(shards, s3_server, tmp_pa
     url = "s3://h1-train/gopro"
     assert _shard_to_s3(shards, env, url).returncode == 0
     cache = tmp_path / "cache"
-    cfg = write_config(tmp_path / "cfg.yaml", url, tmp_path / "out", data={"cache_dir": str(cache)},
-                       train={"steps": 2, "log_every": 1, "val_every": 2, "checkpoint_every": 2})
+    cfg = write_config(
+        tmp_path / "cfg.yaml",
+        url,
+        tmp_path / "out",
+        data={"cache_dir": str(cache)},
+        train={"steps": 2, "log_every": 1, "val_every": 2, "checkpoint_every": 2},
+    )
     proc = run_cli("launch/train.py", "--config", cfg, "--stage", "f", env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (cache / "h1-train" / "gopro" / "manifest.json").read_bytes() == (shards / "manifest.json").read_bytes()
@@ -243,8 +281,9 @@ def test_sigkill_during_upload_then_rerun_gives_the_uninterrupted_objects(s3_ser
 
     env = s3_server
     src = tmp_path / "GOPRO_Large"
-    make_synthetic_gopro(src, seed=6, workers=1, train_pairs=6, test_pairs=2, height=192, width=256,
-                         frames_per_scene=2, progress=False)
+    make_synthetic_gopro(
+        src, seed=6, workers=1, train_pairs=6, test_pairs=2, height=192, width=256, frames_per_scene=2, progress=False
+    )
     args = ("--src", src, "--format", "jp2", "--maxcount", 1, "--workers", 2, "--no-progress")
     run_cli("data_prep/shard_gopro.py", *args, "--out", tmp_path / "reference", check=True)
     make_bucket(env, "h1-kill")
@@ -253,8 +292,9 @@ def test_sigkill_during_upload_then_rerun_gives_the_uninterrupted_objects(s3_ser
     stage.mkdir()
     env = {**env, "TMPDIR": str(stage)}
     cmd = [sys.executable, str(ROOT / "data_prep" / "shard_gopro.py"), *map(str, args), "--out", url]
-    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     client = _client(env)
     try:
         deadline = time.monotonic() + 120

@@ -16,7 +16,8 @@ from PIL import Image
 
 from golf_dist.data.formats import FORMATS, decode, encode
 from golf_dist.data.prep.gopro import scan_gopro
-from golf_dist.data.torch_loader import ShardPairs
+from golf_dist.data.prep.sharding import shard_gopro
+from golf_dist.data.prep.synthetic import make_synthetic_gopro
 from golf_dist.data.shard_reader import (
     dali_index,
     index_path,
@@ -27,8 +28,7 @@ from golf_dist.data.shard_reader import (
     shard_paths,
     split_format,
 )
-from golf_dist.data.prep.sharding import shard_gopro
-from golf_dist.data.prep.synthetic import make_synthetic_gopro
+from golf_dist.data.torch_loader import ShardPairs
 from golf_dist.errors import DataError
 from golf_dist.files import sha256_file
 
@@ -40,8 +40,9 @@ def fmt_gopro(tmp_path_factory) -> Path:
     """5 train + 2 test synthetic pairs of 40x56; one sharp frame saved as a palette PNG, one blur frame as
     RGBA, so 'the source pixels' means PIL's RGB conversion of what is on disk."""
     root = tmp_path_factory.mktemp("fmt") / "GOPRO_Large"
-    make_synthetic_gopro(root, seed=2, workers=1, train_pairs=5, test_pairs=2, height=40, width=56,
-                         frames_per_scene=2, progress=False)
+    make_synthetic_gopro(
+        root, seed=2, workers=1, train_pairs=5, test_pairs=2, height=40, width=56, frames_per_scene=2, progress=False
+    )
     pairs = scan_gopro(root, "train")
     with Image.open(pairs[0].sharp_path) as im:
         im.convert("RGB").quantize(64).save(pairs[0].sharp_path)
@@ -154,7 +155,9 @@ def test_dali_index_files_match_wds2idx_and_the_manifest(fmt_shards, tmp_path):
             assert indexes == [index_path(s) for s in shards] and all(p.suffix == ".idx" for p in indexes)
             for shard, idx, entry in zip(shards, indexes, manifest["splits"][split]["shards"]):
                 assert entry["index"] == {
-                    "path": idx.relative_to(out).as_posix(), "bytes": idx.stat().st_size, "sha256": sha256_file(idx)
+                    "path": idx.relative_to(out).as_posix(),
+                    "bytes": idx.stat().st_size,
+                    "sha256": sha256_file(idx),
                 }
                 assert idx.read_bytes() == dali_index(index_shard(shard))
                 lines = idx.read_text().splitlines()
@@ -173,8 +176,12 @@ def test_real_dali_reader_with_index_paths_gives_the_source_pixels(fmt_gopro, fm
     @pipeline_def(num_threads=1, device_id=None, prefetch_queue_depth=1)
     def pipe(paths, indexes, fmt):
         blur, sharp, info = fn.readers.webdataset(
-            paths=paths, index_paths=indexes, ext=[f"blur.{fmt}", f"sharp.{fmt}", "json"],
-            missing_component_behavior="error", random_shuffle=False, name="reader",
+            paths=paths,
+            index_paths=indexes,
+            ext=[f"blur.{fmt}", f"sharp.{fmt}", "json"],
+            missing_component_behavior="error",
+            random_shuffle=False,
+            name="reader",
         )
         if fmt != "npy":  # DALI's CPU decoder (OpenJPEG for jp2); npy members are raw arrays
             blur = fn.decoders.image(blur, device="cpu", output_type=types.RGB)
@@ -221,16 +228,46 @@ def test_old_manifest_without_formats_or_indexes_still_reads(fmt_shards, tmp_pat
 
 def test_cli_format_flags_and_summary(fmt_gopro, tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(REPO / "data_prep" / "shard_gopro.py"), "--src", str(fmt_gopro), "--out",
-         str(tmp_path / "s"), "--format", "npy", "--splits", "train", "--workers", "1", "--no-progress"],
-        capture_output=True, text=True, timeout=300, check=False,
+        [
+            sys.executable,
+            str(REPO / "data_prep" / "shard_gopro.py"),
+            "--src",
+            str(fmt_gopro),
+            "--out",
+            str(tmp_path / "s"),
+            "--format",
+            "npy",
+            "--splits",
+            "train",
+            "--workers",
+            "1",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert "train: 5 pairs in 1 shard of npy, 56x40, " in proc.stdout and "MB per pair" in proc.stdout
     proc = subprocess.run(
-        [sys.executable, str(REPO / "data_prep" / "shard_gopro.py"), "--src", str(fmt_gopro), "--out",
-         str(tmp_path / "s"), "--format", "jp2", "--splits", "train", "--no-progress"],
-        capture_output=True, text=True, timeout=300, check=False,
+        [
+            sys.executable,
+            str(REPO / "data_prep" / "shard_gopro.py"),
+            "--src",
+            str(fmt_gopro),
+            "--out",
+            str(tmp_path / "s"),
+            "--format",
+            "jp2",
+            "--splits",
+            "train",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 1 and "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
     assert str(tmp_path / "s" / "train" / "train-000000.tar") in proc.stderr

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, assert_weights_equal, write_config
 
 pytestmark = pytest.mark.slow  # signals to real launchers and trainers: training runs, most of them several ranks
@@ -36,14 +35,43 @@ def _env():
 
 
 def _torchrun(cfg: Path) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            str(ROOT / "launch/train.py"), "--config", str(cfg), "--stage", "f"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "launch/train.py"),
+        "--config",
+        str(cfg),
+        "--stage",
+        "f",
+    ]
 
 
 def _accelerate(cfg: Path) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-            str(ROOT / "launch/train.py"), "--config", str(cfg), "--stage", "f"]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        str(ROOT / "launch/train.py"),
+        "--config",
+        str(cfg),
+        "--stage",
+        "f",
+    ]
 
 
 def _run(cmd: list[str], log: Path) -> str:
@@ -174,7 +202,9 @@ def test_torchrun_sigterm_to_every_process_checkpoints_and_the_rerun_resumes(sha
     step = _assert_stopped_with_marker(out, text)  # torchrun itself exits 1 (SignalException): the marker counts
 
     rerun = _run(_torchrun(cfg), base / "torchrun-rerun.log")
-    assert rerun.count(f"resuming stage f from {out / 'f' / 'checkpoints' / f'step-{step:08d}'} (step {step} of 24)") == 1
+    assert (
+        rerun.count(f"resuming stage f from {out / 'f' / 'checkpoints' / f'step-{step:08d}'} (step {step} of 24)") == 1
+    )
     assert not (out / "f" / "PREEMPTED").exists()
     assert_weights_equal(uninterrupted, out / "f.safetensors")
 
@@ -183,14 +213,17 @@ def test_torchrun_sigterm_to_the_launcher_alone_with_pytorch_loader_workers_chec
     """One SIGTERM to torchrun only: its agent passes it to each rank's process group, loader workers included.
     The workers leave it to their rank (killed by it, they failed the rank before it could checkpoint)."""
     out = base / "launcher-only"
-    cfg = write_config(base / "launcher-only.yaml", shards, out, train=TRAIN, data={"loader": "torch", "num_workers": 1})
+    cfg = write_config(
+        base / "launcher-only.yaml", shards, out, train=TRAIN, data={"loader": "torch", "num_workers": 1}
+    )
     _, text = _sigterm_mid_run(_torchrun(cfg), out, base / "launcher-only.log", launcher_only=True)
     assert "killed by signal" not in text, text[-3000:]
     _assert_stopped_with_marker(out, text)
 
 
 def test_accelerate_sigterm_then_a_damaged_newest_checkpoint_every_rank_resumes_from_rank_0s_choice(
-        shards, base, uninterrupted):
+    shards, base, uninterrupted
+):
     """accelerate launch (2 CPU processes, torchrun's agent inside). Then the stop's checkpoint is damaged: rank 0
     alone chooses (one fallback warning, not one per rank) and both ranks resume from the previous checkpoint.
     Rank 0's final weights equal the uninterrupted run's only if rank 1 resumed from the same weights too
@@ -220,12 +253,25 @@ def _node_launcher_sigterm(shards, base: Path, name: str, train: dict, data: dic
     out = base / name
     cfg = write_config(base / f"{name}.yaml", shards, out, train=train, data=data)
     env = {k: v for k, v in _env().items() if k != "ACCELERATE_USE_CPU"}
-    env.update(GOLF_ROOT=str(ROOT), GOLF_HEAD="127.0.0.1", GOLF_PORT=str(free_port()), GOLF_NNODES="1",
-               SLURM_NODEID="0", SLURM_JOB_ID="4243", **launch_env)
+    env.update(
+        GOLF_ROOT=str(ROOT),
+        GOLF_HEAD="127.0.0.1",
+        GOLF_PORT=str(free_port()),
+        GOLF_NNODES="1",
+        SLURM_NODEID="0",
+        SLURM_JOB_ID="4243",
+        **launch_env,
+    )
     log = base / f"{name}.log"
     with open(log, "w") as fh:
-        proc = subprocess.Popen(["bash", str(ROOT / "infra/slurm/node_launch.sh"), "--config", str(cfg), "--stage", "f"],
-                                cwd=base, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            ["bash", str(ROOT / "infra/slurm/node_launch.sh"), "--config", str(cfg), "--stage", "f"],
+            cwd=base,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     workers: list[int] = []
     try:
         ckpts, deadline = out / "f" / "checkpoints", time.time() + 300
@@ -259,17 +305,24 @@ def test_slurm_node_launcher_with_the_single_gpu_config_outlives_its_trainer_on_
     step goes with it. infra/slurm/node_launch.sh starts one process with no launcher in between: the srun task
     ends with the trainer (on CPU here, where accelerate falls back to the CPU)."""
     # single_gpu.yaml asks for bf16, slow on a CPU without oneDNN bf16 kernels: the first checkpoint after one step
-    _node_launcher_sigterm(shards, base, "single", {**TRAIN, "checkpoint_every": 1}, {},
-                           GOLF_GPUS_PER_NODE="1", ACCELERATE_CONFIG=str(ROOT / "configs/accelerate/single_gpu.yaml"))
+    _node_launcher_sigterm(
+        shards,
+        base,
+        "single",
+        {**TRAIN, "checkpoint_every": 1},
+        {},
+        GOLF_GPUS_PER_NODE="1",
+        ACCELERATE_CONFIG=str(ROOT / "configs/accelerate/single_gpu.yaml"),
+    )
 
 
-def test_slurm_node_launcher_on_cpu_with_pytorch_loader_workers_checkpoints_on_sigterm_to_every_process(
-        shards, base):
+def test_slurm_node_launcher_on_cpu_with_pytorch_loader_workers_checkpoints_on_sigterm_to_every_process(shards, base):
     """CPU nodes: node_launch.sh -> golf_dist.commands.launch torchrun -> torchrun -> 2 ranks, each with a PyTorch
     loader worker, and SIGTERM to all of them. The loader workers leave the signal to their rank (a worker killed
     by it fails the rank: "DataLoader worker ... is killed by signal: Terminated", no checkpoint)."""
-    _node_launcher_sigterm(shards, base, "cpu", TRAIN, {"loader": "torch", "num_workers": 1},
-                           GOLF_GPUS_PER_NODE="0", GOLF_CPU_PROCS="2")
+    _node_launcher_sigterm(
+        shards, base, "cpu", TRAIN, {"loader": "torch", "num_workers": 1}, GOLF_GPUS_PER_NODE="0", GOLF_CPU_PROCS="2"
+    )
 
 
 def test_accelerate_launch_of_one_process_becomes_the_trainer_with_accelerates_environment(tmp_path):
@@ -277,17 +330,47 @@ def test_accelerate_launch_of_one_process_becomes_the_trainer_with_accelerates_e
     the script runs in the launcher's own process (exec, no launcher left to die on SIGTERM), with the variables
     `accelerate launch` gives its child for the same config file (mixed precision, visible GPUs, CPU flag)."""
     script = tmp_path / "show_env.py"
-    script.write_text("import json, os, sys\n"
-                      "keys = sorted(k for k in os.environ if k.startswith('ACCELERATE_') or k == 'CUDA_VISIBLE_DEVICES')\n"
-                      "json.dump({'pid': os.getpid(), 'argv': sys.argv[1:], 'env': {k: os.environ[k] for k in keys}},"
-                      " open(sys.argv[1], 'w'))\n")
+    script.write_text(
+        "import json, os, sys\n"
+        "keys = sorted(k for k in os.environ if k.startswith('ACCELERATE_') or k == 'CUDA_VISIBLE_DEVICES')\n"
+        "json.dump({'pid': os.getpid(), 'argv': sys.argv[1:], 'env': {k: os.environ[k] for k in keys}},"
+        " open(sys.argv[1], 'w'))\n"
+    )
     config = ["--config_file", str(ROOT / "configs/accelerate/single_gpu.yaml")]
     env = {k: v for k, v in _env().items() if not k.startswith("ACCELERATE_")}
-    ours = subprocess.Popen([sys.executable, "-m", "golf_dist.commands.launch", "accelerate-launch", "--", *config,
-                             str(script), str(tmp_path / "ours.json"), "--stage", "f"], cwd=ROOT, env=env)
+    ours = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "golf_dist.commands.launch",
+            "accelerate-launch",
+            "--",
+            *config,
+            str(script),
+            str(tmp_path / "ours.json"),
+            "--stage",
+            "f",
+        ],
+        cwd=ROOT,
+        env=env,
+    )
     assert ours.wait(timeout=120) == 0
-    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *config, str(script),
-                    str(tmp_path / "theirs.json"), "--stage", "f"], cwd=ROOT, env=env, check=True, timeout=120)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            *config,
+            str(script),
+            str(tmp_path / "theirs.json"),
+            "--stage",
+            "f",
+        ],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        timeout=120,
+    )
     got, expected = (json.loads((tmp_path / f"{who}.json").read_text()) for who in ("ours", "theirs"))
     assert got["pid"] == ours.pid  # the launcher's process became the script: nothing between SLURM and it
     assert got["argv"][1:] == ["--stage", "f"]
@@ -297,8 +380,13 @@ def test_accelerate_launch_of_one_process_becomes_the_trainer_with_accelerates_e
 def _checkpoint(folder: Path, step: int, damaged: bool = False) -> Path:
     from golf_dist.checkpoints import save_checkpoint
 
-    path = save_checkpoint(folder, step, {"w": torch.full((3,), float(step))},
-                           {"optimizer": {}, "scheduler": {}}, {"stage": "f", "steps": 24})
+    path = save_checkpoint(
+        folder,
+        step,
+        {"w": torch.full((3,), float(step))},
+        {"optimizer": {}, "scheduler": {}},
+        {"stage": "f", "steps": 24},
+    )
     if damaged:
         model = path / "model.safetensors"
         model.write_bytes(model.read_bytes()[:50])
@@ -321,13 +409,27 @@ def test_resume_checkpoint_every_rank_loads_rank_0s_choice_or_all_stop_naming_it
     (tmp_path / "fresh" / "rank0").mkdir(parents=True)
     _checkpoint(tmp_path / "fresh" / "rank1", 2)
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "resume_ranks_worker.py"), str(tmp_path), "stale", "missing", "fresh"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "tests" / "resume_ranks_worker.py"),
+        str(tmp_path),
+        "stale",
+        "missing",
+        "fresh",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output[-3000:]  # the "missing" case stopped both ranks: no hang, non-zero
-    results = {(case, rank): json.loads((tmp_path / f"{case}-rank{rank}.json").read_text())
-               for case in ("stale", "missing", "fresh") for rank in (0, 1)}
+    results = {
+        (case, rank): json.loads((tmp_path / f"{case}-rank{rank}.json").read_text())
+        for case in ("stale", "missing", "fresh")
+        for rank in (0, 1)
+    }
 
     assert results["stale", 0] == {"path": str(tmp_path / "stale" / "rank0" / "step-00000002"), "step": 2, "value": 2.0}
     assert results["stale", 1] == {"path": str(tmp_path / "stale" / "rank1" / "step-00000002"), "step": 2, "value": 2.0}

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import LONG_F, ONE_THREAD, ROOT, assert_weights_equal, run_cli, write_config
 
 pytestmark = pytest.mark.slow  # jobs on the local SLURM cluster (one suite at a time may use it)
@@ -34,16 +33,21 @@ def slurm(tmp_path_factory):
     # its own range (gw0: 1, gw1: 1001, ...).
     worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
     start_env = {**os.environ, "GOLF_SLURM_FIRST_JOB_ID": str(1 + 1000 * worker)}
-    proc = subprocess.run(["bash", str(CLUSTER), "start", str(base)], capture_output=True, text=True, timeout=600,
-                          env=start_env)
+    proc = subprocess.run(
+        ["bash", str(CLUSTER), "start", str(base)], capture_output=True, text=True, timeout=600, env=start_env
+    )
     if proc.returncode == 3:
         reason = f"SLURM cannot be installed on this machine: {proc.stderr.strip()}"
         print(f"SKIP: {reason}")
         pytest.skip(reason)
     assert proc.returncode == 0, f"the local SLURM cluster did not start:\n{proc.stdout}\n{proc.stderr}"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env.update(SLURM_CONF=str(base / "etc" / "slurm.conf"), PYTHONUNBUFFERED="1", **ONE_THREAD,
-               GOLF_SLURM_FIRST_JOB_ID=start_env["GOLF_SLURM_FIRST_JOB_ID"])
+    env.update(
+        SLURM_CONF=str(base / "etc" / "slurm.conf"),
+        PYTHONUNBUFFERED="1",
+        **ONE_THREAD,
+        GOLF_SLURM_FIRST_JOB_ID=start_env["GOLF_SLURM_FIRST_JOB_ID"],
+    )
     yield env
     subprocess.run(["bash", str(CLUSTER), "stop", str(base)], capture_output=True, text=True, timeout=120)
 
@@ -51,7 +55,11 @@ def slurm(tmp_path_factory):
 def _sbatch(env, log_dir: Path, *args, extra_env=None, sbatch_opts=()) -> str:
     proc = subprocess.run(
         ["sbatch", "--parsable", f"--output={log_dir}/%x-%j.log", *sbatch_opts, str(TRAIN_SBATCH), *map(str, args)],
-        cwd=ROOT, env={**env, **(extra_env or {})}, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        env={**env, **(extra_env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
@@ -71,7 +79,9 @@ def _wait_state(env, job: str, states: set[str], log: Path, timeout: float = 300
             return info
         if time.time() > deadline:
             text = log.read_text() if log.exists() else "(no log)"
-            raise AssertionError(f"job {job} is {info['JobState']} ({info.get('Reason')}), not {states}:\n{text[-3000:]}")
+            raise AssertionError(
+                f"job {job} is {info['JobState']} ({info.get('Reason')}), not {states}:\n{text[-3000:]}"
+            )
         time.sleep(0.5)
 
 
@@ -119,10 +129,31 @@ def test_f_then_g_chain_with_afterok_completes(slurm, shards, tmp_path):
     """Stage f with two CPU processes (torchrun + gloo), stage g waiting on it with --dependency=afterok."""
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", shards, out)
-    job_f = _sbatch(slurm, tmp_path, "--config", cfg, "--stage", "f", "--output-dir", out,
-                    extra_env={"GOLF_CPU_PROCS": "2"}, sbatch_opts=["--cpus-per-task=2"])
-    job_g = _sbatch(slurm, tmp_path, "--config", cfg, "--stage", "g", "--output-dir", out, "--unroll", "2",
-                    sbatch_opts=[f"--dependency=afterok:{job_f}", "--cpus-per-task=1"])
+    job_f = _sbatch(
+        slurm,
+        tmp_path,
+        "--config",
+        cfg,
+        "--stage",
+        "f",
+        "--output-dir",
+        out,
+        extra_env={"GOLF_CPU_PROCS": "2"},
+        sbatch_opts=["--cpus-per-task=2"],
+    )
+    job_g = _sbatch(
+        slurm,
+        tmp_path,
+        "--config",
+        cfg,
+        "--stage",
+        "g",
+        "--output-dir",
+        out,
+        "--unroll",
+        "2",
+        sbatch_opts=[f"--dependency=afterok:{job_f}", "--cpus-per-task=1"],
+    )
     info_f = _wait_state(slurm, job_f, {"COMPLETED", "FAILED", "CANCELLED"}, _log(tmp_path, job_f))
     log_f = _log(tmp_path, job_f).read_text()
     assert info_f["JobState"] == "COMPLETED", log_f[-3000:]
@@ -142,7 +173,8 @@ def test_f_then_g_chain_with_afterok_completes(slurm, shards, tmp_path):
 
 
 def test_preempted_job_requeues_falls_back_past_a_torn_checkpoint_and_matches_an_uninterrupted_run(
-        slurm, shards, long_f_reference, tmp_path):
+    slurm, shards, long_f_reference, tmp_path
+):
     """One preemption, everything a requeue must survive: USR2 checkpoints and requeues the job; a job
     chained on it keeps waiting, and runs once F completes; a stage g submitted meanwhile fails naming the
     unfinished stage f; the newest checkpoint is torn while the job waits; the requeued job says so, resumes
@@ -150,15 +182,29 @@ def test_preempted_job_requeues_falls_back_past_a_torn_checkpoint_and_matches_an
     costs SLURM's begin-time wait."""
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", shards, out, train=LONG_F)
-    job = _sbatch(slurm, tmp_path, "--config", cfg, "--stage", "f", "--output-dir", out,
-                  sbatch_opts=["--cpus-per-task=1"])
+    job = _sbatch(
+        slurm, tmp_path, "--config", cfg, "--stage", "f", "--output-dir", out, sbatch_opts=["--cpus-per-task=1"]
+    )
     log = _log(tmp_path, job)
     # a job chained on it (afterok): a requeue must keep it waiting, as F has not completed yet. A bare
     # `true` here (the chain test runs a real stage g after F): a G started and cancelled would hold a CPU
     # for a while after this test
-    submitted = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/chained-%j.log", "--cpus-per-task=1",
-                                f"--dependency=afterok:{job}", "--wrap", "true"],
-                               env=slurm, capture_output=True, text=True, timeout=60, check=True)
+    submitted = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            f"--output={tmp_path}/chained-%j.log",
+            "--cpus-per-task=1",
+            f"--dependency=afterok:{job}",
+            "--wrap",
+            "true",
+        ],
+        env=slurm,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     job_chained = submitted.stdout.strip().split(";")[0]
     _first_checkpoints(out / "f" / "checkpoints", slurm, job, 2, log)  # so one is left when the newest is torn
     _preempt_and_wait_for_requeue(slurm, job, log)
@@ -174,12 +220,16 @@ def test_preempted_job_requeues_falls_back_past_a_torn_checkpoint_and_matches_an
     assert not (out / "f.safetensors").exists()
 
     # bad input: stage g submitted while stage f is still unfinished (here: waiting in the queue)
-    job_g = _sbatch(slurm, tmp_path, "--config", cfg, "--stage", "g", "--output-dir", out,
-                    sbatch_opts=["--cpus-per-task=1"])
+    job_g = _sbatch(
+        slurm, tmp_path, "--config", cfg, "--stage", "g", "--output-dir", out, sbatch_opts=["--cpus-per-task=1"]
+    )
     info_g = _wait_state(slurm, job_g, {"COMPLETED", "FAILED", "CANCELLED"}, _log(tmp_path, job_g))
     log_g = _log(tmp_path, job_g).read_text()
     assert info_g["JobState"] == "FAILED" and info_g["ExitCode"] != "0:0", log_g[-2000:]
-    assert f"stage g needs a trained F, but stage f in {out} has not finished (newest checkpoint: step {step} of 60)" in log_g
+    assert (
+        f"stage g needs a trained F, but stage f in {out} has not finished (newest checkpoint: step {step} of 60)"
+        in log_g
+    )
     assert "golf: error: training failed" in log_g and not (out / "g").joinpath("checkpoints").exists()
 
     # the checkpoint the preemption wrote is torn, as a dying node could leave it; an older one is whole
@@ -200,8 +250,9 @@ def test_preempted_job_requeues_falls_back_past_a_torn_checkpoint_and_matches_an
     assert not (out / "f" / "PREEMPTED").exists() and not (out / "f" / "STOP").exists()
     assert_weights_equal(long_f_reference, out / "f.safetensors")
     # F completed: the chained job is released and runs
-    info = _wait_state(slurm, job_chained, {"COMPLETED", "FAILED", "CANCELLED"},
-                       tmp_path / f"chained-{job_chained}.log", timeout=60)
+    info = _wait_state(
+        slurm, job_chained, {"COMPLETED", "FAILED", "CANCELLED"}, tmp_path / f"chained-{job_chained}.log", timeout=60
+    )
     assert info["JobState"] == "COMPLETED", info
 
 
@@ -253,16 +304,31 @@ def test_a_hung_training_is_requeued_where_configured_at_most_the_configured_tim
     for name, extra in (("requeued", {"GOLF_REQUEUE_ON_HANG": "1", "GOLF_REQUEUE_ON_HANG_MAX": "1"}), ("plain", {})):
         out = tmp_path / name
         cfg = write_config(tmp_path / f"{name}.yaml", shards, out, train={"hang_timeout_s": 0.001})
-        jobs[name] = (_sbatch(slurm, tmp_path, "--config", cfg, "--stage", "f", "--output-dir", out,
-                              extra_env=extra, sbatch_opts=["--cpus-per-task=1"]), out)
+        jobs[name] = (
+            _sbatch(
+                slurm,
+                tmp_path,
+                "--config",
+                cfg,
+                "--stage",
+                "f",
+                "--output-dir",
+                out,
+                extra_env=extra,
+                sbatch_opts=["--cpus-per-task=1"],
+            ),
+            out,
+        )
     for name, (job, out) in jobs.items():
         info = _wait_state(slurm, job, {"COMPLETED", "FAILED", "CANCELLED"}, _log(tmp_path, job))
         text = _log(tmp_path, job).read_text()
         restarts = 1 if name == "requeued" else 0
         assert info["JobState"] == "FAILED" and int(info["Restarts"]) == restarts, (info, text[-3000:])
         assert "golf watchdog: rank 0 (pid " in text and (out / "f" / "hang-rank0.txt").is_file(), text[-3000:]
-        hung = f"training hung: the watchdog stopped it (train.hang_timeout_s; every thread's stack in {out / 'f'}/: " \
-               "hang-rank0.txt)"
+        hung = (
+            f"training hung: the watchdog stopped it (train.hang_timeout_s; every thread's stack in {out / 'f'}/: "
+            "hang-rank0.txt)"
+        )
         assert text.count(hung) == restarts + 1, text[-3000:]
         assert "golf: error: training failed" in text and not list((out / "f").glob(".launch-*"))
     requeued = _log(tmp_path, jobs["requeued"][0]).read_text()
@@ -276,8 +342,15 @@ def test_a_hung_training_is_requeued_where_configured_at_most_the_configured_tim
 
 
 def test_gpu_job_with_a_missing_accelerate_config_fails_before_training(slurm, tmp_path):
-    job = _sbatch(slurm, tmp_path, "--stage", "f", "--output-dir", tmp_path / "out",
-                  extra_env={"GOLF_GPUS_PER_NODE": "1", "ACCELERATE_CONFIG": str(tmp_path / "nowhere.yaml")})
+    job = _sbatch(
+        slurm,
+        tmp_path,
+        "--stage",
+        "f",
+        "--output-dir",
+        tmp_path / "out",
+        extra_env={"GOLF_GPUS_PER_NODE": "1", "ACCELERATE_CONFIG": str(tmp_path / "nowhere.yaml")},
+    )
     info = _wait_state(slurm, job, {"COMPLETED", "FAILED", "CANCELLED"}, _log(tmp_path, job))
     text = _log(tmp_path, job).read_text()
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", text
@@ -292,9 +365,25 @@ def test_shard_job_array_and_merge_write_the_same_shards_as_one_process(slurm, s
     out = tmp_path / "shards"
     env = {**slurm, "GOLF_ROOT": str(ROOT), "GOLF_SBATCH_ARGS": "--cpus-per-task=1"}
     proc = subprocess.run(
-        ["bash", str(ROOT / "infra/slurm/submit_shards.sh"), "--parts", "2", "--src", str(shards.parent / "GOPRO_Large"),
-         "--out", str(out), "--maxcount", "4", "--format", "png"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+        [
+            "bash",
+            str(ROOT / "infra/slurm/submit_shards.sh"),
+            "--parts",
+            "2",
+            "--src",
+            str(shards.parent / "GOPRO_Large"),
+            "--out",
+            str(out),
+            "--maxcount",
+            "4",
+            "--format",
+            "png",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     ids = dict(line.split() for line in proc.stdout.split("\n") if line.strip())
@@ -324,14 +413,30 @@ def test_node_launcher_ends_a_rendezvous_that_cannot_form_with_a_clear_error(sha
     cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env.update(GOLF_ROOT=str(ROOT), GOLF_HEAD="127.0.0.1", GOLF_PORT=str(port), GOLF_NNODES="2",
-               GOLF_GPUS_PER_NODE="0", GOLF_RDZV_TIMEOUT="8", SLURM_NODEID="0", SLURM_JOB_ID="4242")
+    env.update(
+        GOLF_ROOT=str(ROOT),
+        GOLF_HEAD="127.0.0.1",
+        GOLF_PORT=str(port),
+        GOLF_NNODES="2",
+        GOLF_GPUS_PER_NODE="0",
+        GOLF_RDZV_TIMEOUT="8",
+        SLURM_NODEID="0",
+        SLURM_JOB_ID="4242",
+    )
     start = time.monotonic()
-    proc = subprocess.run(["bash", str(ROOT / "infra/slurm/node_launch.sh"), "--config", str(cfg), "--stage", "f"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "infra/slurm/node_launch.sh"), "--config", str(cfg), "--stage", "f"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines()[-1].startswith(
-        f"error: the rendezvous at 127.0.0.1:{port} did not form: --nnodes 2 launchers were expected"
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"error: the rendezvous at 127.0.0.1:{port} did not form: --nnodes 2 launchers were expected")
     ), proc.stderr[-2000:]
     assert "join_timeout=8 s" in proc.stderr and time.monotonic() - start < 90
     assert not (tmp_path / "out" / "f").exists()
@@ -342,8 +447,12 @@ def test_shell_scripts_expand_arrays_that_can_be_empty_in_the_form_old_bash_acce
     ("unbound variable"); `${a[@]+"${a[@]}"}` expands to nothing there. The bash here is newer and accepts
     both (BASH_COMPAT does not bring the old error back), so this reads the scripts instead of running them:
     every array a script starts as `name=()` must be expanded in the guarded form."""
-    scripts = [p for folder in ("infra", "launch", ".ci") for p in (ROOT / folder).rglob("*")
-               if p.is_file() and (p.suffix in (".sh", ".sbatch") or p.read_bytes().startswith(b"#!/usr/bin/env bash"))]
+    scripts = [
+        p
+        for folder in ("infra", "launch", ".ci")
+        for p in (ROOT / folder).rglob("*")
+        if p.is_file() and (p.suffix in (".sh", ".sbatch") or p.read_bytes().startswith(b"#!/usr/bin/env bash"))
+    ]
     assert ROOT / "infra/slurm/node_launch.sh" in scripts and ROOT / "infra/slurm/shard.sbatch" in scripts
     bare = []
     for script in scripts:
@@ -354,4 +463,4 @@ def test_shell_scripts_expand_arrays_that_can_be_empty_in_the_form_old_bash_acce
                 code = line.split(" #")[0] if not line.lstrip().startswith("#") else ""
                 if f'"${{{name}[@]}}"' in code.replace(guarded, ""):
                     bare.append(f"{script.relative_to(ROOT)}:{line_no}: {line.strip()}")
-    assert not bare, "use ${a[@]+\"${a[@]}\"} for an array that can be empty:\n" + "\n".join(bare)
+    assert not bare, 'use ${a[@]+"${a[@]}"} for an array that can be empty:\n' + "\n".join(bare)

@@ -14,8 +14,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, run_cli, write_config
+
 from golf_dist.config import SpeedConfig, load_config
 from golf_dist.errors import ConfigError
 from golf_dist.models import f_net, g_net, unroll
@@ -106,10 +106,26 @@ def test_stage_g_trains_with_compile_and_channels_last(small_run, shards, tmp_pa
     out = tmp_path / "fast"
     out.mkdir()
     shutil.copy(small_run["out"] / "f.safetensors", out / "f.safetensors")
-    cfg = write_config(tmp_path / "fast.yaml", shards, out, data={"loader": "torch"},
-                       train={"steps": 2, "val_every": 2, "checkpoint_every": 2, "log_every": 1})
-    proc = run_cli("launch/train.py", "--config", cfg, "--stage", "g", "--unroll", "2", "speed.compile=on",
-                   "speed.compile_backend=aot_eager", "speed.channels_last=on", check=True)
+    cfg = write_config(
+        tmp_path / "fast.yaml",
+        shards,
+        out,
+        data={"loader": "torch"},
+        train={"steps": 2, "val_every": 2, "checkpoint_every": 2, "log_every": 1},
+    )
+    proc = run_cli(
+        "launch/train.py",
+        "--config",
+        cfg,
+        "--stage",
+        "g",
+        "--unroll",
+        "2",
+        "speed.compile=on",
+        "speed.compile_backend=aot_eager",
+        "speed.channels_last=on",
+        check=True,
+    )
     assert "(compile (aot_eager), channels_last)" in proc.stdout
     exported = load_file(str(out / "g.safetensors"))
     assert set(exported) == set(g_net().state_dict()) and all(torch.isfinite(v).all() for v in exported.values())

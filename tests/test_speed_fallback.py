@@ -13,12 +13,12 @@ import shutil
 import mlflow
 import pytest
 import torch
-
 from conftest import assert_weights_equal, run_cli, write_config
+
 from golf_dist.config import SpeedConfig
 from golf_dist.inference.deblur import deblur_files
 from golf_dist.models import f_net, g_net
-from golf_dist.perf.speed import FALLBACK_ORDER, for_inference, unprepare, prepare_module, Speed
+from golf_dist.perf.speed import FALLBACK_ORDER, Speed, for_inference, prepare_module, unprepare
 
 RAISING, WRONG = "speed.compile_backend=tests.speed_backends:raising", "tests.speed_backends:off_by_ten_percent"
 
@@ -32,23 +32,39 @@ def _warnings(text: str) -> list[str]:
 
 
 def _f_config(tmp_path, shards):
-    return write_config(tmp_path / "c.yaml", shards, tmp_path / "out", data={"loader": "torch"},
-                        train={"steps": 2, "val_every": 2, "checkpoint_every": 2, "log_every": 1})
+    return write_config(
+        tmp_path / "c.yaml",
+        shards,
+        tmp_path / "out",
+        data={"loader": "torch"},
+        train={"steps": 2, "val_every": 2, "checkpoint_every": 2, "log_every": 1},
+    )
 
 
 @pytest.mark.slow
 def test_training_goes_on_eager_when_compile_fails_and_records_why(shards, tmp_path):
     """speed.compile=try with a backend that raises: stage f trains eagerly, one warning names the switch and the
     error's first line, speed_fallback.json and the MLflow tag say which switch and why."""
-    proc = run_cli("launch/train.py", "--config", _f_config(tmp_path, shards), "--stage", "f",
-                   "speed.compile=try", RAISING, check=True)
+    proc = run_cli(
+        "launch/train.py",
+        "--config",
+        _f_config(tmp_path, shards),
+        "--stage",
+        "f",
+        "speed.compile=try",
+        RAISING,
+        check=True,
+    )
     (warning,) = _warnings(proc.stdout + proc.stderr)
     assert "speed.compile turned off for training stage f: RuntimeError: injected compile failure" in warning
     assert "second line" not in proc.stdout + proc.stderr
     stage_dir = tmp_path / "out" / "f"
     (fallback,) = json.loads((stage_dir / "speed_fallback.json").read_text())
-    assert fallback == {"switch": "compile", "reason": "RuntimeError: injected compile failure",
-                        "work": "training stage f"}
+    assert fallback == {
+        "switch": "compile",
+        "reason": "RuntimeError: injected compile failure",
+        "work": "training stage f",
+    }
     run_id = json.loads((tmp_path / "out" / "f_run.json").read_text())["mlflow_run_id"]
     assert _tags(tmp_path / "mlflow.db", run_id)["speed_fallback"] == "compile: RuntimeError: injected compile failure"
     assert "(eager, no speed options)" in proc.stdout + proc.stderr  # what the steps then ran
@@ -56,8 +72,9 @@ def test_training_goes_on_eager_when_compile_fails_and_records_why(shards, tmp_p
 
 @pytest.mark.slow
 def test_compile_set_on_fails_the_run_with_its_error(shards, tmp_path):
-    proc = run_cli("launch/train.py", "--config", _f_config(tmp_path, shards), "--stage", "f",
-                   "speed.compile=on", RAISING)
+    proc = run_cli(
+        "launch/train.py", "--config", _f_config(tmp_path, shards), "--stage", "f", "speed.compile=on", RAISING
+    )
     assert proc.returncode != 0
     assert "injected compile failure" in proc.stderr and not _warnings(proc.stdout + proc.stderr)
     assert not (tmp_path / "out" / "f" / "speed_fallback.json").exists()
@@ -71,13 +88,30 @@ def test_stage_g_falls_back_when_compiled_outputs_disagree_with_eager(small_run,
     out = tmp_path / "out"
     out.mkdir()
     shutil.copy(small_run["out"] / "f.safetensors", out / "f.safetensors")
-    cfg = write_config(tmp_path / "c.yaml", shards, out, data={"loader": "torch"},
-                       train={"steps": 1, "val_every": 1, "checkpoint_every": 1, "log_every": 1})
-    proc = run_cli("launch/train.py", "--config", cfg, "--stage", "g", "--unroll", "2", "speed.compile=try",
-                   f"speed.compile_backend={WRONG}", "speed.channels_last=try", check=True)
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        shards,
+        out,
+        data={"loader": "torch"},
+        train={"steps": 1, "val_every": 1, "checkpoint_every": 1, "log_every": 1},
+    )
+    proc = run_cli(
+        "launch/train.py",
+        "--config",
+        cfg,
+        "--stage",
+        "g",
+        "--unroll",
+        "2",
+        "speed.compile=try",
+        f"speed.compile_backend={WRONG}",
+        "speed.channels_last=try",
+        check=True,
+    )
     (fallback,) = json.loads((out / "g" / "speed_fallback.json").read_text())
     assert fallback["switch"] == "compile" and fallback["reason"].startswith(
-        "NumericsMismatch: outputs differ from eager PyTorch's by")
+        "NumericsMismatch: outputs differ from eager PyTorch's by"
+    )
     assert "(channels_last)" in proc.stdout + proc.stderr
 
 
@@ -85,10 +119,22 @@ def test_stage_g_falls_back_when_compiled_outputs_disagree_with_eager(small_run,
 def test_evaluation_falls_back_and_records_it(small_run, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(small_run["out"], out, ignore=shutil.ignore_patterns("checkpoints"))
-    proc = run_cli("launch/evaluate.py", "--output-dir", out, "--iterations", "1", "--limit", "1",
-                   "speed.compile=try", RAISING, check=True)
+    proc = run_cli(
+        "launch/evaluate.py",
+        "--output-dir",
+        out,
+        "--iterations",
+        "1",
+        "--limit",
+        "1",
+        "speed.compile=try",
+        RAISING,
+        check=True,
+    )
     assert [w.split(" turned off for ")[1] for w in _warnings(proc.stdout + proc.stderr)] == [
-        "F: RuntimeError: injected compile failure", "G: RuntimeError: injected compile failure"]
+        "F: RuntimeError: injected compile failure",
+        "G: RuntimeError: injected compile failure",
+    ]
     recorded = json.loads((out / "evaluation_speed_fallback.json").read_text())
     assert [(f["switch"], f["work"]) for f in recorded] == [("compile", "F"), ("compile", "G")]
     result = json.loads((out / "evaluation.json").read_text())
@@ -103,8 +149,14 @@ def test_deblurring_falls_back_to_eager_outputs(small_run, shards, tmp_path):
     image = tmp_path / "in.png"
     Image.new("RGB", (48, 40), (90, 120, 30)).save(image)
     eager = deblur_files(small_run["out"], [str(image)], tmp_path / "eager", iterations=1, device="cpu")
-    fast = deblur_files(small_run["out"], [str(image)], tmp_path / "fast", iterations=1, device="cpu",
-                        speed_cfg=SpeedConfig(compile="try", compile_backend="tests.speed_backends:raising"))
+    fast = deblur_files(
+        small_run["out"],
+        [str(image)],
+        tmp_path / "fast",
+        iterations=1,
+        device="cpu",
+        speed_cfg=SpeedConfig(compile="try", compile_backend="tests.speed_backends:raising"),
+    )
     assert Image.open(fast[0]).tobytes() == Image.open(eager[0]).tobytes()
     recorded = json.loads((tmp_path / "fast" / "speed_fallback.json").read_text())
     assert [(f["switch"], f["work"]) for f in recorded] == [("compile", "F"), ("compile", "G")]
@@ -148,7 +200,6 @@ def test_a_custom_backend_that_cannot_be_imported_is_a_config_error_not_a_fallba
         for_inference(f_net(), None, cfg.speed, torch.device("cpu"))
 
 
-
 def test_bf16_training_check_compares_with_eager_bf16_and_keeps_its_switches():
     """Under bf16 autocast the check compares with eager at the same precision (tolerance 4e-2): bf16's own
     rounding (an untrained F with its last layer on differs from fp32 by ~1.5e-2 of its scale) and channels_last's
@@ -161,9 +212,14 @@ def test_bf16_training_check_compares_with_eager_bf16_and_keeps_its_switches():
     blur, sharp = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
     loss_fn = GolfLoss(0.0, None)
     speed, fallbacks, (prepared,) = settle_training(
-        Speed(channels_last=True), SpeedConfig(channels_last="try"), [f], (blur, sharp),
+        Speed(channels_last=True),
+        SpeedConfig(channels_last="try"),
+        [f],
+        (blur, sharp),
         lambda nets, x, y: loss_fn(nets[0](x), y)["total"],
-        lambda: torch.autocast("cpu", dtype=torch.bfloat16), "training stage f")
+        lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+        "training stage f",
+    )
     assert fallbacks == [] and speed.channels_last and prepared is f
     assert all(p.grad is None for p in f.parameters())  # the check's backward leaves no gradient behind
 
@@ -176,27 +232,44 @@ def test_training_falls_back_to_unfused_adam_when_the_fused_step_fails_and_match
     weights, before the optimizer is taken) turns it off with one warning and records why; training then runs the
     unfused Adam, step for step what speed.fused_adam=off computes. Without the check the first real step raises."""
     cfg = _f_config(tmp_path, shards)
-    proc = run_cli("launch/train.py", "--config", cfg, "--stage", "f", "speed.fused_adam=try", env=RAISING_ADAM,
-                   check=True)
+    proc = run_cli(
+        "launch/train.py", "--config", cfg, "--stage", "f", "speed.fused_adam=try", env=RAISING_ADAM, check=True
+    )
     (warning,) = _warnings(proc.stdout + proc.stderr)
     assert "speed.fused_adam turned off for training stage f: RuntimeError: injected fused Adam failure" in warning
     assert "second line" not in proc.stdout + proc.stderr
     (fallback,) = json.loads((tmp_path / "out" / "f" / "speed_fallback.json").read_text())
-    assert fallback == {"switch": "fused_adam", "reason": "RuntimeError: injected fused Adam failure",
-                        "work": "training stage f"}
+    assert fallback == {
+        "switch": "fused_adam",
+        "reason": "RuntimeError: injected fused Adam failure",
+        "work": "training stage f",
+    }
     run_id = json.loads((tmp_path / "out" / "f_run.json").read_text())["mlflow_run_id"]
     assert _tags(tmp_path / "mlflow.db", run_id)["speed_fallback"] == (
-        "fused_adam: RuntimeError: injected fused Adam failure")
+        "fused_adam: RuntimeError: injected fused Adam failure"
+    )
     assert "(eager, no speed options)" in proc.stdout + proc.stderr
-    plain = write_config(tmp_path / "plain.yaml", shards, tmp_path / "plain", data={"loader": "torch"},
-                         train={"steps": 2, "val_every": 2, "checkpoint_every": 2, "log_every": 1})
+    plain = write_config(
+        tmp_path / "plain.yaml",
+        shards,
+        tmp_path / "plain",
+        data={"loader": "torch"},
+        train={"steps": 2, "val_every": 2, "checkpoint_every": 2, "log_every": 1},
+    )
     run_cli("launch/train.py", "--config", plain, "--stage", "f", "speed.fused_adam=off", check=True)
     assert_weights_equal(tmp_path / "plain" / "f.safetensors", tmp_path / "out" / "f.safetensors")
 
 
 def test_fused_adam_set_on_fails_the_run_with_its_error(shards, tmp_path):
-    proc = run_cli("launch/train.py", "--config", _f_config(tmp_path, shards), "--stage", "f",
-                   "speed.fused_adam=on", env=RAISING_ADAM)
+    proc = run_cli(
+        "launch/train.py",
+        "--config",
+        _f_config(tmp_path, shards),
+        "--stage",
+        "f",
+        "speed.fused_adam=on",
+        env=RAISING_ADAM,
+    )
     assert proc.returncode != 0
     assert "RuntimeError: injected fused Adam failure" in proc.stderr and not _warnings(proc.stdout + proc.stderr)
     assert not (tmp_path / "out" / "f" / "speed_fallback.json").exists()
@@ -233,8 +306,16 @@ def test_training_falls_back_when_the_fused_norm_kernel_fails_to_build_and_fails
     """speed.fused_norm=try with the Triton kernel failing at its first launch (a failed build): stage f trains
     with eager's InstanceNorm and ReLU, one warning, speed_fallback.json and the MLflow tag name fused_norm;
     speed.fused_norm=on fails the run with the build's error before any step."""
-    proc = run_cli("launch/train.py", "--config", _f_config(tmp_path, shards), "--stage", "f",
-                   "speed.fused_norm=try", env=BUILD_FAILS, check=True)
+    proc = run_cli(
+        "launch/train.py",
+        "--config",
+        _f_config(tmp_path, shards),
+        "--stage",
+        "f",
+        "speed.fused_norm=try",
+        env=BUILD_FAILS,
+        check=True,
+    )
     reason = "RuntimeError: injected Triton build failure of fwd_kernel (GOLF_FUSED_NORM_FAULT=build)"
     (warning,) = _warnings(proc.stdout + proc.stderr)
     assert f"speed.fused_norm turned off for training stage f: {reason}" in warning
@@ -243,13 +324,23 @@ def test_training_falls_back_when_the_fused_norm_kernel_fails_to_build_and_fails
     run_id = json.loads((tmp_path / "out" / "f_run.json").read_text())["mlflow_run_id"]
     assert _tags(tmp_path / "mlflow.db", run_id)["speed_fallback"] == f"fused_norm: {reason}"
     assert "(eager, no speed options)" in proc.stdout + proc.stderr
-    plain = write_config(tmp_path / "plain.yaml", shards, tmp_path / "plain", data={"loader": "torch"},
-                         train={"steps": 2, "val_every": 2, "checkpoint_every": 2, "log_every": 1})
+    plain = write_config(
+        tmp_path / "plain.yaml",
+        shards,
+        tmp_path / "plain",
+        data={"loader": "torch"},
+        train={"steps": 2, "val_every": 2, "checkpoint_every": 2, "log_every": 1},
+    )
     run_cli("launch/train.py", "--config", plain, "--stage", "f", "speed.fused_norm=off", check=True)
     assert_weights_equal(tmp_path / "plain" / "f.safetensors", tmp_path / "out" / "f.safetensors")
 
-    on = write_config(tmp_path / "on.yaml", shards, tmp_path / "on", data={"loader": "torch"},
-                      train={"steps": 2, "val_every": 2, "checkpoint_every": 2, "log_every": 1})
+    on = write_config(
+        tmp_path / "on.yaml",
+        shards,
+        tmp_path / "on",
+        data={"loader": "torch"},
+        train={"steps": 2, "val_every": 2, "checkpoint_every": 2, "log_every": 1},
+    )
     proc = run_cli("launch/train.py", "--config", on, "--stage", "f", "speed.fused_norm=on", env=BUILD_FAILS)
     assert proc.returncode != 0
     assert reason in proc.stderr and not _warnings(proc.stdout + proc.stderr), proc.stderr[-3000:]

@@ -12,7 +12,6 @@ import shutil
 import time
 
 import pytest
-
 from conftest import free_port, log_lines, mlflow_template, run_cli, start_cli, write_config
 from mlflow_servers import MlflowServer
 
@@ -47,13 +46,18 @@ def test_server_killed_mid_run_training_finishes_and_nothing_is_lost(shards, tmp
     shutil.copyfile(mlflow_template(), store / "mlflow.db")  # the schema in place: the server skips its migrations
     server = MlflowServer(
         ["--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "art")],
-        log=store / "server.log", env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no job workers: up sooner
+        log=store / "server.log",
+        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no job workers: up sooner
     )
     steps = 30
     out = tmp_path / "out"
-    cfg = write_config(tmp_path / "c.yaml", shards, out,
-                       train={"steps": steps, "log_every": 2, "val_every": 10, "checkpoint_every": 5, "keep_last": 10},
-                       tracking={"uri": server.url, "log_checkpoints": True})
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        shards,
+        out,
+        train={"steps": steps, "log_every": 2, "val_every": 10, "checkpoint_every": 5, "keep_last": 10},
+        tracking={"uri": server.url, "log_checkpoints": True},
+    )
     trainer = start_cli("launch/train.py", "--config", cfg, "--stage", "f")  # output to files: nothing blocks
     try:
         # kill the server once the first checkpoint has been uploaded (all four files in its store)

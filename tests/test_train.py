@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, TINY_DATA, run_cli, start_cli, wait_for_first_checkpoint, write_config
 from PIL import Image
 from safetensors.torch import load_file
-
-from conftest import ROOT, TINY_DATA, run_cli, start_cli, wait_for_first_checkpoint, write_config
 
 
 def _weights(path):
@@ -102,7 +101,9 @@ def test_deblur_writes_pngs_of_the_input_size(trained, tmp_path):
 
 def test_deblur_names_an_image_too_small_for_the_networks(trained, tmp_path):
     Image.fromarray(np.zeros((3, 40, 3), dtype=np.uint8)).save(tmp_path / "strip.png")
-    proc = run_cli("launch/deblur.py", "--output-dir", trained["out"], tmp_path / "strip.png", "--out", tmp_path / "out")
+    proc = run_cli(
+        "launch/deblur.py", "--output-dir", trained["out"], tmp_path / "strip.png", "--out", tmp_path / "out"
+    )
     assert proc.returncode != 0 and "strip.png is 40x3 pixels" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "strip.png").exists()
 
@@ -129,9 +130,25 @@ def _torchrun(nproc, cfg, stage, *extra):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-         str(ROOT / "launch/train.py"), "--config", str(cfg), "--stage", stage, *extra],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+            str(ROOT / "launch/train.py"),
+            "--config",
+            str(cfg),
+            "--stage",
+            stage,
+            *extra,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -141,8 +158,16 @@ def _train(nproc, cfg, stage, *extra):
     """`nproc` processes under torchrun, or one process on its own (launch/train.py as a user starts it)."""
     if nproc > 1:
         return _torchrun(nproc, cfg, stage, *extra)
-    return run_cli("launch/train.py", "--config", cfg, "--stage", stage, *extra,
-                   env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}, check=True)
+    return run_cli(
+        "launch/train.py",
+        "--config",
+        cfg,
+        "--stage",
+        stage,
+        *extra,
+        env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
+        check=True,
+    )
 
 
 def _relative_gap(a: Path, b: Path, init: dict) -> float:
@@ -162,8 +187,10 @@ def _loss_and_grad_norm(db: Path) -> dict:
     series = {}
     for run in client.search_runs([client.get_experiment_by_name("golf-test").experiment_id]):
         key = (run.data.tags["golf.stage"], run.data.params["world_size"])
-        series[key] = {name: [m.value for m in sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step)]
-                       for name in ("loss", "grad_norm")}
+        series[key] = {
+            name: [m.value for m in sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step)]
+            for name in ("loss", "grad_norm")
+        }
     return series
 
 
@@ -184,7 +211,9 @@ def test_two_processes_match_one_with_the_same_global_batch(shards, tmp_path):
 
     train = {"steps": 3, "checkpoint_every": 3, "val_every": 3}
     outs = {n: tmp_path / f"p{n}" for n in (1, 2)}
-    cfgs = {n: write_config(tmp_path / f"p{n}.yaml", shards, outs[n], train=train, data={"loader": "torch"}) for n in (1, 2)}
+    cfgs = {
+        n: write_config(tmp_path / f"p{n}.yaml", shards, outs[n], train=train, data={"loader": "torch"}) for n in (1, 2)
+    }
     for n in (1, 2):
         log = _train(n, cfgs[n], "f")
         assert f"{n} process(es) x {4 // n} per device" in log.stdout
@@ -243,8 +272,15 @@ def test_global_batch_that_does_not_divide(shards, tmp_path):
 @pytest.mark.slow
 def test_perceptual_term_without_vgg_weights_says_where_the_file_goes(shards, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out")
-    proc = run_cli("launch/train.py", "--config", cfg, "--stage", "f", "loss.perceptual_weight=5e-6",
-                   env={"TORCH_HOME": str(tmp_path / "torch_home")})
+    proc = run_cli(
+        "launch/train.py",
+        "--config",
+        cfg,
+        "--stage",
+        "f",
+        "loss.perceptual_weight=5e-6",
+        env={"TORCH_HOME": str(tmp_path / "torch_home")},
+    )
     assert proc.returncode != 0 and "vgg11_bn-6002323d.pth" in proc.stderr
     assert str(tmp_path / "torch_home") in proc.stderr
     assert _no_checkpoints(tmp_path / "out")
@@ -260,8 +296,16 @@ def test_training_with_the_perceptual_term_loads_vgg_from_the_hub_cache(shards, 
     torch.manual_seed(0)
     torch.save(VGGFeatures().state_dict(), cache / VGG_WEIGHTS_FILE)
     cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "out", train={"steps": 2, "log_every": 1})
-    run_cli("launch/train.py", "--config", cfg, "--stage", "f", "loss.perceptual_weight=0.01",
-            env={"TORCH_HOME": str(tmp_path / "torch_home")}, check=True)
+    run_cli(
+        "launch/train.py",
+        "--config",
+        cfg,
+        "--stage",
+        "f",
+        "loss.perceptual_weight=0.01",
+        env={"TORCH_HOME": str(tmp_path / "torch_home")},
+        check=True,
+    )
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -293,9 +337,24 @@ def test_evaluation_across_two_ranks_equals_one_process(trained):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(ROOT / "launch/evaluate.py"), "--output-dir", str(trained["out"]), "--iterations", "2"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "launch/evaluate.py"),
+            "--output-dir",
+            str(trained["out"]),
+            "--iterations",
+            "2",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -320,9 +379,24 @@ def test_mlflow_ui_serves_the_local_store(trained):
     # one web worker and no job workers: what is served is the same, and the UI is up in half the time
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{trained['db']}",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=trained["db"].parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            f"sqlite:///{trained['db']}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=trained["db"].parent,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -341,7 +415,9 @@ def test_mlflow_ui_serves_the_local_store(trained):
 
         exp = json.loads(get("/api/2.0/mlflow/experiments/get-by-name", experiment_name="golf-test"))
         request = urllib.request.Request(
-            f"{base}/api/2.0/mlflow/runs/search", method="POST", headers={"Content-Type": "application/json"},
+            f"{base}/api/2.0/mlflow/runs/search",
+            method="POST",
+            headers={"Content-Type": "application/json"},
             data=json.dumps({"experiment_ids": [exp["experiment"]["experiment_id"]]}).encode(),
         )
         runs = json.loads(urllib.request.urlopen(request, timeout=10).read())["runs"]
@@ -360,8 +436,14 @@ def test_mlflow_ui_serves_the_local_store(trained):
 
 def test_bf16_mixed_precision_trains_and_keeps_fp32_weights(tiny_shards, tmp_path):
     # small frames and crops, one validation frame: bf16 convolutions on a CPU without oneDNN bf16 kernels are slow
-    cfg = write_config(tmp_path / "c.yaml", tiny_shards, tmp_path / "out", val={"max_pairs": 1}, data=TINY_DATA,
-                       train={"steps": 2, "mixed_precision": "bf16", "val_every": 2, "checkpoint_every": 2})
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        tiny_shards,
+        tmp_path / "out",
+        val={"max_pairs": 1},
+        data=TINY_DATA,
+        train={"steps": 2, "mixed_precision": "bf16", "val_every": 2, "checkpoint_every": 2},
+    )
     proc = run_cli("launch/train.py", "--config", cfg, "--stage", "f", check=True)
     # the warning where this CPU's oneDNN has no bf16 kernels (an AVX2-only CPU), none where it has them
     from golf_dist.perf.speed import bf16_is_slow_here
@@ -381,11 +463,17 @@ def test_stage_g_with_weights_of_the_wrong_network_names_the_file(shards, traine
     assert "Traceback" not in proc.stderr and _no_checkpoints(tmp_path / "out")
 
 
-@pytest.mark.parametrize("override, named", [("train.nonfinite=maybe", "'train.nonfinite' must be skip or stop"),
-                                             ("train.nonfinite_patience=0", "'train.nonfinite_patience' must be"),
-                                             ("train.hang_timeout_s=-1", "'train.hang_timeout_s' must be")])
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("train.nonfinite=maybe", "'train.nonfinite' must be skip or stop"),
+        ("train.nonfinite_patience=0", "'train.nonfinite_patience' must be"),
+        ("train.hang_timeout_s=-1", "'train.hang_timeout_s' must be"),
+    ],
+)
 def test_nonfinite_and_hang_keys_are_checked(override, named):
-    from golf_dist.config import DEFAULT_CONFIG, load_config
+    from golf_dist.config import load_config
+    from golf_dist.configs import DEFAULT_CONFIG
     from golf_dist.errors import ConfigError
 
     with pytest.raises(ConfigError, match=named):
@@ -397,15 +485,34 @@ def test_two_ranks_skip_the_same_nonfinite_steps_and_stop_together(shards, tmp_p
     """DDP: a diverging lr (steps 1-2 finite, then Inf/NaN) makes both ranks skip step 3 and stop at step 4
     (train.nonfinite_patience=2) with the same named error; a rank that decided otherwise would wait in a
     collective and its watchdog (train.hang_timeout_s) would end it with 124 instead."""
-    cfg = write_config(tmp_path / "cfg.yaml", shards, tmp_path / "out",
-                       train={"lr": 1e6, "schedule": "constant", "checkpoint_every": 2, "nonfinite_patience": 2,
-                              "hang_timeout_s": 20})
+    cfg = write_config(
+        tmp_path / "cfg.yaml",
+        shards,
+        tmp_path / "out",
+        train={"lr": 1e6, "schedule": "constant", "checkpoint_every": 2, "nonfinite_patience": 2, "hang_timeout_s": 20},
+    )
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(ROOT / "launch/train.py"), "--config", str(cfg), "--stage", "f", "data.loader=torch"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "launch/train.py"),
+            "--config",
+            str(cfg),
+            "--stage",
+            "f",
+            "data.loader=torch",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode != 0 and errors, proc.stderr[-3000:]
@@ -431,15 +538,39 @@ def test_deepspeed_stops_at_the_first_nonfinite_step(shards, tmp_path):
     ds_json["zero_optimization"]["overlap_comm"] = False
     (tmp_path / "ds_cpu.json").write_text(json.dumps(ds_json))
     out = tmp_path / "out"
-    cfg = write_config(tmp_path / "cfg.yaml", shards, out, train={"lr": 1e6, "schedule": "constant", "checkpoint_every": 2},
-                       data={"loader": "torch"})
+    cfg = write_config(
+        tmp_path / "cfg.yaml",
+        shards,
+        out,
+        train={"lr": 1e6, "schedule": "constant", "checkpoint_every": 2},
+        data={"loader": "torch"},
+    )
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", ACCELERATE_USE_DEEPSPEED="true",
-               ACCELERATE_DEEPSPEED_CONFIG_FILE=str(tmp_path / "ds_cpu.json"))
+    env.update(
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        ACCELERATE_USE_DEEPSPEED="true",
+        ACCELERATE_DEEPSPEED_CONFIG_FILE=str(tmp_path / "ds_cpu.json"),
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-         str(ROOT / "launch/train.py"), "--config", str(cfg), "--stage", "f"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "1",
+            str(ROOT / "launch/train.py"),
+            "--config",
+            str(cfg),
+            "--stage",
+            "f",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]

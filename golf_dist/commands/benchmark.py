@@ -46,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, help="data: interleaved rounds, the median is reported (3)")
     p.add_argument("--unroll", type=int, help="applications of G per stage-g training step (8)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--steps", type=int, help="model: timed steps, the median is reported (cpu 5, cuda 10); data: timed batches (20)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        help="model: timed steps, the median is reported (cpu 5, cuda 10); data: timed batches (20)",
+    )
     p.add_argument("--warmup", type=int, help="untimed steps (batches) first (model: cpu 1, cuda 3; data: 3)")
     p.add_argument("--memory-unrolls", type=_unroll_list, help="unroll depths of the memory table (4,8,16,32)")
     p.add_argument("--skip-memory", action="store_true", help="leave out the memory table")
@@ -54,25 +58,52 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--perceptual", action="store_true", help="add the VGG perceptual term (lambda 5e-6)")
     p.add_argument("--vgg-weights", help="vgg11_bn-6002323d.pth; without it torch hub's cache, else random VGG weights")
     p.add_argument("--skip-speed", action="store_true", help="model: leave out the speed layer's column")
-    p.add_argument("--compile", choices=["auto", "on", "off"], default="on",
-                   help="model, speed layer: torch.compile F and G (default: %(default)s)")
-    p.add_argument("--compile-backend", choices=["inductor", "aot_eager", "eager", "cudagraphs"], default="inductor",
-                   help="model, speed layer: torch.compile's backend (default: %(default)s)")
-    p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
-                   help="model, speed layer: NHWC weights and inputs (default: %(default)s, on for cuda)")
-    p.add_argument("--fused-norm", choices=["auto", "on", "off"], default="auto",
-                   help="model, speed layer: InstanceNorm + ReLU as one Triton kernel (default: %(default)s: "
-                        "on for cuda when --compile is off)")
-    p.add_argument("--profile", metavar="DIR",
-                   help="model: also write each step's top operators (kernels on cuda) to DIR/profile_*.txt, "
-                        "eager and speed layer, and put them in the JSON under \"profile\"")
+    p.add_argument(
+        "--compile",
+        choices=["auto", "on", "off"],
+        default="on",
+        help="model, speed layer: torch.compile F and G (default: %(default)s)",
+    )
+    p.add_argument(
+        "--compile-backend",
+        choices=["inductor", "aot_eager", "eager", "cudagraphs"],
+        default="inductor",
+        help="model, speed layer: torch.compile's backend (default: %(default)s)",
+    )
+    p.add_argument(
+        "--channels-last",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="model, speed layer: NHWC weights and inputs (default: %(default)s, on for cuda)",
+    )
+    p.add_argument(
+        "--fused-norm",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="model, speed layer: InstanceNorm + ReLU as one Triton kernel (default: %(default)s: "
+        "on for cuda when --compile is off)",
+    )
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="model: also write each step's top operators (kernels on cuda) to DIR/profile_*.txt, "
+        'eager and speed layer, and put them in the JSON under "profile"',
+    )
     a = p.parse_args(argv)
     if a.what == "data" and a.profile:
         p.error("--profile belongs to --what model")
     if a.what == "data":
         data = make_data_settings(
-            a.shards or [], a.loader, a.device, split=a.split, crop=a.crop, batch=a.batch,
-            crops_per_frame=a.crops_per_frame, batches=a.steps, warmup=a.warmup, workers=a.workers,
+            a.shards or [],
+            a.loader,
+            a.device,
+            split=a.split,
+            crop=a.crop,
+            batch=a.batch,
+            crops_per_frame=a.crops_per_frame,
+            batches=a.steps,
+            warmup=a.warmup,
+            workers=a.workers,
             repeats=a.repeats,
         )
         print(json.dumps(run_data_benchmark(data)), flush=True)
@@ -80,11 +111,23 @@ def main(argv: list[str] | None = None) -> int:
     if a.shards or a.loader or a.crops_per_frame or a.workers or a.repeats:
         p.error("--shards, --loader, --crops-per-frame, --workers and --repeats belong to --what data")
     settings = make_settings(
-        "cuda" if a.device == "gpu" else a.device, batch=a.batch, crop=a.crop, unroll=a.unroll, precision=a.precision,
+        "cuda" if a.device == "gpu" else a.device,
+        batch=a.batch,
+        crop=a.crop,
+        unroll=a.unroll,
+        precision=a.precision,
         steps=a.steps,
-        warmup=a.warmup, memory_unrolls=a.memory_unrolls, skip_memory=a.skip_memory, skip_720p=a.skip_720p,
-        perceptual=a.perceptual, vgg_weights=a.vgg_weights, skip_speed=a.skip_speed, compile=a.compile,
-        compile_backend=a.compile_backend, channels_last=a.channels_last, fused_norm=a.fused_norm,
+        warmup=a.warmup,
+        memory_unrolls=a.memory_unrolls,
+        skip_memory=a.skip_memory,
+        skip_720p=a.skip_720p,
+        perceptual=a.perceptual,
+        vgg_weights=a.vgg_weights,
+        skip_speed=a.skip_speed,
+        compile=a.compile,
+        compile_backend=a.compile_backend,
+        channels_last=a.channels_last,
+        fused_norm=a.fused_norm,
         profile=a.profile,
     )
     print(json.dumps(run_benchmark(settings)), flush=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from golf_dist.errors import GolfError
 
@@ -39,6 +39,10 @@ def add_ensemble_argument(parser: argparse.ArgumentParser) -> None:
     """--ensemble of evaluate and deblur: the modes golf_dist.inference.ensemble knows."""
     from golf_dist.inference.ensemble import ENSEMBLES
 
-    parser.add_argument("--ensemble", default="x1", choices=tuple(ENSEMBLES),
-                        help="self-ensemble: average over x8 flips and transposes, x4 flips, x2 a horizontal flip; "
-                        "costs that many passes (default: %(default)s, none)")
+    parser.add_argument(
+        "--ensemble",
+        default="x1",
+        choices=tuple(ENSEMBLES),
+        help="self-ensemble: average over x8 flips and transposes, x4 flips, x2 a horizontal flip; "
+        "costs that many passes (default: %(default)s, none)",
+    )

@@ -14,7 +14,8 @@ import argparse
 from pathlib import Path
 
 from golf_dist.commands.common import add_ensemble_argument, run_main
-from golf_dist.config import PAPER_CONFIG, load_config, parse_overrides
+from golf_dist.config import load_config, parse_overrides
+from golf_dist.configs import PAPER_CONFIG
 from golf_dist.errors import ConfigError
 from golf_dist.inference.engine import MAX_ITERATIONS, check_iterations
 from golf_dist.inference.tiling import MAX_TILES, MIN_TILE
@@ -23,19 +24,35 @@ from golf_dist.inference.tiling import MAX_TILES, MIN_TILE
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", required=True, help="training output folder (f.safetensors, g.safetensors)")
-    parser.add_argument("--iterations", type=int, default=None, help=f"G iterations, 0 to {MAX_ITERATIONS} (default: "
-                        "eval.iterations of the run's config, paper: 3)")
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        default=None,
+        help=f"G iterations, 0 to {MAX_ITERATIONS} (default: eval.iterations of the run's config, paper: 3)",
+    )
     parser.add_argument("--shards", help="shard folder (default: data.shards of the run's config)")
     parser.add_argument("--split", default="test", help="split to evaluate (default: %(default)s)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N pairs")
-    parser.add_argument("--tile", type=int, help=f"run on overlapping tiles of this side (at least {MIN_TILE}, at "
-                        f"most {MAX_TILES} tiles a frame; default: whole frames)")
+    parser.add_argument(
+        "--tile",
+        type=int,
+        help=f"run on overlapping tiles of this side (at least {MIN_TILE}, at "
+        f"most {MAX_TILES} tiles a frame; default: whole frames)",
+    )
     parser.add_argument("--overlap", type=int, default=32, help="pixels tiles overlap by (default: %(default)s)")
     add_ensemble_argument(parser)
-    parser.add_argument("--register", metavar="NAME", help="log F + G as an MLflow pyfunc model into the evaluation's "
-                        "run and register it as NAME, with its test PSNR as a tag")
-    parser.add_argument("--path-root", metavar="DIR", help="with --register: the folder whose PNG/JPEG files the "
-                        "served model may read through its 'path' column (default: none; callers send pixels)")
+    parser.add_argument(
+        "--register",
+        metavar="NAME",
+        help="log F + G as an MLflow pyfunc model into the evaluation's "
+        "run and register it as NAME, with its test PSNR as a tag",
+    )
+    parser.add_argument(
+        "--path-root",
+        metavar="DIR",
+        help="with --register: the folder whose PNG/JPEG files the "
+        "served model may read through its 'path' column (default: none; callers send pixels)",
+    )
     parser.add_argument("--config", help="config for tracking.* and eval.* (default: the run's resolved config)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. tracking.uri=...")
     args = parser.parse_args(argv)
@@ -49,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     check_iterations(iterations, "eval.iterations" if args.iterations is None else "--iterations")
 
     from golf_dist.evaluation.workflow import print_result, run_evaluation
-
     from golf_dist.inference.tiling import check_tiling
 
     if args.path_root is not None and not args.register:
@@ -58,10 +74,22 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--path-root {args.path_root} is not a folder")
 
     check_tiling(args.tile, args.overlap)
-    result = run_evaluation(out, args.shards or cfg.data.shards, args.split, iterations, args.limit, cfg.tracking,
-                            tile=args.tile, overlap=args.overlap, ensemble=args.ensemble, register=args.register,
-                            speed_cfg=cfg.speed, path_root=args.path_root, on_bad_sample=cfg.data.on_bad_sample,
-                            cache_dir=cfg.data.cache_dir)
+    result = run_evaluation(
+        out,
+        args.shards or cfg.data.shards,
+        args.split,
+        iterations,
+        args.limit,
+        cfg.tracking,
+        tile=args.tile,
+        overlap=args.overlap,
+        ensemble=args.ensemble,
+        register=args.register,
+        speed_cfg=cfg.speed,
+        path_root=args.path_root,
+        on_bad_sample=cfg.data.on_bad_sample,
+        cache_dir=cfg.data.cache_dir,
+    )
     if result is not None:
         print_result(result)
     return 0

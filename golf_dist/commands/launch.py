@@ -131,9 +131,11 @@ def agent_sigterm_warning(torch_version: str) -> str | None:
     if release >= AGENT_SIGNALS_MIN_TORCH:
         return None
     need = ".".join(map(str, AGENT_SIGNALS_MIN_TORCH))
-    return (f"torch {torch_version} ignores PET_SIGNALS_TO_HANDLE (read from torch {need} on): torchrun's agent "
-            "handles SIGTERM itself, and a second one (scancel, preemption) can kill the trainers while they write "
-            f"their checkpoint; install torch>={need} (bash launch/setup.sh installs the tested versions)")
+    return (
+        f"torch {torch_version} ignores PET_SIGNALS_TO_HANDLE (read from torch {need} on): torchrun's agent "
+        "handles SIGTERM itself, and a second one (scancel, preemption) can kill the trainers while they write "
+        f"their checkpoint; install torch>={need} (bash launch/setup.sh installs the tested versions)"
+    )
 
 
 def warn_if_agent_handles_sigterm() -> None:
@@ -184,8 +186,9 @@ def accelerate_launch(args: list[str]) -> int:
     parsed = accelerate_cli.launch_command_parser().parse_args(args)
     # Accelerate's own reading of config file and flags (private; what launch_command uses): (args, defaults, ...)
     parsed, defaults = accelerate_cli._validate_launch_command(parsed)[:2]
-    distributed = any(getattr(parsed, name, False) for name in
-                      ("use_deepspeed", "use_fsdp", "use_megatron_lm", "multi_gpu", "tpu"))
+    distributed = any(
+        getattr(parsed, name, False) for name in ("use_deepspeed", "use_fsdp", "use_megatron_lm", "multi_gpu", "tpu")
+    )
     sagemaker = defaults is not None and defaults.compute_environment == ComputeEnvironment.AMAZON_SAGEMAKER
     if (distributed and not parsed.cpu) or sagemaker:
         warn_if_agent_handles_sigterm()
@@ -198,14 +201,16 @@ def accelerate_launch(args: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m golf_dist.commands.launch", description=__doc__,
+        prog="python -m golf_dist.commands.launch",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check-config", help="check an accelerate config file (and its DeepSpeed JSON)")
     check.add_argument("config", help="e.g. configs/accelerate/multi_node.yaml")
     run = sub.add_parser(
-        "torchrun", help="torchrun with a clear error when the rendezvous cannot form (args after --)",
+        "torchrun",
+        help="torchrun with a clear error when the rendezvous cannot form (args after --)",
         description="python -m golf_dist.commands.launch torchrun -- --nnodes 2 --node_rank 0 --nproc_per_node 8 "
         "--rdzv-backend c10d --rdzv-endpoint HEAD:29500 --rdzv-conf join_timeout=300 launch/train.py --stage f",
     )
@@ -219,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_torchrun(rest) if args.command == "torchrun" else accelerate_launch(rest)
     print(json.dumps(check_accelerate_config(args.config)))
     return 0
+
 
 if __name__ == "__main__":
     from golf_dist.commands.common import run_main

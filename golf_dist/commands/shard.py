@@ -64,9 +64,7 @@ Then point training at the shards: `data.shards: GOPRO_shards` (the --out folder
 def build_parser() -> argparse.ArgumentParser:
     """The command line of golf-shard / data_prep/shard_gopro.py."""
     parser = argparse.ArgumentParser(
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--src", default="GOPRO_Large", help="the GOPRO_Large folder (default: ./GOPRO_Large)")
     parser.add_argument(
@@ -100,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
         "npy (raw uint8, the fastest to train from, about twice PNG's disk); default: %(default)s",
     )
     parser.add_argument(
-        "--test-format", choices=FORMATS, default=DEFAULT_TEST_FORMAT,
+        "--test-format",
+        choices=FORMATS,
+        default=DEFAULT_TEST_FORMAT,
         help="image format of the test split (read once per frame: compact is best); default: %(default)s",
     )
     parser.add_argument(

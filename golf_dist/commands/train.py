@@ -28,12 +28,17 @@ from golf_dist.training import preemption
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Overrides: any config key as key=value, e.g. train.lr=5e-4 data.batch_size=8 "
         "(see configs/gopro.yaml for the keys). Unknown keys and wrong types are errors (exit 2).",
     )
-    parser.add_argument("--config", default="demo", help="a YAML file, or the name of a config bundled with the "
-                        f"package ({', '.join(bundled_names())}; default: %(default)s)")
+    parser.add_argument(
+        "--config",
+        default="demo",
+        help="a YAML file, or the name of a config bundled with the "
+        f"package ({', '.join(bundled_names())}; default: %(default)s)",
+    )
     parser.add_argument("--stage", required=True, choices=["f", "g"], help="f: train F; g: train G on the frozen F")
     parser.add_argument("--unroll", type=int, help="N unrolled G steps (same as train.unroll=N)")
     parser.add_argument("--output-dir", help="where checkpoints and weights go (same as output_dir=DIR)")

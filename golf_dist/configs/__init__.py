@@ -44,8 +44,9 @@ def config_path(config: str | Path | None) -> Path:
         return path
     if path.exists():
         raise ConfigError(f"--config {config} is not a file")
-    raise ConfigError(f"--config {config}: no such file, nor a bundled config name "
-                      f"(bundled: {', '.join(bundled_names())})")
+    raise ConfigError(
+        f"--config {config}: no such file, nor a bundled config name (bundled: {', '.join(bundled_names())})"
+    )
 
 
 def accelerate_config_path(config: str | Path) -> Path:
@@ -56,8 +57,10 @@ def accelerate_config_path(config: str | Path) -> Path:
         return path
     bundled = _bundled(config, ACCELERATE_CONFIGS)
     if bundled is None:
-        raise ConfigError(f"accelerate config {config} does not exist, nor is it a bundled one "
-                          f"({', '.join(bundled_names(ACCELERATE_CONFIGS))})")
+        raise ConfigError(
+            f"accelerate config {config} does not exist, nor is it a bundled one "
+            f"({', '.join(bundled_names(ACCELERATE_CONFIGS))})"
+        )
     return bundled
 
 
@@ -91,5 +94,5 @@ def bundled_launch_args(args: list[str]) -> list[str]:
             named = (yaml.safe_load(path.read_text()).get("deepspeed_config") or {}).get("deepspeed_config_file")
             if named and bundled_deepspeed_json(named, path) != named:
                 extra = ["--deepspeed_config_file", bundled_deepspeed_json(named, path)]
-        return [*args[:i], "--config_file", str(path), *extra, *args[i + (1 if inline else 2):]]
+        return [*args[:i], "--config_file", str(path), *extra, *args[i + (1 if inline else 2) :]]
     return args

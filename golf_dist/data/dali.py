@@ -9,8 +9,8 @@ order and shuffles only through a buffer of `initial_fill` samples, and on the d
 samples, trained a worse F than the PyTorch loader's permutation: docs/training-recipe.md.)
 
 Pipeline per rank: an external source hands DALI, per step, the encoded blur and sharp of the rank's frames
-(views of the shards, each mapped once, at the offsets the shard index gives) and their window draws -> decode (GPU 'mixed'
-where the format is GPU-decodable and a GPU is used, else CPU; raw .npy frames are not decoded at all) -> k
+(views of the shards, each mapped once, at the offsets the shard index gives) and their window draws -> decode
+(GPU 'mixed' where the format is GPU-decodable and a GPU is used, else CPU; raw .npy frames are not decoded at all) -> k
 windows per decoded pair (data.crops_per_frame), each one window + one (h, v) flip pair applied to blur and
 sharp -> uint8 crops, copied to the GPU only after the crop -> float conversion in torch (the same ops as the
 PyTorch loader). Evaluation's full frames go through DALI's webdataset reader, in shard order.
@@ -22,8 +22,8 @@ import mmap
 import shutil
 import tempfile
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -127,18 +127,21 @@ def _window(image, crop: int, u, flips):
     from nvidia.dali import math as dmath
 
     shape = fn.cast(image.shape(), dtype=types.INT32)
-    top = dmath.min(fn.cast(dmath.floor(u[0] * fn.cast(shape[0] - crop + 1, dtype=types.FLOAT)), dtype=types.INT32),
-                    shape[0] - crop)
-    left = dmath.min(fn.cast(dmath.floor(u[1] * fn.cast(shape[1] - crop + 1, dtype=types.FLOAT)), dtype=types.INT32),
-                     shape[1] - crop)
+    top = dmath.min(
+        fn.cast(dmath.floor(u[0] * fn.cast(shape[0] - crop + 1, dtype=types.FLOAT)), dtype=types.INT32), shape[0] - crop
+    )
+    left = dmath.min(
+        fn.cast(dmath.floor(u[1] * fn.cast(shape[1] - crop + 1, dtype=types.FLOAT)), dtype=types.INT32), shape[1] - crop
+    )
     return fn.stack(top, left), flips[0], flips[1]
 
 
 def _cut(image, anchor, crop: int, hflip, vflip):
     from nvidia.dali import fn, types
 
-    patch = fn.slice(image, anchor, types.Constant(np.array([crop, crop], dtype=np.int32)),
-                     axes=[0, 1], out_of_bounds_policy="error")
+    patch = fn.slice(
+        image, anchor, types.Constant(np.array([crop, crop], dtype=np.int32)), axes=[0, 1], out_of_bounds_policy="error"
+    )
     # HWC -> CHW here, in DALI's threads; the float conversion stays in torch (DALI's normalize multiplies
     # by 1/255, which differs from x / 255 in the last bit for some x)
     return fn.transpose(fn.flip(patch, horizontal=hflip, vertical=vflip), perm=[2, 0, 1])
@@ -194,19 +197,25 @@ class StepFrames:
         return blur, sharp, u, flips
 
 
-def build_train_pipeline(frames: StepFrames, *, fmt: str, crop: int, frames_per_batch: int, device_id: int | None,
-                         num_threads: int):
+def build_train_pipeline(
+    frames: StepFrames, *, fmt: str, crop: int, frames_per_batch: int, device_id: int | None, num_threads: int
+):
     """The training pipeline of one rank. Outputs, per window i < k: blur_i, sharp_i (uint8 CHW crops of
     each frame, on the GPU when device_id is set), window_i (int32 [top, left, hflip, vflip])."""
     from nvidia.dali import Pipeline, fn, types
 
     mixed = device_id is not None and fmt in GPU_DECODABLE
-    pipe = Pipeline(batch_size=frames_per_batch, num_threads=num_threads, device_id=device_id, seed=0,
-                    prefetch_queue_depth=2)
+    pipe = Pipeline(
+        batch_size=frames_per_batch, num_threads=num_threads, device_id=device_id, seed=0, prefetch_queue_depth=2
+    )
     with pipe:
         blur_raw, sharp_raw, u, flips = fn.external_source(
             # no_copy: DALI reads the members from the shard maps, which stay open and unchanged until close()
-            source=frames, num_outputs=4, batch=True, batch_info=True, no_copy=True,
+            source=frames,
+            num_outputs=4,
+            batch=True,
+            batch_info=True,
+            no_copy=True,
             dtype=[types.UINT8, types.UINT8, types.FLOAT, types.INT32],
         )
         blur, sharp = _decode(blur_raw, fmt, mixed), _decode(sharp_raw, fmt, mixed)
@@ -279,8 +288,19 @@ class DaliTrainLoader:
     kind = "dali"
 
     def __init__(
-        self, checked: CheckedSplit, *, crop: int, flips: bool, crops_per_frame: int, per_device: int,
-        rank: int, world: int, seed: int, device: torch.device, num_threads: int, accum: int = 1,
+        self,
+        checked: CheckedSplit,
+        *,
+        crop: int,
+        flips: bool,
+        crops_per_frame: int,
+        per_device: int,
+        rank: int,
+        world: int,
+        seed: int,
+        device: torch.device,
+        num_threads: int,
+        accum: int = 1,
         start_step: int = 0,
     ):
         if per_device % crops_per_frame:
@@ -298,9 +318,14 @@ class DaliTrainLoader:
         self.step = start_step  # the optimizer step the next run makes
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         device_id = (self.device.index or 0) if self.device.type == "cuda" else None
-        self.pipe = build_train_pipeline(self.frames, fmt=checked.fmt, crop=crop, device_id=device_id,
-                                         frames_per_batch=per_device * accum // crops_per_frame,
-                                         num_threads=max(1, num_threads))
+        self.pipe = build_train_pipeline(
+            self.frames,
+            fmt=checked.fmt,
+            crop=crop,
+            device_id=device_id,
+            frames_per_batch=per_device * accum // crops_per_frame,
+            num_threads=max(1, num_threads),
+        )
         self.excluded, self.skipped_runtime = checked.n_bad, 0  # DALI cannot skip at run time: it raises
         self.last_windows: list[np.ndarray] = []  # [top, left, hflip, vflip] per crop of the last batch
         self.last_sources: list[str] = []
@@ -325,8 +350,9 @@ class DaliTrainLoader:
         self._sources = [source for source in self.frames.sources(self.step) for _ in range(k)]
         self.step += 1
         b = self.per_device
-        self._pending = [(crops["blur"][m * b : (m + 1) * b], crops["sharp"][m * b : (m + 1) * b])
-                         for m in range(self.accum)]
+        self._pending = [
+            (crops["blur"][m * b : (m + 1) * b], crops["sharp"][m * b : (m + 1) * b]) for m in range(self.accum)
+        ]
         return self._micro()
 
     def _micro(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -346,7 +372,7 @@ class DaliTrainLoader:
 
 
 def dali_full_frames(
-    checked: CheckedSplit, rank: int, world: int, device: torch.device | str = "cpu", num_threads: int = 1,
+    checked: CheckedSplit, rank: int, world: int, device: torch.device | str = "cpu", num_threads: int = 1
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, str]]:
     """(blur, sharp, key) whole frames, 3xHxW float in [0, 1], of this rank's part of the split: no crop, no
     shuffle; the ranks' parts are disjoint and together hold every sample of the split once.
@@ -367,9 +393,16 @@ def dali_full_frames(
     pipe = Pipeline(batch_size=1, num_threads=max(1, num_threads), device_id=device_id, seed=0)
     with pipe:
         blur_raw, sharp_raw = fn.readers.webdataset(
-            paths=_paths(checked), index_paths=index.paths, ext=[f"blur.{checked.fmt}", f"sharp.{checked.fmt}"],
-            missing_component_behavior="error", shard_id=rank, num_shards=world, random_shuffle=False,
-            pad_last_batch=True, stick_to_shard=True, name="Reader",
+            paths=_paths(checked),
+            index_paths=index.paths,
+            ext=[f"blur.{checked.fmt}", f"sharp.{checked.fmt}"],
+            missing_component_behavior="error",
+            shard_id=rank,
+            num_shards=world,
+            random_shuffle=False,
+            pad_last_batch=True,
+            stick_to_shard=True,
+            name="Reader",
         )
         info = fn.get_property(blur_raw, key="source_info")
         pipe.set_outputs(_decode(blur_raw, checked.fmt, mixed), _decode(sharp_raw, checked.fmt, mixed), info)
@@ -382,6 +415,8 @@ def dali_full_frames(
         where = _source(src.at(0))
         b, s = _to_torch(blur, device), _to_torch(sharp, device)
         if b.shape != s.shape:
-            raise DataError(f"bad sample: {where}: blur {tuple(b.shape[1:3])} and sharp {tuple(s.shape[1:3])} differ in size")
+            raise DataError(
+                f"bad sample: {where}: blur {tuple(b.shape[1:3])} and sharp {tuple(s.shape[1:3])} differ in size"
+            )
         yield to_float(b, "NHWC")[0], to_float(s, "NHWC")[0], where.rsplit(" ", 1)[-1]
     del index

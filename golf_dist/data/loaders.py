@@ -47,7 +47,9 @@ class TorchTrainLoader:
             shutdown()
 
 
-def resolve_loader(choice: str, checked: CheckedSplit | None = None, device: torch.device | None = None) -> tuple[str, str]:
+def resolve_loader(
+    choice: str, checked: CheckedSplit | None = None, device: torch.device | None = None
+) -> tuple[str, str]:
     """('dali' | 'torch', why) for data.loader = auto | dali | torch."""
     if choice not in LOADERS:
         raise ConfigError(f"config key 'data.loader' must be one of {', '.join(LOADERS)}, got {choice!r}")
@@ -56,10 +58,21 @@ def resolve_loader(choice: str, checked: CheckedSplit | None = None, device: tor
     problem = dali_import_error()
     if problem is None and checked is not None:
         try:  # auto also needs the pipeline to build (e.g. a DALI without the CUDA runtime it was built for)
-            DaliTrainLoader(checked, crop=1, flips=False, crops_per_frame=1, per_device=1, rank=0, world=1, seed=0,
-                            device=device if device is not None else torch.device("cpu"), num_threads=1).close()
+            DaliTrainLoader(
+                checked,
+                crop=1,
+                flips=False,
+                crops_per_frame=1,
+                per_device=1,
+                rank=0,
+                world=1,
+                seed=0,
+                device=device if device is not None else torch.device("cpu"),
+                num_threads=1,
+            ).close()
         except Exception as err:  # any failure to build is a reason to fall back
-            problem = f"its pipeline does not build ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})"
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            problem = f"its pipeline does not build ({type(err).__name__}: {first_line})"
     if choice == "dali":
         if problem:
             raise ConfigError(f"config key 'data.loader'=dali, but {problem}; install nvidia-dali-cuda120 or use torch")
@@ -70,8 +83,16 @@ def resolve_loader(choice: str, checked: CheckedSplit | None = None, device: tor
 
 
 def make_train_loader(
-    cfg, pairs: ShardPairs, *, global_batch: int, accum: int, world: int, rank: int, start_step: int,
-    device: torch.device, loader: str,
+    cfg,
+    pairs: ShardPairs,
+    *,
+    global_batch: int,
+    accum: int,
+    world: int,
+    rank: int,
+    start_step: int,
+    device: torch.device,
+    loader: str,
 ):
     """The training batches of this rank from `start_step`, from the loader `loader` ('dali' or 'torch')."""
     d = cfg.data
@@ -79,13 +100,30 @@ def make_train_loader(
     if loader == "dali":
         checked = getattr(pairs, "checked", None) or check_split(pairs.shard_dir, pairs.split, d.on_bad_sample)
         return DaliTrainLoader(
-            checked, crop=d.crop, flips=d.flips, crops_per_frame=d.crops_per_frame, per_device=per_device,
-            accum=accum, rank=rank, world=world, seed=cfg.seed, device=device, num_threads=d.num_workers,
+            checked,
+            crop=d.crop,
+            flips=d.flips,
+            crops_per_frame=d.crops_per_frame,
+            per_device=per_device,
+            accum=accum,
+            rank=rank,
+            world=world,
+            seed=cfg.seed,
+            device=device,
+            num_threads=d.num_workers,
             start_step=start_step,
         )
     plan = CropPlan(len(pairs), d.crop, d.flips, cfg.seed, d.crops_per_frame)
     return TorchTrainLoader(
-        pairs, plan, d.on_bad_sample == "skip", global_batch=global_batch, accum=accum, world=world, rank=rank,
-        start_step=start_step, end_step=cfg.train.steps, num_workers=d.num_workers,
+        pairs,
+        plan,
+        d.on_bad_sample == "skip",
+        global_batch=global_batch,
+        accum=accum,
+        world=world,
+        rank=rank,
+        start_step=start_step,
+        end_step=cfg.train.steps,
+        num_workers=d.num_workers,
         pin_memory=torch.device(device).type == "cuda",
     )

@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 import re
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from golf_dist.data.formats import FORMATS
 from golf_dist.errors import DataError
@@ -26,9 +26,11 @@ SPLITS = ("train", "test")
 MANIFEST = "manifest.json"
 PARTS_DIR = "parts"
 DALI_INDEX_VERSION = "v1.2"  # the index format of DALI's wds2idx and fn.readers.webdataset(index_paths=...)
-HOW_TO_MAKE_SHARDS = ("make them with: python data_prep/shard_gopro.py --src GOPRO_Large --out SHARD_DIR (without "
-                      "the GoPro download, python data_prep/synth_gopro.py --out GOPRO_Large makes a synthetic set "
-                      "to shard; bash launch/quickstart.sh makes the demo config's)")
+HOW_TO_MAKE_SHARDS = (
+    "make them with: python data_prep/shard_gopro.py --src GOPRO_Large --out SHARD_DIR (without "
+    "the GoPro download, python data_prep/synth_gopro.py --out GOPRO_Large makes a synthetic set "
+    "to shard; bash launch/quickstart.sh makes the demo config's)"
+)
 # WebDataset's own key/suffix split: the key is the member path up to the first dot of its file name.
 _KEY_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
@@ -39,9 +41,6 @@ class SampleRef:
 
     key: str
     members: dict[str, tuple[int, int]]
-
-
-
 
 
 def read_member(path: str | Path, offset: int, size: int) -> bytes:

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from golf_dist.data import formats
-from golf_dist.data.shard_reader import SampleRef, index_shard, read_manifest, shard_paths, split_format as _format, tar_members
+from golf_dist.data.shard_reader import SampleRef, index_shard, read_manifest, shard_paths, tar_members
+from golf_dist.data.shard_reader import split_format as _format
 from golf_dist.data.storage import local_shard_dir
 from golf_dist.data.torch_loader import PairRef, ShardPairs
 from golf_dist.errors import ConfigError, DataError
@@ -31,7 +32,9 @@ from golf_dist.log import get_logger
 log = get_logger(__name__)
 
 FORMATS = formats.FORMATS  # the image formats a shard split may hold
-FIX_BAD_SAMPLES = "make the shards again (python data_prep/shard_gopro.py ... --overwrite), or set data.on_bad_sample=skip"
+FIX_BAD_SAMPLES = (
+    "make the shards again (python data_prep/shard_gopro.py ... --overwrite), or set data.on_bad_sample=skip"
+)
 
 
 # ---- which format, which members -----------------------------------------------------------------
@@ -95,8 +98,10 @@ def image_size(data: bytes, fmt: str, size: int | None = None) -> tuple[int, int
         if found != expected:
             raise ValueError(f"a {found} image, not {expected}")
         if alpha:  # DALI's decoder drops alpha where formats.decode composites it: the loaders would differ
-            raise AlphaChannelError(f"an image with an alpha channel ({mode}); shards hold opaque RGB "
-                             "(data_prep/shard_gopro.py writes them so)")
+            raise AlphaChannelError(
+                f"an image with an alpha channel ({mode}); shards hold opaque RGB "
+                "(data_prep/shard_gopro.py writes them so)"
+            )
     if width * height > formats.MAX_PIXELS:
         raise ValueError(
             f"{width}x{height} = {width * height} pixels, more than formats.MAX_PIXELS={formats.MAX_PIXELS}"
@@ -171,7 +176,10 @@ class CheckedSplit:
 
 
 def check_split(
-    shard_dir: str | Path, split: str, on_bad_sample: str = "error", cache_dir: str | Path | None = None,
+    shard_dir: str | Path,
+    split: str,
+    on_bad_sample: str = "error",
+    cache_dir: str | Path | None = None,
     min_side: int = 0,
 ) -> CheckedSplit:
     """Index every shard of `split` and read each image's header; raise on the first bad sample (error)
@@ -187,7 +195,9 @@ def check_split(
     info = manifest["splits"][split]
     # a split the manifest declares too small as a whole is the caller's config error (data.crop), not a bad
     # sample; otherwise every frame is held to min_side (the declared size may be wrong for one of them)
-    declared_small = bool(info.get("height") and info.get("width")) and min(int(info["height"]), int(info["width"])) < min_side
+    declared_small = (
+        bool(info.get("height") and info.get("width")) and min(int(info["height"]), int(info["width"])) < min_side
+    )
     shards: list[tuple[Path, list[SampleRef]]] = []
     bad: list[BadSample] = []
 
@@ -203,12 +213,14 @@ def check_split(
             if on_bad_sample == "error":
                 raise DataError(f"bad shard: {err}") from None
             refs, problems = _salvage(path)
-            listed = next((s.get("samples") for s in manifest["splits"][split]["shards"]
-                           if (shard_dir / s["path"]) == path), None)
+            listed = next(
+                (s.get("samples") for s in manifest["splits"][split]["shards"] if (shard_dir / s["path"]) == path), None
+            )
             lost = (listed or 0) - len(refs) - sum(1 for b in problems if b.key)
             if lost > 0:
-                problems.append(BadSample(path, None, f"{lost} more sample(s) listed in the manifest are lost "
-                                                      "to the damage", lost))
+                problems.append(
+                    BadSample(path, None, f"{lost} more sample(s) listed in the manifest are lost to the damage", lost)
+                )
             bad.extend(problems)
         good = []
         with open(path, "rb") as fh:
@@ -237,8 +249,14 @@ def check_split(
                     if sizes[0] != sizes[1]:
                         found(BadSample(path, ref.key, f"blur {sizes[0]} and sharp {sizes[1]} differ in size"))
                     elif not declared_small and min(sizes[0]) < min_side:
-                        found(BadSample(path, ref.key, f"frame {sizes[0][1]}x{sizes[0][0]} is smaller than "
-                                                       f"the {min_side}x{min_side} training crop (data.crop)"))
+                        found(
+                            BadSample(
+                                path,
+                                ref.key,
+                                f"frame {sizes[0][1]}x{sizes[0][0]} is smaller than "
+                                f"the {min_side}x{min_side} training crop (data.crop)",
+                            )
+                        )
                     else:
                         good.append(ref)
         shards.append((path, good))
@@ -286,16 +304,24 @@ def decode_first(checked: CheckedSplit, count: int, on_bad_sample: str) -> None:
             broken.add((ref.shard, ref.key))
     checked.shards = [(path, [r for r in refs if (path, r.key) not in broken]) for path, refs in checked.shards]
     if broken:
-        log.info(f"left out {len(broken)} bad {checked.split} sample(s) found by decoding (data.on_bad_sample=skip): "
-                 + "; ".join(map(str, checked.bad[-len(broken):][:3])))
+        log.info(
+            f"left out {len(broken)} bad {checked.split} sample(s) found by decoding (data.on_bad_sample=skip): "
+            + "; ".join(map(str, checked.bad[-len(broken) :][:3]))
+        )
     if checked.n_samples == 0:
-        raise DataError(f"shard folder {checked.shard_dir}: split {checked.split!r} holds no usable samples "
-                        f"({len(checked.bad)} bad)")
+        raise DataError(
+            f"shard folder {checked.shard_dir}: split {checked.split!r} holds no usable samples "
+            f"({len(checked.bad)} bad)"
+        )
 
 
 def open_pairs(
-    shard_dir: str | Path, split: str, on_bad_sample: str = "error", cache_dir: str | Path | None = None,
-    min_side: int = 0, decoded: int = 0,
+    shard_dir: str | Path,
+    split: str,
+    on_bad_sample: str = "error",
+    cache_dir: str | Path | None = None,
+    min_side: int = 0,
+    decoded: int = 0,
 ) -> ShardPairs:
     """The PyTorch loader's pairs of a split after the start-up check (bad samples raise or are left out;
     `min_side`: check_split); `decoded`: the first that many pairs are also decoded (decode_first)."""
@@ -312,5 +338,7 @@ def check_crop_fits(crop: int, *splits: ShardPairs) -> None:
     for pairs in splits:
         size = pairs.frame_size
         if size is not None and min(size) < crop:
-            raise ConfigError(f"config key 'data.crop'={crop} is larger than the {size[0]}x{size[1]} frames of "
-                              f"split '{pairs.split}' in {pairs.shard_dir}")
+            raise ConfigError(
+                f"config key 'data.crop'={crop} is larger than the {size[0]}x{size[1]} frames of "
+                f"split '{pairs.split}' in {pairs.shard_dir}"
+            )

@@ -13,6 +13,7 @@ size and SHA-256 match the manifest.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -131,7 +132,9 @@ def list_keys(bucket: str, prefix: str) -> list[str]:
     client = s3_client()
     keys: list[str] = []
     try:
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""):
+        for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""
+        ):
             keys.extend(obj["Key"] for obj in page.get("Contents", []))
     except _botocore_errors() as err:
         raise s3_error(err, bucket, prefix or None, "listing") from None
@@ -189,7 +192,7 @@ def hash_object(bucket: str, key: str, dest: Path | None = None) -> tuple[int, s
 
     botocore's retries cover a request that fails, not a body cut short after the answer began: such a
     download starts again from the first byte, up to BODY_ATTEMPTS times, before the error names the object."""
-    for attempt in range(1, BODY_ATTEMPTS + 1):
+    for _attempt in range(1, BODY_ATTEMPTS + 1):
         digest, size = hashlib.sha256(), 0
         try:
             body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
@@ -200,7 +203,7 @@ def hash_object(bucket: str, key: str, dest: Path | None = None) -> tuple[int, s
             raise s3_error(err, bucket, key, "downloading") from None
         try:
             with open(dest, "wb") if dest is not None else contextlib.nullcontext() as f:
-                for block in iter(lambda: body.read(1 << 20), b""):
+                for block in iter(functools.partial(body.read, 1 << 20), b""):
                     digest.update(block)
                     size += len(block)
                     if f is not None:
@@ -249,7 +252,9 @@ def cache_dir_for(url: str, cache_dir: str | os.PathLike | None) -> Path:
     return root / bucket / prefix if prefix else root / bucket
 
 
-def local_shard_dir(shards: str | os.PathLike, cache_dir: str | os.PathLike | None = None, progress: bool = False) -> Path:
+def local_shard_dir(
+    shards: str | os.PathLike, cache_dir: str | os.PathLike | None = None, progress: bool = False
+) -> Path:
     """A local folder holding the shard set `shards` names.
 
     A local path comes back unchanged. For s3://bucket/prefix, the manifest, every shard and every

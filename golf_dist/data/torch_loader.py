@@ -16,9 +16,9 @@ loaders hand out the same crops, bit for bit, so a run's numbers do not depend o
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch

@@ -23,8 +23,16 @@ from golf_dist.models import f_net, g_net, golf_iterates, unroll
 
 
 def overfit_one_batch(
-    stage: str, blur: torch.Tensor, sharp: torch.Tensor, *, steps: int = 200, lr: float = 1e-3,
-    f_model: torch.nn.Module | None = None, unroll_steps: int = 3, seed: int = 0, stop_below: float | None = None,
+    stage: str,
+    blur: torch.Tensor,
+    sharp: torch.Tensor,
+    *,
+    steps: int = 200,
+    lr: float = 1e-3,
+    f_model: torch.nn.Module | None = None,
+    unroll_steps: int = 3,
+    seed: int = 0,
+    stop_below: float | None = None,
 ) -> list[float]:
     """The content loss at every step of Adam on one fixed (blur, sharp) batch, first value before any step;
     with `stop_below`, it stops at the first loss below that fraction of the first.
@@ -46,7 +54,9 @@ def overfit_one_batch(
     def loss() -> torch.Tensor:
         if stage == "f":
             return loss_fn(net(blur), sharp)["content"]
-        return unrolled_loss(loss_fn, unroll(net, x0, unroll_steps, checkpoint=False), sharp, checkpoint=False)["content"]
+        return unrolled_loss(loss_fn, unroll(net, x0, unroll_steps, checkpoint=False), sharp, checkpoint=False)[
+            "content"
+        ]
 
     history = []
     for _ in range(steps):
@@ -84,11 +94,21 @@ def loader_stream(cfg, loader_kind: str, crops: int) -> dict[str, Any]:
     from golf_dist.data.split_check import open_pairs
     from golf_dist.data.torch_loader import to_tensor
 
-    pairs = open_pairs(cfg.data.shards, cfg.data.train_split, cfg.data.on_bad_sample, cfg.data.cache_dir,
-                       min_side=cfg.data.crop)
+    pairs = open_pairs(
+        cfg.data.shards, cfg.data.train_split, cfg.data.on_bad_sample, cfg.data.cache_dir, min_side=cfg.data.crop
+    )
     batch = cfg.data.batch_size
-    loader = make_train_loader(cfg, pairs, global_batch=batch, accum=1, world=1, rank=0, start_step=0,
-                               device=torch.device("cpu"), loader=loader_kind)
+    loader = make_train_loader(
+        cfg,
+        pairs,
+        global_batch=batch,
+        accum=1,
+        world=1,
+        rank=0,
+        start_step=0,
+        device=torch.device("cpu"),
+        loader=loader_kind,
+    )
     index_of = {ref.key: i for i, ref in enumerate(pairs.refs)}
     plan = CropPlan(len(pairs), cfg.data.crop, cfg.data.flips, cfg.seed, cfg.data.crops_per_frame)
     seen: list[int] = []
@@ -140,8 +160,14 @@ def loader_stream(cfg, loader_kind: str, crops: int) -> dict[str, Any]:
 
 @torch.no_grad()
 def gain_on_crops_and_frames(
-    f: torch.nn.Module, g: torch.nn.Module, frames: list[tuple[np.ndarray, np.ndarray]], *, crop: int,
-    iterations: int, crops_per_frame: int = 1, seed: int = 0,
+    f: torch.nn.Module,
+    g: torch.nn.Module,
+    frames: list[tuple[np.ndarray, np.ndarray]],
+    *,
+    crop: int,
+    iterations: int,
+    crops_per_frame: int = 1,
+    seed: int = 0,
 ) -> dict[str, list[float]]:
     """Mean PSNR gain over F alone after each of `iterations` G steps, measured two ways on the same frames:
     on random `crop`-sided windows with F run on the window (as stage g trains), and on the whole frames
@@ -179,9 +205,16 @@ def _patches(image: torch.Tensor, kernel: int) -> torch.Tensor:
 
 @torch.no_grad()
 def linear_headroom(
-    f: torch.nn.Module, g: torch.nn.Module | None, train_frames: list[tuple[np.ndarray, np.ndarray]],
-    test_frames: list[tuple[np.ndarray, np.ndarray]], *, kernel: int = 7, samples_per_frame: int = 6000,
-    iterations: int = 3, seed: int = 0, instance_norm: bool = False,
+    f: torch.nn.Module,
+    g: torch.nn.Module | None,
+    train_frames: list[tuple[np.ndarray, np.ndarray]],
+    test_frames: list[tuple[np.ndarray, np.ndarray]],
+    *,
+    kernel: int = 7,
+    samples_per_frame: int = 6000,
+    iterations: int = 3,
+    seed: int = 0,
+    instance_norm: bool = False,
 ) -> dict[str, Any]:
     """How much is left for G to correct, measured with the simplest corrector there is: the least-squares
     linear filter (k x k, 3 -> 3 channels, plus an offset) from F's estimate x0 to the residual sharp - x0,
@@ -219,8 +252,10 @@ def linear_headroom(
         return (_patches(x0, kernel) @ weights).T.reshape(x0.shape)
 
     if instance_norm:
-        scale = _instance_norm_scale([correction(x0) for x0 in estimates],
-                                     [to_tensor(sharp).double() - x0.double() for x0, (_, sharp) in zip(estimates, train_frames)])
+        scale = _instance_norm_scale(
+            [correction(x0) for x0 in estimates],
+            [to_tensor(sharp).double() - x0.double() for x0, (_, sharp) in zip(estimates, train_frames)],
+        )
     linear, normalised, by_iteration = [], [], []
     for blur, sharp in test_frames:
         target = to_tensor(sharp)[None]
@@ -232,8 +267,13 @@ def linear_headroom(
             fixed = x0 + (scale * _instance_normalised(fix)).float()
             normalised.append(float(psnr(fixed[None].clamp(0, 1), target)) - base)
         by_iteration.append([float(psnr(x.clamp(0, 1), target)) - base for x in iterates[1:]])
-    result: dict[str, Any] = {"kernel": kernel, "train_frames": len(train_frames), "test_frames": len(test_frames),
-                              "samples": int(sum(len(r) for r in rows)), "linear_gain": float(np.mean(linear))}
+    result: dict[str, Any] = {
+        "kernel": kernel,
+        "train_frames": len(train_frames),
+        "test_frames": len(test_frames),
+        "samples": int(sum(len(r) for r in rows)),
+        "linear_gain": float(np.mean(linear)),
+    }
     if instance_norm:
         result["normalised_gain"] = float(np.mean(normalised))
     if g is not None:

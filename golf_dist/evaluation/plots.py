@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -102,8 +102,13 @@ def training_curves(runs: dict[str, Path], path: Path) -> Path:
         if len(iters) > 1:
             for i in iters:
                 pts = m[f"val_psnr_iter_{i}"]
-                ax_val.plot([s for s, _ in pts], [v - base.get(s, 0.0) for s, v in pts], marker=".",
-                            label=f"{label}: {'F' if i == 0 else f'F + {i} G'}", alpha=0.5 if i == 0 else 1.0)
+                ax_val.plot(
+                    [s for s, _ in pts],
+                    [v - base.get(s, 0.0) for s, v in pts],
+                    marker=".",
+                    label=f"{label}: {'F' if i == 0 else f'F + {i} G'}",
+                    alpha=0.5 if i == 0 else 1.0,
+                )
         elif "val_psnr" in m:
             pts = m["val_psnr"]
             ax_val.plot([s for s, _ in pts], [v - base.get(s, 0.0) for s, v in pts], marker="o", label=label)
@@ -174,8 +179,12 @@ def two_pixel(surfaces: dict[str, np.ndarray], path: Path, title: str = "") -> P
     grid = surfaces["grid"]
     u1, u2 = np.meshgrid(grid, grid, indexing="xy")
     fig = plt.figure(figsize=(15, 8.4))
-    panels = (("p", "Fig. 10: discriminative prior p(u)"), ("logit", "Fig. 12: its logit (no softmax)"),
-              ("learned", "Fig. 13: prior integrated from learned -grad p"), ("optimal", "Fig. 14: optimal p* = (u1+u2)^2/2"))
+    panels = (
+        ("p", "Fig. 10: discriminative prior p(u)"),
+        ("logit", "Fig. 12: its logit (no softmax)"),
+        ("learned", "Fig. 13: prior integrated from learned -grad p"),
+        ("optimal", "Fig. 14: optimal p* = (u1+u2)^2/2"),
+    )
     for index, (key, label) in enumerate(panels):
         ax = fig.add_subplot(2, 3, index + 1 + (index >= 2), projection="3d")
         ax.plot_surface(u1, u2, surfaces[key], cmap="coolwarm", linewidth=0, antialiased=True)

@@ -89,8 +89,15 @@ def evaluate_pairs(
             shown.append((key, triplet(blur[0], shown_estimate[0], sharp[0])))
         scene = key.rsplit("-", 1)[0]  # keys are <scene>-<frame>: keep frames of different scenes
         if len(kept) < keep_frames and all(k["key"].rsplit("-", 1)[0] != scene for k in kept):
-            kept.append({"key": key, "blur": to_float_hwc(blur[0]), "f": to_float_hwc(estimates[0][0]),
-                         "final": to_float_hwc(final[0]), "sharp": to_float_hwc(sharp[0])})
+            kept.append(
+                {
+                    "key": key,
+                    "blur": to_float_hwc(blur[0]),
+                    "f": to_float_hwc(estimates[0][0]),
+                    "final": to_float_hwc(final[0]),
+                    "sharp": to_float_hwc(sharp[0]),
+                }
+            )
     if reduce_sum is not None:
         sums = reduce_sum(sums.to(device)).cpu()
     count = int(sums[0].item())

@@ -18,10 +18,22 @@ from golf_dist.metrics import SSIM_VARIANT
 from golf_dist.perf.speed import FALLBACK_FILE, fallback_json, fallback_tag, fallbacks_of, for_inference
 
 
-def run_evaluation(output_dir: Path, shards: str, split: str, iterations: int, limit: int | None,
-                   tracking_cfg, tile: int | None = None, overlap: int = 32, ensemble: str = "x1",
-                   register: str | None = None, speed_cfg=None, path_root: str | None = None,
-                   on_bad_sample: str = "error", cache_dir: str | None = None) -> dict[str, Any] | None:
+def run_evaluation(
+    output_dir: Path,
+    shards: str,
+    split: str,
+    iterations: int,
+    limit: int | None,
+    tracking_cfg,
+    tile: int | None = None,
+    overlap: int = 32,
+    ensemble: str = "x1",
+    register: str | None = None,
+    speed_cfg=None,
+    path_root: str | None = None,
+    on_bad_sample: str = "error",
+    cache_dir: str | None = None,
+) -> dict[str, Any] | None:
     """The command line's work: evaluate F + G of `output_dir`, log to MLflow (`register`: also an MLflow model,
     which may read images under `path_root`); the result on rank 0. The split gets the validation split's start-up
     check (golf_dist.data.split_check.open_pairs, every pair evaluated decoded first): a bad sample stops it
@@ -34,26 +46,56 @@ def run_evaluation(output_dir: Path, shards: str, split: str, iterations: int, l
     output_dir = Path(output_dir)
     f, g = load_trained(output_dir, accelerator.device, iterations)
     # golf_dist/perf/speed.py: all off on a CPU; what its first-call check turns off is recorded beside evaluation.json
-    f, g = for_inference(f, g, speed_cfg, accelerator.device, on_fallback=lambda fallbacks: write_atomic(
-        output_dir / f"evaluation_{FALLBACK_FILE}", fallback_json(fallbacks)) if accelerator.is_main_process else None)
+    f, g = for_inference(
+        f,
+        g,
+        speed_cfg,
+        accelerator.device,
+        on_fallback=lambda fallbacks: (
+            write_atomic(output_dir / f"evaluation_{FALLBACK_FILE}", fallback_json(fallbacks))
+            if accelerator.is_main_process
+            else None
+        ),
+    )
     pairs = open_pairs(shards, split, on_bad_sample, cache_dir, decoded=limit or sys.maxsize)
     result = evaluate_pairs(
-        f, g, pairs, iterations, accelerator.device,
-        rank=accelerator.process_index, world=accelerator.num_processes,
+        f,
+        g,
+        pairs,
+        iterations,
+        accelerator.device,
+        rank=accelerator.process_index,
+        world=accelerator.num_processes,
         reduce_sum=(lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None,
-        limit=limit, samples=2 if accelerator.is_main_process else 0,
-        progress=accelerator.is_main_process, keep_frames=2 if accelerator.is_main_process else 0,
-        tile=tile, overlap=overlap, ensemble=ensemble,
+        limit=limit,
+        samples=2 if accelerator.is_main_process else 0,
+        progress=accelerator.is_main_process,
+        keep_frames=2 if accelerator.is_main_process else 0,
+        tile=tile,
+        overlap=overlap,
+        ensemble=ensemble,
     )
     if not accelerator.is_main_process:
         return None
     samples, frames = result.pop("samples"), result.pop("frames")
-    result.update(iterations=iterations, split=split, shards=str(shards), tile=tile, overlap=overlap if tile else None,
-                  ensemble=ensemble, bad_samples_skipped=pairs.checked.n_bad)
+    result.update(
+        iterations=iterations,
+        split=split,
+        shards=str(shards),
+        tile=tile,
+        overlap=overlap if tile else None,
+        ensemble=ensemble,
+        bad_samples_skipped=pairs.checked.n_bad,
+    )
     # what a person looks at, beside the numbers: PSNR against G iteration and blur | F | F + N G | sharp
-    figures = {"psnr_by_iteration": plots.psnr_by_iteration(
-        result["psnr_per_iteration"], result["input_psnr"], output_dir / "psnr_by_iteration.png",
-        title=f"{result['pairs']} {split} pairs of {output_dir.name}: PSNR against G iteration")}
+    figures = {
+        "psnr_by_iteration": plots.psnr_by_iteration(
+            result["psnr_per_iteration"],
+            result["input_psnr"],
+            output_dir / "psnr_by_iteration.png",
+            title=f"{result['pairs']} {split} pairs of {output_dir.name}: PSNR against G iteration",
+        )
+    }
     if frames:
         figures["comparison"] = plots.comparison(frames, output_dir / "comparison.png", iterations=iterations)
     result["figures"] = {k: str(v) for k, v in figures.items()}
@@ -61,11 +103,23 @@ def run_evaluation(output_dir: Path, shards: str, split: str, iterations: int, l
     fallbacks = fallbacks_of(f, g)
     if fallbacks:
         result["speed_fallback"] = fallbacks
-    tracker.start(run_name=f"eval-{output_dir.name}", tags={
-        "golf.stage": "eval", **({"speed_fallback": fallback_tag(fallbacks)} if fallbacks else {})})
-    tracker.log_params({"output_dir": str(output_dir.resolve()), "shards": str(shards), "split": split,
-                        "iterations": iterations, "pairs": result["pairs"], "ssim_variant": SSIM_VARIANT,
-                        "tile": tile or "whole", "overlap": overlap if tile else 0, "ensemble": ensemble})
+    tracker.start(
+        run_name=f"eval-{output_dir.name}",
+        tags={"golf.stage": "eval", **({"speed_fallback": fallback_tag(fallbacks)} if fallbacks else {})},
+    )
+    tracker.log_params(
+        {
+            "output_dir": str(output_dir.resolve()),
+            "shards": str(shards),
+            "split": split,
+            "iterations": iterations,
+            "pairs": result["pairs"],
+            "ssim_variant": SSIM_VARIANT,
+            "tile": tile or "whole",
+            "overlap": overlap if tile else 0,
+            "ensemble": ensemble,
+        }
+    )
     metrics = {k: result[k] for k in ("psnr", "ssim", "input_psnr", "input_ssim")}
     metrics.update(seconds_per_pair=result["seconds_per_pair"], bad_samples_skipped=float(pairs.checked.n_bad))
     tracker.log_metrics({f"test_{k}": v for k, v in metrics.items()}, step=0)
@@ -79,8 +133,9 @@ def run_evaluation(output_dir: Path, shards: str, split: str, iterations: int, l
         from golf_dist.inference.mlflow_model import register_model
 
         try:
-            result["registered"] = register_model(tracker, output_dir, iterations, ensemble, register, result["psnr"],
-                                                  path_root)
+            result["registered"] = register_model(
+                tracker, output_dir, iterations, ensemble, register, result["psnr"], path_root
+            )
         except BaseException:
             tracker.end("FAILED")  # the run asked for a model it did not get
             raise

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 
-def record(name: str, out: Path, result: dict, params: dict[str, Any],
-           metrics: Iterable[tuple[dict[str, float], int]], figure: Path, tracking_uri: str | None,
-           experiment: str = "golf-paper") -> None:
+def record(
+    name: str,
+    out: Path,
+    result: dict,
+    params: dict[str, Any],
+    metrics: Iterable[tuple[dict[str, float], int]],
+    figure: Path,
+    tracking_uri: str | None,
+    experiment: str = "golf-paper",
+) -> None:
     """What every experiment leaves: one MLflow run (tag golf.experiment=NAME; its params, each (metrics, step)
     and the figure) when tracking_uri is set, and OUT/<name with _>.json written whole."""
     from golf_dist.files import write_atomic

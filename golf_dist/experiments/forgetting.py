@@ -86,14 +86,18 @@ def _validate(net: torch.nn.Module, blur: torch.Tensor, sharp: torch.Tensor) -> 
     net.eval()
     restored_sharp, restored_blur = net(sharp), net(blur)  # InstanceNorm is per image: a batch changes nothing
     task1 = float(np.mean([psnr(o[None], s[None]).item() for o, s in zip(restored_sharp, sharp)]))
-    task2 = float(np.mean([(psnr(o[None], s[None]) - psnr(b[None], s[None])).item()
-                           for o, b, s in zip(restored_blur, blur, sharp)]))
+    task2 = float(
+        np.mean(
+            [(psnr(o[None], s[None]) - psnr(b[None], s[None])).item() for o, b, s in zip(restored_blur, blur, sharp)]
+        )
+    )
     net.train()
     return task1, task2
 
 
-def run_schedule(phases: tuple[str, str], train: CropBank, val: tuple[torch.Tensor, torch.Tensor],
-                 cfg: ForgettingConfig) -> dict[str, list]:
+def run_schedule(
+    phases: tuple[str, str], train: CropBank, val: tuple[torch.Tensor, torch.Tensor], cfg: ForgettingConfig
+) -> dict[str, list]:
     """One F trained through both phases from the same initial weights and crop stream; its curves."""
     torch.manual_seed(cfg.seed)
     # near the identity, not at it: the trainer's F starts exactly as the identity (zero last layer), which
@@ -122,8 +126,9 @@ def run_schedule(phases: tuple[str, str], train: CropBank, val: tuple[torch.Tens
     return curve
 
 
-def run_experiment(shards: str, out: Path, cfg: ForgettingConfig, tracking_uri: str | None,
-                   experiment: str = "golf-paper") -> dict:
+def run_experiment(
+    shards: str, out: Path, cfg: ForgettingConfig, tracking_uri: str | None, experiment: str = "golf-paper"
+) -> dict:
     from golf_dist.evaluation import plots
     from golf_dist.experiments import record
 
@@ -131,15 +136,22 @@ def run_experiment(shards: str, out: Path, cfg: ForgettingConfig, tracking_uri: 
     out.mkdir(parents=True, exist_ok=True)
     train = CropBank(shards, "train", cfg.train_pairs, cfg.crop)
     val = CropBank(shards, "test", cfg.val_crops, cfg.crop).sample(cfg.val_crops, np.random.default_rng(12345))
-    curves = {name: run_schedule(phases, train, val, cfg)
-              for name, phases in tqdm(SCHEDULES.items(), desc="schedules")}
+    curves = {name: run_schedule(phases, train, val, cfg) for name, phases in tqdm(SCHEDULES.items(), desc="schedules")}
     figure = plots.forgetting(curves, cfg.steps_per_phase, out / "forgetting.png")
-    final = {name: {"task1_psnr": c["task1_psnr"][-1], "task2_gain": c["task2_gain"][-1],
-                    "task1_psnr_after_phase1": c["task1_psnr"][c["step"].index(cfg.steps_per_phase)],
-                    "task2_gain_after_phase1": c["task2_gain"][c["step"].index(cfg.steps_per_phase)]}
-             for name, c in curves.items()}
+    final = {
+        name: {
+            "task1_psnr": c["task1_psnr"][-1],
+            "task2_gain": c["task2_gain"][-1],
+            "task1_psnr_after_phase1": c["task1_psnr"][c["step"].index(cfg.steps_per_phase)],
+            "task2_gain_after_phase1": c["task2_gain"][c["step"].index(cfg.steps_per_phase)],
+        }
+        for name, c in curves.items()
+    }
     result = {"config": asdict(cfg), "shards": str(shards), "curves": curves, "final": final, "figure": str(figure)}
-    metrics = (({f"{name.split(':')[0]}_task1_psnr": t1, f"{name.split(':')[0]}_task2_gain": t2}, step)
-               for name, c in curves.items() for step, t1, t2 in zip(c["step"], c["task1_psnr"], c["task2_gain"]))
+    metrics = (
+        ({f"{name.split(':')[0]}_task1_psnr": t1, f"{name.split(':')[0]}_task2_gain": t2}, step)
+        for name, c in curves.items()
+        for step, t1, t2 in zip(c["step"], c["task1_psnr"], c["task2_gain"])
+    )
     record("forgetting", out, result, {**asdict(cfg), "shards": str(shards)}, metrics, figure, tracking_uri, experiment)
     return result

@@ -22,8 +22,15 @@ from golf_dist.losses import find_vgg_weights, vgg_weights_missing_message
 from golf_dist.training.trainer import train_stage
 
 
-def run_experiment(config: str, overrides: list[str], lambdas: list[float], out: Path, limit: int | None,
-                   tracking_uri: str | None, experiment: str = "golf-paper") -> dict:
+def run_experiment(
+    config: str,
+    overrides: list[str],
+    lambdas: list[float],
+    out: Path,
+    limit: int | None,
+    tracking_uri: str | None,
+    experiment: str = "golf-paper",
+) -> dict:
     from golf_dist.evaluation import plots
     from golf_dist.experiments import record
 
@@ -38,19 +45,32 @@ def run_experiment(config: str, overrides: list[str], lambdas: list[float], out:
     rows, frames = [], []
     for value in lambdas:
         run_dir = out / f"lambda_{value:g}"
-        cfg = load_config(config, stage="f", overrides=[*overrides, *tracking, f"loss.perceptual_weight={value}",
-                                                         f"output_dir={run_dir}"])
+        cfg = load_config(
+            config,
+            stage="f",
+            overrides=[*overrides, *tracking, f"loss.perceptual_weight={value}", f"output_dir={run_dir}"],
+        )
         trained = train_stage(cfg, "f")
         f, _ = load_trained(run_dir, torch.device("cpu"), 0)
-        measured = evaluate_pairs(f, None, ShardPairs(cfg.data.shards, "test"), 0, torch.device("cpu"), limit=limit,
-                                  keep_frames=1)
-        rows.append({"lambda": value, "psnr": measured["psnr"], "ssim": measured["ssim"],
-                     "input_psnr": measured["input_psnr"], "f_run_id": (trained or {}).get("mlflow_run_id")})
+        measured = evaluate_pairs(
+            f, None, ShardPairs(cfg.data.shards, "test"), 0, torch.device("cpu"), limit=limit, keep_frames=1
+        )
+        rows.append(
+            {
+                "lambda": value,
+                "psnr": measured["psnr"],
+                "ssim": measured["ssim"],
+                "input_psnr": measured["input_psnr"],
+                "f_run_id": (trained or {}).get("mlflow_run_id"),
+            }
+        )
         frames.append({**measured["frames"][0], "label": f"lambda {value:g}"})
     figure = plots.lambda_sweep(frames, out / "lambda_sweep.png")
     result = {"config": str(config), "overrides": overrides, "rows": rows, "figure": str(figure)}
     params = {"config": str(config), "lambdas": ",".join(f"{v:g}" for v in lambdas)}
-    metrics = (({"lambda": row["lambda"], "test_psnr": row["psnr"], "test_ssim": row["ssim"]}, index)
-               for index, row in enumerate(rows))
+    metrics = (
+        ({"lambda": row["lambda"], "test_psnr": row["psnr"], "test_ssim": row["ssim"]}, index)
+        for index, row in enumerate(rows)
+    )
     record("lambda-sweep", out, result, params, metrics, figure, tracking_uri, experiment)
     return result

@@ -33,8 +33,9 @@ STEP_SWEEP = tuple(float(v) for v in np.round(np.logspace(-3, 1, 25), 5))
 
 def mlp() -> nn.Sequential:
     """Table 6 / Table 7 without the softmax: 12 + 40 + 36 + 8 = 96 parameters."""
-    return nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4), nn.ReLU(),
-                         nn.Linear(4, 2, bias=False))
+    return nn.Sequential(
+        nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2, bias=False)
+    )
 
 
 def mirror(u: torch.Tensor) -> torch.Tensor:
@@ -121,9 +122,13 @@ def run_seed(seed: int, cfg: ToyConfig) -> dict:
         accuracy = ((blur_probability(classifier, points) > 0.5).float() == truth).float().mean().item()
         learned = test + gradient_prior(test)
     target = mirror(test)
-    result = {"seed": seed, "accuracy": accuracy, "mse_input": mse(test, target),
-              "mse_discriminative": mse(discriminative_step(classifier, test, cfg.step_size), target),
-              "mse_gradient_learning": mse(learned, target)}
+    result = {
+        "seed": seed,
+        "accuracy": accuracy,
+        "mse_input": mse(test, target),
+        "mse_discriminative": mse(discriminative_step(classifier, test, cfg.step_size), target),
+        "mse_gradient_learning": mse(learned, target),
+    }
     result["mse_ratio"] = result["mse_discriminative"] / result["mse_gradient_learning"]
     # the step the paper leaves open: the best of a sweep, chosen on the test points themselves (an oracle,
     # so a bound on what any step size could give the discriminative prior)
@@ -150,7 +155,7 @@ def integrate_prior(f: nn.Module, grid: np.ndarray) -> np.ndarray:
         total = np.concatenate([np.zeros_like(np.take(values, [0], axis)), np.cumsum(steps, axis=axis)], axis=axis)
         return total - np.take(total, [zero], axis)
 
-    along_u1 = cumulative(f1[zero:zero + 1, :], axis=1)  # at u2 = 0
+    along_u1 = cumulative(f1[zero : zero + 1, :], axis=1)  # at u2 = 0
     along_u2 = cumulative(f2, axis=0)
     return -(along_u1 + along_u2)
 
@@ -171,8 +176,9 @@ def surfaces(classifier: nn.Module, gradient_prior: nn.Module, size: int = 81) -
     }
 
 
-def run_experiment(out: Path, seeds: list[int], cfg: ToyConfig, tracking_uri: str | None,
-                   experiment: str = "golf-paper") -> dict:
+def run_experiment(
+    out: Path, seeds: list[int], cfg: ToyConfig, tracking_uri: str | None, experiment: str = "golf-paper"
+) -> dict:
     """Every seed, the summary, the figure (of the first seed) and the JSON under OUT; one MLflow run."""
     from golf_dist.evaluation import plots
     from golf_dist.experiments import record
@@ -184,12 +190,28 @@ def run_experiment(out: Path, seeds: list[int], cfg: ToyConfig, tracking_uri: st
     keys = ("accuracy", "mse_input", "mse_discriminative", "mse_discriminative_best_step", "mse_gradient_learning")
     summary = {key: float(np.median([row[key] for row in rows])) for key in keys}
     summary["dead_gradient_priors"] = sum(row["gradient_prior_dead"] for row in rows)
-    figure = plots.two_pixel(surfaces(runs[0]["classifier"], runs[0]["gradient_prior"]), out / "two_pixel.png",
-                             title=f"The two-pixel prior, seed {seeds[0]}")
-    result = {"config": asdict(cfg), "seeds": rows, "median": summary, "figure": str(figure),
-              "paper": {"accuracy": 0.99, "mse_discriminative": 0.4849, "mse_gradient_learning": 2e-3}}
+    figure = plots.two_pixel(
+        surfaces(runs[0]["classifier"], runs[0]["gradient_prior"]),
+        out / "two_pixel.png",
+        title=f"The two-pixel prior, seed {seeds[0]}",
+    )
+    result = {
+        "config": asdict(cfg),
+        "seeds": rows,
+        "median": summary,
+        "figure": str(figure),
+        "paper": {"accuracy": 0.99, "mse_discriminative": 0.4849, "mse_gradient_learning": 2e-3},
+    }
     metrics = [({k: float(v) for k, v in row.items() if k != "seed"}, index) for index, row in enumerate(rows)]
     metrics.append(({f"median_{k}": v for k, v in summary.items()}, 0))
-    record("two-pixel", out, result, {**asdict(cfg), "seeds": ",".join(map(str, seeds))}, metrics, figure,
-           tracking_uri, experiment)
+    record(
+        "two-pixel",
+        out,
+        result,
+        {**asdict(cfg), "seeds": ",".join(map(str, seeds))},
+        metrics,
+        figure,
+        tracking_uri,
+        experiment,
+    )
     return result

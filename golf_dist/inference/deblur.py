@@ -14,9 +14,16 @@ from golf_dist.data.formats import MAX_PIXELS, decode_pil
 from golf_dist.data.torch_loader import to_tensor
 from golf_dist.errors import ConfigError, DataError
 from golf_dist.files import write_atomic
+from golf_dist.inference.engine import (
+    ENGINES,
+    MIN_SIDE,
+    check_iterations,
+    load_onnx,
+    load_trained,
+    restore_iterates,
+    to_uint8,
+)
 from golf_dist.inference.ensemble import check_ensemble
-from golf_dist.inference.engine import (ENGINES, MIN_SIDE, check_iterations, load_onnx, load_trained,
-                                        restore_iterates, to_uint8)
 from golf_dist.inference.tiling import check_tile_count, check_tiling
 from golf_dist.perf.speed import FALLBACK_FILE, fallback_json, for_inference
 
@@ -65,19 +72,24 @@ def plan_outputs(files: list[tuple[Path, Path]], out_dir: Path, overwrite: bool 
     for src, rel in files:
         dest = out_dir / rel
         if not dest.resolve().is_relative_to(out_root):
-            raise ConfigError(f"the output for {src} would be written to {dest.resolve()}, outside --out {out_dir} "
-                              "(a symbolic link inside it): pass another --out")
+            raise ConfigError(
+                f"the output for {src} would be written to {dest.resolve()}, outside --out {out_dir} "
+                "(a symbolic link inside it): pass another --out"
+            )
         if dest.exists() or dest.is_symlink():
             st = dest.stat() if dest.exists() else None
             if st is not None and (st.st_dev, st.st_ino) in inputs:
-                raise ConfigError(f"the output for {src} would replace the input {inputs[(st.st_dev, st.st_ino)]} "
-                                  f"({dest}): deblur never overwrites its inputs; pass an --out outside the input "
-                                  "folders")
+                raise ConfigError(
+                    f"the output for {src} would replace the input {inputs[(st.st_dev, st.st_ino)]} "
+                    f"({dest}): deblur never overwrites its inputs; pass an --out outside the input "
+                    "folders"
+                )
             if not dest.is_file():
                 raise ConfigError(f"the output for {src} would replace {dest}, which is not a file: pass another --out")
             if not overwrite:
-                raise ConfigError(f"{dest} exists (the output for {src}): pass --overwrite to replace it, or "
-                                  "another --out")
+                raise ConfigError(
+                    f"{dest} exists (the output for {src}): pass --overwrite to replace it, or another --out"
+                )
         dests.append(dest)
     return dests
 
@@ -99,18 +111,32 @@ def check_inputs(files: list[tuple[Path, Path]], tile: int | None, overlap: int)
     for src, _ in files:
         size = src.stat().st_size
         if size > MAX_INPUT_BYTES:
-            raise DataError(f"image {src} is {size} bytes, more than any image of at most {MAX_PIXELS} pixels "
-                            f"takes ({MAX_INPUT_BYTES}): downscale it")
+            raise DataError(
+                f"image {src} is {size} bytes, more than any image of at most {MAX_PIXELS} pixels "
+                f"takes ({MAX_INPUT_BYTES}): downscale it"
+            )
         width, height = _image_size(src)
         if min(width, height) < MIN_SIDE:
-            raise DataError(f"image {src} is {width}x{height} pixels; the networks' reflected borders need at least "
-                            f"{MIN_SIDE} pixels a side")
+            raise DataError(
+                f"image {src} is {width}x{height} pixels; the networks' reflected borders need at least "
+                f"{MIN_SIDE} pixels a side"
+            )
         check_tile_count(height, width, tile, overlap, f"image {src}")
 
 
-def deblur_files(output_dir: Path, inputs: list[str], out_dir: Path, iterations: int = 3, device: str | None = None,
-                 tile: int | None = None, overlap: int = 32, ensemble: str = "x1", engine: str = "torch",
-                 overwrite: bool = False, speed_cfg=None) -> list[Path]:
+def deblur_files(
+    output_dir: Path,
+    inputs: list[str],
+    out_dir: Path,
+    iterations: int = 3,
+    device: str | None = None,
+    tile: int | None = None,
+    overlap: int = 32,
+    ensemble: str = "x1",
+    engine: str = "torch",
+    overwrite: bool = False,
+    speed_cfg=None,
+) -> list[Path]:
     """Run F then `iterations` G steps on every input image (whole, or on overlapping tiles of side `tile`:
     golf_dist.inference.tiling; averaged over flips and transposes with `ensemble`: golf_dist.inference.ensemble)
     with PyTorch on OUTPUT_DIR's safetensors or with ONNX Runtime on its f.onnx and g.onnx (`engine`); write PNGs
@@ -128,6 +154,7 @@ def deblur_files(output_dir: Path, inputs: list[str], out_dir: Path, iterations:
     check_inputs(files, tile, overlap)
     if engine == "torch":
         f, g = load_trained(Path(output_dir), dev, iterations)
+
         # the speed layer (golf_dist/perf/speed.py; speed_cfg None: its defaults, all off on a CPU); what its first-call
         # check turns off is recorded in out_dir
         def record(fallbacks: list[dict[str, str]]) -> None:

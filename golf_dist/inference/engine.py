@@ -30,13 +30,17 @@ ONNX_MANIFEST = "onnx.json"
 def check_iterations(iterations: int, flag: str = "--iterations") -> None:
     """ConfigError naming `flag` unless 0 <= iterations <= MAX_ITERATIONS."""
     if not 0 <= iterations <= MAX_ITERATIONS:
-        raise ConfigError(f"{flag} must be between 0 and {MAX_ITERATIONS} (the paper's F + G converges after 2 to "
-                          f"4 G iterations), got {iterations}")
+        raise ConfigError(
+            f"{flag} must be between 0 and {MAX_ITERATIONS} (the paper's F + G converges after 2 to "
+            f"4 G iterations), got {iterations}"
+        )
 
 
 def _no_graph(path: Path, what: str) -> DataError:
-    return DataError(f"no ONNX graph of {what} at {path}: export it first with "
-                     f"launch/export.py --output-dir DIR --onnx {path.parent}")
+    return DataError(
+        f"no ONNX graph of {what} at {path}: export it first with "
+        f"launch/export.py --output-dir DIR --onnx {path.parent}"
+    )
 
 
 class OnnxNetwork:
@@ -50,16 +54,19 @@ class OnnxNetwork:
         graph = path.read_bytes()
         found = hashlib.sha256(graph).hexdigest()
         if sha256 is not None and found != sha256:
-            raise DataError(f"ONNX graph {path} is not the {what} its export recorded in {path.parent / ONNX_MANIFEST} "
-                            f"(sha256 {found}, recorded {sha256}): it was replaced or "
-                            f"damaged since; export the pair again with launch/export.py --onnx {path.parent}")
+            raise DataError(
+                f"ONNX graph {path} is not the {what} its export recorded in {path.parent / ONNX_MANIFEST} "
+                f"(sha256 {found}, recorded {sha256}): it was replaced or "
+                f"damaged since; export the pair again with launch/export.py --onnx {path.parent}"
+            )
         try:
             import onnxruntime
         except ImportError as err:
             raise DataError("--engine onnxruntime needs ONNX Runtime: pip install onnxruntime") from err
         # CUDA where ONNX Runtime's GPU build is installed, else the CPU
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
-                     if p in onnxruntime.get_available_providers()]
+        providers = [
+            p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in onnxruntime.get_available_providers()
+        ]
         try:
             self.session = onnxruntime.InferenceSession(graph, providers=providers)
         except Exception as err:  # ONNX Runtime raises its own exception types for unreadable graphs
@@ -73,24 +80,27 @@ class OnnxNetwork:
 
 def to_uint8(image: Tensor) -> np.ndarray:
     """3xHxW float in [0, 1] (clamped) -> HxWx3 uint8, rounded: the pixels every output image gets."""
-    return (image.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
+    return image.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
 def read_onnx_manifest(folder: Path) -> dict:
     """FOLDER's ONNX_MANIFEST; a DataError naming it when it is missing or not what launch/export.py writes."""
     path = Path(folder) / ONNX_MANIFEST
     if not path.is_file():
-        raise DataError(f"no ONNX manifest {path}: the graphs in {folder} were not written as a pair by this version "
-                        f"of launch/export.py, so F and G may not belong together; export them again with "
-                        f"launch/export.py --output-dir DIR --onnx {folder}")
+        raise DataError(
+            f"no ONNX manifest {path}: the graphs in {folder} were not written as a pair by this version "
+            f"of launch/export.py, so F and G may not belong together; export them again with "
+            f"launch/export.py --output-dir DIR --onnx {folder}"
+        )
     try:
         manifest = json.loads(path.read_text())
         digests = manifest["sha256"]
         if not (isinstance(digests.get("f"), str) and (digests.get("g") is None or isinstance(digests["g"], str))):
             raise ValueError("sha256.f must be a digest, sha256.g a digest or null")
     except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise DataError(f"ONNX manifest {path} is unreadable ({err}): export the pair again with "
-                        f"launch/export.py --onnx {folder}") from None
+        raise DataError(
+            f"ONNX manifest {path} is unreadable ({err}): export the pair again with launch/export.py --onnx {folder}"
+        ) from None
     return manifest
 
 
@@ -102,14 +112,17 @@ def load_onnx(folder: Path, iterations: int) -> tuple[OnnxNetwork, OnnxNetwork |
         raise _no_graph(folder / ONNX_FILES["f"], "F")
     digests = read_onnx_manifest(folder)["sha256"]
     if iterations > 0 and digests["g"] is None:
-        raise DataError(f"the ONNX export in {folder} holds F alone (its training output had no G): run it with "
-                        "--iterations 0, or train stage g and export again")
+        raise DataError(
+            f"the ONNX export in {folder} holds F alone (its training output had no G): run it with "
+            "--iterations 0, or train stage g and export again"
+        )
     f = OnnxNetwork(folder / ONNX_FILES["f"], "F", digests["f"])
     return f, (OnnxNetwork(folder / ONNX_FILES["g"], "G", digests["g"]) if iterations > 0 else None)
 
 
-def restore_iterates(f, g, blur: Tensor, iterations: int, tile: int | None = None, overlap: int = 32,
-                     ensemble: str = "x1") -> list[Tensor]:
+def restore_iterates(
+    f, g, blur: Tensor, iterations: int, tile: int | None = None, overlap: int = 32, ensemble: str = "x1"
+) -> list[Tensor]:
     """F's estimate and each of `iterations` G iterations' of a 1x3xHxW image, on tiles when `tile` is set,
     averaged over the transforms of `ensemble` (x1: none). f and g: modules or OnnxNetworks."""
     return ensemble_iterates(lambda image: tiled_iterates(f, g, image, iterations, tile, overlap), blur, ensemble)

@@ -7,7 +7,7 @@ full restoration per transform (docs/using-a-model.md measures the gain and the 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

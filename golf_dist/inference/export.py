@@ -35,17 +35,27 @@ def _export_one(net: torch.nn.Module, what: str, dest: Path) -> float:
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # its progress lines and torchvision notes
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.export's own deprecation notes
-        torch.onnx.export(net, (torch.rand(TRACE_SHAPE),), str(dest), input_names=["image"],
-                          output_names=["estimate"], dynamic_shapes=dynamic, dynamo=True, external_data=False,
-                          verbose=False)
+        torch.onnx.export(
+            net,
+            (torch.rand(TRACE_SHAPE),),
+            str(dest),
+            input_names=["image"],
+            output_names=["estimate"],
+            dynamic_shapes=dynamic,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
     probe = torch.rand(CHECK_SHAPE, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = net(probe)
     difference = (OnnxNetwork(dest, what)(probe) - expected).abs().max().item()
     if not difference <= PARITY_TOLERANCE:
-        raise DataError(f"the ONNX graph of {what} differs from PyTorch by {difference:.2e} (more than "
-                        f"{PARITY_TOLERANCE:.0e}) on a {CHECK_SHAPE[2]}x{CHECK_SHAPE[3]} image: neither graph written, "
-                        "the ONNX folder left as it was")
+        raise DataError(
+            f"the ONNX graph of {what} differs from PyTorch by {difference:.2e} (more than "
+            f"{PARITY_TOLERANCE:.0e}) on a {CHECK_SHAPE[2]}x{CHECK_SHAPE[3]} image: neither graph written, "
+            "the ONNX folder left as it was"
+        )
     return difference
 
 
@@ -60,8 +70,9 @@ def _source(output_dir: Path, names: list[str]) -> dict[str, str]:
             try:
                 source[f"{name}_run_id"] = json.loads(paths.run_info.read_text()).get("mlflow_run_id") or ""
             except (ValueError, AttributeError):
-                log.warning(f"{paths.run_info} is unreadable: the ONNX manifest names no training run for "
-                            f"{name.upper()}")
+                log.warning(
+                    f"{paths.run_info} is unreadable: the ONNX manifest names no training run for {name.upper()}"
+                )
     return source
 
 
@@ -96,6 +107,8 @@ def export_onnx(output_dir: Path, onnx_dir: Path) -> dict[str, dict[str, object]
     for name, difference in differences.items():
         dest = onnx_dir / ONNX_FILES[name]
         written[name] = {"path": str(dest), "max_abs_difference": difference}
-        log.info(f"{name.upper()}: {dest} ({dest.stat().st_size / 1e6:.2f} MB), ONNX Runtime against PyTorch: "
-                 f"max |difference| {difference:.1e}")
+        log.info(
+            f"{name.upper()}: {dest} ({dest.stat().st_size / 1e6:.2f} MB), ONNX Runtime against PyTorch: "
+            f"max |difference| {difference:.1e}"
+        )
     return written

@@ -36,8 +36,10 @@ def signature():
     from mlflow.types.schema import Array, ColSpec, Schema
 
     image = Array(Array(Array(DataType.long)))  # HxWx3; rows may differ in size
-    return ModelSignature(inputs=Schema([ColSpec(image, IMAGE, required=False), ColSpec(DataType.string, PATH, required=False)]),
-                          outputs=Schema([ColSpec(image, IMAGE)]))
+    return ModelSignature(
+        inputs=Schema([ColSpec(image, IMAGE, required=False), ColSpec(DataType.string, PATH, required=False)]),
+        outputs=Schema([ColSpec(image, IMAGE)]),
+    )
 
 
 def _row_image(row: pd.Series, index: int, path_root: Path | None) -> np.ndarray:
@@ -45,8 +47,10 @@ def _row_image(row: pd.Series, index: int, path_root: Path | None) -> np.ndarray
     pixels a side, as launch/deblur.py asks, and at most MAX_PIXELS."""
     image = _decode_row(row, index, path_root)
     if min(image.shape[:2]) < MIN_SIDE:
-        raise DataError(f"row {index}: the image is {image.shape[1]}x{image.shape[0]} pixels; the networks' "
-                        f"reflected borders need at least {MIN_SIDE} pixels a side")
+        raise DataError(
+            f"row {index}: the image is {image.shape[1]}x{image.shape[0]} pixels; the networks' "
+            f"reflected borders need at least {MIN_SIDE} pixels a side"
+        )
     return image
 
 
@@ -75,8 +79,10 @@ def _decode_row(row: pd.Series, index: int, path_root: Path | None) -> np.ndarra
     if not isinstance(path, str) or not path:
         raise DataError(f"row {index}: give an '{IMAGE}' array or a '{PATH}'")
     if path_root is None:
-        raise DataError(f"row {index}: this model takes no '{PATH}' (it was logged without a folder to read images "
-                        f"from): send the pixels in '{IMAGE}'")
+        raise DataError(
+            f"row {index}: this model takes no '{PATH}' (it was logged without a folder to read images "
+            f"from): send the pixels in '{IMAGE}'"
+        )
     # relative to the root; links followed before the check. One message whether the file is missing, outside
     # the root or not a file, so an answer tells the caller nothing about the server's files.
     file = (path_root / path).resolve()
@@ -100,8 +106,11 @@ class GolfModel(mlflow.pyfunc.PythonModel):
         self.path_root = Path(root) if root else None
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.f = load_into(f_net(), Path(context.artifacts["f"]), "F").to(self.device).eval()
-        self.g = (load_into(g_net(), Path(context.artifacts["g"]), "G").to(self.device).eval()
-                  if self.iterations > 0 else None)
+        self.g = (
+            load_into(g_net(), Path(context.artifacts["g"]), "G").to(self.device).eval()
+            if self.iterations > 0
+            else None
+        )
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """Errors reach the caller as an MlflowException with a message and no traceback: for any other
@@ -125,14 +134,17 @@ class GolfModel(mlflow.pyfunc.PythonModel):
                     restored = restore_iterates(self.f, self.g, blur, self.iterations, ensemble=self.ensemble)[-1]
             except Exception:  # out of memory, a device error ...: the details stay in the server's log
                 log.exception(f"row {index}: the model failed")
-                raise MlflowException(f"row {index}: the model failed on this image (the server's log says why)",
-                                      error_code=INTERNAL_ERROR) from None
+                raise MlflowException(
+                    f"row {index}: the model failed on this image (the server's log says why)",
+                    error_code=INTERNAL_ERROR,
+                ) from None
             outputs.append(to_uint8(restored[0]))
         return pd.DataFrame({IMAGE: outputs})
 
 
-def log_model(output_dir: Path, iterations: int, ensemble: str = "x1", name: str = "model",
-              path_root: Path | None = None):
+def log_model(
+    output_dir: Path, iterations: int, ensemble: str = "x1", name: str = "model", path_root: Path | None = None
+):
     """Log F + G of a training output folder as a pyfunc model into the active MLflow run; the ModelInfo.
     `path_root`: the folder whose images the served model may read through the `path` column (None: none)."""
     import golf_dist
@@ -150,23 +162,32 @@ def log_model(output_dir: Path, iterations: int, ensemble: str = "x1", name: str
         if not Path(path).is_file():
             raise DataError(f"no trained {what.upper()} at {path} to put in the MLflow model")
     example = pd.DataFrame({IMAGE: [np.full((8, 8, 3), 128, dtype=np.uint8).tolist()]})
-    versions = {"torch": torch.__version__.split("+")[0], "numpy": np.__version__, "pandas": pd.__version__,
-                "mlflow": mlflow.__version__}
+    versions = {
+        "torch": torch.__version__.split("+")[0],
+        "numpy": np.__version__,
+        "pandas": pd.__version__,
+        "mlflow": mlflow.__version__,
+    }
     requirements = [f"{package}=={version}" for package, version in versions.items()]
     requirements += ["safetensors", "pillow"]
     config = {"iterations": iterations, "ensemble": ensemble}
     if path_root is not None:
         config["path_root"] = str(path_root)
     return mlflow.pyfunc.log_model(
-        name=name, python_model=str(Path(__file__).with_name("mlflow_model_code.py")), artifacts=artifacts,
+        name=name,
+        python_model=str(Path(__file__).with_name("mlflow_model_code.py")),
+        artifacts=artifacts,
         model_config=config,
-        code_paths=[str(Path(golf_dist.__file__).parent)], signature=signature(), input_example=example,
+        code_paths=[str(Path(golf_dist.__file__).parent)],
+        signature=signature(),
+        input_example=example,
         pip_requirements=requirements,
     )
 
 
-def register_model(tracker, output_dir: Path, iterations: int, ensemble: str, name: str,
-                   test_psnr: float, path_root: str | None = None) -> dict[str, str]:
+def register_model(
+    tracker, output_dir: Path, iterations: int, ensemble: str, name: str, test_psnr: float, path_root: str | None = None
+) -> dict[str, str]:
     """Log F + G (run as evaluated: `iterations`, `ensemble`; reading the `path` column under `path_root` only)
     as a pyfunc model into the evaluation's MLflow run and register it as NAME, its test PSNR a tag of the new
     version. Unlike metrics, this does not survive an unreachable store: it is what was asked for."""
@@ -174,8 +195,10 @@ def register_model(tracker, output_dir: Path, iterations: int, ensemble: str, na
     from golf_dist.tracking import fluent_tracking_uri
 
     if tracker.run_id is None:
-        raise TrackingError(f"--register {name}: the MLflow store at {tracker.display_uri} did not take the "
-                            "evaluation's run, so there is no run to log the model into")
+        raise TrackingError(
+            f"--register {name}: the MLflow store at {tracker.display_uri} did not take the "
+            "evaluation's run, so there is no run to log the model into"
+        )
     with fluent_tracking_uri(tracker.uri):
         with mlflow.start_run(run_id=tracker.run_id):
             info = log_model(output_dir, iterations, ensemble, path_root=path_root)

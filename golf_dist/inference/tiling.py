@@ -35,8 +35,10 @@ def check_tile_count(height: int, width: int, tile: int | None, overlap: int, wh
         return
     count = len(tile_starts(height, tile, overlap)) * len(tile_starts(width, tile, overlap))
     if count > MAX_TILES:
-        raise ConfigError(f"--tile {tile} --overlap {overlap} cuts {what} ({width}x{height}) into {count} tiles, more "
-                          f"than {MAX_TILES}: pass a larger --tile or a smaller --overlap")
+        raise ConfigError(
+            f"--tile {tile} --overlap {overlap} cuts {what} ({width}x{height}) into {count} tiles, more "
+            f"than {MAX_TILES}: pass a larger --tile or a smaller --overlap"
+        )
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -59,8 +61,9 @@ def _ramp(length: int, overlap: int, device: torch.device) -> Tensor:
 
 
 @torch.no_grad()
-def tiled_iterates(f: torch.nn.Module, g: torch.nn.Module | None, blur: Tensor, iterations: int,
-                   tile: int | None, overlap: int = 32) -> list[Tensor]:
+def tiled_iterates(
+    f: torch.nn.Module, g: torch.nn.Module | None, blur: Tensor, iterations: int, tile: int | None, overlap: int = 32
+) -> list[Tensor]:
     """golf_iterates (F, then each G iteration) of a 1x3xHxW image, run on tiles when `tile` is set and
     the image is larger than one tile; each iterate blended from the tiles' iterates."""
     height, width = blur.shape[-2:]
@@ -77,8 +80,10 @@ def tiled_iterates(f: torch.nn.Module, g: torch.nn.Module | None, blur: Tensor, 
             h, w = outputs[0].shape[-2:]
             weight = _ramp(h, overlap, blur.device)[:, None] * _ramp(w, overlap, blur.device)[None, :]
             if sums is None:
-                sums = [torch.zeros(out.shape[:-2] + (height, width), device=blur.device, dtype=out.dtype)
-                        for out in outputs]
+                sums = [
+                    torch.zeros(out.shape[:-2] + (height, width), device=blur.device, dtype=out.dtype)
+                    for out in outputs
+                ]
             for total, out in zip(sums, outputs):
                 total[window] += out * weight
             weights[window] += weight

@@ -11,9 +11,9 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -31,18 +31,34 @@ PAPER_PERCEPTUAL_WEIGHT = 5e-6
 # Defaults per device. The CPU ones finish in about two minutes on a 2-core machine; the CUDA ones
 # are the settings of the H100 figures in docs/facts.md.
 DEFAULTS = {
-    "cuda": dict(batch=16, crop=256, unroll=8, steps=10, warmup=3, memory_unrolls=(4, 8, 16, 32),
-                 infer_repeats_256=20, infer_repeats_720p=10),
-    "cpu": dict(batch=4, crop=64, unroll=8, steps=5, warmup=1, memory_unrolls=(4, 8, 16, 32),
-                infer_repeats_256=3, infer_repeats_720p=1),
+    "cuda": dict(
+        batch=16,
+        crop=256,
+        unroll=8,
+        steps=10,
+        warmup=3,
+        memory_unrolls=(4, 8, 16, 32),
+        infer_repeats_256=20,
+        infer_repeats_720p=10,
+    ),
+    "cpu": dict(
+        batch=4,
+        crop=64,
+        unroll=8,
+        steps=5,
+        warmup=1,
+        memory_unrolls=(4, 8, 16, 32),
+        infer_repeats_256=3,
+        infer_repeats_720p=1,
+    ),
 }
 
 MEMORY_METHOD = {
     "cuda": "torch.cuda.max_memory_allocated over one stage-g training step (after a warm-up step, "
-            "so Adam state exists) minus memory_allocated before it",
+    "so Adam state exists) minus memory_allocated before it",
     "cpu": "peak of live bytes from the CPU allocator over one stage-g training step (after a "
-           "warm-up step, so Adam state exists), above what was allocated before it: torch.profiler "
-           "allocation/free events (profile_memory=True) summed in time order",
+    "warm-up step, so Adam state exists), above what was allocated before it: torch.profiler "
+    "allocation/free events (profile_memory=True) summed in time order",
 }
 
 
@@ -162,8 +178,15 @@ def f_train_step(f: nn.Module, opt: torch.optim.Optimizer, loss_fn: GolfLoss, bl
 
 
 def g_train_step(
-    f: nn.Module, g: nn.Module, opt: torch.optim.Optimizer, loss_fn: GolfLoss, blur, sharp,
-    steps: int, checkpoint: bool, precision: str,
+    f: nn.Module,
+    g: nn.Module,
+    opt: torch.optim.Optimizer,
+    loss_fn: GolfLoss,
+    blur,
+    sharp,
+    steps: int,
+    checkpoint: bool,
+    precision: str,
 ) -> None:
     """One stage-g step: x0 = F(blur) with F frozen, Eq. 4 over `steps` iterates of G, backward, Adam."""
     with _autocast(blur.device.type, precision):
@@ -215,8 +238,13 @@ def _batch(batch: int, crop: int, device: str) -> tuple[torch.Tensor, torch.Tens
 
 
 def stage_g_peak_bytes(
-    steps: int, checkpoint: bool, batch: int = 1, crop: int = 32, device: str = "cpu",
-    precision: str = "fp32", loss_fn: GolfLoss | None = None,
+    steps: int,
+    checkpoint: bool,
+    batch: int = 1,
+    crop: int = 32,
+    device: str = "cpu",
+    precision: str = "fp32",
+    loss_fn: GolfLoss | None = None,
 ) -> int:
     """Peak memory of one stage-g training step with `steps` unrolled applications of G."""
     torch.manual_seed(0)
@@ -237,12 +265,19 @@ def checkpoint_memory_ratio(steps: int = 16, batch: int = 1, crop: int = 32, dev
     return stage_g_peak_bytes(steps, True, batch, crop, device) / stage_g_peak_bytes(steps, False, batch, crop, device)
 
 
-THROUGHPUT_KEYS = ("train_f_crops_per_s", "train_g_crops_per_s", "train_f_step_ms", "train_g_step_ms",
-                   "infer_ms_256", "infer_ms_720p")
+THROUGHPUT_KEYS = (
+    "train_f_crops_per_s",
+    "train_g_crops_per_s",
+    "train_f_step_ms",
+    "train_g_step_ms",
+    "infer_ms_256",
+    "infer_ms_720p",
+)
 
 
-def _throughput(s: Settings, speed: Speed, loss_fn: GolfLoss, blur: torch.Tensor, sharp: torch.Tensor,
-                column: str = "eager") -> dict:
+def _throughput(
+    s: Settings, speed: Speed, loss_fn: GolfLoss, blur: torch.Tensor, sharp: torch.Tensor, column: str = "eager"
+) -> dict:
     """Stage f and stage g training steps and F + 3 G inference with the switches of `speed` (EAGER: none);
     with `s.profile`, each one's top operators too (files profile_<step>_<column>.txt, key "profile")."""
     dev = s.device
@@ -256,9 +291,14 @@ def _throughput(s: Settings, speed: Speed, loss_fn: GolfLoss, blur: torch.Tensor
     def profiled_step(name: str, fn: Callable[[], None]) -> None:
         if s.profile:
             rows, table = top_operators(fn, dev, warmup=0, repeats=max(1, min(3, s.steps)))
-            write_profile(Path(s.profile), f"{name}_{column}", rows, table,
-                          f"{name}, {column} ({speed.describe()}), {device_name(dev)}, {s.precision}, "
-                          f"batch {s.batch} of {s.crop}x{s.crop}, unroll {s.unroll}")
+            write_profile(
+                Path(s.profile),
+                f"{name}_{column}",
+                rows,
+                table,
+                f"{name}, {column} ({speed.describe()}), {device_name(dev)}, {s.precision}, "
+                f"batch {s.batch} of {s.crop}x{s.crop}, unroll {s.unroll}",
+            )
             profiled[name] = rows
 
     step_f = lambda: f_train_step(f, opt_f, loss_fn, blur, sharp, s.precision)  # noqa: E731
@@ -288,9 +328,15 @@ def _throughput(s: Settings, speed: Speed, loss_fn: GolfLoss, blur: torch.Tensor
         x720 = prepare_input(torch.rand(1, 3, 720, 1280, device=dev), speed)
         warm = 1 if dev == "cuda" or speed.compile else 0
         infer_720 = round(_median_ms(lambda: infer(x720), dev, warm, s.infer_repeats_720p), 2)
-    return {"train_f_crops_per_s": round(s.batch / (f_ms / 1e3), 3), "train_g_crops_per_s": round(s.batch / (g_ms / 1e3), 3),
-            "train_f_step_ms": round(f_ms, 2), "train_g_step_ms": round(g_ms, 2), "infer_ms_256": round(infer_256, 2),
-            "infer_ms_720p": infer_720, **({"profile": profiled} if s.profile else {})}
+    return {
+        "train_f_crops_per_s": round(s.batch / (f_ms / 1e3), 3),
+        "train_g_crops_per_s": round(s.batch / (g_ms / 1e3), 3),
+        "train_f_step_ms": round(f_ms, 2),
+        "train_g_step_ms": round(g_ms, 2),
+        "infer_ms_256": round(infer_256, 2),
+        "infer_ms_720p": infer_720,
+        **({"profile": profiled} if s.profile else {}),
+    }
 
 
 def run_benchmark(s: Settings) -> dict:
@@ -303,12 +349,22 @@ def run_benchmark(s: Settings) -> dict:
     eager = _throughput(s, EAGER, loss_fn, blur, sharp)
     speed_layer, speedup = None, None
     if not s.skip_speed:
-        speed = resolve(SpeedConfig(compile=s.compile, compile_backend=s.compile_backend,
-                                    channels_last=s.channels_last, fused_norm=s.fused_norm),
-                        torch.device(dev), training=False)
+        speed = resolve(
+            SpeedConfig(
+                compile=s.compile,
+                compile_backend=s.compile_backend,
+                channels_last=s.channels_last,
+                fused_norm=s.fused_norm,
+            ),
+            torch.device(dev),
+            training=False,
+        )
         speed_layer = {"options": speed.describe(), **_throughput(s, speed, loss_fn, blur, sharp, "speed_layer")}
-        speedup = {key: round(speed_layer[key] / eager[key] if "per_s" in key else eager[key] / speed_layer[key], 3)
-                   for key in THROUGHPUT_KEYS if eager[key] and speed_layer[key]}
+        speedup = {
+            key: round(speed_layer[key] / eager[key] if "per_s" in key else eager[key] / speed_layer[key], 3)
+            for key in THROUGHPUT_KEYS
+            if eager[key] and speed_layer[key]
+        }
     apply_backend_flags(EAGER)
 
     memory = []
@@ -316,8 +372,9 @@ def run_benchmark(s: Settings) -> dict:
         for n in s.memory_unrolls:
             ck = stage_g_peak_bytes(n, True, s.batch, s.crop, dev, s.precision, loss_fn)
             plain = stage_g_peak_bytes(n, False, s.batch, s.crop, dev, s.precision, loss_fn)
-            memory.append({"unroll": n, "peak_bytes_checkpointed": ck, "peak_bytes_plain": plain,
-                           "ratio": round(ck / plain, 4)})
+            memory.append(
+                {"unroll": n, "peak_bytes_checkpointed": ck, "peak_bytes_plain": plain, "ratio": round(ck / plain, 4)}
+            )
 
     return {
         "device": device_name(dev),

@@ -45,8 +45,12 @@ def make_data_settings(shards: list[str], loader: str | None = None, device: str
         raise GolfError("--device gpu: no CUDA device is visible to torch")
     if loader is not None and loader not in DATA_LOADERS:
         raise ConfigError(f"--loader must be one of {', '.join(DATA_LOADERS)}, got {loader!r}")
-    s = DataSettings(tuple(shards), (loader,) if loader else DATA_LOADERS, device,
-                     **{k: v for k, v in overrides.items() if v is not None})
+    s = DataSettings(
+        tuple(shards),
+        (loader,) if loader else DATA_LOADERS,
+        device,
+        **{k: v for k, v in overrides.items() if v is not None},
+    )
     for name in ("crop", "batch", "crops_per_frame", "batches", "repeats"):
         if getattr(s, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(s, name)}")
@@ -59,20 +63,29 @@ def make_data_settings(shards: list[str], loader: str | None = None, device: str
 
 def _data_rate(s: DataSettings, shard_dir: str, loader: str) -> dict:
     """Crop pairs per second one loader delivers from one shard folder onto s.device."""
-    from golf_dist.config import PAPER_CONFIG, load_config
+    from golf_dist.config import load_config
+    from golf_dist.configs import PAPER_CONFIG
     from golf_dist.data.loaders import make_train_loader, resolve_loader
     from golf_dist.data.split_check import open_pairs
 
     pairs = open_pairs(shard_dir, s.split)
     if loader == "dali":
         resolve_loader("dali")  # a clear ConfigError when DALI does not import
-    cfg = load_config(PAPER_CONFIG, "f", [
-        f"data.shards={shard_dir}", f"data.crop={s.crop}", f"data.num_workers={s.workers}",
-        f"data.crops_per_frame={s.crops_per_frame}", f"train.steps={s.warmup + s.batches + 1}",
-    ])
+    cfg = load_config(
+        PAPER_CONFIG,
+        "f",
+        [
+            f"data.shards={shard_dir}",
+            f"data.crop={s.crop}",
+            f"data.num_workers={s.workers}",
+            f"data.crops_per_frame={s.crops_per_frame}",
+            f"train.steps={s.warmup + s.batches + 1}",
+        ],
+    )
     device = torch.device(s.device)
-    batches = make_train_loader(cfg, pairs, global_batch=s.batch, accum=1, world=1, rank=0, start_step=0,
-                                device=device, loader=loader)
+    batches = make_train_loader(
+        cfg, pairs, global_batch=s.batch, accum=1, world=1, rank=0, start_step=0, device=device, loader=loader
+    )
     for _ in range(s.warmup):
         blur, sharp = next(batches)
     _sync(s.device)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 BLOCK_HW = 64  # rows (pixels) per tile
-BLOCK_C = 16   # channels per program: F has 32 and G 16 channels, the last layers 3
+BLOCK_C = 16  # channels per program: F has 32 and G 16 channels, the last layers 3
 
 
 @functools.cache
@@ -70,8 +70,9 @@ class _InstanceNormReLU(torch.autograd.Function):
         rstd = torch.empty_like(mean)
         k = _kernels()
         grid = (n, k.triton.cdiv(c, BLOCK_C))
-        k.fwd_kernel[grid](x, weight, bias, y, mean, rstd, h * w, c, *_flat_strides(x), eps,
-                          BLOCK_HW=BLOCK_HW, BLOCK_C=BLOCK_C)
+        k.fwd_kernel[grid](
+            x, weight, bias, y, mean, rstd, h * w, c, *_flat_strides(x), eps, BLOCK_HW=BLOCK_HW, BLOCK_C=BLOCK_C
+        )
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         return y
 
@@ -85,8 +86,23 @@ class _InstanceNormReLU(torch.autograd.Function):
         db = torch.empty_like(dw)
         k = _kernels()
         grid = (n, k.triton.cdiv(c, BLOCK_C))
-        k.bwd_kernel[grid](x, dy, weight, bias, mean, rstd, dx, dw, db, h * w, c, *_flat_strides(x),
-                          *_flat_strides(dy), BLOCK_HW=BLOCK_HW, BLOCK_C=BLOCK_C)
+        k.bwd_kernel[grid](
+            x,
+            dy,
+            weight,
+            bias,
+            mean,
+            rstd,
+            dx,
+            dw,
+            db,
+            h * w,
+            c,
+            *_flat_strides(x),
+            *_flat_strides(dy),
+            BLOCK_HW=BLOCK_HW,
+            BLOCK_C=BLOCK_C,
+        )
         return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype), None
 
 
@@ -111,8 +127,12 @@ def fuse_norm_relu(model: nn.Module) -> int:
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
         for i in range(len(seq) - 1):
             norm, act = seq[i], seq[i + 1]
-            if type(norm) is nn.InstanceNorm2d and norm.affine and not norm.track_running_stats \
-                    and isinstance(act, nn.ReLU):
+            if (
+                type(norm) is nn.InstanceNorm2d
+                and norm.affine
+                and not norm.track_running_stats
+                and isinstance(act, nn.ReLU)
+            ):
                 new = InstanceNormReLU(norm.num_features, eps=norm.eps, affine=True)
                 new.weight, new.bias = norm.weight, norm.bias  # the same Parameters, under the same names
                 seq[i], seq[i + 1] = new, nn.Identity()

@@ -15,8 +15,22 @@ FAULT_ENV = "GOLF_FUSED_NORM_FAULT"
 
 
 @triton.jit
-def fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, HW, C, s_n, s_hw, s_c, eps,
-               BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+def fwd_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    mean_ptr,
+    rstd_ptr,
+    HW,
+    C,
+    s_n,
+    s_hw,
+    s_c,
+    eps,
+    BLOCK_HW: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     n = tl.program_id(0)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cs < C
@@ -51,9 +65,29 @@ def fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, HW, C, s_n, s_hw,
     tl.store(mean_ptr + n * C + cs, mean, mask=cmask)
     tl.store(rstd_ptr + n * C + cs, rstd, mask=cmask)
 
+
 @triton.jit
-def bwd_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, HW, C,
-               s_n, s_hw, s_c, g_n, g_hw, g_c, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+def bwd_kernel(
+    x_ptr,
+    dy_ptr,
+    w_ptr,
+    b_ptr,
+    mean_ptr,
+    rstd_ptr,
+    dx_ptr,
+    dw_ptr,
+    db_ptr,
+    HW,
+    C,
+    s_n,
+    s_hw,
+    s_c,
+    g_n,
+    g_hw,
+    g_c,
+    BLOCK_HW: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     n = tl.program_id(0)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cs < C
@@ -99,6 +133,7 @@ class _FailingBuild:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             raise RuntimeError(f"injected Triton build failure of {self.name} ({FAULT_ENV}=build)")
+
         return launch
 
 

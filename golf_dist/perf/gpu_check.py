@@ -16,25 +16,40 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm import tqdm
 
-from golf_dist.perf.benchmark import (
-    _autocast, _batch, _median_ms, device_name, f_train_step, g_train_step, stage_g_peak_bytes,
-)
 from golf_dist.config import SpeedConfig
 from golf_dist.errors import ConfigError, GolfError
 from golf_dist.files import write_atomic
 from golf_dist.losses import GolfLoss
 from golf_dist.models import f_net, g_net
+from golf_dist.perf.benchmark import (
+    _autocast,
+    _batch,
+    _median_ms,
+    device_name,
+    f_train_step,
+    g_train_step,
+    stage_g_peak_bytes,
+)
 from golf_dist.perf.fused_norm import kernel_available
 from golf_dist.perf.speed import (
-    EAGER, NUMERICS_RTOL, Speed, adam_options, apply_backend_flags, fallbacks_of, first_line, for_inference,
-    prepare_input, prepare_module, tf32_off,
+    EAGER,
+    NUMERICS_RTOL,
+    Speed,
+    adam_options,
+    apply_backend_flags,
+    fallbacks_of,
+    first_line,
+    for_inference,
+    prepare_input,
+    prepare_module,
+    tf32_off,
 )
 
 GIB = 1 << 30
@@ -62,8 +77,11 @@ SIZES = {
 }
 # the README's Performance goals (one H100, bf16): (figure, <= or >=, value)
 GOALS = {
-    "train_f eager": ("crops_per_s", ">=", 1000.0), "train_g eager": ("crops_per_s", ">=", 110.0),
-    "memory g unroll 8": ("peak_gib", "<=", 1.2), "infer 256": ("ms", "<=", 1.0), "deblur 1280x720": ("ms", "<=", 15.0),
+    "train_f eager": ("crops_per_s", ">=", 1000.0),
+    "train_g eager": ("crops_per_s", ">=", 110.0),
+    "memory g unroll 8": ("peak_gib", "<=", 1.2),
+    "infer 256": ("ms", "<=", 1.0),
+    "deblur 1280x720": ("ms", "<=", 15.0),
 }
 SWITCHES = ("compile", "channels_last", "fused_norm", "fused_adam", "tf32", "cuda_graphs")
 
@@ -113,8 +131,11 @@ def _train_row(stage: str, speed: Speed, dev: str, z: Sizes) -> dict:
     if not difference <= NUMERICS_RTOL:
         raise GolfError(f"outputs differ from eager's by {difference:.3g} of their scale (> {NUMERICS_RTOL:g})")
     ms = _median_ms(step, dev, z.warmup, z.steps)
-    return {"crops_per_s": round(z.batch / (ms / 1e3), 2), "step_ms": round(ms, 2),
-            "relative_difference_vs_eager": float(f"{difference:.3g}")}
+    return {
+        "crops_per_s": round(z.batch / (ms / 1e3), 2),
+        "step_ms": round(ms, 2),
+        "relative_difference_vs_eager": float(f"{difference:.3g}"),
+    }
 
 
 def _networks(dev: str, speed_cfg: SpeedConfig):
@@ -164,7 +185,8 @@ def _memory_row(unroll: int, dev: str, z: Sizes) -> dict:
 
 def _dali_row(shards: str | None, dev: str, z: Sizes) -> dict:
     """The DALI crop path against the PyTorch loader: the same first batch, and batches per second of each."""
-    from golf_dist.config import PAPER_CONFIG, load_config
+    from golf_dist.config import load_config
+    from golf_dist.configs import PAPER_CONFIG
     from golf_dist.data.dali import dali_import_error
     from golf_dist.data.loaders import make_train_loader
     from golf_dist.data.torch_loader import ShardPairs
@@ -173,12 +195,22 @@ def _dali_row(shards: str | None, dev: str, z: Sizes) -> dict:
         raise _Skip("needs --shards DIR (a shard folder: data_prep/shard_gopro.py)")
     if dali_import_error():
         raise _Skip(f"DALI is not installed: {dali_import_error()}")
-    cfg = load_config(PAPER_CONFIG, "f",
-                      [f"data.shards={shards}", f"data.crop={z.crop}", "data.num_workers=0", "seed=1"])
+    cfg = load_config(
+        PAPER_CONFIG, "f", [f"data.shards={shards}", f"data.crop={z.crop}", "data.num_workers=0", "seed=1"]
+    )
     pairs, found = ShardPairs(shards, "train"), {}
     for kind in ("torch", "dali"):
-        loader = make_train_loader(cfg, pairs, global_batch=z.batch, accum=1, world=1, rank=0, start_step=0,
-                                   device=torch.device(dev), loader=kind)
+        loader = make_train_loader(
+            cfg,
+            pairs,
+            global_batch=z.batch,
+            accum=1,
+            world=1,
+            rank=0,
+            start_step=0,
+            device=torch.device(dev),
+            loader=kind,
+        )
         batches = iter(loader)
         t0 = time.perf_counter()
         first = next(batches)[0].to(dev)
@@ -188,8 +220,11 @@ def _dali_row(shards: str | None, dev: str, z: Sizes) -> dict:
         loader.close()
     if not torch.equal(found["torch"][0], found["dali"][0]):
         raise GolfError("DALI's first batch differs from the PyTorch loader's (the same crops expected)")
-    return {"same_crops": True, "torch_batches_per_s": round(found["torch"][1], 2),
-            "dali_batches_per_s": round(found["dali"][1], 2)}
+    return {
+        "same_crops": True,
+        "torch_batches_per_s": round(found["torch"][1], 2),
+        "dali_batches_per_s": round(found["dali"][1], 2),
+    }
 
 
 def _evaluation_row(shards: str | None, dev: str, z: Sizes, speed_cfg: SpeedConfig) -> dict:
@@ -202,8 +237,12 @@ def _evaluation_row(shards: str | None, dev: str, z: Sizes, speed_cfg: SpeedConf
     f, g = _networks(dev, speed_cfg)
     t0 = time.perf_counter()
     result = evaluate_pairs(f, g, ShardPairs(shards, "test"), 3, torch.device(dev), limit=2, samples=0)
-    return {"pairs": result["pairs"], "psnr": round(result["psnr"], 3), "seconds": round(time.perf_counter() - t0, 2),
-            "speed_fallback": fallbacks_of(f, g)}
+    return {
+        "pairs": result["pairs"],
+        "psnr": round(result["psnr"], 3),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "speed_fallback": fallbacks_of(f, g),
+    }
 
 
 def _onnx_row(dev: str, z: Sizes, work: Path) -> dict:
@@ -219,8 +258,11 @@ def _onnx_row(dev: str, z: Sizes, work: Path) -> dict:
     difference = _export_one(f_net(zero_init_last=False).eval(), "F", work / "f.onnx")
     net, image = OnnxNetwork(work / "f.onnx", "F"), torch.rand(1, 3, z.infer, z.infer)
     ms = _median_ms(lambda: net(image), "cpu", 1, 3)
-    return {"parity_max_abs_difference": float(f"{difference:.3g}"), "f_ms": round(ms, 3),
-            "providers": net.session.get_providers()}
+    return {
+        "parity_max_abs_difference": float(f"{difference:.3g}"),
+        "f_ms": round(ms, 3),
+        "providers": net.session.get_providers(),
+    }
 
 
 class _Skip(Exception):
@@ -235,8 +277,15 @@ def rows_to_run(dev: str, z: Sizes, shards: str | None, work: Path) -> list[tupl
     for stage in ("f", "g"):
         rows.append((f"train_{stage} eager", lambda stage=stage: _train_row(stage, EAGER, dev, z)))
         for switch in SWITCHES:
-            rows.append((f"train_{stage} {switch}", lambda stage=stage, switch=switch: (
-                _skip_if(_needs_cuda(switch, dev)) or _train_row(stage, _alone(switch, z.compile_backend), dev, z))))
+            rows.append(
+                (
+                    f"train_{stage} {switch}",
+                    lambda stage=stage, switch=switch: (
+                        _skip_if(_needs_cuda(switch, dev))
+                        or _train_row(stage, _alone(switch, z.compile_backend), dev, z)
+                    ),
+                )
+            )
     rows += [
         ("bf16 vs fp32", lambda: _bf16_row(dev, z)),
         ("memory g unroll 8", lambda: _memory_row(8, dev, z)),
@@ -294,17 +343,29 @@ def run_check(device: str, shards: str | None = None, budget_s: float = 480.0, w
             if row["status"] == "ok" and (verdict := _judge(name, row, device)):
                 row["goal"] = verdict
             results.append(row)
-    return {"device": device_name(device), "torch": torch.__version__, "sizes": z.__dict__, "rows": results,
-            "seconds": round(time.monotonic() - start, 1)}
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "sizes": z.__dict__,
+        "rows": results,
+        "seconds": round(time.monotonic() - start, 1),
+    }
 
 
 def table(report: dict) -> str:
     """The rows as a Markdown table: row, status, figures, goal."""
-    lines = [f"GPU check on {report['device']}, torch {report['torch']} ({report['seconds']} s)", "",
-             "| row | status | figures | goal |", "| --- | --- | --- | --- |"]
+    lines = [
+        f"GPU check on {report['device']}, torch {report['torch']} ({report['seconds']} s)",
+        "",
+        "| row | status | figures | goal |",
+        "| --- | --- | --- | --- |",
+    ]
     for row in report["rows"]:
-        figures = ", ".join(f"{k} {v}" for k, v in row.items()
-                            if k not in ("row", "status", "why", "goal", "seconds") and v not in ([], None))
+        figures = ", ".join(
+            f"{k} {v}"
+            for k, v in row.items()
+            if k not in ("row", "status", "why", "goal", "seconds") and v not in ([], None)
+        )
         status = row["status"] + (f": {row['why']}" if "why" in row else "")
         lines.append(f"| {row['row']} | {status} | {figures} | {row.get('goal', '')} |")
     return "\n".join(lines)
@@ -312,12 +373,20 @@ def table(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda", choices=sorted(SIZES),
-                        help="cuda: the goals' sizes (one GPU, bf16); cpu: the same rows at tiny sizes")
+    parser.add_argument(
+        "--device",
+        default="cuda",
+        choices=sorted(SIZES),
+        help="cuda: the goals' sizes (one GPU, bf16); cpu: the same rows at tiny sizes",
+    )
     parser.add_argument("--out", help="folder for gpu_check.json (default: print only)")
     parser.add_argument("--shards", help="a shard folder for the DALI and evaluation rows (skipped without)")
-    parser.add_argument("--budget", type=float, default=480.0,
-                        help="seconds after which the remaining rows are skipped (default: %(default)s)")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=480.0,
+        help="seconds after which the remaining rows are skipped (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     report = run_check(args.device, args.shards, args.budget)
     print(table(report))

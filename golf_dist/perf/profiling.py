@@ -7,8 +7,8 @@ with the speed layer's switches and without; docs/benchmark.md says how to read 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -23,8 +23,9 @@ def _self_us(event, on_gpu: bool) -> float:
     return float(event.self_cpu_time_total)
 
 
-def top_operators(fn: Callable[[], None], device: str, *, warmup: int = 1, repeats: int = 3,
-                  top: int = 15) -> tuple[list[dict], str]:
+def top_operators(
+    fn: Callable[[], None], device: str, *, warmup: int = 1, repeats: int = 3, top: int = 15
+) -> tuple[list[dict], str]:
     """Profile `repeats` calls of fn (after `warmup` unprofiled ones) on `device` ("cpu" or "cuda").
 
     Returns the `top` operators by self time, each {"name", "calls", "self_ms" (per call of fn),
@@ -46,9 +47,15 @@ def top_operators(fn: Callable[[], None], device: str, *, warmup: int = 1, repea
     events = [e for e in averages if _self_us(e, on_gpu) > 0]
     total = sum(_self_us(e, on_gpu) for e in events) or 1.0
     events.sort(key=lambda e: _self_us(e, on_gpu), reverse=True)
-    rows = [{"name": e.key, "calls": int(e.count) // repeats,
-             "self_ms": round(_self_us(e, on_gpu) / 1e3 / repeats, 4),
-             "share": round(_self_us(e, on_gpu) / total, 4)} for e in events[:top]]
+    rows = [
+        {
+            "name": e.key,
+            "calls": int(e.count) // repeats,
+            "self_ms": round(_self_us(e, on_gpu) / 1e3 / repeats, 4),
+            "share": round(_self_us(e, on_gpu) / total, 4),
+        }
+        for e in events[:top]
+    ]
     sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
     table = averages.table(sort_by=sort_by, row_limit=top)
     return rows, table

@@ -24,9 +24,9 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
 
 import torch
 
@@ -158,16 +158,19 @@ def tolerance(x: torch.Tensor) -> float:
     return NUMERICS_RTOL_LOW_PRECISION if torch.is_autocast_enabled(x.device.type) else NUMERICS_RTOL
 
 
-def compare_outputs(prepared: Sequence[torch.Tensor], eager: Sequence[torch.Tensor], rtol: float = NUMERICS_RTOL
-                    ) -> None:
+def compare_outputs(
+    prepared: Sequence[torch.Tensor], eager: Sequence[torch.Tensor], rtol: float = NUMERICS_RTOL
+) -> None:
     """Raise NumericsMismatch unless each prepared output is within rtol of eager's scale."""
     for got, want in zip(prepared, eager):
         got, want = got.detach().float(), want.detach().float()
         scale = want.abs().max().item()
         err = (got - want).abs().max().item() if got.shape == want.shape else float("inf")
         if not err <= rtol * max(scale, 1e-6):  # also catches NaN
-            raise NumericsMismatch(f"outputs differ from eager PyTorch's by {err:.3g}, more than "
-                                   f"{rtol:g} x their largest magnitude {scale:.3g}")
+            raise NumericsMismatch(
+                f"outputs differ from eager PyTorch's by {err:.3g}, more than "
+                f"{rtol:g} x their largest magnitude {scale:.3g}"
+            )
 
 
 @contextmanager
@@ -181,8 +184,9 @@ def tf32_off():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def settle(speed: Speed, explicit: frozenset[str], attempt: Callable[[Speed], None], what: str
-           ) -> tuple[Speed, list[dict[str, str]]]:
+def settle(
+    speed: Speed, explicit: frozenset[str], attempt: Callable[[Speed], None], what: str
+) -> tuple[Speed, list[dict[str, str]]]:
     """Call attempt(speed) (prepare, run once, compare_outputs) until it passes, turning off one switch that is
     not in `explicit` after each failure, in FALLBACK_ORDER. Returns the switches that passed and the fallbacks
     ({"switch", "reason", "work"}); re-raises the error when only explicit switches are left to turn off."""
@@ -217,14 +221,21 @@ def _chain(networks: Sequence[torch.nn.Module], x: torch.Tensor) -> list[torch.T
     return outputs
 
 
-def settle_training(speed: Speed, speed_cfg, networks: Sequence[torch.nn.Module],
-                    batch: tuple[torch.Tensor, torch.Tensor], loss_of: Callable, autocast: Callable, what: str
-                    ) -> tuple[Speed, list[dict[str, str]], list[torch.nn.Module]]:
+def settle_training(
+    speed: Speed,
+    speed_cfg,
+    networks: Sequence[torch.nn.Module],
+    batch: tuple[torch.Tensor, torch.Tensor],
+    loss_of: Callable,
+    autocast: Callable,
+    what: str,
+) -> tuple[Speed, list[dict[str, str]], list[torch.nn.Module]]:
     """The start-up check of a training stage, before an optimizer or DDP holds the networks: `networks` (F,
     then G in stage g; eager, unprepared) prepared with `speed` run loss_of(prepared, blur, sharp) forward and
     backward once on `batch` (compile builds its graphs, the kernels and graphs run first), then their chained
-    outputs are compared with eager's (TF32 off, under the same autocast); gradients are dropped after. Returns the switches that
-    passed, the fallbacks and the networks prepared with them (compiled once: the steps reuse the graphs)."""
+    outputs are compared with eager's (TF32 off, under the same autocast); gradients are dropped after. Returns the
+    switches that passed, the fallbacks and the networks prepared with them (compiled once: the steps reuse the
+    graphs)."""
     blur, sharp = batch
     with torch.no_grad(), tf32_off(), autocast():  # eager at the steps' precision: bf16 against bf16
         eager = _chain([copy.deepcopy(net) for net in networks], blur)
@@ -250,7 +261,7 @@ def settle_training(speed: Speed, speed_cfg, networks: Sequence[torch.nn.Module]
 
 
 def first_line(err: BaseException) -> str:
-    """"Type: first line" of the error at the root of `err` (Dynamo wraps a backend's error in
+    """ "Type: first line" of the error at the root of `err` (Dynamo wraps a backend's error in
     BackendCompilerFailed, whose own first line names only the backend)."""
     while (inner := getattr(err, "inner_exception", None) or err.__cause__) is not None:
         err = inner
@@ -297,15 +308,22 @@ def warn_if_bf16_is_slow(precision: str, device: torch.device) -> None:
     if bf16_is_slow_here(precision, device):
         get_logger(__name__).warning(
             "train.mixed_precision=bf16 on a CPU without oneDNN bf16 kernels (no AVX-512): its convolutions run "
-            "many times slower than fp32 here; train.mixed_precision=no is faster")
+            "many times slower than fp32 here; train.mixed_precision=no is faster"
+        )
 
 
 class CheckedNetwork(torch.nn.Module):
     """A network for evaluation or deblurring whose first call settles the speed switches on that input: the
     prepared network's outputs against eager's (the `settle` check), then every call runs what passed."""
 
-    def __init__(self, net: torch.nn.Module, speed: Speed, explicit: frozenset[str], what: str,
-                 on_fallback: Callable[[list[dict[str, str]]], None]):
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        speed: Speed,
+        explicit: frozenset[str],
+        what: str,
+        on_fallback: Callable[[list[dict[str, str]]], None],
+    ):
         super().__init__()
         self.net, self.speed, self.explicit, self.what, self.on_fallback = net, speed, explicit, what, on_fallback
         self.prepared: torch.nn.Module | None = None
@@ -329,8 +347,13 @@ class CheckedNetwork(torch.nn.Module):
             self.on_fallback(self.fallbacks)
 
 
-def for_inference(f: torch.nn.Module, g: torch.nn.Module | None, speed_cfg, device: torch.device,
-                  on_fallback: Callable[[list[dict[str, str]]], None] | None = None):
+def for_inference(
+    f: torch.nn.Module,
+    g: torch.nn.Module | None,
+    speed_cfg,
+    device: torch.device,
+    on_fallback: Callable[[list[dict[str, str]]], None] | None = None,
+):
     """F and G (or None) made ready for evaluation or deblurring with the switches of `speed_cfg` (None: the
     defaults), the process-wide flags set; (f, g) to call. With any switch on, each network's first call
     checks it (CheckedNetwork); on_fallback(all fallbacks so far) is called after each that falls back."""
@@ -350,8 +373,10 @@ def for_inference(f: torch.nn.Module, g: torch.nn.Module | None, speed_cfg, devi
             on_fallback(list(found))
 
     explicit = explicit_switches(speed_cfg)
-    return (CheckedNetwork(f, speed, explicit, "F", collect),
-            CheckedNetwork(g, speed, explicit, "G", collect) if g is not None else None)
+    return (
+        CheckedNetwork(f, speed, explicit, "F", collect),
+        CheckedNetwork(g, speed, explicit, "G", collect) if g is not None else None,
+    )
 
 
 def fallbacks_of(*networks) -> list[dict[str, str]]:

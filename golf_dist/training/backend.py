@@ -13,8 +13,9 @@ untouched (`skips_nonfinite`); DeepSpeed's engine has already stepped by then, s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -45,22 +46,32 @@ class NonFiniteSteps:
             self.in_a_row = 0
             return
         self.in_a_row += 1
-        what = (f"step {step}: the loss ({step_loss.item():.4g} on rank {self.rank}) or the gradient norm "
-                f"({norm.item():.4g}) is not finite")
-        resume = (f"the checkpoints under {self.checkpoints} hold finite weights and resume as they are; a resume "
-                  "keeps their learning-rate schedule, so for a lower train.lr (or train.warmup_steps, train.grad_clip) "
-                  "start again in a new --output-dir")
+        what = (
+            f"step {step}: the loss ({step_loss.item():.4g} on rank {self.rank}) or the gradient norm "
+            f"({norm.item():.4g}) is not finite"
+        )
+        resume = (
+            f"the checkpoints under {self.checkpoints} hold finite weights and resume as they are; a resume "
+            "keeps their learning-rate schedule, so for a lower train.lr (or train.warmup_steps, train.grad_clip) "
+            "start again in a new --output-dir"
+        )
         if not self.can_skip:
-            raise NonFiniteError(f"{what}; DeepSpeed has taken the step already, so the run stops here (no checkpoint "
-                                 f"or export is written after it); {resume}")
+            raise NonFiniteError(
+                f"{what}; DeepSpeed has taken the step already, so the run stops here (no checkpoint "
+                f"or export is written after it); {resume}"
+            )
         advice = f"the weights, Adam and the EMA are those of step {step - self.in_a_row}; {resume}"
         if self.policy == "stop":
             raise NonFiniteError(f"{what} (train.nonfinite=stop); {advice}")
         if self.in_a_row >= self.patience:
-            raise NonFiniteError(f"{what}: {self.in_a_row} non-finite steps in a row, each skipped "
-                                 f"(train.nonfinite_patience={self.patience}); {advice}")
-        log.info(f"{what}: step skipped ({self.in_a_row} in a row; the run stops at "
-                 f"train.nonfinite_patience={self.patience})")
+            raise NonFiniteError(
+                f"{what}: {self.in_a_row} non-finite steps in a row, each skipped "
+                f"(train.nonfinite_patience={self.patience}); {advice}"
+            )
+        log.info(
+            f"{what}: step skipped ({self.in_a_row} in a row; the run stops at "
+            f"train.nonfinite_patience={self.patience})"
+        )
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -144,16 +155,27 @@ class AccelerateBackend:
 class DeepSpeedBackend(AccelerateBackend):
     """DeepSpeed's engine through Accelerate; configured before `prepare` from the run's batch and clipping."""
 
-    def __init__(self, accelerator, model: torch.nn.Module, optimizer, accum: int, grad_clip: float,
-                 per_device: int, global_batch: int, device: torch.device):
+    def __init__(
+        self,
+        accelerator,
+        model: torch.nn.Module,
+        optimizer,
+        accum: int,
+        grad_clip: float,
+        per_device: int,
+        global_batch: int,
+        device: torch.device,
+    ):
         self.ds_config = dist_utils.configure_deepspeed(accelerator, per_device, accum, global_batch, grad_clip)
         super().__init__(accelerator, model, optimizer, accum, grad_clip)
         # under DeepSpeed bf16: torch's bf16 autocast
         self.autocast = dist_utils.deepspeed_autocast(self.ds_config, device) or accelerator.autocast
 
     def describe(self) -> str:
-        return (f"DeepSpeed ZeRO stage {self.ds_config['zero_optimization'].get('stage', 0)} "
-                f"({type(self.optimizer.optimizer).__name__}), mixed precision {self.accelerator.mixed_precision}")
+        return (
+            f"DeepSpeed ZeRO stage {self.ds_config['zero_optimization'].get('stage', 0)} "
+            f"({type(self.optimizer.optimizer).__name__}), mixed precision {self.accelerator.mixed_precision}"
+        )
 
     def micro_step(self, loss_of: LossOf, last: bool) -> dict[str, torch.Tensor]:
         # the engine divides by accum, reduces and steps at its own accumulation boundary (every accum-th
@@ -202,8 +224,17 @@ def make_accelerator(cfg):
     )
 
 
-def make_backend(accelerator, model, optimizer, *, accum: int, grad_clip: float, per_device: int,
-                 global_batch: int, device: torch.device) -> AccelerateBackend:
+def make_backend(
+    accelerator,
+    model,
+    optimizer,
+    *,
+    accum: int,
+    grad_clip: float,
+    per_device: int,
+    global_batch: int,
+    device: torch.device,
+) -> AccelerateBackend:
     if dist_utils.is_deepspeed(accelerator):
         return DeepSpeedBackend(accelerator, model, optimizer, accum, grad_clip, per_device, global_batch, device)
     return AccelerateBackend(accelerator, model, optimizer, accum, grad_clip)

@@ -12,8 +12,9 @@ DDP <-> DeepSpeed and across world sizes).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -68,8 +69,9 @@ def is_deepspeed(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
-def configure_deepspeed(accelerator, per_device: int, accum: int, global_batch: int,
-                        grad_clip: float = 0.0) -> dict[str, Any]:
+def configure_deepspeed(
+    accelerator, per_device: int, accum: int, global_batch: int, grad_clip: float = 0.0
+) -> dict[str, Any]:
     """Fill the DeepSpeed config's batch sizes (and gradient clipping) from the golf config, before `prepare()`.
 
     Accelerate takes `train_micro_batch_size_per_gpu` from a prepared DataLoader; our loader is not
@@ -87,7 +89,7 @@ def configure_deepspeed(accelerator, per_device: int, accum: int, global_batch: 
         if current != "auto" and int(current) != value:
             raise ConfigError(
                 f"DeepSpeed config sets {key}={current}, but data.batch_size={global_batch} and "
-                f"train.grad_accum={accum} give {value}; set it to \"auto\" in the JSON"
+                f'train.grad_accum={accum} give {value}; set it to "auto" in the JSON'
             )
         ds[key] = value
     # the engine clips inside its step: train.grad_clip goes into its config (0 = off, as in DeepSpeed)
@@ -95,7 +97,7 @@ def configure_deepspeed(accelerator, per_device: int, accum: int, global_batch: 
     if current not in ("auto", None) and float(current) != grad_clip:
         raise ConfigError(
             f"DeepSpeed config sets gradient_clipping={current}, but train.grad_clip={grad_clip}; "
-            "set it to \"auto\" in the JSON"
+            'set it to "auto" in the JSON'
         )
     ds["gradient_clipping"] = grad_clip
     zero = ds.get("zero_optimization", {}).get("stage", 0)
@@ -200,10 +202,11 @@ def load_full_state(module: torch.nn.Module, optimizer, weights: dict[str, torch
                 safe_set_full_optimizer_state(p, entry[key].to(p.device).float(), key)
         for s in base.state.values():
             if "step" in s:
-                s["step"] = torch.as_tensor(step, dtype=torch.float32).clone() if torch.is_tensor(s["step"]) else float(step)
+                s["step"] = (
+                    torch.as_tensor(step, dtype=torch.float32).clone() if torch.is_tensor(s["step"]) else float(step)
+                )
     for key in ("lr", "initial_lr"):
         for group in adam.get("param_groups", []):
             if key in group:
                 for g in base.param_groups:
                     g[key] = group[key]
-

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 
@@ -16,7 +16,9 @@ LOSS_KEYS = ("total", "content", "perceptual")
 
 
 class StepMeter:
-    def __init__(self, device: torch.device, global_batch: int, reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None):
+    def __init__(
+        self, device: torch.device, global_batch: int, reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None
+    ):
         self.device = device
         self.global_batch = global_batch
         self.reduce_mean = reduce_mean  # the mean over ranks of a tensor (None: one process)

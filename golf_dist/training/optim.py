@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 
-def lr_factor(step: int, steps: int, gamma: float = 0.3, decays: float = 11.0, *, warmup: int = 0,
-              schedule: str = "exp") -> float:
+def lr_factor(
+    step: int, steps: int, gamma: float = 0.3, decays: float = 11.0, *, warmup: int = 0, schedule: str = "exp"
+) -> float:
     """The multiplier of the base lr for optimizer step `step + 1` (LambdaLR counts from 0).
 
     Warm-up: (step + 1) / warmup for the first `warmup` steps, so the full lr is reached at step `warmup`.
@@ -40,8 +41,7 @@ def lr_factor(step: int, steps: int, gamma: float = 0.3, decays: float = 11.0, *
 def make_scheduler(optimizer: torch.optim.Optimizer, t) -> torch.optim.lr_scheduler.LambdaLR:
     """The LambdaLR of a TrainConfig `t` (train.steps, warmup_steps, schedule, lr_gamma, lr_decays)."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: lr_factor(s, t.steps, t.lr_gamma, t.lr_decays, warmup=t.warmup_steps, schedule=t.schedule),
+        optimizer, lambda s: lr_factor(s, t.steps, t.lr_gamma, t.lr_decays, warmup=t.warmup_steps, schedule=t.schedule)
     )
 
 

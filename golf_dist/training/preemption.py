@@ -49,7 +49,9 @@ def _handler(signum: int, frame: Any) -> None:
     name = signal.Signals(signum).name
     # os.write, not print: print is not reentrant and the signal may land inside another print
     if signum in _received:  # the same request again (SLURM, srun and the launcher each send theirs)
-        os.write(2, f"received {name} again: already stopping after the current step (SIGKILL stops at once)\n".encode())
+        os.write(
+            2, f"received {name} again: already stopping after the current step (SIGKILL stops at once)\n".encode()
+        )
         return
     _received.append(signum)
     os.write(2, f"received {name}: will checkpoint and stop after the current step\n".encode())

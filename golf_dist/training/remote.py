@@ -58,13 +58,14 @@ def _load_local(path: Path, shown: str, *, remote: bool = False, allow_unverifie
     return ckpt
 
 
-def load_resume_checkpoint(uri: str, scratch_dir: Path, tracking_uri: str | None, *,
-                           allow_unverified: bool = False) -> dict[str, Any]:
+def load_resume_checkpoint(
+    uri: str, scratch_dir: Path, tracking_uri: str | None, *, allow_unverified: bool = False
+) -> dict[str, Any]:
     """Load the checkpoint `uri` names (see the module doc); errors name the URI. ckpt["source"] is the
     checkpoint itself (a folder of checkpoints: its newest), to load again; ckpt["path"] the same, redacted."""
     shown = redact(uri)
     if not is_remote(uri):
-        local = Path(uri[len("file://"):] if uri.startswith("file://") else uri).expanduser()
+        local = Path(uri[len("file://") :] if uri.startswith("file://") else uri).expanduser()
         ckpt = _load_local(local, shown, allow_unverified=allow_unverified)
         ckpt["path"] = ckpt["source"] = str(ckpt["source"])
         return ckpt
@@ -79,8 +80,16 @@ def load_resume_checkpoint(uri: str, scratch_dir: Path, tracking_uri: str | None
     # named with this pid, so that clean_stale_temporaries removes it once this process is gone (killed mid-download)
     tmp = Path(tempfile.mkdtemp(prefix=RESUME, suffix=f"-{os.getpid()}", dir=scratch_dir))
     try:
-        local = Path(_mlflow_call(shown, "download", mlflow.artifacts.download_artifacts,
-                                  artifact_uri=exact, dst_path=str(tmp), tracking_uri=tracking))
+        local = Path(
+            _mlflow_call(
+                shown,
+                "download",
+                mlflow.artifacts.download_artifacts,
+                artifact_uri=exact,
+                dst_path=str(tmp),
+                tracking_uri=tracking,
+            )
+        )
         if not local.is_dir():
             raise DataError(f"train.resume_from={shown} is a single file, not a checkpoint folder")
         try:
@@ -106,8 +115,10 @@ def _remote_checkpoint(uri: str, shown: str, tracking: str) -> str:
         return uri
     steps = sorted(name for name, is_dir in names.items() if is_dir and is_checkpoint_name(name))
     if not steps:
-        raise DataError(f"train.resume_from={shown} is neither a checkpoint (step-XXXXXXXX with state.json) "
-                        "nor a folder of checkpoints")
+        raise DataError(
+            f"train.resume_from={shown} is neither a checkpoint (step-XXXXXXXX with state.json) "
+            "nor a folder of checkpoints"
+        )
     return f"{uri.rstrip('/')}/{steps[-1]}"
 
 

@@ -125,13 +125,19 @@ def resume_checkpoint(folder: Path, rank: int, world: int, allow_unverified: boo
         return ckpt
 
     return _chosen_by_rank_0(
-        rank, world, choose, load, shown=lambda name: str(Path(folder) / name), where=f"in {folder}",
+        rank,
+        world,
+        choose,
+        load,
+        shown=lambda name: str(Path(folder) / name),
+        where=f"in {folder}",
         hint="OUTPUT_DIR must be one file system that every node sees the same (shared, and not stale in a cache)",
     )
 
 
-def resume_from_checkpoint(uri: str, scratch_dir: Path, tracking_uri: str | None, rank: int, world: int,
-                           allow_unverified: bool = False) -> dict[str, Any]:
+def resume_from_checkpoint(
+    uri: str, scratch_dir: Path, tracking_uri: str | None, rank: int, world: int, allow_unverified: bool = False
+) -> dict[str, Any]:
     """train.resume_from loaded on every rank, the same checkpoint: rank 0 resolves `uri` (a folder of
     checkpoints: its newest) to one checkpoint, loads it and sends its exact location and a fingerprint of its
     state.json to the others, which load that one (each its own download: no shared file system assumed) and
@@ -152,12 +158,19 @@ def resume_from_checkpoint(uri: str, scratch_dir: Path, tracking_uri: str | None
     def load(choice: tuple[str, str]) -> dict[str, Any]:
         ckpt = fetch(choice[0])
         if _fingerprint(ckpt["state"]) != choice[1]:
-            raise DataError("its state.json differs from the one rank 0 loaded (the checkpoint changed in the "
-                            "store between the two downloads)")
+            raise DataError(
+                "its state.json differs from the one rank 0 loaded (the checkpoint changed in the "
+                "store between the two downloads)"
+            )
         return ckpt
 
     return _chosen_by_rank_0(
-        rank, world, choose, load, shown=lambda choice: redact(choice[0]), where=f"train.resume_from={redact(uri)}",
+        rank,
+        world,
+        choose,
+        load,
+        shown=lambda choice: redact(choice[0]),
+        where=f"train.resume_from={redact(uri)}",
         hint="every rank must be able to fetch train.resume_from and find the same checkpoint there",
     )
 
@@ -166,9 +179,15 @@ def _fingerprint(state: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
 
 
-def _chosen_by_rank_0(rank: int, world: int, choose: Callable[[], tuple[dict[str, Any] | None, Any]],
-                      load: Callable[[Any], dict[str, Any]], shown: Callable[[Any], str], where: str,
-                      hint: str) -> dict[str, Any] | None:
+def _chosen_by_rank_0(
+    rank: int,
+    world: int,
+    choose: Callable[[], tuple[dict[str, Any] | None, Any]],
+    load: Callable[[Any], dict[str, Any]],
+    shown: Callable[[Any], str],
+    where: str,
+    hint: str,
+) -> dict[str, Any] | None:
     """Rank 0 runs `choose()` -> (its checkpoint or None, a picklable choice); the choice goes to every rank,
     and each other rank runs `load(choice)`. A failure anywhere raises the same DataError on every rank
     (naming the checkpoint, `shown(choice)`, the ranks and why, then `hint`); no rank waits in a collective."""
@@ -203,8 +222,20 @@ def _chosen_by_rank_0(rank: int, world: int, choose: Callable[[], tuple[dict[str
     return ckpt
 
 
-def open_train_loader(cfg: Config, pairs, saved: TrainingState | None, ckpt_path: Path | None, *, global_batch: int,
-                      accum: int, world: int, rank: int, start_step: int, device: torch.device, announce: bool):
+def open_train_loader(
+    cfg: Config,
+    pairs,
+    saved: TrainingState | None,
+    ckpt_path: Path | None,
+    *,
+    global_batch: int,
+    accum: int,
+    world: int,
+    rank: int,
+    start_step: int,
+    device: torch.device,
+    announce: bool,
+):
     """The training loader this rank continues with from `start_step` (data.loader auto|dali|torch), with one
     line saying which and why. Both loaders hand out the same stream, a function of the step: a run resumes
     with either, at any world size (`saved`, `ckpt_path`: the checkpoint resumed, to say so when it changes)."""
@@ -214,6 +245,13 @@ def open_train_loader(cfg: Config, pairs, saved: TrainingState | None, ckpt_path
     if announce:
         log.info(f"data loader: {kind} ({why})")
     return make_train_loader(
-        cfg, pairs, global_batch=global_batch, accum=accum, world=world, rank=rank, start_step=start_step,
-        device=device, loader=kind,
+        cfg,
+        pairs,
+        global_batch=global_batch,
+        accum=accum,
+        world=world,
+        rank=rank,
+        start_step=start_step,
+        device=device,
+        loader=kind,
     )

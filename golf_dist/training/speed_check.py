@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -18,8 +18,17 @@ from golf_dist.errors import ConfigError
 from golf_dist.files import write_atomic
 from golf_dist.log import get_logger
 from golf_dist.perf.speed import (
-    FALLBACK_FILE, NumericsMismatch, Speed, adam_options, compare_outputs, fallback_json, fallback_tag, first_line,
-    is_checked, prepare_module, settle_training,
+    FALLBACK_FILE,
+    NumericsMismatch,
+    Speed,
+    adam_options,
+    compare_outputs,
+    fallback_json,
+    fallback_tag,
+    first_line,
+    is_checked,
+    prepare_module,
+    settle_training,
 )
 from golf_dist.training.stages import FStage, GStage
 
@@ -31,21 +40,32 @@ def check_batch(pairs: ShardPairs, crop: int, per_device: int, device: torch.dev
     return tuple(torch.stack([to_tensor(pair[k][:crop, :crop]) for pair in loaded]).to(device) for k in (0, 1))
 
 
-def prepare_stage(trainer, speed: Speed, networks: list[torch.nn.Module], loss_fn
-                  ) -> tuple[Speed, list[dict[str, str]], list[torch.nn.Module]]:
+def prepare_stage(
+    trainer, speed: Speed, networks: list[torch.nn.Module], loss_fn
+) -> tuple[Speed, list[dict[str, str]], list[torch.nn.Module]]:
     """`networks` (F, then G in stage g) prepared for the trainer's stage; (switches, fallbacks, networks)."""
     if not is_checked(speed):  # never on a CPU by default: eager runs stay bitwise what they were
         return speed, [], [prepare_module(net, speed) for net in networks]
     t = trainer.t
 
     def loss_of(prepared, blur, sharp):  # the stage's own loss: unrolled and checkpointed as the steps are
-        stage = FStage(loss_fn) if len(prepared) == 1 else GStage(
-            loss_fn, prepared[0], t.unroll, t.gradient_checkpointing, 0, t.unroll_weighting)
+        stage = (
+            FStage(loss_fn)
+            if len(prepared) == 1
+            else GStage(loss_fn, prepared[0], t.unroll, t.gradient_checkpointing, 0, t.unroll_weighting)
+        )
         return stage.loss(prepared[-1], blur, sharp)["total"]
 
     batch = check_batch(trainer.val_pairs, trainer.cfg.data.crop, trainer.per_device, trainer.device)
-    return settle_training(speed, trainer.cfg.speed, networks, batch, loss_of, trainer.accelerator.autocast,
-                           f"training stage {trainer.stage_name}")
+    return settle_training(
+        speed,
+        trainer.cfg.speed,
+        networks,
+        batch,
+        loss_of,
+        trainer.accelerator.autocast,
+        f"training stage {trainer.stage_name}",
+    )
 
 
 # The optimizer class fused Adam is built from: torch.optim.Adam(fused=True), or "module:Class" named by this
@@ -91,12 +111,16 @@ def check_fused_adam(parameters: Sequence[torch.Tensor], **kwargs) -> None:
     try:
         compare_outputs(*updates)
     except NumericsMismatch as err:
-        raise NumericsMismatch(str(err).replace("outputs differ from eager PyTorch's",
-                                                "fused Adam's updates differ from the unfused step's", 1)) from None
+        raise NumericsMismatch(
+            str(err).replace(
+                "outputs differ from eager PyTorch's", "fused Adam's updates differ from the unfused step's", 1
+            )
+        ) from None
 
 
-def settle_fused_adam(speed: Speed, speed_cfg, parameters: Sequence[torch.Tensor], device: torch.device, what: str,
-                      **kwargs) -> tuple[Speed, list[dict[str, str]]]:
+def settle_fused_adam(
+    speed: Speed, speed_cfg, parameters: Sequence[torch.Tensor], device: torch.device, what: str, **kwargs
+) -> tuple[Speed, list[dict[str, str]]]:
     """The start-up check of fused Adam (check_fused_adam), before DDP or DeepSpeed take the optimizer: when it
     raises or disagrees, fused Adam that auto or try turned on is turned off with one warning, as `settle` does
     for the other switches; set to `on`, its error fails the run. Returns (switches, fallbacks)."""
@@ -123,8 +147,9 @@ def make_optimizer(trainer, model: torch.nn.Module) -> torch.optim.Optimizer:
     trainer.speed and joins trainer.speed_fallbacks."""
     t = trainer.t
     parameters, options = list(model.parameters()), {"lr": t.lr, "betas": (t.beta1, t.beta2)}
-    trainer.speed, fallbacks = settle_fused_adam(trainer.speed, trainer.cfg.speed, parameters, trainer.device,
-                                                 f"training stage {trainer.stage_name}", **options)
+    trainer.speed, fallbacks = settle_fused_adam(
+        trainer.speed, trainer.cfg.speed, parameters, trainer.device, f"training stage {trainer.stage_name}", **options
+    )
     trainer.speed_fallbacks = [*trainer.speed_fallbacks, *fallbacks]
     return make_adam(parameters, trainer.speed, trainer.device, **options)
 

@@ -8,7 +8,7 @@ benchmark and the DeepSpeed comparison all take their loss from here.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -49,8 +49,15 @@ class GStage:
 
     name = "g"
 
-    def __init__(self, loss_fn: LossFn, f_model: nn.Module, unroll_steps: int, checkpointing: bool,
-                 eval_iterations: int = 0, weighting: str = "uniform"):
+    def __init__(
+        self,
+        loss_fn: LossFn,
+        f_model: nn.Module,
+        unroll_steps: int,
+        checkpointing: bool,
+        eval_iterations: int = 0,
+        weighting: str = "uniform",
+    ):
         self.loss_fn = loss_fn
         self.f_model = f_model  # F(blur) runs without gradients; the trainer also freezes F and sets eval mode
         self.unroll_steps = unroll_steps

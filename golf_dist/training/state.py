@@ -38,7 +38,7 @@ class TrainingState:
         return out
 
     @classmethod
-    def from_json(cls, state: dict[str, Any], source: str | Path = "state.json") -> "TrainingState":
+    def from_json(cls, state: dict[str, Any], source: str | Path = "state.json") -> TrainingState:
         """The typed state; a value of the wrong type is a DataError naming `source` (the file) and the key."""
         values = {}
         for field in fields(cls):
@@ -48,8 +48,9 @@ class TrainingState:
             kind = str(field.type).replace(" | None", "")
             if isinstance(value, bool) or not isinstance(value, _JSON_TYPES[kind]):
                 article = "an" if kind == "int" else "a"
-                raise DataError(f"checkpoint file {source}: {field.name} is {value!r}, not {article} {kind} "
-                                "(damaged or altered)")
+                raise DataError(
+                    f"checkpoint file {source}: {field.name} is {value!r}, not {article} {kind} (damaged or altered)"
+                )
             values[field.name] = float(value) if kind == "float" else value
         return cls(**values)
 

@@ -1,14 +1,14 @@
 """Trainer: one stage of the Golf Optimizer trained as configured, in parts a reader finds by name.
 
-    setup()       Accelerate, every check that can fail (batch split, F weights, VGG weights, data, the
-                  loader a resumed run needs), the networks, resume(); the tracking run starts last
-    resume()      the checkpoint every rank loads: weights, Adam, schedule, EMA, RNG, data position
-    train_step()  one optimizer step (accumulated micro-batches)
-    validate()    PSNR on the validation split, after F and after each G iteration
-    save()        an atomic checkpoint that every rank can resume from
-    export()      the final and best weights, the run record
-    close()       ends the MLflow run with the status the run ended in, also on an exception
-    train()       all of it; train_stage(cfg, stage) is the one call the command line makes
+setup()       Accelerate, every check that can fail (batch split, F weights, VGG weights, data, the
+              loader a resumed run needs), the networks, resume(); the tracking run starts last
+resume()      the checkpoint every rank loads: weights, Adam, schedule, EMA, RNG, data position
+train_step()  one optimizer step (accumulated micro-batches)
+validate()    PSNR on the validation split, after F and after each G iteration
+save()        an atomic checkpoint that every rank can resume from
+export()      the final and best weights, the run record
+close()       ends the MLflow run with the status the run ended in, also on an exception
+train()       all of it; train_stage(cfg, stage) is the one call the command line makes
 """
 
 from __future__ import annotations
@@ -24,7 +24,12 @@ from tqdm import tqdm
 
 from golf_dist import __version__
 from golf_dist.checkpoints import (
-    best_checkpoint, exported_weights, load_into, prune, save_checkpoint, save_weights,
+    best_checkpoint,
+    exported_weights,
+    load_into,
+    prune,
+    save_checkpoint,
+    save_weights,
     set_rng_state,
 )
 from golf_dist.config import Config, flatten, to_dict
@@ -36,14 +41,20 @@ from golf_dist.files import sha256_file, write_atomic
 from golf_dist.log import get_logger
 from golf_dist.losses import GolfLoss, find_vgg_weights, load_vgg_features, vgg_weights_missing_message
 from golf_dist.models import f_net
-from golf_dist.perf.speed import apply_backend_flags, prepare_input, resolve as resolve_speed, warn_if_bf16_is_slow
+from golf_dist.perf.speed import apply_backend_flags, prepare_input, warn_if_bf16_is_slow
+from golf_dist.perf.speed import resolve as resolve_speed
 from golf_dist.tracking import Tracker, redact_config_dict
 from golf_dist.training.backend import NonFiniteSteps, make_accelerator, make_backend
 from golf_dist.training.meter import StepMeter
 from golf_dist.training.optim import EMA, make_scheduler
 from golf_dist.training.preemption import StopCheck, print_stopped
 from golf_dist.training.resume import (
-    StagePaths, clean_leftovers, f_weights_record, open_train_loader, resolve_f_weights, resume_checkpoint,
+    StagePaths,
+    clean_leftovers,
+    f_weights_record,
+    open_train_loader,
+    resolve_f_weights,
+    resume_checkpoint,
     resume_from_checkpoint,
 )
 from golf_dist.training.run_info import run_params
@@ -101,11 +112,13 @@ class Trainer:
                 raise GolfError(vgg_weights_missing_message())
             self.vgg = load_vgg_features(vgg_path)
         # every training sample's tar entry and image header checked; bad ones raise or (skip) are left out
-        self.train_pairs = open_pairs(cfg.data.shards, cfg.data.train_split, cfg.data.on_bad_sample,
-                                      cfg.data.cache_dir, min_side=cfg.data.crop)
+        self.train_pairs = open_pairs(
+            cfg.data.shards, cfg.data.train_split, cfg.data.on_bad_sample, cfg.data.cache_dir, min_side=cfg.data.crop
+        )
         # the validation split too, its frames decoded: a corrupt one is found now, not at a validation step
-        self.val_pairs = open_pairs(cfg.data.shards, cfg.data.val_split, cfg.data.on_bad_sample, cfg.data.cache_dir,
-                                    decoded=cfg.val.max_pairs)
+        self.val_pairs = open_pairs(
+            cfg.data.shards, cfg.data.val_split, cfg.data.on_bad_sample, cfg.data.cache_dir, decoded=cfg.val.max_pairs
+        )
         check_crop_fits(cfg.data.crop, self.train_pairs, self.val_pairs)
 
     def _build(self) -> None:
@@ -128,13 +141,22 @@ class Trainer:
         if stage_class is FStage:
             self.stage: FStage | GStage = FStage(loss_fn)
         else:
-            self.stage = GStage(loss_fn, networks[0], t.unroll, t.gradient_checkpointing, cfg.eval.iterations,
-                                t.unroll_weighting)
+            self.stage = GStage(
+                loss_fn, networks[0], t.unroll, t.gradient_checkpointing, cfg.eval.iterations, t.unroll_weighting
+            )
         # Adam; fused where on, its step checked first on a copy of the weights (golf_dist/training/speed_check.py)
         optimizer = make_optimizer(self, model)
         self.scheduler = make_scheduler(optimizer, t)  # warm-up, then exp | cosine | constant (training/optim.py)
-        self.backend = make_backend(self.accelerator, model, optimizer, accum=self.accum, grad_clip=t.grad_clip,
-                                    per_device=self.per_device, global_batch=self.global_batch, device=self.device)
+        self.backend = make_backend(
+            self.accelerator,
+            model,
+            optimizer,
+            accum=self.accum,
+            grad_clip=t.grad_clip,
+            per_device=self.per_device,
+            global_batch=self.global_batch,
+            device=self.device,
+        )
         self.mixed_precision = self.accelerator.mixed_precision  # the launcher's or DeepSpeed's JSON's; cfg unchanged
         # the weights' moving average: validation, the best-checkpoint choice and the exports use it when on
         self.ema = EMA(self.backend.raw_model, t.ema_decay) if t.ema_decay > 0 else None
@@ -159,12 +181,15 @@ class Trainer:
             # train.resume_from: a local checkpoint or an MLflow artifact URI, downloaded and verified. Rank 0
             # picks the checkpoint, each rank fetches its own copy of that one (no shared filesystem assumed);
             # the MLflow run is a new one, tagged with it.
-            ckpt = resume_from_checkpoint(t.resume_from, paths.stage_dir, self.cfg.tracking.uri, self.rank,
-                                          self.world, t.resume_unverified)
+            ckpt = resume_from_checkpoint(
+                t.resume_from, paths.stage_dir, self.cfg.tracking.uri, self.rank, self.world, t.resume_unverified
+            )
             self.resumed_from = str(ckpt["path"])
             if ckpt["state"].get("stage") not in (None, self.stage_name):
-                raise ConfigError(f"train.resume_from={self.resumed_from} is a checkpoint of stage "
-                                  f"{ckpt['state']['stage']}, not {self.stage_name}")
+                raise ConfigError(
+                    f"train.resume_from={self.resumed_from} is a checkpoint of stage "
+                    f"{ckpt['state']['stage']}, not {self.stage_name}"
+                )
         if ckpt is not None:
             self._load(ckpt)
         if self.start_step > t.steps:
@@ -179,11 +204,15 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["optimizer"]["scheduler"])
         if self.ema is not None:
             if ckpt.get("ema") is not None:
-                self.ema.load_state_dict(ckpt["ema"], state.ema_updates if state.ema_updates is not None else state.step)
+                self.ema.load_state_dict(
+                    ckpt["ema"], state.ema_updates if state.ema_updates is not None else state.step
+                )
             else:  # EMA switched on for a run that had none: start the average at the resumed weights
                 self.ema = EMA(self.backend.raw_model, self.t.ema_decay)
-                log.info(f"train.ema_decay={self.t.ema_decay}: checkpoint {ckpt['path']} has no EMA; it starts "
-                         "from the resumed weights")
+                log.info(
+                    f"train.ema_decay={self.t.ema_decay}: checkpoint {ckpt['path']} has no EMA; it starts "
+                    "from the resumed weights"
+                )
         set_rng_state(ckpt["rng"])
         self.start_step = state.step
         self.run_id = state.mlflow_run_id if self.resumed_from is None else None
@@ -198,9 +227,17 @@ class Trainer:
 
     def _open_loader(self) -> None:
         self.loader = open_train_loader(
-            self.cfg, self.train_pairs, self.saved if self.start_step > 0 else None, self.ckpt_path,
-            global_batch=self.global_batch, accum=self.accum, world=self.world, rank=self.rank,
-            start_step=self.start_step, device=self.device, announce=self.is_main,
+            self.cfg,
+            self.train_pairs,
+            self.saved if self.start_step > 0 else None,
+            self.ckpt_path,
+            global_batch=self.global_batch,
+            accum=self.accum,
+            world=self.world,
+            rank=self.rank,
+            start_step=self.start_step,
+            device=self.device,
+            announce=self.is_main,
         )
         self.batches = unwrapped_errors(self.loader)  # a worker's error re-raised with its message alone
 
@@ -220,29 +257,42 @@ class Trainer:
         f_info = f_weights_record(paths.output_dir, self.f_path) if stage == "g" else {}
         if stage == "g":
             tags["golf.f_run_id"] = f_info.get("f_run_id", "")
-        self.tracker = Tracker(self.is_main, cfg.tracking.uri, cfg.tracking.experiment,
-                               metrics_file=paths.stage_dir / "metrics.jsonl")
+        self.tracker = Tracker(
+            self.is_main, cfg.tracking.uri, cfg.tracking.experiment, metrics_file=paths.stage_dir / "metrics.jsonl"
+        )
         self.tracker.start(run_name=f"{stage}-{paths.output_dir.name}", resume_run_id=self.run_id, tags=tags)
         if self.start_step == 0 or self.tracker.new_run:  # a new MLflow run (also one resumed from elsewhere)
-            self.tracker.log_params({
-                **flatten(record), "stage": stage, "per_device_batch": self.per_device,
-                "global_batch": self.global_batch, "grad_accum": self.accum, "device": str(self.device),
-                **f_info, **run_params(self.accelerator),
-            })
+            self.tracker.log_params(
+                {
+                    **flatten(record),
+                    "stage": stage,
+                    "per_device_batch": self.per_device,
+                    "global_batch": self.global_batch,
+                    "grad_accum": self.accum,
+                    "device": str(self.device),
+                    **f_info,
+                    **run_params(self.accelerator),
+                }
+            )
             self.tracker.log_text(resolved_yaml, "config.yaml")
         log.info(
             f"stage {stage}: {self.t.steps} steps, global batch {self.global_batch} = {self.world} process(es) x "
             f"{self.per_device} per device x {self.accum} accumulation, crop {cfg.data.crop}, device {self.device} "
-            f"({self.speed.describe()})" + self.stage.describe()
-            + ("" if self.vgg is not None else ", perceptual term off (loss.perceptual_weight=0)"),
+            f"({self.speed.describe()})"
+            + self.stage.describe()
+            + ("" if self.vgg is not None else ", perceptual term off (loss.perceptual_weight=0)")
         )
 
     # ---- the loop ------------------------------------------------------------------------------------
 
     def train(self) -> dict[str, Any]:
         self.setup()
-        with Watchdog(self.t.hang_timeout_s, self.rank, self.paths.stage_dir,  # a stuck rank: exit 124, its
-                      lambda: self.close("FAILED")) as self.watchdog:  # MLflow run ended as FAILED first (best effort)
+        with Watchdog(
+            self.t.hang_timeout_s,
+            self.rank,
+            self.paths.stage_dir,  # a stuck rank: exit 124, its
+            lambda: self.close("FAILED"),
+        ) as self.watchdog:  # MLflow run ended as FAILED first (best effort)
             try:
                 stopped = self._run_steps()
                 self.watchdog.beat("the export" if not stopped else "the preemption stop", LONG_ALLOWANCE)
@@ -257,10 +307,16 @@ class Trainer:
         stop = StopCheck(self.paths.stage_dir, self.world, self.is_main)  # SIGUSR2/SIGTERM or the STOP file
         acc.wait_for_everyone()  # a leftover STOP file is gone before any rank looks for one
         self.backend.model.train()
-        self.meter = StepMeter(self.device, self.global_batch,
-                               (lambda x: acc.reduce(x, "mean")) if self.world > 1 else None)
-        bar = tqdm(total=t.steps, initial=self.start_step, desc=f"stage {self.stage_name}",
-                   disable=not self.is_main, dynamic_ncols=True)
+        self.meter = StepMeter(
+            self.device, self.global_batch, (lambda x: acc.reduce(x, "mean")) if self.world > 1 else None
+        )
+        bar = tqdm(
+            total=t.steps,
+            initial=self.start_step,
+            desc=f"stage {self.stage_name}",
+            disable=not self.is_main,
+            dynamic_ncols=True,
+        )
         self.nonfinite = NonFiniteSteps(t, self.backend.skips_nonfinite, self.paths.checkpoints, self.rank)
         try:
             for step in range(self.start_step + 1, t.steps + 1):
@@ -293,8 +349,10 @@ class Trainer:
                 blur, sharp = next(self.batches)
             blur, sharp = blur.to(self.device, non_blocking=True), sharp.to(self.device, non_blocking=True)
             blur, sharp = prepare_input(blur, self.speed), prepare_input(sharp, self.speed)
-            losses = self.backend.micro_step(lambda: self.stage.loss(self.backend.model, blur, sharp),
-                                             last=micro == self.accum - 1)
+            losses = self.backend.micro_step(
+                lambda blur=blur, sharp=sharp: self.stage.loss(self.backend.model, blur, sharp),
+                last=micro == self.accum - 1,
+            )
             self.meter.add_losses(losses, self.accum)
         norm, finite = self.backend.finish_step(self.meter.step_loss())
         self.nonfinite.check(step, finite, self.meter.step_loss(), norm)  # counts a skipped step, or stops the run
@@ -312,8 +370,10 @@ class Trainer:
             skipped = self.accelerator.reduce(skipped, "sum")
         metrics["bad_samples_skipped"] = self.loader.excluded + skipped.item()
         if step == self.t.steps and metrics["bad_samples_skipped"]:
-            log.info(f"skipped {int(metrics['bad_samples_skipped'])} bad training sample(s) "
-                     "(data.on_bad_sample=skip; MLflow metric bad_samples_skipped)")
+            log.info(
+                f"skipped {int(metrics['bad_samples_skipped'])} bad training sample(s) "
+                "(data.on_bad_sample=skip; MLflow metric bad_samples_skipped)"
+            )
         self.tracker.log_metrics(metrics, step)
         bar.set_postfix(loss=f"{metrics['loss']:.5f}", crops_s=f"{metrics['crops_per_s']:.1f}")
 
@@ -328,23 +388,37 @@ class Trainer:
         f_eval, g_eval = self.stage.eval_networks(trained)
         with torch.no_grad():
             result = evaluate_pairs(
-                f_eval, g_eval, self.val_pairs, iterations, self.device, self.rank, self.world,
+                f_eval,
+                g_eval,
+                self.val_pairs,
+                iterations,
+                self.device,
+                self.rank,
+                self.world,
                 reduce_sum=(lambda x: self.accelerator.reduce(x, "sum")) if self.world > 1 else None,
-                limit=cfg.val.max_pairs, with_ssim=False, samples=cfg.val.sample_images if self.is_main else 0,
-                autocast=self.backend.autocast, sample_iteration=shown,
+                limit=cfg.val.max_pairs,
+                with_ssim=False,
+                samples=cfg.val.sample_images if self.is_main else 0,
+                autocast=self.backend.autocast,
+                sample_iteration=shown,
             )
         model.train()
         per_iteration = result["psnr_per_iteration"]
-        metrics = {"val_psnr": per_iteration[shown], "val_input_psnr": result["input_psnr"],
-                   "val_bad_samples_skipped": float(self.val_pairs.checked.n_bad)}  # left out at start-up (skip)
+        metrics = {
+            "val_psnr": per_iteration[shown],
+            "val_input_psnr": result["input_psnr"],
+            "val_bad_samples_skipped": float(self.val_pairs.checked.n_bad),
+        }  # left out at start-up (skip)
         metrics.update({f"val_psnr_iter_{i}": v for i, v in enumerate(per_iteration)})
         self.tracker.log_metrics(metrics, step)
         for key, image in result["samples"]:
             self.tracker.log_image(image, f"samples/step-{step:08d}/{key}.png")
         if self.is_main:
             gains = ", ".join(f"{v - result['input_psnr']:+.2f}" for v in per_iteration)
-            log.info(f"step {step}: val PSNR {per_iteration[shown]:.2f} dB (input {result['input_psnr']:.2f}; gain "
-                       f"after {'F and each G iteration' if g_eval is not None else 'F'}: {gains} dB)")
+            log.info(
+                f"step {step}: val PSNR {per_iteration[shown]:.2f} dB (input {result['input_psnr']:.2f}; gain "
+                f"after {'F and each G iteration' if g_eval is not None else 'F'}: {gains} dB)"
+            )
         return per_iteration[shown]
 
     def save(self, step: int) -> None:
@@ -352,16 +426,24 @@ class Trainer:
         model_state, optimizer_state = self.backend.full_state()  # a collective under DeepSpeed
         if self.is_main:
             state = TrainingState(
-                stage=self.stage_name, steps=self.t.steps, step=step, data_position=step * self.global_batch,
-                global_batch=self.global_batch, world_size=self.world,
+                stage=self.stage_name,
+                steps=self.t.steps,
+                step=step,
+                data_position=step * self.global_batch,
+                global_batch=self.global_batch,
+                world_size=self.world,
                 val_psnr=self.last_val[1] if self.last_val and self.last_val[0] == step else None,
                 best_val_psnr=self.best_psnr if self.best_psnr > -math.inf else None,
-                mlflow_run_id=self.tracker.run_id, data_loader=self.loader.kind,
+                mlflow_run_id=self.tracker.run_id,
+                data_loader=self.loader.kind,
                 ema_updates=self.ema.updates if self.ema is not None else None,
             )
             written = save_checkpoint(
-                self.paths.checkpoints, step, model_state,
-                {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict()}, state.to_json(),
+                self.paths.checkpoints,
+                step,
+                model_state,
+                {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict()},
+                state.to_json(),
                 ema_state=self.ema.state_dict() if self.ema is not None else None,
             )
             pruned = prune(self.paths.checkpoints, self.t.keep_last)  # never the newest
@@ -380,8 +462,13 @@ class Trainer:
             self.close("KILLED")
             print_stopped(self.stage_name, step, self.t.steps, reason, ckpt_path)
         self.accelerator.wait_for_everyone()
-        return {"stage": self.stage_name, "steps": self.t.steps, "preempted": True, "step": step,
-                "checkpoint": str(ckpt_path)}
+        return {
+            "stage": self.stage_name,
+            "steps": self.t.steps,
+            "preempted": True,
+            "step": step,
+            "checkpoint": str(ckpt_path),
+        }
 
     def export(self) -> dict[str, Any]:
         """The final weights (the EMA when on), the best checkpoint's, the run record; ends the run."""
@@ -391,24 +478,33 @@ class Trainer:
         if self.ema is not None:
             final_weights = self.ema.state_dict()
         if self.is_main:
-            meta = {"stage": stage, "steps": str(self.t.steps), "golf_dist": __version__,
-                    "weights": "ema" if self.ema is not None else "trained"}
+            meta = {
+                "stage": stage,
+                "steps": str(self.t.steps),
+                "golf_dist": __version__,
+                "weights": "ema" if self.ema is not None else "trained",
+            }
             save_weights(final_weights, paths.weights, meta)
             best = best_checkpoint(paths.checkpoints)
             if best is not None:  # the EMA weights when the run kept one: what validation scored
                 save_weights(exported_weights(best), paths.best_weights, meta)
                 self.tracker.log_artifact(paths.best_weights, "weights")
             self.tracker.log_artifact(paths.weights, "weights")
-            info = {"mlflow_run_id": self.tracker.run_id, "tracking_uri": self.tracker.display_uri,
-                    "weights_sha256": sha256_file(paths.weights)}
+            info = {
+                "mlflow_run_id": self.tracker.run_id,
+                "tracking_uri": self.tracker.display_uri,
+                "weights_sha256": sha256_file(paths.weights),
+            }
             write_atomic(paths.run_info, json.dumps(info, indent=2).encode())
             if self.last_val is not None:
                 result["val_psnr"] = self.last_val[1]
             result.update(best_val_psnr=self.best_psnr if self.best_psnr > -math.inf else None, **info)
             self.close()  # also prints what could not be logged (counted by kind), if anything
             result["tracking_failures"] = dict(self.tracker.failed)
-            log.info(f"stage {stage} done: weights {paths.weights}; MLflow run {self.tracker.run_id} at "
-                     f"{self.tracker.display_uri}")
+            log.info(
+                f"stage {stage} done: weights {paths.weights}; MLflow run {self.tracker.run_id} at "
+                f"{self.tracker.display_uri}"
+            )
         self.accelerator.wait_for_everyone()
         return result
 

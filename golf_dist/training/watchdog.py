@@ -20,8 +20,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from golf_dist.files import write_atomic
 
@@ -53,7 +53,7 @@ class Watchdog:
         if self._thread is not None:
             self._thread.join()
 
-    def __enter__(self) -> "Watchdog":
+    def __enter__(self) -> Watchdog:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -67,9 +67,11 @@ class Watchdog:
 
     def _dump_and_exit(self) -> None:
         waited = time.monotonic() - self._since
-        header = (f"golf watchdog: rank {self.rank} (pid {os.getpid()}) made no progress for {waited:.0f} s in "
-                  f"{self._what} (train.hang_timeout_s={self.timeout_s:g}): a peer or a data read is stuck. The stack "
-                  f"of every thread follows (also in {self.dump_file}); exiting with status {HANG_EXIT_CODE}\n")
+        header = (
+            f"golf watchdog: rank {self.rank} (pid {os.getpid()}) made no progress for {waited:.0f} s in "
+            f"{self._what} (train.hang_timeout_s={self.timeout_s:g}): a peer or a data read is stuck. The stack "
+            f"of every thread follows (also in {self.dump_file}); exiting with status {HANG_EXIT_CODE}\n"
+        )
         with tempfile.TemporaryFile() as fh:  # faulthandler writes to a file descriptor only
             faulthandler.dump_traceback(file=fh, all_threads=True)
             fh.seek(0)

@@ -59,10 +59,15 @@ def dependency_tree(root: str = "golf-dist", extras: tuple[str, ...] = EXTRAS) -
 
 
 def constraints() -> str:
-    pins = {name: version for name, version in dependency_tree().items()
-            if not FOLLOWS_TORCH.match(name) or DALI.match(name)}
-    head = ("# The versions the test suite last passed with (python3 infra/ci/freeze_constraints.py wrote this;\n"
-            "# launch/setup.sh installs with it). torch is not here: setup.sh picks its build (docs/installing.md).\n")
+    pins = {
+        name: version
+        for name, version in dependency_tree().items()
+        if not FOLLOWS_TORCH.match(name) or DALI.match(name)
+    }
+    head = (
+        "# The versions the test suite last passed with (python3 infra/ci/freeze_constraints.py wrote this;\n"
+        "# launch/setup.sh installs with it). torch is not here: setup.sh picks its build (docs/installing.md).\n"
+    )
     return head + "".join(f"{name}=={version}\n" for name, version in sorted(pins.items()))
 
 

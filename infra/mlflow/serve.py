@@ -56,7 +56,6 @@ import sys
 import warnings
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-
 # A query parameter naming a credential (libpq's password and sslpassword, tokens, keys): the rule of
 # golf_dist.tracking._SECRET_PARAM, repeated because this script runs where golf_dist may not be installed.
 _SECRET_PARAM = re.compile(r"pass|pwd|secret|token|key|sig|credential|session", re.IGNORECASE)
@@ -77,14 +76,18 @@ def _masked(uri: str) -> str:
     parts = urlsplit(uri)
     if parts.password is not None:
         host = parts.hostname or ""
-        uri = urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")))
+        uri = urlunsplit(
+            parts._replace(netloc=f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else ""))
+        )
     if not _secret_params(uri):
         return uri
     # not urlunsplit: it would drop the '//' of sqlite:////path?...; no fragment split off: libpq reads
     # ?password=a#b as the password a#b
     head, _, query = uri.partition("?")
-    fields = [(name, "***" if _SECRET_PARAM.search(name) else value)
-              for name, value in parse_qsl(query, keep_blank_values=True)]
+    fields = [
+        (name, "***" if _SECRET_PARAM.search(name) else value)
+        for name, value in parse_qsl(query, keep_blank_values=True)
+    ]
     return f"{head}?{urlencode(fields, safe='*')}"
 
 
@@ -99,7 +102,9 @@ def check_backend(uri: str) -> None:
     if scheme.startswith("sqlite"):
         return  # allowed for a trial server; a team uses PostgreSQL
     if not scheme.startswith("postgresql"):
-        _fail(f"--backend-store-uri must be postgresql://user@host:port/db (or sqlite:/// for a trial), got {scheme}://")
+        _fail(
+            f"--backend-store-uri must be postgresql://user@host:port/db (or sqlite:/// for a trial), got {scheme}://"
+        )
     try:
         import psycopg2
     except ImportError:
@@ -110,8 +115,11 @@ def check_backend(uri: str) -> None:
     except psycopg2.OperationalError as err:
         # libpq's message names host, port, user and database, never the password
         detail = " ".join(str(err).split())
-        _fail(f"cannot connect to the backend store {_masked(uri)}: {detail} "
-              "(password from PGPASSWORD or ~/.pgpass; the database must exist: createdb)", 1)
+        _fail(
+            f"cannot connect to the backend store {_masked(uri)}: {detail} "
+            "(password from PGPASSWORD or ~/.pgpass; the database must exist: createdb)",
+            1,
+        )
 
 
 _PERMISSIONS = ("READ", "EDIT", "MANAGE", "NO_PERMISSIONS")
@@ -136,21 +144,25 @@ def _auth_config(auth_dir: str, db_uri: str | None, permission: str, cache_secon
         _fail(f"--auth-dir {folder}: cannot create it: {err.strerror}", 1)
     db_uri = db_uri or f"sqlite:///{os.path.join(folder, 'users.db')}"
     if _holds_password(db_uri):  # it is written to the ini file below, which is to hold no secret
-        _fail(f"--auth-db-uri {_masked(db_uri)} holds a password (it would be written to "
-              f"{os.path.join(folder, 'basic_auth.ini')}): "
-              "take it out (PGPASSWORD or ~/.pgpass)")
+        _fail(
+            f"--auth-db-uri {_masked(db_uri)} holds a password (it would be written to "
+            f"{os.path.join(folder, 'basic_auth.ini')}): "
+            "take it out (PGPASSWORD or ~/.pgpass)"
+        )
     username = os.environ.get("MLFLOW_AUTH_ADMIN_USERNAME") or "admin"
     for what, value in (("--auth-db-uri", db_uri), ("MLFLOW_AUTH_ADMIN_USERNAME", username)):
         if re.search(r"[\x00-\x1f]", value):
             _fail(f"{what} holds a control character (a line break?)")
-    text = ("# written by infra/mlflow/serve.py at each start: edit its flags, not this file. No secrets here:\n"
-            "# the admin password comes from MLFLOW_AUTH_ADMIN_PASSWORD in the server's environment.\n"
-            "[mlflow]\n"
-            f"default_permission = {permission}\n"
-            f"database_uri = {db_uri.replace('%', '%%')}\n"
-            f"admin_username = {username.replace('%', '%%')}\n"
-            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-            f"auth_cache_ttl_seconds = {cache_seconds}\n")
+    text = (
+        "# written by infra/mlflow/serve.py at each start: edit its flags, not this file. No secrets here:\n"
+        "# the admin password comes from MLFLOW_AUTH_ADMIN_PASSWORD in the server's environment.\n"
+        "[mlflow]\n"
+        f"default_permission = {permission}\n"
+        f"database_uri = {db_uri.replace('%', '%%')}\n"
+        f"admin_username = {username.replace('%', '%%')}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        f"auth_cache_ttl_seconds = {cache_seconds}\n"
+    )
     path = os.path.join(folder, "basic_auth.ini")
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
@@ -177,15 +189,21 @@ def check_basic_auth(dry_run: bool) -> None:
     try:
         import flask_wtf  # noqa: F401
     except ImportError:
-        _fail("--auth basic needs Flask-WTF for MLflow's basic-auth app: pip install 'Flask-WTF<2' "
-              "(or pip install '.[server]')", 1)
+        _fail(
+            "--auth basic needs Flask-WTF for MLflow's basic-auth app: pip install 'Flask-WTF<2' "
+            "(or pip install '.[server]')",
+            1,
+        )
     import mlflow.environment_variables as mlflow_env
 
     if not hasattr(mlflow_env, "MLFLOW_AUTH_ADMIN_PASSWORD"):
         import mlflow
 
-        _fail(f"--auth basic: MLflow {mlflow.__version__} cannot take the admin password from "
-              "MLFLOW_AUTH_ADMIN_PASSWORD (its basic-auth app ships a default admin password): upgrade mlflow", 1)
+        _fail(
+            f"--auth basic: MLflow {mlflow.__version__} cannot take the admin password from "
+            "MLFLOW_AUTH_ADMIN_PASSWORD (its basic-auth app ships a default admin password): upgrade mlflow",
+            1,
+        )
     if dry_run:
         return
     password = os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD") or ""
@@ -205,80 +223,138 @@ def check_basic_auth(dry_run: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     env = os.environ.get
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backend-store-uri", default=env("MLFLOW_BACKEND_STORE_URI"),
-                        help="postgresql://USER@HOST:PORT/DB (env MLFLOW_BACKEND_STORE_URI); password via PGPASSWORD/.pgpass")
-    parser.add_argument("--artifacts", default=env("MLFLOW_ARTIFACTS_DESTINATION"),
-                        help="s3://BUCKET/PREFIX where artifacts go (env MLFLOW_ARTIFACTS_DESTINATION)")
-    parser.add_argument("--artifact-mode", choices=["proxy", "direct"], default=env("MLFLOW_ARTIFACT_MODE", "proxy"),
-                        help="proxy: through the server (trainers need no S3 credentials); direct: trainers "
-                        "write to S3 (env MLFLOW_ARTIFACT_MODE, default %(default)s)")
-    parser.add_argument("--host", default=env("MLFLOW_HOST", "127.0.0.1"),
-                        help="interface to bind (env MLFLOW_HOST, default %(default)s; 0.0.0.0 for the team)")
-    parser.add_argument("--port", type=int, default=int(env("MLFLOW_PORT", "5000")), help="(env MLFLOW_PORT, default %(default)s)")
-    parser.add_argument("--workers", type=int, default=int(env("MLFLOW_WORKERS", "4")),
-                        help="server worker processes (env MLFLOW_WORKERS, default %(default)s)")
-    parser.add_argument("--allowed-hosts", default=env("MLFLOW_ALLOWED_HOSTS"),
-                        help="Host headers accepted, e.g. 'mlflow.lab.example,10.0.0.5:5000' (env MLFLOW_ALLOWED_HOSTS; "
-                        "MLflow's default: localhost and private IPs)")
-    parser.add_argument("--auth", choices=["basic", "none"], default=env("MLFLOW_AUTH") or None,
-                        help="basic: MLflow's basic-auth app; none: no authentication (env MLFLOW_AUTH; default "
-                        "none on loopback, and required for any other --host)")
-    parser.add_argument("--auth-dir", default=env("MLFLOW_AUTH_DIR", "mlflow-auth"),
-                        help="--auth basic: folder of the app's config and, by default, its SQLite user store "
-                        "(env MLFLOW_AUTH_DIR, default %(default)s)")
-    parser.add_argument("--auth-db-uri", default=env("MLFLOW_AUTH_DB_URI"),
-                        help="--auth basic: the user store, e.g. postgresql://USER@HOST:PORT/mlflow_auth "
-                        "(env MLFLOW_AUTH_DB_URI; password via PGPASSWORD/.pgpass; default SQLite in --auth-dir)")
-    parser.add_argument("--auth-default-permission", choices=_PERMISSIONS,
-                        default=env("MLFLOW_AUTH_DEFAULT_PERMISSION", "EDIT"),
-                        help="--auth basic: what every signed-in user may do with experiments others made "
-                        "(env MLFLOW_AUTH_DEFAULT_PERMISSION, default %(default)s: log runs to shared experiments)")
-    parser.add_argument("--auth-cache-seconds", default=env("MLFLOW_AUTH_CACHE_SECONDS", "0"),
-                        help="--auth basic: each worker remembers a good password this long instead of hashing it "
-                        "again (PBKDF2, costly per request); a changed or deleted user may then pass until it "
-                        "runs out (env MLFLOW_AUTH_CACHE_SECONDS, default %(default)s: off, MLflow's default)")
-    parser.add_argument("--dry-run", action="store_true", help="check the database, print the command (masked), do not start")
+    parser.add_argument(
+        "--backend-store-uri",
+        default=env("MLFLOW_BACKEND_STORE_URI"),
+        help="postgresql://USER@HOST:PORT/DB (env MLFLOW_BACKEND_STORE_URI); password via PGPASSWORD/.pgpass",
+    )
+    parser.add_argument(
+        "--artifacts",
+        default=env("MLFLOW_ARTIFACTS_DESTINATION"),
+        help="s3://BUCKET/PREFIX where artifacts go (env MLFLOW_ARTIFACTS_DESTINATION)",
+    )
+    parser.add_argument(
+        "--artifact-mode",
+        choices=["proxy", "direct"],
+        default=env("MLFLOW_ARTIFACT_MODE", "proxy"),
+        help="proxy: through the server (trainers need no S3 credentials); direct: trainers "
+        "write to S3 (env MLFLOW_ARTIFACT_MODE, default %(default)s)",
+    )
+    parser.add_argument(
+        "--host",
+        default=env("MLFLOW_HOST", "127.0.0.1"),
+        help="interface to bind (env MLFLOW_HOST, default %(default)s; 0.0.0.0 for the team)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=int(env("MLFLOW_PORT", "5000")), help="(env MLFLOW_PORT, default %(default)s)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=int(env("MLFLOW_WORKERS", "4")),
+        help="server worker processes (env MLFLOW_WORKERS, default %(default)s)",
+    )
+    parser.add_argument(
+        "--allowed-hosts",
+        default=env("MLFLOW_ALLOWED_HOSTS"),
+        help="Host headers accepted, e.g. 'mlflow.lab.example,10.0.0.5:5000' (env MLFLOW_ALLOWED_HOSTS; "
+        "MLflow's default: localhost and private IPs)",
+    )
+    parser.add_argument(
+        "--auth",
+        choices=["basic", "none"],
+        default=env("MLFLOW_AUTH") or None,
+        help="basic: MLflow's basic-auth app; none: no authentication (env MLFLOW_AUTH; default "
+        "none on loopback, and required for any other --host)",
+    )
+    parser.add_argument(
+        "--auth-dir",
+        default=env("MLFLOW_AUTH_DIR", "mlflow-auth"),
+        help="--auth basic: folder of the app's config and, by default, its SQLite user store "
+        "(env MLFLOW_AUTH_DIR, default %(default)s)",
+    )
+    parser.add_argument(
+        "--auth-db-uri",
+        default=env("MLFLOW_AUTH_DB_URI"),
+        help="--auth basic: the user store, e.g. postgresql://USER@HOST:PORT/mlflow_auth "
+        "(env MLFLOW_AUTH_DB_URI; password via PGPASSWORD/.pgpass; default SQLite in --auth-dir)",
+    )
+    parser.add_argument(
+        "--auth-default-permission",
+        choices=_PERMISSIONS,
+        default=env("MLFLOW_AUTH_DEFAULT_PERMISSION", "EDIT"),
+        help="--auth basic: what every signed-in user may do with experiments others made "
+        "(env MLFLOW_AUTH_DEFAULT_PERMISSION, default %(default)s: log runs to shared experiments)",
+    )
+    parser.add_argument(
+        "--auth-cache-seconds",
+        default=env("MLFLOW_AUTH_CACHE_SECONDS", "0"),
+        help="--auth basic: each worker remembers a good password this long instead of hashing it "
+        "again (PBKDF2, costly per request); a changed or deleted user may then pass until it "
+        "runs out (env MLFLOW_AUTH_CACHE_SECONDS, default %(default)s: off, MLflow's default)",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="check the database, print the command (masked), do not start"
+    )
     args = parser.parse_args(argv)
 
     if not args.backend_store_uri:
-        _fail("no backend store: pass --backend-store-uri postgresql://USER@HOST:PORT/DB or set MLFLOW_BACKEND_STORE_URI")
+        _fail(
+            "no backend store: pass --backend-store-uri postgresql://USER@HOST:PORT/DB or set MLFLOW_BACKEND_STORE_URI"
+        )
     if not args.artifacts:
         _fail("no artifact store: pass --artifacts s3://BUCKET/PREFIX or set MLFLOW_ARTIFACTS_DESTINATION")
     if _holds_password(args.backend_store_uri):
-        print("warning: the backend store URI holds a password (it is passed to `mlflow server` in its environment, "
-              "not on its command line, and printed masked); prefer PGPASSWORD or ~/.pgpass",
-              file=sys.stderr, flush=True)
+        print(
+            "warning: the backend store URI holds a password (it is passed to `mlflow server` in its environment, "
+            "not on its command line, and printed masked); prefer PGPASSWORD or ~/.pgpass",
+            file=sys.stderr,
+            flush=True,
+        )
     if args.artifacts.startswith("s3://") and not os.environ.get("MLFLOW_S3_ENDPOINT_URL"):
-        print("note: MLFLOW_S3_ENDPOINT_URL is not set: artifacts go to AWS S3 itself "
-              "(set it for MinIO, Ceph or another S3-compatible store)", file=sys.stderr, flush=True)
+        print(
+            "note: MLFLOW_S3_ENDPOINT_URL is not set: artifacts go to AWS S3 itself "
+            "(set it for MinIO, Ceph or another S3-compatible store)",
+            file=sys.stderr,
+            flush=True,
+        )
     # argparse checks `choices` on the command line only: what the environment gave is checked here
     if args.auth not in (None, "basic", "none"):
         _fail(f"--auth / MLFLOW_AUTH must be basic or none, got {args.auth!r}")
     if args.auth_default_permission not in _PERMISSIONS:
-        _fail(f"--auth-default-permission / MLFLOW_AUTH_DEFAULT_PERMISSION must be one of {', '.join(_PERMISSIONS)}, "
-              f"got {args.auth_default_permission!r}")
+        _fail(
+            f"--auth-default-permission / MLFLOW_AUTH_DEFAULT_PERMISSION must be one of {', '.join(_PERMISSIONS)}, "
+            f"got {args.auth_default_permission!r}"
+        )
     try:
         args.auth_cache_seconds = int(args.auth_cache_seconds)
         if args.auth_cache_seconds < 0:
             raise ValueError
     except ValueError:
-        _fail(f"--auth-cache-seconds / MLFLOW_AUTH_CACHE_SECONDS must be 0 (off) or a number of seconds, "
-              f"got {args.auth_cache_seconds!r}")
+        _fail(
+            f"--auth-cache-seconds / MLFLOW_AUTH_CACHE_SECONDS must be 0 (off) or a number of seconds, "
+            f"got {args.auth_cache_seconds!r}"
+        )
     if args.auth is None:
         if not _is_loopback(args.host):
-            _fail(f"--host {args.host} with no authentication: anyone who reaches port {args.port} could read and "
-                  "change every run and artifact. Pass --auth basic (MLflow's basic-auth app; admin password in "
-                  "MLFLOW_AUTH_ADMIN_PASSWORD), or bind 127.0.0.1 behind an authenticating reverse proxy "
-                  "(infra/mlflow/README.md), or --auth none to serve a trusted network openly")
+            _fail(
+                f"--host {args.host} with no authentication: anyone who reaches port {args.port} could read and "
+                "change every run and artifact. Pass --auth basic (MLflow's basic-auth app; admin password in "
+                "MLFLOW_AUTH_ADMIN_PASSWORD), or bind 127.0.0.1 behind an authenticating reverse proxy "
+                "(infra/mlflow/README.md), or --auth none to serve a trusted network openly"
+            )
         args.auth = "none"
     if args.auth == "none" and not _is_loopback(args.host):
-        print(f"warning: serving {args.host}:{args.port} without authentication (--auth none)",
-              file=sys.stderr, flush=True)
+        print(
+            f"warning: serving {args.host}:{args.port} without authentication (--auth none)",
+            file=sys.stderr,
+            flush=True,
+        )
     check_backend(args.backend_store_uri)
     backend = args.backend_store_uri
     if urlsplit(backend).scheme == "postgresql":
         # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; name the driver this setup installs
-        backend = "postgresql+psycopg2://" + backend[len("postgresql://"):]
+        backend = "postgresql+psycopg2://" + backend[len("postgresql://") :]
 
     # The backend store URI goes to `mlflow server` through MLFLOW_BACKEND_STORE_URI (its --backend-store-uri
     # reads it), never as a flag: a command line is visible to every user in `ps`, an environment is not.
@@ -292,15 +368,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.allowed_hosts:
         cmd += ["--allowed-hosts", args.allowed_hosts]
     if args.auth == "basic":
-        ini, user_store = _auth_config(args.auth_dir, args.auth_db_uri, args.auth_default_permission,
-                                       args.auth_cache_seconds)
+        ini, user_store = _auth_config(
+            args.auth_dir, args.auth_db_uri, args.auth_default_permission, args.auth_cache_seconds
+        )
         os.environ["MLFLOW_AUTH_CONFIG_PATH"] = ini  # the server and its workers inherit it
         if not os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY"):
             os.environ["MLFLOW_FLASK_SERVER_SECRET_KEY"] = secrets.token_hex(32)
         cmd += ["--app-name", "basic-auth"]
-        print(f"authentication: MLflow basic auth, users in {_masked(user_store)}, admin user "
-              f"{os.environ.get('MLFLOW_AUTH_ADMIN_USERNAME') or 'admin'}, default permission "
-              f"{args.auth_default_permission} (config {ini})", flush=True)
+        print(
+            f"authentication: MLflow basic auth, users in {_masked(user_store)}, admin user "
+            f"{os.environ.get('MLFLOW_AUTH_ADMIN_USERNAME') or 'admin'}, default permission "
+            f"{args.auth_default_permission} (config {ini})",
+            flush=True,
+        )
         check_basic_auth(args.dry_run)
     shown = " ".join(_masked(c) for c in cmd)
     print(f"mlflow team server: MLFLOW_BACKEND_STORE_URI={_masked(backend)} {shown}", flush=True)

@@ -19,8 +19,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
-from conftest import ROOT, mlflow_template, run_cli, write_config  # tests/conftest.py (this folder is the package `faults`)
+from conftest import (
+    ROOT,
+    mlflow_template,
+    run_cli,
+    write_config,
+)  # tests/conftest.py (this folder is the package `faults`)
 from fork_runs import ForkServer, server_for
 from plain_runs import FORK_SERVER, PlainServer
 
@@ -77,15 +81,21 @@ class Recorder:
         self.rows: list[dict] = []
         self.fault, self.target, self.injections = nodeid.rsplit("::", 1)[-1], "", 0
 
-    def expect(self, fault: str, target: str) -> "Recorder":
+    def expect(self, fault: str, target: str) -> Recorder:
         self.fault, self.target = fault, target
         return self
 
     def __call__(self, fault: str, target: str, injections: int, outcome: str, detail: str = "") -> None:
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome {outcome!r} is not one of {OUTCOMES}")
-        row = {"fault": fault, "target": target, "injections": int(injections), "outcome": outcome,
-               "detail": detail, "test": self.nodeid}
+        row = {
+            "fault": fault,
+            "target": target,
+            "injections": int(injections),
+            "outcome": outcome,
+            "detail": detail,
+            "test": self.nodeid,
+        }
         self.rows.append(row)
         write_row(row)
         if outcome == "data lost":
@@ -107,8 +117,16 @@ def record(request):
     if report is not None and report.failed and not any(r["outcome"] == "data lost" for r in rec.rows):
         message = str(getattr(report, "longrepr", "") or "").strip().splitlines()
         last = next((line for line in reversed(message) if line.startswith("E ")), message[-1] if message else "")
-        write_row({"fault": rec.fault, "target": rec.target, "injections": rec.injections, "outcome": "failed",
-                   "detail": last[:300], "test": rec.nodeid})
+        write_row(
+            {
+                "fault": rec.fault,
+                "target": rec.target,
+                "injections": rec.injections,
+                "outcome": "failed",
+                "detail": last[:300],
+                "test": rec.nodeid,
+            }
+        )
 
 
 class _OutageRecorder:
@@ -120,33 +138,68 @@ class _OutageRecorder:
     OUTAGE = "training finished; every metric in metrics.jsonl; failed MLflow calls counted"
     TESTS = {
         ("test_tracking_outage.py", "test_server_killed_mid_run_training_finishes_and_nothing_is_lost"): [
-            ("MLflow server SIGKILLed mid-run", "training run, stage f (tests/test_tracking_outage.py)", "identical",
-             OUTAGE)],
+            (
+                "MLflow server SIGKILLed mid-run",
+                "training run, stage f (tests/test_tracking_outage.py)",
+                "identical",
+                OUTAGE,
+            )
+        ],
         ("test_tracking_outage.py", "test_server_down_from_the_start_training_runs_and_reports"): [
-            ("MLflow server down from the start", "training run, stage f (tests/test_tracking_outage.py)",
-             "identical", OUTAGE)],
-        ("test_speed_fallback.py",
-         "test_training_falls_back_to_unfused_adam_when_the_fused_step_fails_and_matches_an_unfused_run"): [
-            ("fused Adam's step fails (speed.fused_adam=try)", "training run, stage f (tests/test_speed_fallback.py)",
-             "identical", "fell back to the unfused Adam at start-up (warning, speed_fallback.json, MLflow tag); "
-             "weights bitwise those of speed.fused_adam=off")],
+            (
+                "MLflow server down from the start",
+                "training run, stage f (tests/test_tracking_outage.py)",
+                "identical",
+                OUTAGE,
+            )
+        ],
+        (
+            "test_speed_fallback.py",
+            "test_training_falls_back_to_unfused_adam_when_the_fused_step_fails_and_matches_an_unfused_run",
+        ): [
+            (
+                "fused Adam's step fails (speed.fused_adam=try)",
+                "training run, stage f (tests/test_speed_fallback.py)",
+                "identical",
+                "fell back to the unfused Adam at start-up (warning, speed_fallback.json, MLflow tag); "
+                "weights bitwise those of speed.fused_adam=off",
+            )
+        ],
         ("test_speed_fallback.py", "test_fused_adam_set_on_fails_the_run_with_its_error"): [
-            ("fused Adam's step fails (speed.fused_adam=on)", "training run, stage f (tests/test_speed_fallback.py)",
-             "named error", "the run failed at start-up with the fused step's error, before any checkpoint")],
-        ("test_speed_fallback.py",
-         "test_training_falls_back_when_the_fused_norm_kernel_fails_to_build_and_fails_with_it_set_on"): [
-            ("the Triton fused-norm kernel fails to build (speed.fused_norm=try)",
-             "training run, stage f (tests/test_speed_fallback.py)", "identical",
-             "fell back to eager InstanceNorm + ReLU at start-up (warning, speed_fallback.json, MLflow tag); "
-             "weights bitwise those of speed.fused_norm=off"),
-            ("the Triton fused-norm kernel fails to build (speed.fused_norm=on)",
-             "training run, stage f (tests/test_speed_fallback.py)", "named error",
-             "the run failed at start-up with the build's error, before any checkpoint")],
+            (
+                "fused Adam's step fails (speed.fused_adam=on)",
+                "training run, stage f (tests/test_speed_fallback.py)",
+                "named error",
+                "the run failed at start-up with the fused step's error, before any checkpoint",
+            )
+        ],
+        (
+            "test_speed_fallback.py",
+            "test_training_falls_back_when_the_fused_norm_kernel_fails_to_build_and_fails_with_it_set_on",
+        ): [
+            (
+                "the Triton fused-norm kernel fails to build (speed.fused_norm=try)",
+                "training run, stage f (tests/test_speed_fallback.py)",
+                "identical",
+                "fell back to eager InstanceNorm + ReLU at start-up (warning, speed_fallback.json, MLflow tag); "
+                "weights bitwise those of speed.fused_norm=off",
+            ),
+            (
+                "the Triton fused-norm kernel fails to build (speed.fused_norm=on)",
+                "training run, stage f (tests/test_speed_fallback.py)",
+                "named error",
+                "the run failed at start-up with the build's error, before any checkpoint",
+            ),
+        ],
         ("test_slurm.py", "test_a_hung_training_is_requeued_where_configured_at_most_the_configured_times"): [
-            ("a hung trainer (watchdog exit 124) under SLURM, GOLF_REQUEUE_ON_HANG=1 and =0",
-             "SLURM job, stage f (tests/test_slurm.py)", "named error",
-             "requeued while SLURM_RESTART_COUNT < GOLF_REQUEUE_ON_HANG_MAX, then FAILED; without the switch FAILED "
-             "at once; the job log says why each time")],
+            (
+                "a hung trainer (watchdog exit 124) under SLURM, GOLF_REQUEUE_ON_HANG=1 and =0",
+                "SLURM job, stage f (tests/test_slurm.py)",
+                "named error",
+                "requeued while SLURM_RESTART_COUNT < GOLF_REQUEUE_ON_HANG_MAX, then FAILED; without the switch FAILED "
+                "at once; the job log says why each time",
+            )
+        ],
     }
 
     def pytest_runtest_logreport(self, report):
@@ -155,9 +208,16 @@ class _OutageRecorder:
         if rows is None or report.when != "call" or report.skipped:
             return
         for fault, target, outcome, detail in rows:
-            write_row({"fault": fault, "target": target, "injections": 1,
-                       "outcome": outcome if report.passed else "failed",
-                       "detail": detail if report.passed else "the test failed", "test": report.nodeid})
+            write_row(
+                {
+                    "fault": fault,
+                    "target": target,
+                    "injections": 1,
+                    "outcome": outcome if report.passed else "failed",
+                    "detail": detail if report.passed else "the test failed",
+                    "test": report.nodeid,
+                }
+            )
 
 
 def pytest_configure(config):
@@ -188,8 +248,15 @@ def train_config(path: Path, shards: Path, output_dir: Path, **sections) -> Path
     """The suite's tiny config (TRAIN) writing MLflow to a copy of the initialised store beside it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     train = {**TRAIN, **sections.pop("train", {})}
-    cfg = write_config(path, shards, output_dir, train=train, val={"max_pairs": 2, "sample_images": 0},
-                       eval={"iterations": 2}, **sections)
+    cfg = write_config(
+        path,
+        shards,
+        output_dir,
+        train=train,
+        val={"max_pairs": 2, "sample_images": 0},
+        eval={"iterations": 2},
+        **sections,
+    )
     return cfg
 
 
@@ -295,7 +362,9 @@ def differences(ref_out: Path, out: Path, stage: str) -> list[str]:
 
 def leftovers(folder: Path) -> list[str]:
     """Temporaries under `folder`: what a writer leaves when it dies (.tmp-*, .old-*)."""
-    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*") if ".tmp-" in p.name or p.name.startswith(".old-"))
+    return sorted(
+        str(p.relative_to(folder)) for p in Path(folder).rglob("*") if ".tmp-" in p.name or p.name.startswith(".old-")
+    )
 
 
 # ---------------------------------------------------------------- small disks
@@ -314,9 +383,13 @@ SHARD_ARGS = ("--format", "jp2", "--maxcount", 1, "--workers", 2, "--no-progress
 
 def files_of(folder: Path) -> dict[str, bytes]:
     """Every file under a final name (not a temporary `NAME.tmp-HOST-PID`, not a dot-file such as the cache state)."""
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(Path(folder).rglob("*"))
-            if p.is_file() and ".tmp-" not in p.name
-            and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(Path(folder).rglob("*"))
+        if p.is_file()
+        and ".tmp-" not in p.name
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    }
 
 
 @pytest.fixture(scope="session")

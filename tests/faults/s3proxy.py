@@ -103,8 +103,15 @@ def _with_connection_close(head: bytes) -> bytes:
 
 
 class FlakyS3Proxy:
-    def __init__(self, upstream: str, rate: float, seed: int, kinds=KINDS, stall_s: tuple[float, float] = (0.2, 1.0),
-                 always: int = 2):
+    def __init__(
+        self,
+        upstream: str,
+        rate: float,
+        seed: int,
+        kinds=KINDS,
+        stall_s: tuple[float, float] = (0.2, 1.0),
+        always: int = 2,
+    ):
         host, _, port = upstream.removeprefix("http://").rstrip("/").partition(":")
         self.upstream = (host, int(port))
         self.rate, self.kinds, self.stall_s, self.always = rate, tuple(kinds), stall_s, always
@@ -121,7 +128,7 @@ class FlakyS3Proxy:
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def __enter__(self) -> "FlakyS3Proxy":
+    def __enter__(self) -> FlakyS3Proxy:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -169,10 +176,21 @@ class FlakyS3Proxy:
             kind = self._draw(path)
             if kind in _ERRORS:
                 status, code, message = _ERRORS[kind]
-                xml = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>' + code + b"</Code><Message>" + message
-                       + b"</Message><RequestId>faults</RequestId></Error>")
-                client.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Type: application/xml\r\nContent-Length: "
-                               + str(len(xml)).encode() + b"\r\nConnection: close\r\n\r\n" + xml)
+                xml = (
+                    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>'
+                    + code
+                    + b"</Code><Message>"
+                    + message
+                    + b"</Message><RequestId>faults</RequestId></Error>"
+                )
+                client.sendall(
+                    b"HTTP/1.1 "
+                    + status
+                    + b"\r\nContent-Type: application/xml\r\nContent-Length: "
+                    + str(len(xml)).encode()
+                    + b"\r\nConnection: close\r\n\r\n"
+                    + xml
+                )
                 client.close()
                 return
             if kind == "reset":
@@ -183,7 +201,7 @@ class FlakyS3Proxy:
                 _reset(client)
                 return
             end = answer.find(b"\r\n\r\n")
-            answer_head, answer_body = (answer[:end], answer[end + 4:]) if end >= 0 else (answer, b"")
+            answer_head, answer_body = (answer[:end], answer[end + 4 :]) if end >= 0 else (answer, b"")
             answer = _with_connection_close(answer_head) + b"\r\n\r\n" + answer_body
             end = answer.find(b"\r\n\r\n")
             if kind == "truncated":  # half the body; an answer without one is cut inside its headers

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import rewrite_shard
 from PIL import Image
 
 from golf_dist.data.dali import DaliTrainLoader
@@ -25,7 +26,6 @@ from golf_dist.data.split_check import check_split
 from golf_dist.data.torch_loader import ShardPairs
 from golf_dist.errors import DataError
 
-from conftest import rewrite_shard
 from .conftest import train_argv, train_config
 
 FAULT = "bad image in a shard"
@@ -55,7 +55,7 @@ def _npy(shape, data: bytes, descr: str = "|u1", extra: str = "") -> bytes:
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode("latin-1") + data
 
 
-GREY16 = (np.arange(H * W, dtype=np.uint16).reshape(H, W) * 7)  # every high byte and low byte
+GREY16 = np.arange(H * W, dtype=np.uint16).reshape(H, W) * 7  # every high byte and low byte
 RGBA = np.random.default_rng(9).integers(0, 256, (H, W, 4), dtype=np.uint8)
 
 
@@ -69,28 +69,62 @@ def _cases(good_png: bytes) -> list[dict]:
     start-up), 'load' (found when decoded), or an expected HxWx3 array (decoded as documented)."""
     corrupt = _corrupt(good_png)
     return [
-        {"name": "decompression bomb (20000x20000 claimed)", "fmt": "png",
-         "data": _png_bytes(20000, 20000, 8, 2, b"\0" * 64), "expect": "startup"},
+        {
+            "name": "decompression bomb (20000x20000 claimed)",
+            "fmt": "png",
+            "data": _png_bytes(20000, 20000, 8, 2, b"\0" * 64),
+            "expect": "startup",
+        },
         {"name": "not an image", "fmt": "png", "data": b"this is not an image " * 20, "expect": "startup"},
-        {"name": "PNG followed by 2 MB of padding", "fmt": "png", "data": good_png + b"\0" * (2 << 20),
-         "expect": "startup"},
+        {
+            "name": "PNG followed by 2 MB of padding",
+            "fmt": "png",
+            "data": good_png + b"\0" * (2 << 20),
+            "expect": "startup",
+        },
         {"name": "corrupt data behind a good header", "fmt": "png", "data": corrupt, "expect": "load"},
         {"name": "truncated PNG", "fmt": "png", "data": good_png[: len(good_png) // 2], "expect": "load"},
-        {"name": "float image (TIFF, mode F)", "fmt": "png",
-         "data": _save(Image.fromarray(np.full((H, W), 0.5, np.float32)), "TIFF"), "expect": "startup"},
-        {"name": "16-bit greyscale PNG", "fmt": "png", "data": _save(Image.fromarray(GREY16)),
-         "expect": np.repeat((GREY16 >> 8).astype(np.uint8)[:, :, None], 3, axis=2)},
+        {
+            "name": "float image (TIFF, mode F)",
+            "fmt": "png",
+            "data": _save(Image.fromarray(np.full((H, W), 0.5, np.float32)), "TIFF"),
+            "expect": "startup",
+        },
+        {
+            "name": "16-bit greyscale PNG",
+            "fmt": "png",
+            "data": _save(Image.fromarray(GREY16)),
+            "expect": np.repeat((GREY16 >> 8).astype(np.uint8)[:, :, None], 3, axis=2),
+        },
         {"name": "RGBA PNG", "fmt": "png", "data": _save(Image.fromarray(RGBA)), "expect": "startup"},
-        {"name": ".npy header claiming more than its bytes", "fmt": "npy", "data": _npy((H * 2, W, 3), b"\0" * (H * W * 3)),
-         "expect": "startup"},
-        {"name": ".npy header claiming 100000x100000", "fmt": "npy", "data": _npy((100_000, 100_000, 3), b"\0" * 10),
-         "expect": "startup"},
+        {
+            "name": ".npy header claiming more than its bytes",
+            "fmt": "npy",
+            "data": _npy((H * 2, W, 3), b"\0" * (H * W * 3)),
+            "expect": "startup",
+        },
+        {
+            "name": ".npy header claiming 100000x100000",
+            "fmt": "npy",
+            "data": _npy((100_000, 100_000, 3), b"\0" * 10),
+            "expect": "startup",
+        },
         {"name": ".npy header cut short", "fmt": "npy", "data": b"\x93NUMPY\x01\x00\x10", "expect": "startup"},
-        {"name": ".npy header without a shape", "fmt": "npy",
-         "data": b"\x93NUMPY\x01\x00" + struct.pack("<H", 54) + b"{'descr': '|u1', 'fortran_order': False}".ljust(53)
-         + b"\n", "expect": "startup"},
-        {"name": ".npy header not a dict", "fmt": "npy",
-         "data": b"\x93NUMPY\x01\x00" + struct.pack("<H", 22) + b"[1, 2, 3]".ljust(21) + b"\n", "expect": "startup"},
+        {
+            "name": ".npy header without a shape",
+            "fmt": "npy",
+            "data": b"\x93NUMPY\x01\x00"
+            + struct.pack("<H", 54)
+            + b"{'descr': '|u1', 'fortran_order': False}".ljust(53)
+            + b"\n",
+            "expect": "startup",
+        },
+        {
+            "name": ".npy header not a dict",
+            "fmt": "npy",
+            "data": b"\x93NUMPY\x01\x00" + struct.pack("<H", 22) + b"[1, 2, 3]".ljust(21) + b"\n",
+            "expect": "startup",
+        },
     ]
 
 
@@ -109,14 +143,26 @@ def with_bad_sample(base: Path, dest: Path, fmt: str, data: bytes, split: str = 
 @pytest.fixture(scope="module")
 def npy_shards(shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bad-images") / "npy"
-    shard_gopro(shards.parent / "GOPRO_Large", out, image_format="npy", test_format="png", maxcount=4, workers=1,
-                progress=False)
+    shard_gopro(
+        shards.parent / "GOPRO_Large", out, image_format="npy", test_format="png", maxcount=4, workers=1, progress=False
+    )
     return out
 
 
 def _dali(checked, **kw) -> DaliTrainLoader:
-    return DaliTrainLoader(checked, crop=32, flips=False, crops_per_frame=1, per_device=4, rank=0, world=1, seed=0,
-                           device="cpu", num_threads=1, **kw)
+    return DaliTrainLoader(
+        checked,
+        crop=32,
+        flips=False,
+        crops_per_frame=1,
+        per_device=4,
+        rank=0,
+        world=1,
+        seed=0,
+        device="cpu",
+        num_threads=1,
+        **kw,
+    )
 
 
 def _dali_crop_of(checked, key: str, steps: int = 6):
@@ -152,8 +198,14 @@ def test_each_bad_image_is_refused_by_name_or_decoded_as_documented(shards, npy_
             assert where in str(caught.value), f"{case['name']}: {caught.value}"
             checked = check_split(folder, "train", "skip")
             assert checked.n_bad == 1 and [b.key for b in checked.bad] == [key], (case["name"], checked.bad)
-            rows.append(("at start-up", case["name"], "named error",
-                         "a bad sample: DataError naming shard and sample (error), left out and counted (skip)"))
+            rows.append(
+                (
+                    "at start-up",
+                    case["name"],
+                    "named error",
+                    "a bad sample: DataError naming shard and sample (error), left out and counted (skip)",
+                )
+            )
             continue
         checked = check_split(folder, "train", "error")  # a good header: the start-up check cannot see it
         assert checked.n_bad == 0, case["name"]
@@ -166,14 +218,25 @@ def test_each_bad_image_is_refused_by_name_or_decoded_as_documented(shards, npy_
             with pytest.raises(DataError) as caught:
                 _dali_crop_of(checked, key)
             assert where in str(caught.value), f"{case['name']} (DALI): {caught.value}"
-            rows.append(("when decoded", case["name"], "named error",
-                         "passes the header check; DataError naming shard and sample in both loaders"))
+            rows.append(
+                (
+                    "when decoded",
+                    case["name"],
+                    "named error",
+                    "passes the header check; DataError naming shard and sample in both loaders",
+                )
+            )
             continue
         blur, sharp, _ = pairs.load(index)
         if not (np.array_equal(blur, expect) and np.array_equal(sharp, expect)):
-            record(FAULT, case["name"], 1, "data lost",
-                   f"the PyTorch loader decodes other pixels than documented (max diff "
-                   f"{np.abs(blur.astype(int) - expect.astype(int)).max()})")
+            record(
+                FAULT,
+                case["name"],
+                1,
+                "data lost",
+                f"the PyTorch loader decodes other pixels than documented (max diff "
+                f"{np.abs(blur.astype(int) - expect.astype(int)).max()})",
+            )
         detail = "decoded as documented by the PyTorch loader"
         crop, top, left = _dali_crop_of(checked, key)
         gap = int(np.abs(crop.astype(int) - expect[top : top + 32, left : left + 32].astype(int)).max())
@@ -202,8 +265,13 @@ def test_an_rgba_member_is_a_named_bad_sample_for_both_loaders(shards, tmp_path,
     skipped = check_split(folder, "train", "skip")
     assert [b.key for b in skipped.bad] == [key], skipped.bad
     assert key not in {ref.key for _, refs in skipped.shards for ref in refs}
-    record(FAULT, "RGBA PNG (start-up check, both loaders)", 1, "named error",
-           f"refused naming the shard and sample ({message[:80]}...); with skip it is left out")
+    record(
+        FAULT,
+        "RGBA PNG (start-up check, both loaders)",
+        1,
+        "named error",
+        f"refused naming the shard and sample ({message[:80]}...); with skip it is left out",
+    )
 
 
 def test_a_frame_smaller_than_the_crop_is_a_skipped_bad_sample(shards, tmp_path, record):
@@ -214,25 +282,38 @@ def test_a_frame_smaller_than_the_crop_is_a_skipped_bad_sample(shards, tmp_path,
     record.expect(FAULT, "frame smaller than data.crop, data.on_bad_sample=skip")
     small = _save(Image.fromarray(np.zeros((16, 16, 3), np.uint8)))
     folder, shard, key = with_bad_sample(shards, tmp_path / "small", "png", small)
-    cfg = load_config("gopro", "f", [f"data.shards={folder}", "data.crop=32", "data.num_workers=0",
-                                  "data.on_bad_sample=skip", "train.steps=6"])
+    cfg = load_config(
+        "gopro",
+        "f",
+        [f"data.shards={folder}", "data.crop=32", "data.num_workers=0", "data.on_bad_sample=skip", "train.steps=6"],
+    )
     outcomes = {}
     for loader_kind in ("torch", "dali"):
         pairs = open_pairs(folder, "train", "skip", min_side=32)  # as the trainer opens it: min_side=data.crop
-        loader = make_train_loader(cfg, pairs, global_batch=4, accum=1, world=1, rank=0, start_step=0, device="cpu",
-                                   loader=loader_kind)
+        loader = make_train_loader(
+            cfg, pairs, global_batch=4, accum=1, world=1, rank=0, start_step=0, device="cpu", loader=loader_kind
+        )
         try:
             for _ in range(6):  # two epochs of 12 pairs: the small one is drawn
                 next(loader)
             outcomes[loader_kind] = ("identical", "left out as a bad sample")
         except DataError as err:
             named = f"sample {key}" in str(err)
-            outcomes[loader_kind] = ("named error", f"training stops: DataError {'naming the sample' if named else 'naming only the folder'}: {str(err)[:100]}")
+            outcomes[loader_kind] = (
+                "named error",
+                f"training stops: DataError {'naming the sample' if named else 'naming only the folder'}: "
+                f"{str(err)[:100]}",
+            )
         finally:
             loader.close()
     for loader_kind, (outcome, detail) in outcomes.items():
-        record(FAULT, f"frame smaller than data.crop, skip ({'DALI' if loader_kind == 'dali' else 'torch'} loader)", 1,
-               outcome, detail)
+        record(
+            FAULT,
+            f"frame smaller than data.crop, skip ({'DALI' if loader_kind == 'dali' else 'torch'} loader)",
+            1,
+            outcome,
+            detail,
+        )
     assert all(outcome == "identical" for outcome, _ in outcomes.values()), outcomes
 
 
@@ -272,19 +353,30 @@ def test_a_bad_validation_image_is_found_at_start_up(shards, forkserver, tmp_pat
     folder, shard, key = with_bad_sample(shards, tmp_path / "shards", "png", _corrupt(good_png), split="test")
     runs = {}
     for mode in ("error", "skip"):
-        cfg = train_config(tmp_path / mode / "cfg.yaml", folder, tmp_path / mode / "out",
-                           data={"on_bad_sample": mode})
+        cfg = train_config(tmp_path / mode / "cfg.yaml", folder, tmp_path / mode / "out", data={"on_bad_sample": mode})
         runs[mode] = forkserver.run(train_argv(cfg, "f"), tmp_path / mode / "run")
     error, skip = runs["error"], runs["skip"]
     assert error.wait() == 1, error.stderr[-3000:]
     assert f"shard {shard} sample {key}" in error.stderr and "Traceback" not in error.stderr, error.stderr[-3000:]
     assert not any((tmp_path / "error" / "out").rglob("step-*")), "the run trained before it stopped"
-    record(FAULT, f"{target}, data.on_bad_sample=error", 1, "named error",
-           "stopped at start-up, before any step, naming shard and sample; no traceback")
+    record(
+        FAULT,
+        f"{target}, data.on_bad_sample=error",
+        1,
+        "named error",
+        "stopped at start-up, before any step, naming shard and sample; no traceback",
+    )
     skip.check()
     assert "left out 1 bad test sample(s)" in skip.stdout and key in skip.stdout, skip.stdout[-3000:]
-    metrics = [json.loads(line) for line in (tmp_path / "skip" / "out" / "f" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [
+        json.loads(line) for line in (tmp_path / "skip" / "out" / "f" / "metrics.jsonl").read_text().splitlines()
+    ]
     val = [m for m in metrics if "val_psnr" in m.get("metrics", m)]
     assert val and all(m.get("metrics", m)["val_bad_samples_skipped"] == 1 for m in val), val
-    record(FAULT, f"{target}, data.on_bad_sample=skip", 1, "identical",
-           "left out at start-up and counted (val_bad_samples_skipped); training and validation ran to the end")
+    record(
+        FAULT,
+        f"{target}, data.on_bad_sample=skip",
+        1,
+        "identical",
+        "left out at start-up and counted (val_bad_samples_skipped); training and validation ran to the end",
+    )

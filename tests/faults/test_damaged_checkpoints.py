@@ -10,7 +10,6 @@ import random
 import time
 
 import pytest
-
 from conftest import TINY_DATA, run_cli, write_config  # tests/conftest.py
 
 from .conftest import differences, leftovers, train_argv, train_config
@@ -41,8 +40,9 @@ def test_damaged_newest_and_oldest_checkpoints(forkserver, references, tmp_path,
     kind = rng.choice(["truncated weights", "zeroed optimizer file", "deleted RNG file", "state.json not an object"])
     ref = references.get("torch", "f")
     out = tmp_path / "out"
-    cfg = train_config(tmp_path / "cfg.yaml", references.shards, out,
-                       train={"keep_last": 4, "checkpoint_every": 1})  # neither changes the weights: the reference holds
+    cfg = train_config(
+        tmp_path / "cfg.yaml", references.shards, out, train={"keep_last": 4, "checkpoint_every": 1}
+    )  # neither changes the weights: the reference holds
     argv = train_argv(cfg, "f", *references.overrides("torch", "f"))
     metrics = out / "f" / "metrics.jsonl"
     run = forkserver.run(argv, tmp_path / "killed")
@@ -55,7 +55,9 @@ def test_damaged_newest_and_oldest_checkpoints(forkserver, references, tmp_path,
     run.kill()
     ckpts = out / "f" / "checkpoints"
     names = sorted(p.name for p in ckpts.glob("step-*"))
-    assert names[:3] == ["step-00000001", "step-00000002", "step-00000003"] and not (out / "f.safetensors").exists(), names
+    assert names[:3] == ["step-00000001", "step-00000002", "step-00000003"] and not (out / "f.safetensors").exists(), (
+        names
+    )
     newest, oldest = ckpts / names[-1], ckpts / names[0]
     _damage(newest, kind)
     state = oldest / "state.json"
@@ -71,12 +73,22 @@ def test_damaged_newest_and_oldest_checkpoints(forkserver, references, tmp_path,
     assert oldest.name in again.stderr, "the damaged oldest checkpoint was not reported"
     diffs, left = differences(ref, out, "f"), leftovers(out)
     if diffs or left:
-        record(FAULT, "training run, stage f (torch)", 2, "data lost",
-               f"newest: {kind}, oldest: truncated state.json; differs from an uninterrupted run: {diffs}; "
-               f"temporaries: {left}")
-    record(FAULT, "training run, stage f (torch)", 2, "identical",
-           f"newest ({names[-1]}): {kind}, oldest ({names[0]}): truncated state.json; both reported, resumed from "
-           f"{previous.name}, ended bitwise equal to an uninterrupted run")
+        record(
+            FAULT,
+            "training run, stage f (torch)",
+            2,
+            "data lost",
+            f"newest: {kind}, oldest: truncated state.json; differs from an uninterrupted run: {diffs}; "
+            f"temporaries: {left}",
+        )
+    record(
+        FAULT,
+        "training run, stage f (torch)",
+        2,
+        "identical",
+        f"newest ({names[-1]}): {kind}, oldest ({names[0]}): truncated state.json; both reported, resumed from "
+        f"{previous.name}, ended bitwise equal to an uninterrupted run",
+    )
 
 
 REMOTE_FAULT = "a digest-less remote checkpoint"
@@ -91,8 +103,14 @@ def test_a_digest_less_remote_checkpoint(tiny_shards, tmp_path, record):
     target = "train.resume_from=runs:/ (SQLite store), stage f"
     record.expect(REMOTE_FAULT, target)
     small = {"checkpoint_every": 2, "val_every": 2, "log_every": 1, "keep_last": 1}
-    cfg = write_config(tmp_path / "a.yaml", tiny_shards, tmp_path / "a", data=TINY_DATA, train={**small, "steps": 2},
-                       tracking={"log_checkpoints": True})
+    cfg = write_config(
+        tmp_path / "a.yaml",
+        tiny_shards,
+        tmp_path / "a",
+        data=TINY_DATA,
+        train={**small, "steps": 2},
+        tracking={"log_checkpoints": True},
+    )
     run_cli("launch/train.py", "--config", cfg, "--stage", "f", check=True)
     run_id = json.loads((tmp_path / "a" / "f_run.json").read_text())["mlflow_run_id"]
     [stored] = (tmp_path / "mlartifacts").glob(f"{run_id}/artifacts/checkpoints/step-00000002/state.json")
@@ -108,15 +126,26 @@ def test_a_digest_less_remote_checkpoint(tiny_shards, tmp_path, record):
     last = (proc.stderr.strip().splitlines() or [""])[-1]
     written = [p.name for p in (tmp_path / "b").rglob("*") if p.name.startswith(("step-", "f.safetensors", ".resume-"))]
     if proc.returncode == 0 or written:
-        record(REMOTE_FAULT, target, 1, "data lost", f"exit {proc.returncode}, resumed from a checkpoint nothing "
-               f"verifies or left {written}: {last}")
+        record(
+            REMOTE_FAULT,
+            target,
+            1,
+            "data lost",
+            f"exit {proc.returncode}, resumed from a checkpoint nothing verifies or left {written}: {last}",
+        )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert last.startswith(f"error: train.resume_from={uri}: checkpoint file {uri}/state.json records no "
-                           "file_sha256"), last
+    assert last.startswith(
+        f"error: train.resume_from={uri}: checkpoint file {uri}/state.json records no file_sha256"
+    ), last
 
     again = run_cli(*argv, "train.resume_unverified=true")
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming stage f from {uri} (step 2 of 4)" in again.stdout and "records no sha256" in again.stderr
-    record(REMOTE_FAULT, target, 1, "named error",
-           f"exit 1 naming {uri}/state.json, nothing written; with train.resume_unverified=true the same command "
-           "resumed (one warning) and finished")
+    record(
+        REMOTE_FAULT,
+        target,
+        1,
+        "named error",
+        f"exit 1 naming {uri}/state.json, nothing written; with train.resume_unverified=true the same command "
+        "resumed (one warning) and finished",
+    )

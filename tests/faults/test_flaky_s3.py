@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from conftest import make_bucket, run_cli
 
 from .conftest import files_of
@@ -27,15 +26,20 @@ FAULT = "unreliable S3 (500/503, resets, cut and stalled answers)"
 def _client(env: dict):
     import boto3
 
-    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
+    return boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+    )
 
 
 def _objects(client, bucket: str, prefix: str) -> dict[str, bytes]:
     out = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
         for obj in page.get("Contents", []):
-            out[obj["Key"][len(prefix) + 1:]] = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+            out[obj["Key"][len(prefix) + 1 :]] = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
     return out
 
 
@@ -72,8 +76,9 @@ def test_uploads_through_a_flaky_s3(flaky_bucket, shard_source, reference, s3_se
         with FlakyS3Proxy(s3_server["AWS_ENDPOINT_URL"], rate, seed) as proxy:
             env = {**s3_server, "AWS_ENDPOINT_URL": proxy.url, "TMPDIR": str(tmp_path)}
             started = time.monotonic()
-            proc = run_cli("data_prep/shard_gopro.py", "--src", shard_source, "--out", url, *ARGS, env=env,
-                           timeout=BOUND_S + 60)
+            proc = run_cli(
+                "data_prep/shard_gopro.py", "--src", shard_source, "--out", url, *ARGS, env=env, timeout=BOUND_S + 60
+            )
             took = time.monotonic() - started
         injected += proxy.total
         record.injections = injected
@@ -81,26 +86,53 @@ def test_uploads_through_a_flaky_s3(flaky_bucket, shard_source, reference, s3_se
         up = _objects(client, "faults-flaky", f"up{seed}")
         partial = [k for k, v in up.items() if reference.get(k) != v]
         if partial or (proc.returncode != 0 and "manifest.json" in up):
-            record(FAULT, f"upload (shard_gopro.py --out s3://), {rate:.0%} of requests", proxy.total, "data lost",
-                   f"objects that differ {partial}; manifest of a failed run: "
-                   f"{proc.returncode != 0 and 'manifest.json' in up}")
+            record(
+                FAULT,
+                f"upload (shard_gopro.py --out s3://), {rate:.0%} of requests",
+                proxy.total,
+                "data lost",
+                f"objects that differ {partial}; manifest of a failed run: "
+                f"{proc.returncode != 0 and 'manifest.json' in up}",
+            )
         if proc.returncode == 0:
             assert up == reference, "the upload reported success but the objects are not the set"
-            outcome, detail = "identical", f"{proxy.total} faults in {proxy.requests} requests; completed in {took:.1f} s"
+            outcome, detail = (
+                "identical",
+                f"{proxy.total} faults in {proxy.requests} requests; completed in {took:.1f} s",
+            )
         else:
             assert proc.returncode == 1 and _named(proc.stderr, url), proc.stderr[-3000:]
             message = [line for line in proc.stderr.splitlines() if line.startswith("error: ")][-1]
-            outcome, detail = "named error", (f"{proxy.total} faults in {proxy.requests} requests; stopped in "
-                                              f"{took:.1f} s: {message[7:130]}")
+            outcome, detail = (
+                "named error",
+                (f"{proxy.total} faults in {proxy.requests} requests; stopped in {took:.1f} s: {message[7:130]}"),
+            )
         # whatever happened, the same command without faults finishes the set
-        again = run_cli("data_prep/shard_gopro.py", "--src", shard_source, "--out", url, *ARGS,
-                        env={**s3_server, "TMPDIR": str(tmp_path)})
+        again = run_cli(
+            "data_prep/shard_gopro.py",
+            "--src",
+            shard_source,
+            "--out",
+            url,
+            *ARGS,
+            env={**s3_server, "TMPDIR": str(tmp_path)},
+        )
         assert again.returncode == 0, again.stderr[-3000:]
         if _objects(client, "faults-flaky", f"up{seed}") != reference:
-            record(FAULT, f"upload (shard_gopro.py --out s3://), {rate:.0%} of requests", proxy.total, "data lost",
-                   "the rerun without faults did not give the set")
-        record(FAULT, f"upload (shard_gopro.py --out s3://), {rate:.0%} of requests", proxy.total, outcome,
-               detail + "; every object whole; the same command without faults completes the set")
+            record(
+                FAULT,
+                f"upload (shard_gopro.py --out s3://), {rate:.0%} of requests",
+                proxy.total,
+                "data lost",
+                "the rerun without faults did not give the set",
+            )
+        record(
+            FAULT,
+            f"upload (shard_gopro.py --out s3://), {rate:.0%} of requests",
+            proxy.total,
+            outcome,
+            detail + "; every object whole; the same command without faults completes the set",
+        )
 
 
 @pytest.mark.slow
@@ -111,8 +143,9 @@ def test_verify_through_a_flaky_s3(flaky_bucket, s3_server, record):
         with FlakyS3Proxy(s3_server["AWS_ENDPOINT_URL"], rate, 10 + seed) as proxy:
             env = {**s3_server, "AWS_ENDPOINT_URL": proxy.url}
             started = time.monotonic()
-            proc = run_cli("data_prep/shard_gopro.py", "--verify", flaky_bucket, "--no-progress", env=env,
-                           timeout=BOUND_S + 60)
+            proc = run_cli(
+                "data_prep/shard_gopro.py", "--verify", flaky_bucket, "--no-progress", env=env, timeout=BOUND_S + 60
+            )
             took = time.monotonic() - started
         injected += proxy.total
         record.injections = injected
@@ -124,10 +157,17 @@ def test_verify_through_a_flaky_s3(flaky_bucket, s3_server, record):
         else:
             assert proc.returncode == 1 and _named(proc.stderr, flaky_bucket), proc.stdout + proc.stderr[-3000:]
             message = [line for line in proc.stderr.splitlines() if line.startswith("error: ")][-1]
-            outcome, detail = "named error", (f"{proxy.total} faults in {proxy.requests} requests; stopped in "
-                                              f"{took:.1f} s: {message[7:130]}")
-        record(FAULT, f"--verify s3://, {rate:.0%} of requests", proxy.total, outcome,
-               detail + "; no whole shard reported bad")
+            outcome, detail = (
+                "named error",
+                (f"{proxy.total} faults in {proxy.requests} requests; stopped in {took:.1f} s: {message[7:130]}"),
+            )
+        record(
+            FAULT,
+            f"--verify s3://, {rate:.0%} of requests",
+            proxy.total,
+            outcome,
+            detail + "; no whole shard reported bad",
+        )
 
 
 @pytest.mark.slow
@@ -159,21 +199,36 @@ def test_shard_cache_through_a_flaky_s3(flaky_bucket, s3_server, reference, tmp_
             cached = files_of(folder) if folder.is_dir() else {}
             partial = [k for k, v in cached.items() if reference.get(k) != v]
             if partial or (error and "manifest.json" in cached):
-                record(FAULT, f"shard cache (storage.local_shard_dir), {rate:.0%} of requests", proxy.total, "data lost",
-                       f"rate {rate}: files under a final name that differ {partial}; manifest after an error: "
-                       f"{bool(error and 'manifest.json' in cached)}")
+                record(
+                    FAULT,
+                    f"shard cache (storage.local_shard_dir), {rate:.0%} of requests",
+                    proxy.total,
+                    "data lost",
+                    f"rate {rate}: files under a final name that differ {partial}; manifest after an error: "
+                    f"{bool(error and 'manifest.json' in cached)}",
+                )
             if error is None:
                 assert cached == reference, "the cache reported success but holds other files"
-                outcome, detail = "identical", f"{proxy.total} faults in {proxy.requests} requests; complete in {took:.1f} s"
+                outcome, detail = (
+                    "identical",
+                    f"{proxy.total} faults in {proxy.requests} requests; complete in {took:.1f} s",
+                )
             else:
                 assert flaky_bucket in error, error
-                outcome, detail = "named error", (f"{proxy.total} faults in {proxy.requests} requests; DataError in "
-                                                  f"{took:.1f} s: {error[:120]}")
+                outcome, detail = (
+                    "named error",
+                    (f"{proxy.total} faults in {proxy.requests} requests; DataError in {took:.1f} s: {error[:120]}"),
+                )
             monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server["AWS_ENDPOINT_URL"])  # without faults: completes
             storage._clients.clear()
             storage.local_shard_dir(flaky_bucket, cache)
             assert files_of(folder) == reference
-            record(FAULT, f"shard cache (storage.local_shard_dir), {rate:.0%} of requests", proxy.total, outcome,
-                   detail + "; nothing partial under a final name; complete once S3 answered")
+            record(
+                FAULT,
+                f"shard cache (storage.local_shard_dir), {rate:.0%} of requests",
+                proxy.total,
+                outcome,
+                detail + "; nothing partial under a final name; complete once S3 answered",
+            )
     finally:
         storage._clients.clear()

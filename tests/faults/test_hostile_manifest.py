@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import make_bucket, run_cli
 
 FAULT = "manifest with hostile paths"
@@ -47,8 +46,9 @@ def _snapshot(root: Path, skip: Path) -> set[str]:
 
 
 @pytest.mark.slow
-def test_hostile_manifest_paths_are_refused_and_nothing_is_written_outside(shards, s3_server, tmp_path, monkeypatch,
-                                                                          record):
+def test_hostile_manifest_paths_are_refused_and_nothing_is_written_outside(
+    shards, s3_server, tmp_path, monkeypatch, record
+):
     import boto3
 
     from golf_dist.data import storage
@@ -60,8 +60,13 @@ def test_hostile_manifest_paths_are_refused_and_nothing_is_written_outside(shard
         monkeypatch.setenv(key, value)
     storage._clients.clear()
     make_bucket(env, BUCKET)
-    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
+    client = boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+    )
     for p in shards.rglob("*"):
         if p.is_file() and p.name != "manifest.json":
             client.put_object(Bucket=BUCKET, Key=f"set/{p.relative_to(shards).as_posix()}", Body=p.read_bytes())
@@ -77,8 +82,11 @@ def test_hostile_manifest_paths_are_refused_and_nothing_is_written_outside(shard
             client.put_object(Bucket=BUCKET, Key=f"h{i}/manifest.json", Body=json.dumps(manifest).encode())
             for p in shards.rglob("*"):  # the set's objects beside it, so a naive cache would go on writing
                 if p.is_file() and p.name != "manifest.json":
-                    client.copy_object(Bucket=BUCKET, Key=f"h{i}/{p.relative_to(shards).as_posix()}",
-                                       CopySource={"Bucket": BUCKET, "Key": f"set/{p.relative_to(shards).as_posix()}"})
+                    client.copy_object(
+                        Bucket=BUCKET,
+                        Key=f"h{i}/{p.relative_to(shards).as_posix()}",
+                        CopySource={"Bucket": BUCKET, "Key": f"set/{p.relative_to(shards).as_posix()}"},
+                    )
             url = f"s3://{BUCKET}/h{i}"
             before = _snapshot(tmp_path, cache)
             try:
@@ -91,8 +99,13 @@ def test_hostile_manifest_paths_are_refused_and_nothing_is_written_outside(shard
             folder = cache / BUCKET / f"h{i}"
             cached = [p for p in folder.rglob("*") if p.is_file() and p.name != ".lock"] if folder.is_dir() else []
             if written or cached:
-                record(FAULT, "S3 shard cache (storage.local_shard_dir)", i + 1, "data lost",
-                       f"{name} ({field}={value!r}): wrote {written} outside the cache, {cached} inside it")
+                record(
+                    FAULT,
+                    "S3 shard cache (storage.local_shard_dir)",
+                    i + 1,
+                    "data lost",
+                    f"{name} ({field}={value!r}): wrote {written} outside the cache, {cached} inside it",
+                )
             assert error is not None, f"{name}: the cache accepted {field}={value!r}"
             assert f"{url}/manifest.json" in error and field.split(".")[-1] in error, error
             names.append(name)
@@ -109,22 +122,37 @@ def test_hostile_manifest_paths_are_refused_and_nothing_is_written_outside(shard
             error = str(err)
         record.injections += 1
         if list(outside.iterdir()):
-            record(FAULT, "S3 shard cache (storage.local_shard_dir)", record.injections, "data lost",
-                   f"a symlinked split folder: wrote {sorted(p.name for p in outside.iterdir())} outside the cache")
+            record(
+                FAULT,
+                "S3 shard cache (storage.local_shard_dir)",
+                record.injections,
+                "data lost",
+                f"a symlinked split folder: wrote {sorted(p.name for p in outside.iterdir())} outside the cache",
+            )
         assert error is not None and "leads outside the cache" in error, error
         names.append("split folder symlinked out of the cache")
     finally:
         storage._clients.clear()
-    record(FAULT, "S3 shard cache (storage.local_shard_dir)", len(names), "named error",
-           f"{len(names)} cases ({', '.join(names)}): each refused naming the manifest and the field; "
-           "nothing written outside the cache, nothing cached")
+    record(
+        FAULT,
+        "S3 shard cache (storage.local_shard_dir)",
+        len(names),
+        "named error",
+        f"{len(names)} cases ({', '.join(names)}): each refused naming the manifest and the field; "
+        "nothing written outside the cache, nothing cached",
+    )
 
     # --verify reads the same manifests: refused by name, no traceback
     verified = []
-    for i, (name, field, value) in enumerate(_cases(shards, outside)[:3]):
+    for i, (name, field, _value) in enumerate(_cases(shards, outside)[:3]):
         proc = run_cli("data_prep/shard_gopro.py", "--verify", f"s3://{BUCKET}/h{i}", "--no-progress", env=env)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         assert f"s3://{BUCKET}/h{i}/manifest.json" in proc.stderr and field.split(".")[-1] in proc.stderr, proc.stderr
         verified.append(name)
-    record(FAULT, "shard_gopro.py --verify s3://", len(verified), "named error",
-           f"{len(verified)} manifests ({', '.join(verified)}): exit 1 naming the manifest and the field")
+    record(
+        FAULT,
+        "shard_gopro.py --verify s3://",
+        len(verified),
+        "named error",
+        f"{len(verified)} manifests ({', '.join(verified)}): exit 1 naming the manifest and the field",
+    )

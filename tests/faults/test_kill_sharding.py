@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, make_bucket, run_cli
 
 from .conftest import SHARD_ARGS, files_of, leftovers
@@ -32,8 +31,9 @@ def _start(source: Path, out: str, env: dict) -> subprocess.Popen:
     full = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     full.update(env)
     cmd = [sys.executable, str(ROOT / "data_prep/shard_gopro.py"), "--src", str(source), "--out", out, *map(str, ARGS)]
-    return subprocess.Popen(cmd, cwd=ROOT, env=full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
 
 
 def _kill_when(proc: subprocess.Popen, count, shards_done: int, fraction: float) -> int:
@@ -62,7 +62,7 @@ def _start_and_kill(start, count, rng: random.Random) -> tuple[subprocess.Popen,
     fraction = rng.random()
     for attempt in range(4):
         proc = start(attempt)
-        seen = _kill_when(proc, lambda: count(attempt), done, fraction)
+        seen = _kill_when(proc, lambda attempt=attempt: count(attempt), done, fraction)
         if seen >= 0:
             assert proc.returncode == -signal.SIGKILL, proc.returncode
             return proc, seen
@@ -77,30 +77,47 @@ def test_sigkill_while_sharding_locally(shard_source, shard_reference, tmp_path,
     rng = random.Random("kill-sharding-local")
     details = []
     for i in range(LOCAL_KILLS):
+
         def folder(attempt: int, i=i) -> Path:
             return tmp_path / f"out{i}-{attempt}"
 
-        proc, seen = _start_and_kill(lambda a: _start(source, str(folder(a)), {}),
-                                     lambda a: sum(1 for _ in folder(a).glob("*/*.tar")), rng)
+        proc, seen = _start_and_kill(
+            lambda a: _start(source, str(folder(a)), {}), lambda a: sum(1 for _ in folder(a).glob("*/*.tar")), rng
+        )
         out = Path(proc.args[proc.args.index("--out") + 1])
         record.injections = i + 1
         left = files_of(out) if out.is_dir() else {}
         temporaries = leftovers(out) if out.is_dir() else []
         partial = [name for name, data in left.items() if reference.get(name) != data]
         if partial:
-            record("SIGKILL at a random moment of sharding", "local folder", i + 1, "data lost",
-                   f"kill {i}: files under a final name that differ from an uninterrupted run's: {partial}")
+            record(
+                "SIGKILL at a random moment of sharding",
+                "local folder",
+                i + 1,
+                "data lost",
+                f"kill {i}: files under a final name that differ from an uninterrupted run's: {partial}",
+            )
         rerun = run_cli("data_prep/shard_gopro.py", "--src", source, "--out", out, *ARGS)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         after = files_of(out)
         if after != reference or leftovers(out):
-            record("SIGKILL at a random moment of sharding", "local folder", i + 1, "data lost",
-                   f"kill {i}: the rerun's files differ from an uninterrupted run's "
-                   f"({sorted(set(after) ^ set(reference)) or [k for k in after if after[k] != reference.get(k)]}); "
-                   f"temporaries: {leftovers(out)}")
+            record(
+                "SIGKILL at a random moment of sharding",
+                "local folder",
+                i + 1,
+                "data lost",
+                f"kill {i}: the rerun's files differ from an uninterrupted run's "
+                f"({sorted(set(after) ^ set(reference)) or [k for k in after if after[k] != reference.get(k)]}); "
+                f"temporaries: {leftovers(out)}",
+            )
         details.append(f"{seen} shards done +{len(temporaries)} temporaries")
-    record("SIGKILL at a random moment of sharding", "local folder", LOCAL_KILLS, "identical",
-           f"killed with {'; '.join(details)}: every file under a final name whole, the rerun equals an uninterrupted run")
+    record(
+        "SIGKILL at a random moment of sharding",
+        "local folder",
+        LOCAL_KILLS,
+        "identical",
+        f"killed with {'; '.join(details)}: every file under a final name whole, the rerun equals an uninterrupted run",
+    )
 
 
 @pytest.mark.slow
@@ -110,8 +127,13 @@ def test_sigkill_while_sharding_to_s3(shard_source, shard_reference, s3_server, 
 
     record.expect("SIGKILL at a random moment of sharding", "S3 (loopback moto server)")
     env = s3_server
-    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
+    client = boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+    )
     make_bucket(env, "faults-kill")
     rng = random.Random("kill-sharding-s3")
     staging = tmp_path / "tmp"  # $TMPDIR: where the runs stage shards on their way up
@@ -122,7 +144,9 @@ def test_sigkill_while_sharding_to_s3(shard_source, shard_reference, s3_server, 
         out = {}
         for page in client.get_paginator("list_objects_v2").paginate(Bucket="faults-kill", Prefix=prefix + "/"):
             for obj in page.get("Contents", []):
-                out[obj["Key"][len(prefix) + 1:]] = client.get_object(Bucket="faults-kill", Key=obj["Key"])["Body"].read()
+                out[obj["Key"][len(prefix) + 1 :]] = client.get_object(Bucket="faults-kill", Key=obj["Key"])[
+                    "Body"
+                ].read()
         return out
 
     def count(prefix: str) -> int:
@@ -131,25 +155,41 @@ def test_sigkill_while_sharding_to_s3(shard_source, shard_reference, s3_server, 
 
     details = []
     for i in range(S3_KILLS):
-        proc, seen = _start_and_kill(lambda a: _start(source, f"s3://faults-kill/k{i}-{a}", env),
-                                     lambda a: count(f"k{i}-{a}"), rng)
+        proc, seen = _start_and_kill(
+            lambda a, i=i: _start(source, f"s3://faults-kill/k{i}-{a}", env), lambda a, i=i: count(f"k{i}-{a}"), rng
+        )
         url = proc.args[proc.args.index("--out") + 1]
         prefix = url.rsplit("/", 1)[1]
         record.injections = i + 1
         left = objects(prefix)
         partial = [name for name, data in left.items() if reference.get(name) != data]
         if partial:
-            record("SIGKILL at a random moment of sharding", "S3 (loopback moto server)", i + 1, "data lost",
-                   f"kill {i}: objects under a final key that differ from an uninterrupted run's files: {partial}")
+            record(
+                "SIGKILL at a random moment of sharding",
+                "S3 (loopback moto server)",
+                i + 1,
+                "data lost",
+                f"kill {i}: objects under a final key that differ from an uninterrupted run's files: {partial}",
+            )
         rerun = run_cli("data_prep/shard_gopro.py", "--src", source, "--out", url, *ARGS, env=env)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         after = objects(prefix)
         if after != reference:
-            record("SIGKILL at a random moment of sharding", "S3 (loopback moto server)", i + 1, "data lost",
-                   f"kill {i}: the rerun's objects differ from an uninterrupted run's files "
-                   f"({sorted(set(after) ^ set(reference)) or [k for k in after if after[k] != reference.get(k)]})")
+            record(
+                "SIGKILL at a random moment of sharding",
+                "S3 (loopback moto server)",
+                i + 1,
+                "data lost",
+                f"kill {i}: the rerun's objects differ from an uninterrupted run's files "
+                f"({sorted(set(after) ^ set(reference)) or [k for k in after if after[k] != reference.get(k)]})",
+            )
         details.append(f"{seen} shards up")
     stale = sorted(p.name for p in staging.iterdir())
-    record("SIGKILL at a random moment of sharding", "S3 (loopback moto server)", S3_KILLS, "identical",
-           f"killed with {'; '.join(details)}: every object under a final key whole, the rerun equals an "
-           f"uninterrupted run ({len(stale)} staging folder(s) of killed runs left in $TMPDIR)")
+    record(
+        "SIGKILL at a random moment of sharding",
+        "S3 (loopback moto server)",
+        S3_KILLS,
+        "identical",
+        f"killed with {'; '.join(details)}: every object under a final key whole, the rerun equals an "
+        f"uninterrupted run ({len(stale)} staging folder(s) of killed runs left in $TMPDIR)",
+    )

@@ -60,12 +60,17 @@ def kill_chain(server, references, loader: str, stage: str, folder: Path) -> dic
         mid_write = any(p.name.startswith(".tmp-") for p in ckpts.iterdir()) if ckpts.is_dir() else False
         assert run.rc is None, "the run wrote an exit status: it was not killed"
         assert not (out / f"{stage}.safetensors").exists(), "the run finished before its kill"
-        events.append({"after_step": logged_steps(metrics, before)[-1], "delay_s": round(delay, 3),
-                       "mid_checkpoint": mid_write})
+        events.append(
+            {"after_step": logged_steps(metrics, before)[-1], "delay_s": round(delay, 3), "mid_checkpoint": mid_write}
+        )
     final = server.run(argv, folder / "final").check()
     resumed = [line for line in log_lines(final.stdout) if line.startswith(f"resuming stage {stage} from")]
-    return {"events": events, "resumed": resumed, "diffs": differences(references.get(loader, stage), out, stage),
-            "leftovers": leftovers(out)}
+    return {
+        "events": events,
+        "resumed": resumed,
+        "diffs": differences(references.get(loader, stage), out, stage),
+        "leftovers": leftovers(out),
+    }
 
 
 @pytest.mark.slow
@@ -73,17 +78,34 @@ def kill_chain(server, references, loader: str, stage: str, folder: Path) -> dic
 def test_sigkill_at_random_steps_then_the_rerun_is_bitwise_identical(stage, forkserver, references, tmp_path, record):
     record.expect("SIGKILL at a random step of training", f"stage {stage}, torch and DALI loaders")
     references.prefetch([(loader, stage) for loader in LOADERS])
-    results = in_parallel(*[(lambda loader=loader: kill_chain(forkserver, references, loader, stage, tmp_path / loader))
-                            for loader in LOADERS])
+    results = in_parallel(
+        *[
+            (lambda loader=loader: kill_chain(forkserver, references, loader, stage, tmp_path / loader))
+            for loader in LOADERS
+        ]
+    )
     for loader, result in zip(LOADERS, results):
         events = result["events"]
-        where = ", ".join(f"step {e['after_step']} +{e['delay_s']:.2f} s" + (" (in a checkpoint write)" if e["mid_checkpoint"] else "")
-                          for e in events)
+        where = ", ".join(
+            f"step {e['after_step']} +{e['delay_s']:.2f} s"
+            + (" (in a checkpoint write)" if e["mid_checkpoint"] else "")
+            for e in events
+        )
         target = f"{'DALI' if loader == 'dali' else 'torch'} loader, stage {stage}"
         assert len(result["resumed"]) == 1, f"{target}: the rerun did not resume from a checkpoint"
         if result["diffs"] or result["leftovers"]:
-            record("SIGKILL at a random step of training", target, len(events), "data lost",
-                   f"killed at {where}; differs from the uninterrupted run: {result['diffs']}; "
-                   f"temporaries left: {result['leftovers']}")
-        record("SIGKILL at a random step of training", target, len(events), "identical",
-               f"killed at {where}; the rerun ends bitwise equal to an uninterrupted run")
+            record(
+                "SIGKILL at a random step of training",
+                target,
+                len(events),
+                "data lost",
+                f"killed at {where}; differs from the uninterrupted run: {result['diffs']}; "
+                f"temporaries left: {result['leftovers']}",
+            )
+        record(
+            "SIGKILL at a random step of training",
+            target,
+            len(events),
+            "identical",
+            f"killed at {where}; the rerun ends bitwise equal to an uninterrupted run",
+        )

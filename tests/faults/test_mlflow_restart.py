@@ -16,7 +16,6 @@ import signal
 import time
 
 import pytest
-
 from conftest import log_lines, mlflow_template  # tests/conftest.py
 from mlflow_servers import MlflowServer
 
@@ -41,8 +40,7 @@ def test_mlflow_server_killed_and_restarted_mid_run(forkserver, references, tmp_
     server = MlflowServer(args, log=store / "server.log", env=quick)
     restarted = None
     out = tmp_path / "out"
-    cfg = train_config(tmp_path / "run" / "cfg.yaml", references.shards, out,
-                       tracking={"uri": server.url})
+    cfg = train_config(tmp_path / "run" / "cfg.yaml", references.shards, out, tracking={"uri": server.url})
     run = forkserver.run(train_argv(cfg, "f", *references.overrides("torch", "f")), tmp_path / "train")
     metrics = out / "f" / "metrics.jsonl"
     try:
@@ -72,8 +70,9 @@ def test_mlflow_server_killed_and_restarted_mid_run(forkserver, references, tmp_
         diffs = differences(ref, out, "f")
         steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "loss" in line]
         summary = [line for line in log_lines(run.stderr) if line.startswith("tracking: ")]
-        assert len(summary) == 1 and re.search(r"tracking: \d+ MLflow call\(s\) could not be logged", summary[0]), \
+        assert len(summary) == 1 and re.search(r"tracking: \d+ MLflow call\(s\) could not be logged", summary[0]), (
             run.stderr[-3000:]
+        )
         run_id = json.loads((out / "f_run.json").read_text())["mlflow_run_id"]
 
         from mlflow.entities import Metric
@@ -84,18 +83,28 @@ def test_mlflow_server_killed_and_restarted_mid_run(forkserver, references, tmp_
         client.log_batch(run_id, metrics=[Metric("after_restart", 1.0, int(time.time() * 1000), 0)])
         after = client.get_run(run_id).data.metrics
         if diffs or steps != list(range(1, STEPS + 1)) or before[:1] != [1] or "after_restart" not in after:
-            record(FAULT, TARGET, 2, "data lost",
-                   f"differs from an uninterrupted run: {diffs}; metrics.jsonl steps {steps}; MLflow after the "
-                   f"restart holds loss steps {before}; a new write {'taken' if 'after_restart' in after else 'lost'}")
+            record(
+                FAULT,
+                TARGET,
+                2,
+                "data lost",
+                f"differs from an uninterrupted run: {diffs}; metrics.jsonl steps {steps}; MLflow after the "
+                f"restart holds loss steps {before}; a new write {'taken' if 'after_restart' in after else 'lost'}",
+            )
     finally:
         if run.running():
             run.kill()
         for s in (server, restarted):
             if s is not None:
                 s.kill()  # nothing of it is needed any more: no graceful shutdown to wait for
-    record(FAULT, TARGET, 2, "identical",
-           f"killed after step {killed_after}; the run met the dead server by step {met_at} (one warning), was held "
-           f"while a new server started on the same port and store, and went on; it "
-           f"ended bitwise equal to an uninterrupted run, all {STEPS} steps in metrics.jsonl, "
-           f"{summary[0].split(' (')[0][len('tracking: '):]}; the restarted server has the {len(before)} step(s) logged "
-           "before the kill and takes new writes to the run")
+    record(
+        FAULT,
+        TARGET,
+        2,
+        "identical",
+        f"killed after step {killed_after}; the run met the dead server by step {met_at} (one warning), was held "
+        f"while a new server started on the same port and store, and went on; it "
+        f"ended bitwise equal to an uninterrupted run, all {STEPS} steps in metrics.jsonl, "
+        f"{summary[0].split(' (')[0][len('tracking: ') :]}; the restarted server has the {len(before)} step(s) logged "
+        "before the kill and takes new writes to the run",
+    )

@@ -12,16 +12,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import run_cli
+from PIL import Image
 from random_model import write_random_model
 
 
 def _tree(root: Path) -> dict[str, str]:
     """Every file under root and the sha256 of its bytes."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _photo(path: Path, seed: int, fmt: str = "PNG") -> Path:
@@ -56,8 +58,19 @@ def test_deblur_never_overwrites_its_inputs(model_dir, tmp_path, record):
     }
     for target, (inputs, out, flags) in cases.items():
         before = _tree(tmp_path)
-        proc = run_cli("launch/deblur.py", "--output-dir", model_dir, *inputs, "--out", out, "--iterations", "0",
-                       "--device", "cpu", *flags)
+        proc = run_cli(
+            "launch/deblur.py",
+            "--output-dir",
+            model_dir,
+            *inputs,
+            "--out",
+            out,
+            "--iterations",
+            "0",
+            "--device",
+            "cpu",
+            *flags,
+        )
         after = _tree(tmp_path)
         changed = sorted(name for name in set(before) | set(after) if before.get(name) != after.get(name))
         if any(name in before for name in changed):
@@ -75,15 +88,26 @@ def test_deblur_keeps_existing_outputs_without_overwrite_and_stays_inside_out(mo
     _photo(photos / "a.png", 0), _photo(photos / "b.png", 1)
     earlier = _photo(out / "photos" / "b.png", 7)  # an earlier run's output
     kept = earlier.read_bytes()
-    args = ("launch/deblur.py", "--output-dir", model_dir, photos / ".." / "photos", "--out", out, "--iterations", "0",
-            "--device", "cpu")
+    args = (
+        "launch/deblur.py",
+        "--output-dir",
+        model_dir,
+        photos / ".." / "photos",
+        "--out",
+        out,
+        "--iterations",
+        "0",
+        "--device",
+        "cpu",
+    )
     proc = run_cli(*args)
     if earlier.read_bytes() != kept:
         record(OVERWRITE, "an existing output, no --overwrite", 1, "data lost", "replaced without --overwrite")
     assert proc.returncode == 2 and "--overwrite" in proc.stderr and str(earlier) in proc.stderr, proc.stderr[-2000:]
     assert not (out / "photos" / "a.png").exists()  # refused before anything was written
-    record(OVERWRITE, "an existing output, no --overwrite", 1, "named error",
-           proc.stderr.strip().splitlines()[-1][:200])
+    record(
+        OVERWRITE, "an existing output, no --overwrite", 1, "named error", proc.stderr.strip().splitlines()[-1][:200]
+    )
 
     run_cli(*args, "--overwrite", check=True)
     assert _tree(tmp_path / "out").keys() == {"photos/a.png", "photos/b.png"} and earlier.read_bytes() != kept
@@ -96,8 +120,18 @@ STALE = "a stale ONNX graph"
 
 
 def _deblur_onnx(onnx_dir: Path, photo: Path, out: Path, iterations: int):
-    return run_cli("launch/deblur.py", "--output-dir", onnx_dir, photo, "--out", out, "--engine", "onnxruntime",
-                   "--iterations", str(iterations))
+    return run_cli(
+        "launch/deblur.py",
+        "--output-dir",
+        onnx_dir,
+        photo,
+        "--out",
+        out,
+        "--engine",
+        "onnxruntime",
+        "--iterations",
+        str(iterations),
+    )
 
 
 @pytest.mark.slow

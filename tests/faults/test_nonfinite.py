@@ -54,8 +54,13 @@ def test_diverging_lr_stops_named_and_the_last_checkpoint_resumes_skipping(forks
     tensors2, ema2 = tensors_of(step2), load_file(str(step2 / "ema.safetensors"))  # kept: the resume prunes step 2
     _assert_same(tensors2, tensors_of(ref_step2), "step 2's weights and Adam")
     _assert_same(ema2, load_file(str(ref_step2 / "ema.safetensors")), "step 2's EMA")
-    record("non-finite steps: a diverging learning rate, train.nonfinite=stop", "training run, stage f (torch)", 1,
-           "named error", f"{error[len('error: '):][:90]}...; checkpoint step 2 bitwise that of a 2-step run")
+    record(
+        "non-finite steps: a diverging learning rate, train.nonfinite=stop",
+        "training run, stage f (torch)",
+        1,
+        "named error",
+        f"{error[len('error: ') :][:90]}...; checkpoint step 2 bitwise that of a 2-step run",
+    )
 
     # resumed with the default train.nonfinite=skip: steps 3 to 6 are all Inf/NaN, each skipped (4 < patience 10)
     resumed = forkserver.run(train_argv(cfg, "f", *DIVERGING), tmp_path / "resumed").check()
@@ -65,8 +70,13 @@ def test_diverging_lr_stops_named_and_the_last_checkpoint_resumes_skipping(forks
     _assert_same(tensors_of(step6), tensors2, "step 6's weights and Adam against step 2's")
     _assert_same(load_file(str(step6 / "ema.safetensors")), ema2, "step 6's EMA against step 2's")
     _assert_same(load_file(str(out / "f.safetensors")), ema2, "the export (the EMA) against step 2's EMA")
-    record("non-finite steps: skipped (train.nonfinite=skip)", "training run, stage f (torch), resumed", 4, "identical",
-           "steps 3-6 skipped and counted (nonfinite_steps_skipped); weights, Adam, EMA and export bitwise step 2's")
+    record(
+        "non-finite steps: skipped (train.nonfinite=skip)",
+        "training run, stage f (torch), resumed",
+        4,
+        "identical",
+        "steps 3-6 skipped and counted (nonfinite_steps_skipped); weights, Adam, EMA and export bitwise step 2's",
+    )
 
 
 @pytest.mark.slow
@@ -80,8 +90,10 @@ def test_nan_in_f_skips_g_steps_then_stops_after_the_patience(forkserver, refere
     save_file(f_weights, str(nan_f))
     out = tmp_path / "out"
     cfg = train_config(tmp_path / "cfg.yaml", references.shards, out)
-    run = forkserver.run(train_argv(cfg, "g", "data.loader=torch", f"train.f_weights={nan_f}",
-                                    "train.nonfinite_patience=3"), tmp_path / "run")
+    run = forkserver.run(
+        train_argv(cfg, "g", "data.loader=torch", f"train.f_weights={nan_f}", "train.nonfinite_patience=3"),
+        tmp_path / "run",
+    )
     assert run.wait() == 1, run.stderr[-3000:]
     error = run.stderr.strip().splitlines()[-1]
     assert error.startswith("error: step 3:") and "3 non-finite steps in a row" in error, error
@@ -94,6 +106,11 @@ def test_nan_in_f_skips_g_steps_then_stops_after_the_patience(forkserver, refere
     assert optimizer["optimizer"]["state"] == {}
     weights = load_file(str(ckpts / "step-00000002" / "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
-    record("non-finite steps: an F with a NaN weight (stage g loss NaN at every step)", "training run, stage g (torch)",
-           3, "named error", "steps 1-2 skipped and counted, stopped at step 3 (train.nonfinite_patience=3); "
-           "checkpoint step 2 finite, Adam never stepped")
+    record(
+        "non-finite steps: an F with a NaN weight (stage g loss NaN at every step)",
+        "training run, stage g (torch)",
+        3,
+        "named error",
+        "steps 1-2 skipped and counted, stopped at step 3 (train.nonfinite_patience=3); "
+        "checkpoint step 2 finite, Adam never stepped",
+    )

@@ -17,7 +17,6 @@ import time
 import mlflow
 import psutil
 import pytest
-
 from conftest import ROOT, wait_for_first_checkpoint  # tests/conftest.py
 
 from .conftest import leftovers, train_config
@@ -39,16 +38,32 @@ def _rank_process(torchrun: subprocess.Popen, rank: int) -> psutil.Process:
 def test_a_stalled_rank_makes_the_other_dump_its_stacks_and_fail(shards, tmp_path, record):
     record.expect("a stalled rank (SIGSTOP on rank 1 of 2)", "training run, stage f, torchrun with 2 processes (gloo)")
     out = tmp_path / "out"
-    cfg = train_config(tmp_path / "cfg.yaml", shards, out, train={"steps": 500, "val_every": 500,
-                                                                  "hang_timeout_s": HANG_TIMEOUT_S})
+    cfg = train_config(
+        tmp_path / "cfg.yaml", shards, out, train={"steps": 500, "val_every": 500, "hang_timeout_s": HANG_TIMEOUT_S}
+    )
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     log = tmp_path / "torchrun.log"
     with open(log, "w") as fh:
         torchrun = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-             str(ROOT / "launch/train.py"), "--config", str(cfg), "--stage", "f", "data.loader=torch"],
-            cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                "2",
+                str(ROOT / "launch/train.py"),
+                "--config",
+                str(cfg),
+                "--stage",
+                "f",
+                "data.loader=torch",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
         )
     stalled = None
     try:
@@ -76,7 +91,9 @@ def test_a_stalled_rank_makes_the_other_dump_its_stacks_and_fail(shards, tmp_pat
     # torchrun's report: rank 0 ended with the watchdog's status
     assert "124" in re.findall(r"exitcode\s*: (-?\d+)", text), text[-3000:]
     header = next((line for line in text.splitlines() if line.startswith("golf watchdog: rank 0 (pid ")), None)
-    assert header is not None and "made no progress" in header and f"train.hang_timeout_s={HANG_TIMEOUT_S}" in header, text[-3000:]
+    assert header is not None and "made no progress" in header and f"train.hang_timeout_s={HANG_TIMEOUT_S}" in header, (
+        text[-3000:]
+    )
     assert "golf watchdog: rank 1" not in text
     dump = (out / "f" / "hang-rank0.txt").read_text()
     assert dump.startswith(header) and "in _run_steps" in dump and "Thread 0x" in dump, dump[:3000]
@@ -85,6 +102,11 @@ def test_a_stalled_rank_makes_the_other_dump_its_stacks_and_fail(shards, tmp_pat
     state = json.loads(next((out / "f" / "checkpoints").glob("step-*/state.json")).read_text())
     run = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(state["mlflow_run_id"])
     assert run.info.status == "FAILED", run.info.status
-    record("a stalled rank (SIGSTOP on rank 1 of 2)", "training run, stage f, torchrun with 2 processes (gloo)", 1,
-           "named error", f"rank 0 dumped every thread's stack (stderr, f/hang-rank0.txt) {detected_s:.0f} s after the "
-           f"freeze (train.hang_timeout_s={HANG_TIMEOUT_S}) and exited 124; torchrun exited {rc}")
+    record(
+        "a stalled rank (SIGSTOP on rank 1 of 2)",
+        "training run, stage f, torchrun with 2 processes (gloo)",
+        1,
+        "named error",
+        f"rank 0 dumped every thread's stack (stderr, f/hang-rank0.txt) {detected_s:.0f} s after the "
+        f"freeze (train.hang_timeout_s={HANG_TIMEOUT_S}) and exited 124; torchrun exited {rc}",
+    )

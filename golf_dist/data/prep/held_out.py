@@ -42,8 +42,10 @@ class Photograph:
 def _package_file(package: str, folder: str, name: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
-        raise DataError(f"{package} is not installed: pip install {'scikit-image' if package == 'skimage' else package}"
-                        f" (it ships {name})")
+        raise DataError(
+            f"{package} is not installed: pip install {'scikit-image' if package == 'skimage' else package}"
+            f" (it ships {name})"
+        )
     path = Path(spec.origin).parent / folder / name
     if not path.is_file():
         raise DataError(f"{path} is missing from the installed {package}: reinstall it (pip install --force-reinstall)")
@@ -52,8 +54,10 @@ def _package_file(package: str, folder: str, name: str) -> Path:
 
 def held_out_photographs() -> list[Photograph]:
     """The held-out photographs, in HELD_OUT_PHOTOGRAPHS order; a missing one is an error naming it."""
-    return [Photograph(name, package, _package_file(package, folder, name))
-            for package, folder, name in HELD_OUT_PHOTOGRAPHS]
+    return [
+        Photograph(name, package, _package_file(package, folder, name))
+        for package, folder, name in HELD_OUT_PHOTOGRAPHS
+    ]
 
 
 def real_blur_photograph() -> Photograph:

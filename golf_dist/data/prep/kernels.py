@@ -127,8 +127,9 @@ def training_kernel(family: str, rng: np.random.Generator, size: int) -> np.ndar
         return rasterise_path(_line_path(length, rng.uniform(0, np.pi), samples), size)
     if family == "arc":
         length = rng.uniform(3.0, 2.5 * reach)
-        path = _arc_path(length, rng.uniform(0.5, 1.5) * np.pi, rng.uniform(0, 2 * np.pi),
-                         max(2, int(length * _PATH_SAMPLES)))
+        path = _arc_path(
+            length, rng.uniform(0.5, 1.5) * np.pi, rng.uniform(0, 2 * np.pi), max(2, int(length * _PATH_SAMPLES))
+        )
         return rasterise_path(_fit(path, reach), size)
     if family == "defocus":
         return _disk(size, rng.uniform(0.5, min(3.5, reach)))

@@ -63,9 +63,18 @@ def fractal_noise(rng: np.random.Generator, height: int, width: int, slope: floa
     return (field / max(field.max(), 1e-12)).astype(np.float32)
 
 
-def leaf_labels(rng: np.random.Generator, height: int, width: int, *, shapes: tuple[str, ...] = SHAPES,
-                r_min: float = 2.0, r_max: float | None = None, axis_aligned: float = 0.0,
-                coverage: float = 0.998, max_leaves: int = 60000) -> np.ndarray:
+def leaf_labels(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    *,
+    shapes: tuple[str, ...] = SHAPES,
+    r_min: float = 2.0,
+    r_max: float | None = None,
+    axis_aligned: float = 0.0,
+    coverage: float = 0.998,
+    max_leaves: int = 60000,
+) -> np.ndarray:
     """Dead-leaves occlusion map: int32 H x W, each pixel the index of the front-most leaf covering it.
 
     Leaves fall front to back (a leaf shows only where no earlier one is), sizes from the power law,
@@ -84,8 +93,9 @@ def leaf_labels(rng: np.random.Generator, height: int, width: int, *, shapes: tu
         cy, cx = rng.uniform(0, height, _CHUNK), rng.uniform(0, width, _CHUNK)
         kind = rng.integers(0, len(shapes), _CHUNK)
         aspect = rng.uniform(0.3, 1.0, _CHUNK)
-        angle = np.where(rng.random(_CHUNK) < axis_aligned, rng.integers(0, 2, _CHUNK) * np.pi / 2,
-                         rng.uniform(0, np.pi, _CHUNK))
+        angle = np.where(
+            rng.random(_CHUNK) < axis_aligned, rng.integers(0, 2, _CHUNK) * np.pi / 2, rng.uniform(0, np.pi, _CHUNK)
+        )
         for i in range(_CHUNK):
             r = radius[i]
             y0, y1 = max(0, int(cy[i] - r)), min(height, int(cy[i] + r) + 2)
@@ -178,8 +188,11 @@ def _edges(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
         vertical, thickness = rng.random() < 0.5, int(rng.integers(1, 4))
         at = int(rng.integers(0, width if vertical else height))
         start, stop = np.sort(rng.integers(0, height if vertical else width, 2))
-        line = ((xs >= at) & (xs < at + thickness) & (ys >= start) & (ys < stop)) if vertical else \
-            ((ys >= at) & (ys < at + thickness) & (xs >= start) & (xs < stop))
+        line = (
+            ((xs >= at) & (xs < at + thickness) & (ys >= start) & (ys < stop))
+            if vertical
+            else ((ys >= at) & (ys < at + thickness) & (xs >= start) & (xs < stop))
+        )
         image[line] = _colours(rng, 1)[0]
     return image
 

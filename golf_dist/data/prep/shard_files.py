@@ -140,7 +140,8 @@ def _matches_plan(path: Path, shard: Shard) -> bool:
     found = [(f"{r.key}.{s}", size) for r in refs for s, (_, size) in r.members.items()]
     planned = [m for sample in shard.samples for m in sample.members(shard.fmt)]
     if len(found) != len(planned) or any(
-        name != p_name or (p_size is not None and size != p_size) for (name, size), (p_name, p_size) in zip(found, planned)
+        name != p_name or (p_size is not None and size != p_size)
+        for (name, size), (p_name, p_size) in zip(found, planned)
     ):
         return False
     return all(read_member(path, *ref.members["json"]) == s.info for ref, s in zip(refs, shard.samples))
@@ -267,7 +268,9 @@ class S3Target:
     def existing(self, split: str) -> list[str]:
         start = len(self.key(""))
         keys = storage.list_keys(self.bucket, self.key(split))
-        return sorted(k[start:] for k in keys if k.endswith((".tar", ".idx")) and "/" not in k[len(self.key(split)) + 1 :])
+        return sorted(
+            k[start:] for k in keys if k.endswith((".tar", ".idx")) and "/" not in k[len(self.key(split)) + 1 :]
+        )
 
     def read(self, relpath: str) -> bytes | None:
         return storage.get_bytes(self.bucket, self.key(relpath))

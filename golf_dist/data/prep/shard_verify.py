@@ -35,7 +35,9 @@ def verify_shards(where: str | Path, progress: bool = True) -> VerifyResult:
     target.open()
     data = target.read(MANIFEST)
     if data is None:
-        raise DataError(f"{target.describe(MANIFEST)} is missing (an unfinished or foreign shard set): {HOW_TO_MAKE_SHARDS}")
+        raise DataError(
+            f"{target.describe(MANIFEST)} is missing (an unfinished or foreign shard set): {HOW_TO_MAKE_SHARDS}"
+        )
     manifest = parse_manifest(data, target.describe(MANIFEST))
     listed = [
         item
@@ -49,7 +51,11 @@ def verify_shards(where: str | Path, progress: bool = True) -> VerifyResult:
         name = target.describe(item["path"])
         if isinstance(target, S3Target):
             size = target.size(item["path"])
-            got = None if size is None or size != item["bytes"] else storage.hash_object(target.bucket, target.key(item["path"]))
+            got = (
+                None
+                if size is None or size != item["bytes"]
+                else storage.hash_object(target.bucket, target.key(item["path"]))
+            )
             sha = got[1] if got else None
         else:
             path = target.out / item["path"]

@@ -24,6 +24,7 @@ from golf_dist.data.prep.shard_files import Shard, ShardPlan, fill_shard, plan_s
 from golf_dist.data.shard_reader import FORMAT_VERSION, MANIFEST, PARTS_DIR, SPLITS
 from golf_dist.errors import ConfigError, DataError
 
+
 @dataclass(frozen=True)
 class ShardResult:
     """What shard_gopro did: the manifest (or part record) it wrote, where, and shards written or reused."""
@@ -151,7 +152,10 @@ def _validate(splits, maxcount, workers, seed, image_format, test_format, num_pa
     if not splits or len(set(splits)) != len(splits) or any(s not in SPLITS for s in splits):
         raise ConfigError(f"--splits must be a comma-separated subset of {','.join(SPLITS)}, got {','.join(splits)}")
     for flag, value, low in (
-        ("--maxcount", maxcount, 1), ("--workers", workers, 1), ("--seed", seed, 0), ("--num-parts", num_parts, 1)
+        ("--maxcount", maxcount, 1),
+        ("--workers", workers, 1),
+        ("--seed", seed, 0),
+        ("--num-parts", num_parts, 1),
     ):
         if value < low:
             raise ConfigError(f"{flag} must be at least {low}, got {value}")
@@ -169,7 +173,11 @@ def _plan(src: Path, splits, blur_dir, maxcount, seed, image_format, test_format
     pairs = {split: scan_gopro(src, split, blur_dir) for split in splits}
     plans = {split: plan_split(pairs[split], split, formats[split], maxcount, seed) for split in splits}
     params = dict(
-        format_version=FORMAT_VERSION, image_format=image_format, blur_dir=blur_dir, seed=seed, maxcount=maxcount,
+        format_version=FORMAT_VERSION,
+        image_format=image_format,
+        blur_dir=blur_dir,
+        seed=seed,
+        maxcount=maxcount,
         splits=formats,
     )
     return pairs, plans, params
@@ -225,16 +233,25 @@ def shard_gopro(
         done = _map(_job, jobs, workers, progress, desc="writing shards", unit="shard")
         entries = {e["path"]: e for e in done}
         if part is not None:
-            frame_sizes = {split: sorted({sizes[pair] for p in mine_plans if p.split == split for _, pair in p.items})
-                           for split in splits}
+            frame_sizes = {
+                split: sorted({sizes[pair] for p in mine_plans if p.split == split for _, pair in p.items})
+                for split in splits
+            }
             record = {
-                "part": part, "num_parts": num_parts, "params": params,
+                "part": part,
+                "num_parts": num_parts,
+                "params": params,
                 "frame_sizes": {split: [list(s) for s in v] for split, v in frame_sizes.items()},
                 "shards": [entries[p.relpath] for p in mine_plans],
             }
             target.write(part_relpath(part, num_parts), _dump(record))
-            return ShardResult(record, target.describe(part_relpath(part, num_parts)),
-                               written=len(jobs) - len(reusable), reused=len(reusable), part=part)
+            return ShardResult(
+                record,
+                target.describe(part_relpath(part, num_parts)),
+                written=len(jobs) - len(reusable),
+                reused=len(reusable),
+                part=part,
+            )
         frame_sizes = {split: [sizes[pair] for pair in pairs[split]] for split in splits}
         manifest = _build_manifest(params, pairs, frame_sizes, entries, plans, splits)
         target.write(MANIFEST, _dump(manifest))  # last: a folder with a manifest is a finished one
@@ -272,8 +289,10 @@ def merge_parts(
             continue
         try:
             records[part] = json.loads(data)
-        except ValueError:
-            raise DataError(f"{target.describe(part_relpath(part, num_parts))} is not readable JSON: rerun part {part}")
+        except ValueError as err:
+            raise DataError(
+                f"{target.describe(part_relpath(part, num_parts))} is not readable JSON: rerun part {part}"
+            ) from err
     if missing:
         names = ", ".join(target.describe(part_relpath(p, num_parts)) for p in missing)
         raise DataError(
@@ -285,8 +304,10 @@ def merge_parts(
     for part, record in records.items():
         where = target.describe(part_relpath(part, num_parts))
         if record.get("params") != params or record.get("num_parts") != num_parts:
-            raise DataError(f"{where} was written with other arguments than this --merge (source, --format, --seed, "
-                            f"--maxcount, --splits or --blur-dir differ): rerun that part or fix the arguments")
+            raise DataError(
+                f"{where} was written with other arguments than this --merge (source, --format, --seed, "
+                f"--maxcount, --splits or --blur-dir differ): rerun that part or fix the arguments"
+            )
         wanted = [p.relpath for i, p in enumerate(flat) if i % num_parts == part]
         if [e["path"] for e in record["shards"]] != wanted:
             raise DataError(f"{where} lists other shards than this plan gives part {part}: rerun that part")

@@ -176,8 +176,9 @@ class Variety:
     clean_share: float = 0.0
 
 
-def _plan(seed: int, pairs: dict[str, int], frames_per_scene: int, sources: list[Path],
-          content: str = "photos") -> list[_Scene]:
+def _plan(
+    seed: int, pairs: dict[str, int], frames_per_scene: int, sources: list[Path], content: str = "photos"
+) -> list[_Scene]:
     names: set[str] = set()
     scenes = []
     for split in reversed(SPLITS):
@@ -193,7 +194,7 @@ def _plan(seed: int, pairs: dict[str, int], frames_per_scene: int, sources: list
             name = ""
             while not name or name in names:
                 take = rng.choice(3, p=[0.8, 0.1, 0.1])
-                name = "GOPR%04d_%02d_%02d" % (rng.integers(300, 1000), rng.integers(0, 20), take)
+                name = "GOPR%04d_%02d_%02d" % (rng.integers(300, 1000), rng.integers(0, 20), take)  # noqa: UP031
             names.add(name)
             count = min(frames_per_scene, pairs[split] - i * frames_per_scene)
             start = base - int(rng.integers(0, count))
@@ -204,8 +205,16 @@ def _plan(seed: int, pairs: dict[str, int], frames_per_scene: int, sources: list
     return scenes
 
 
-def _render_scene(scene: _Scene, height: int, width: int, seed: int, root: Path, kernel: int | None,
-                  noise: tuple[float, float], variety: Variety = Variety()) -> None:
+def _render_scene(
+    scene: _Scene,
+    height: int,
+    width: int,
+    seed: int,
+    root: Path,
+    kernel: int | None,
+    noise: tuple[float, float],
+    variety: Variety = Variety(),
+) -> None:
     split_id = SPLITS.index(scene.split)
     rng = np.random.default_rng([seed, _SCENE, split_id, scene.index])
     n = len(scene.frames)
@@ -225,8 +234,11 @@ def _render_scene(scene: _Scene, height: int, width: int, seed: int, root: Path,
 
     if scene.procedural:
         # drawn 1.4 times the size needed, so that the view's zoom below only ever shrinks it (stays sharp)
-        pixels = procedural_scene(np.random.default_rng([seed, _CONTENT, split_id, scene.index]),
-                                  math.ceil(need_h * 1.4), math.ceil(need_w * 1.4))
+        pixels = procedural_scene(
+            np.random.default_rng([seed, _CONTENT, split_id, scene.index]),
+            math.ceil(need_h * 1.4),
+            math.ceil(need_w * 1.4),
+        )
         src = Image.fromarray(np.rint(pixels * 255).astype(np.uint8))
     else:
         with Image.open(scene.source) as im:
@@ -255,8 +267,18 @@ def _render_scene(scene: _Scene, height: int, width: int, seed: int, root: Path,
         Image.fromarray(blur).save(blur_dir / f"{frame}.png", format="PNG", compress_level=PNG_COMPRESS_LEVEL)
 
 
-def _render_all(scenes: list, height: int, width: int, seed: int, folder: Path, kernel: int | None,
-                noise: tuple[float, float], workers: int, progress: bool, variety: Variety = Variety()) -> None:
+def _render_all(
+    scenes: list,
+    height: int,
+    width: int,
+    seed: int,
+    folder: Path,
+    kernel: int | None,
+    noise: tuple[float, float],
+    workers: int,
+    progress: bool,
+    variety: Variety = Variety(),
+) -> None:
     """Every scene into `folder`, by `workers` processes, with one progress bar over the pairs."""
     total = sum(len(scene.frames) for scene in scenes)
     with tqdm(total=total, unit="pair", desc="synthetic GoPro", disable=not progress) as bar:
@@ -267,8 +289,9 @@ def _render_all(scenes: list, height: int, width: int, seed: int, folder: Path, 
             return
         pool = ProcessPoolExecutor(workers)
         try:
-            futures = {pool.submit(_render_scene, sc, height, width, seed, folder, kernel, noise, variety): sc
-                       for sc in scenes}
+            futures = {
+                pool.submit(_render_scene, sc, height, width, seed, folder, kernel, noise, variety): sc for sc in scenes
+            }
             for future in as_completed(futures):
                 future.result()
                 bar.update(len(futures[future].frames))
@@ -316,9 +339,13 @@ def make_synthetic_gopro(
         if value < low:
             raise ConfigError(f"{flag} must be at least {low}, got {value}")
     if not 0 <= noise[0] <= noise[1] <= 64:
-        raise ConfigError(f"--noise must be LOW HIGH with 0 <= LOW <= HIGH <= 64 (sigma, of 255), got {noise[0]} {noise[1]}")
+        raise ConfigError(
+            f"--noise must be LOW HIGH with 0 <= LOW <= HIGH <= 64 (sigma, of 255), got {noise[0]} {noise[1]}"
+        )
     if kernel is not None and (kernel < 3 or kernel % 2 == 0 or kernel > min(height, width) // 2):
-        raise ConfigError(f"--kernel-size must be odd, at least 3 and at most half the frame's short side, got {kernel}")
+        raise ConfigError(
+            f"--kernel-size must be odd, at least 3 and at most half the frame's short side, got {kernel}"
+        )
     _check_variety(variety, kernel)
     out = Path(out)
     if out.exists() and not out.is_dir():
