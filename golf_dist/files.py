@@ -5,7 +5,8 @@ pattern is written.
 systems); when the writer is done the file is fsynced, renamed over `path` and the folder fsynced, so after a
 crash `path` holds the old bytes or the new, never part of them. On any error the temporary is removed, and a
 full disk (ENOSPC, EDQUOT) becomes a StorageFullError naming `path`. `write_atomic` does this for bytes in
-memory. `sha256_file` is the SHA-256 the manifests and checkpoints record.
+memory. `install_folders` does it for a tree of files (the synthetic set's splits). `sha256_file` is the
+SHA-256 the manifests and checkpoints record.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import contextlib
 import hashlib
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from golf_dist.errors import raise_if_storage_full
@@ -55,6 +56,31 @@ def atomic_path(path: Path, tmp: Path | None = None) -> Iterator[Path]:
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Every file under `folder` and every folder's entries on disk (before the tree is renamed into place)."""
+    for root, _dirs, names in os.walk(folder):
+        for name in names:
+            fsync_file(Path(root) / name)
+        fsync_dir(Path(root))
+
+
+def install_folders(staged: Path, out: Path, names: Sequence[str]) -> None:
+    """Put the folders `names`, made under `staged` (a temporary folder beside `out`), in place under `out`:
+    the staged tree is fsynced first; a new `out` is `staged` renamed in one step; an existing one gets each
+    folder by rename, the old folder moved into `staged` first (deleted with it by the caller), so the old
+    data goes only once the new is in."""
+    fsync_tree(staged)
+    if not out.exists():
+        os.replace(staged, out)
+        fsync_dir(out.parent)
+        return
+    for name in names:
+        if (out / name).exists():
+            os.replace(out / name, staged / f"old-{name}")
+        os.replace(staged / name, out / name)
+    fsync_dir(out)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

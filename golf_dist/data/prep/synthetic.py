@@ -27,6 +27,7 @@ from tqdm import tqdm
 from golf_dist.data.prep.kernels import draw_training_kernel, noise_sigma, wide_kernel_size
 from golf_dist.data.prep.scenes import procedural_scene
 from golf_dist.errors import ConfigError, DataError
+from golf_dist.files import install_folders
 
 SPLITS = ("train", "test")
 # Natural RGB photographs shipped in the scikit-image wheel. Left out: color.png (a smooth colour wheel)
@@ -364,14 +365,7 @@ def make_synthetic_gopro(
     tmp = parent / f"{tmp_prefix}{os.getpid()}"
     try:
         _render_all(scenes, height, width, seed, tmp, kernel, noise, workers, progress, variety)
-        if not out.exists():
-            os.replace(tmp, out)
-        else:
-            # Old splits go into the temporary folder first, so they are deleted only once the new ones are in.
-            for split in SPLITS:
-                if (out / split).exists():
-                    os.replace(out / split, tmp / f"old-{split}")
-                os.replace(tmp / split, out / split)
+        install_folders(tmp, out, SPLITS)  # fsynced, then renamed in; old splits deleted only once the new are in
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {
