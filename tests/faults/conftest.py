@@ -25,6 +25,7 @@ from conftest import (
     run_cli,
     write_config,
 )  # tests/conftest.py (this folder is the package `faults`)
+from filelock import FileLock
 from fork_runs import ForkServer, server_for
 from plain_runs import FORK_SERVER, PlainServer
 
@@ -46,17 +47,27 @@ def results_path() -> Path:
 
 
 _lock = threading.Lock()
-_fresh = False  # emptied yet in this pytest session
+_fresh = False  # checked yet in this process
+# One id for the whole pytest run: xdist gives its workers a shared one; a run without xdist is one process.
+RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid-{os.getpid()}"
 
 
 def _start_results() -> None:
+    """Empty the results file once per pytest run, not once per worker: the file names the run that emptied it
+    (a sidecar `.run` file, under a file lock), so a worker whose first fault test comes late does not wipe the
+    rows the other worker already wrote."""
     global _fresh
     with _lock:
-        if not _fresh:
-            path = results_path()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("")
-            _fresh = True
+        if _fresh:
+            return
+        path = results_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        owner = path.with_name(path.name + ".run")
+        with FileLock(str(path) + ".lock"):
+            if not owner.exists() or owner.read_text() != RUN_ID:
+                path.write_text("")
+                owner.write_text(RUN_ID)
+        _fresh = True
 
 
 def write_row(row: dict) -> None:
