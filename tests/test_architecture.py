@@ -100,6 +100,19 @@ def test_training_never_imports_the_offline_data_prep():
         assert not reachable(graph, entry) & offline, entry
 
 
+def test_the_held_out_evaluation_reads_only_the_held_out_photographs_and_kernels():
+    """golf-evaluate --held-out (golf_dist/evaluation/held_out.py) needs data/prep's list of held-out photographs
+    and its held-out kernel shapes: both are plain functions of numpy and the installed packages, which write
+    nothing. It must never reach what writes or verifies shards or makes the synthetic set (sharding, shard_files,
+    shard_verify, gopro, synthetic, scenes): the rule above stays whole for training, the shards' evaluation,
+    deblur and the loaders."""
+    graph = import_graph()
+    allowed = {f"{OFFLINE}.held_out", f"{OFFLINE}.kernels"}
+    for entry in ("golf_dist.evaluation.held_out", "golf_dist.commands.evaluate"):
+        reached = {name for name in reachable(graph, entry) if name.startswith(OFFLINE + ".")}
+        assert reached == allowed, (entry, reached)  # equal: the check sees the imports it allows
+
+
 def test_the_architecture_layout_names_every_module():
     layout = LAYOUT.read_text().split("## Layout", 1)[1]
     missing = [p.name for p in PACKAGE.rglob("*.py") if p.name != "__init__.py" and p.name not in layout]

@@ -16,7 +16,16 @@ from pathlib import Path
 from golf_dist.commands.common import add_ensemble_argument, run_main
 from golf_dist.config import load_config, parse_overrides
 from golf_dist.configs import PAPER_CONFIG
+from golf_dist.data.prep.kernels import HELD_OUT_SHAPES
 from golf_dist.errors import ConfigError
+from golf_dist.evaluation.held_out import (
+    BORDER,
+    DEFAULT_CROP,
+    DEFAULT_NOISE,
+    parse_options,
+    print_held_out,
+    run_held_out,
+)
 from golf_dist.inference.engine import MAX_ITERATIONS, check_iterations
 from golf_dist.inference.tiling import MAX_TILES, MIN_TILE
 
@@ -31,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"G iterations, 0 to {MAX_ITERATIONS} (default: eval.iterations of the run's config, paper: 3)",
     )
     parser.add_argument("--shards", help="shard folder (default: data.shards of the run's config)")
-    parser.add_argument("--split", default="test", help="split to evaluate (default: %(default)s)")
+    parser.add_argument("--split", help="split to evaluate (default: test)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N pairs")
     parser.add_argument(
         "--tile",
@@ -53,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         help="with --register: the folder whose PNG/JPEG files the "
         "served model may read through its 'path' column (default: none; callers send pixels)",
     )
+    add_held_out_arguments(parser)
     parser.add_argument("--config", help="config for tracking.* and eval.* (default: the run's resolved config)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. tracking.uri=...")
     args = parser.parse_args(argv)
@@ -74,10 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--path-root {args.path_root} is not a folder")
 
     check_tiling(args.tile, args.overlap)
+    if args.held_out or any(getattr(args, flag) is not None for flag in HELD_OUT_OPTIONS):
+        return held_out(args, out, iterations, cfg)
     result = run_evaluation(
         out,
         args.shards or cfg.data.shards,
-        args.split,
+        args.split or "test",
         iterations,
         args.limit,
         cfg.tracking,
@@ -92,6 +104,63 @@ def main(argv: list[str] | None = None) -> int:
     )
     if result is not None:
         print_result(result)
+    return 0
+
+
+HELD_OUT_OPTIONS = ("held_out_crop", "held_out_kernels", "held_out_noise", "held_out_seed", "held_out_photographs")
+
+
+def add_held_out_arguments(parser: argparse.ArgumentParser) -> None:
+    held = parser.add_argument_group("held-out photographs (golf_dist/evaluation/held_out.py; docs/training.md)")
+    held.add_argument(
+        "--held-out",
+        action="store_true",
+        help="instead of the shards: photographs and kernel shapes training never sees, each kernel at each noise "
+        f"level; PSNR in, out and gain per case away from a {BORDER}-pixel border, a summary, held_out.json, "
+        "figures (also clock_motion.png, real camera blur, before and after) and an MLflow run",
+    )
+    held.add_argument(
+        "--held-out-crop",
+        type=int,
+        metavar="N",
+        help=f"central N x N crop of each photograph, a shorter side kept whole (default: {DEFAULT_CROP})",
+    )
+    held.add_argument(
+        "--held-out-kernels",
+        metavar="SHAPE,...",
+        help=f"held-out kernel shapes, comma-separated (default: all of {','.join(HELD_OUT_SHAPES)})",
+    )
+    held.add_argument(
+        "--held-out-noise",
+        metavar="SIGMA,...",
+        help=f"noise sigmas of 255, comma-separated (default: {','.join(f'{n:g}' for n in DEFAULT_NOISE)})",
+    )
+    held.add_argument("--held-out-seed", type=int, metavar="N", help="seed of the kernels and noise (default: 0)")
+    held.add_argument(
+        "--held-out-photographs",
+        nargs="+",
+        metavar="FILE",
+        help="sharp PNG or JPEG photographs to use instead of the seven shipped with scikit-image and matplotlib",
+    )
+
+
+def held_out(args: argparse.Namespace, out: Path, iterations: int, cfg) -> int:
+    """--held-out (its options without it, and flags that only the shards' evaluation takes, are refused), then
+    golf_dist.evaluation.held_out."""
+    if not args.held_out:
+        option = next(flag for flag in HELD_OUT_OPTIONS if getattr(args, flag) is not None)
+        raise ConfigError(f"--{option.replace('_', '-')} applies to --held-out: give --held-out too")
+    given = [flag for flag in ("shards", "split", "limit", "register", "path_root") if getattr(args, flag) is not None]
+    if given:
+        raise ConfigError(f"--{given[0].replace('_', '-')} applies to the shards' evaluation, not to --held-out")
+    options = parse_options(
+        args.held_out_crop, args.held_out_kernels, args.held_out_noise, args.held_out_seed, args.held_out_photographs
+    )
+    result = run_held_out(
+        out, iterations, cfg.tracking, options, cfg.speed, tile=args.tile, overlap=args.overlap, ensemble=args.ensemble
+    )
+    if result is not None:
+        print_held_out(result)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Figures a person looks at: PSNR against G iteration, training curves, and blur | F | F + N G | sharp.
+"""Figures a person looks at: PSNR against G iteration, training curves, blur | F | F + N G | sharp, and the
+held-out evaluation's gain map and before | after picture.
 
 matplotlib with the Agg backend (no display needed); every function writes one PNG atomically and returns
 its path.
@@ -165,6 +166,51 @@ def comparison(frames: Sequence[dict], path: Path, region: int = 96, iterations:
             ax.set_yticks([])
         row[0].set_ylabel(f"{frame['key']}\n({top},{left}) {size}x{size}", fontsize=8)
     fig.suptitle("PSNR of the region shown against the sharp frame", fontsize=9)
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def gain_map(cases: Sequence[dict], path: Path, title: str = "") -> Path:
+    """A heat map of PSNR gain (dB): one row per photograph, one column per kernel and noise level, each cell
+    annotated, red for a loss, blue for a gain. `cases`: dicts with photograph, kernel, noise, gain. What is drawn
+    is also stored in the PNG's text chunk `golf:series` (JSON: rows, columns, gain)."""
+    plt = _pyplot()
+    rows = list(dict.fromkeys(c["photograph"] for c in cases))
+    columns = list(dict.fromkeys((c["kernel"], c["noise"]) for c in cases))
+    gain = np.full((len(rows), len(columns)), np.nan)
+    for c in cases:
+        gain[rows.index(c["photograph"]), columns.index((c["kernel"], c["noise"]))] = c["gain"]
+    limit = max(0.1, float(np.nanmax(np.abs(gain))))
+    fig, ax = plt.subplots(figsize=(1.1 * len(columns) + 2.5, 0.45 * len(rows) + 1.8))
+    shown = ax.imshow(gain, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
+    for (i, j), value in np.ndenumerate(gain):
+        ax.text(j, i, f"{value:+.2f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(columns)))
+    ax.set_xticklabels([f"{k}\nnoise {n:g}" for k, n in columns], fontsize=7, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(rows, fontsize=8)
+    fig.colorbar(shown, ax=ax, label="PSNR gain over the blurred input (dB)")
+    ax.set_title(title or "PSNR gain per photograph and kernel", fontsize=9)
+    series = json.dumps({"rows": rows, "columns": [list(c) for c in columns], "gain": gain.tolist()})
+    try:
+        return _save(fig, path, {"golf:series": series})
+    finally:
+        plt.close(fig)
+
+
+def before_after(before: np.ndarray, after: np.ndarray, path: Path, title: str = "") -> Path:
+    """Two HxWx3 uint8 pictures side by side: the input and the restoration (no reference, no metric)."""
+    plt = _pyplot()
+    height, width = before.shape[:2]
+    fig, axes = plt.subplots(1, 2, figsize=(2 * 4.5, 4.5 * height / width + 0.6))
+    for ax, image, label in zip(axes, (before, after), ("input", "restored")):
+        ax.imshow(image, interpolation="nearest")
+        ax.set_title(label, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
     try:
         return _save(fig, path)
     finally:

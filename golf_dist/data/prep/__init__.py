@@ -5,4 +5,9 @@ shard_files.py   the shard targets (a folder or an S3 prefix), each shard writte
 shard_verify.py  golf-shard --verify: every shard and index against the manifest
 gopro.py         the GoPro folder layout: its pairs, checked
 synthetic.py     a synthetic GoPro-like data set (data_prep/synth_gopro.py)
+scenes.py        procedural scenes for its content
+kernels.py       its blur kernels and noise, and kernel shapes it never draws
+held_out.py      photographs it never uses
+
+golf-evaluate --held-out (golf_dist/evaluation/held_out.py) reads held_out.py and kernels.py, nothing else here.
 """
