@@ -3,6 +3,7 @@ blurred input, and the mean PSNR after each G iteration 0..N (the 'golf' converg
 
     python launch/evaluate.py --output-dir runs/demo --iterations 3
     python launch/evaluate.py --output-dir runs/demo --ensemble x8 --register golf-demo   # + an MLflow model
+    python launch/evaluate.py --output-dir runs/demo --iterations auto     # G until each frame has converged
     accelerate launch launch/evaluate.py --output-dir runs/gopro     # pairs spread over ranks, exact mean
 
 The last line printed is one JSON object (psnr, ssim, input_psnr, input_ssim, psnr_per_iteration, ...).
@@ -13,23 +14,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from golf_dist.commands.common import add_ensemble_argument, run_main
+from golf_dist.commands.common import add_ensemble_argument, add_iterations_arguments, run_main
 from golf_dist.config import load_config, parse_overrides
 from golf_dist.configs import PAPER_CONFIG
 from golf_dist.errors import ConfigError
-from golf_dist.inference.engine import MAX_ITERATIONS, check_iterations
+from golf_dist.inference.engine import check_iterations, parse_iterations
 from golf_dist.inference.tiling import MAX_TILES, MIN_TILE
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", required=True, help="training output folder (f.safetensors, g.safetensors)")
-    parser.add_argument(
-        "--iterations",
-        type=int,
-        default=None,
-        help=f"G iterations, 0 to {MAX_ITERATIONS} (default: eval.iterations of the run's config, paper: 3)",
-    )
+    add_iterations_arguments(parser, "eval.iterations of the run's config, paper: 3")
     parser.add_argument("--shards", help="shard folder (default: data.shards of the run's config)")
     parser.add_argument("--split", default="test", help="split to evaluate (default: %(default)s)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N pairs")
@@ -62,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         resolved = [out / s / "config.yaml" for s in ("g", "f") if (out / s / "config.yaml").is_file()]
         config = resolved[0] if resolved else PAPER_CONFIG  # its tracking.* and eval.* are the schema's defaults
     cfg = load_config(config, overrides=parse_overrides(args.overrides))
-    iterations = cfg.eval.iterations if args.iterations is None else args.iterations
-    check_iterations(iterations, "eval.iterations" if args.iterations is None else "--iterations")
+    if args.iterations is None:
+        check_iterations(cfg.eval.iterations, "eval.iterations")
+    iterations = parse_iterations(
+        cfg.eval.iterations if args.iterations is None else args.iterations, args.tolerance, args.max_iterations
+    )
 
     from golf_dist.evaluation.workflow import print_result, run_evaluation
     from golf_dist.inference.tiling import check_tiling
