@@ -130,3 +130,26 @@ def golf_iterates(
         x = g(x)
         out.append(keep(x))
     return out
+
+
+class GolfSteps:
+    """F's estimate of an NxCxHxW batch (`estimate`), then one G iteration per call of `step`, for a caller that
+    decides when to stop (adaptive iterations: golf_dist.inference.engine.restore). In a step, an image not
+    `active` keeps its estimate and G does not run on it: G's InstanceNorm normalises each image on its own, so
+    the images that do run get the output they would get alone. As golf_iterates, each estimate is a copy on CUDA.
+    """
+
+    def __init__(self, f: torch.nn.Module, g: torch.nn.Module | None, blur: Tensor):
+        self.g = g
+        self._keep = (lambda t: t.clone()) if blur.is_cuda else (lambda t: t)
+        self.estimate = self._keep(f(blur))
+
+    def step(self, active: Tensor | None = None) -> Tensor:
+        """The batch after one more G iteration on its `active` images (a bool tensor per image; None: all)."""
+        if active is None or bool(active.all()):
+            self.estimate = self._keep(self.g(self.estimate))
+        elif bool(active.any()):
+            updated = self.estimate.clone()
+            updated[active] = self.g(self.estimate[active])
+            self.estimate = updated
+        return self.estimate

@@ -210,6 +210,7 @@ def random_out(tmp_path_factory):
         (["--held-out", "--held-out-crop", "20"], 2, "--held-out-crop must be at least"),
         (["--held-out-crop", "64"], 2, "--held-out-crop applies to --held-out"),
         (["--held-out", "--limit", "2"], 2, "--limit applies to the shards' evaluation"),
+        (["--held-out", "--iterations", "auto"], 2, "--iterations auto applies to the shards' evaluation"),
     ],
 )
 def test_bad_flags_exit_naming_them_before_any_work(random_out, flags, status, named):

@@ -46,3 +46,28 @@ def add_ensemble_argument(parser: argparse.ArgumentParser) -> None:
         help="self-ensemble: average over x8 flips and transposes, x4 flips, x2 a horizontal flip; "
         "costs that many passes (default: %(default)s, none)",
     )
+
+
+def add_iterations_arguments(parser: argparse.ArgumentParser, default: str) -> None:
+    """--iterations (a count or auto), --tolerance and --max-iterations of evaluate and deblur, as text:
+    golf_dist.inference.engine.parse_iterations checks them, naming the flag (exit 2)."""
+    from golf_dist.inference.engine import DEFAULT_MAX_ITERATIONS, DEFAULT_TOLERANCE, MAX_ITERATIONS
+
+    parser.add_argument(
+        "--iterations",
+        metavar="N|auto",
+        help=f"G iterations after F, 0 to {MAX_ITERATIONS}, or auto: G runs on each image until its update's mean "
+        f"absolute change is below --tolerance, at most --max-iterations times (default: {default})",
+    )
+    parser.add_argument(
+        "--tolerance",
+        metavar="T",
+        help="with --iterations auto: stop once an iteration changes the image by less than T on average "
+        f"(pixels in [0, 1]; default: {DEFAULT_TOLERANCE:g})",
+    )
+    parser.add_argument(
+        "--max-iterations",
+        metavar="M",
+        help=f"with --iterations auto: at most M G iterations, 1 to {MAX_ITERATIONS} "
+        f"(default: {DEFAULT_MAX_ITERATIONS})",
+    )

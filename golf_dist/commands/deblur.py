@@ -2,6 +2,7 @@
 
 python launch/deblur.py --output-dir runs/demo photo.jpg more_photos/ --out deblurred/
 python launch/deblur.py --output-dir runs/demo photo.jpg --out deblurred/ --ensemble x8   # 8 passes, averaged
+python launch/deblur.py --output-dir runs/demo photo.jpg --out deblurred/ --iterations auto  # G until converged
 python launch/deblur.py --output-dir onnx/ photo.jpg --out deblurred/ --engine onnxruntime  # launch/export.py's
 """
 
@@ -10,8 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from golf_dist.commands.common import add_ensemble_argument, run_main
-from golf_dist.inference.engine import MAX_ITERATIONS
+from golf_dist.commands.common import add_ensemble_argument, add_iterations_arguments, run_main
+from golf_dist.inference.engine import AutoIterations, parse_iterations
 from golf_dist.inference.tiling import MAX_TILES, MIN_TILE
 
 
@@ -32,12 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="replace outputs that exist already (default: refuse them, nothing written); an input is never replaced",
     )
-    parser.add_argument(
-        "--iterations",
-        type=int,
-        default=3,
-        help=f"G iterations after F, 0 to {MAX_ITERATIONS} (default: %(default)s, the paper's)",
-    )
+    add_iterations_arguments(parser, "3, the paper's")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument(
         "--tile",
@@ -55,19 +51,26 @@ def main(argv: list[str] | None = None) -> int:
         "launch/export.py --onnx (default: %(default)s)",
     )
     args = parser.parse_args(argv)
+    iterations = parse_iterations(
+        "3" if args.iterations is None else args.iterations, args.tolerance, args.max_iterations
+    )
     from golf_dist.inference.deblur import deblur_files
+
+    def report(path: Path, used: int) -> None:  # auto: how many G iterations each image took
+        print(f"{path}: {used} G iteration{'s' if used != 1 else ''}", flush=True)
 
     written = deblur_files(
         Path(args.output_dir),
         args.inputs,
         Path(args.out),
-        args.iterations,
+        iterations,
         args.device,
         tile=args.tile,
         overlap=args.overlap,
         ensemble=args.ensemble,
         engine=args.engine,
         overwrite=args.overwrite,
+        on_image=report if isinstance(iterations, AutoIterations) else None,
     )
     print(f"wrote {len(written)} image(s) to {args.out}")
     return 0

@@ -3,6 +3,7 @@ blurred input, and the mean PSNR after each G iteration 0..N (the 'golf' converg
 
     python launch/evaluate.py --output-dir runs/demo --iterations 3
     python launch/evaluate.py --output-dir runs/demo --ensemble x8 --register golf-demo   # + an MLflow model
+    python launch/evaluate.py --output-dir runs/demo --iterations auto     # G until each frame has converged
     accelerate launch launch/evaluate.py --output-dir runs/gopro     # pairs spread over ranks, exact mean
 
 The last line printed is one JSON object (psnr, ssim, input_psnr, input_ssim, psnr_per_iteration, ...).
@@ -13,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from golf_dist.commands.common import add_ensemble_argument, run_main
+from golf_dist.commands.common import add_ensemble_argument, add_iterations_arguments, run_main
 from golf_dist.config import load_config, parse_overrides
 from golf_dist.configs import PAPER_CONFIG
 from golf_dist.data.prep.kernels import HELD_OUT_SHAPES
@@ -26,19 +27,14 @@ from golf_dist.evaluation.held_out import (
     print_held_out,
     run_held_out,
 )
-from golf_dist.inference.engine import MAX_ITERATIONS, check_iterations
+from golf_dist.inference.engine import check_iterations, parse_iterations
 from golf_dist.inference.tiling import MAX_TILES, MIN_TILE
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", required=True, help="training output folder (f.safetensors, g.safetensors)")
-    parser.add_argument(
-        "--iterations",
-        type=int,
-        default=None,
-        help=f"G iterations, 0 to {MAX_ITERATIONS} (default: eval.iterations of the run's config, paper: 3)",
-    )
+    add_iterations_arguments(parser, "eval.iterations of the run's config, paper: 3")
     parser.add_argument("--shards", help="shard folder (default: data.shards of the run's config)")
     parser.add_argument("--split", help="split to evaluate (default: test)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N pairs")
@@ -72,8 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         resolved = [out / s / "config.yaml" for s in ("g", "f") if (out / s / "config.yaml").is_file()]
         config = resolved[0] if resolved else PAPER_CONFIG  # its tracking.* and eval.* are the schema's defaults
     cfg = load_config(config, overrides=parse_overrides(args.overrides))
-    iterations = cfg.eval.iterations if args.iterations is None else args.iterations
-    check_iterations(iterations, "eval.iterations" if args.iterations is None else "--iterations")
+    if args.iterations is None:
+        check_iterations(cfg.eval.iterations, "eval.iterations")
+    iterations = parse_iterations(
+        cfg.eval.iterations if args.iterations is None else args.iterations, args.tolerance, args.max_iterations
+    )
 
     from golf_dist.evaluation.workflow import print_result, run_evaluation
     from golf_dist.inference.tiling import check_tiling
@@ -144,7 +143,7 @@ def add_held_out_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def held_out(args: argparse.Namespace, out: Path, iterations: int, cfg) -> int:
+def held_out(args: argparse.Namespace, out: Path, iterations, cfg) -> int:
     """--held-out (its options without it, and flags that only the shards' evaluation takes, are refused), then
     golf_dist.evaluation.held_out."""
     if not args.held_out:
@@ -153,6 +152,8 @@ def held_out(args: argparse.Namespace, out: Path, iterations: int, cfg) -> int:
     given = [flag for flag in ("shards", "split", "limit", "register", "path_root") if getattr(args, flag) is not None]
     if given:
         raise ConfigError(f"--{given[0].replace('_', '-')} applies to the shards' evaluation, not to --held-out")
+    if not isinstance(iterations, int):  # the held-out table compares cases at one count of G iterations
+        raise ConfigError("--iterations auto applies to the shards' evaluation, not to --held-out: give a count")
     options = parse_options(
         args.held_out_crop, args.held_out_kernels, args.held_out_noise, args.held_out_seed, args.held_out_photographs
     )

@@ -148,9 +148,10 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return 10 * np.log10(1.0 / max(mse, 1e-12))
 
 
-def comparison(frames: Sequence[dict], path: Path, region: int = 96, iterations: int = 3) -> Path:
-    """One row per frame: blur | F | F + N G | sharp, on the region where the output gains most, each panel
-    titled with the region's PSNR. `frames`: dicts with key, blur, f, final, sharp (HxWx3 float in [0, 1])."""
+def comparison(frames: Sequence[dict], path: Path, region: int = 96, iterations: int | str = 3) -> Path:
+    """One row per frame: blur | F | F + N G (N: a count or "auto") | sharp, on the region where the output gains
+    most, each panel titled with the region's PSNR. `frames`: dicts with key, blur, f, final, sharp (HxWx3 float
+    in [0, 1])."""
     plt = _pyplot()
     cols = ["blurred input", "F", f"F + {iterations} G", "sharp"]
     fig, axes = plt.subplots(len(frames), 4, figsize=(12, 3.2 * len(frames)), squeeze=False)

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from golf_dist.data.torch_loader import ShardPairs, full_frame_loader, unwrapped_errors
-from golf_dist.inference.engine import restore_iterates, to_uint8
+from golf_dist.inference.engine import AutoIterations, most_iterations, restore, to_uint8
 from golf_dist.metrics import SSIM_VARIANT, psnr, ssim
 
 
@@ -30,11 +30,23 @@ def triplet(blur: torch.Tensor, output: torch.Tensor, sharp: torch.Tensor) -> np
     return np.concatenate([to_uint8(blur), to_uint8(output), to_uint8(sharp)], axis=1)
 
 
+def iterations_used(counts: list[float]) -> dict[str, Any]:
+    """The G iterations the pairs used, from how many used 0, 1, 2, ...: mean, min, max and the count per value."""
+    by_value = {n: int(round(c)) for n, c in enumerate(counts) if round(c) > 0}
+    pairs = sum(by_value.values())
+    return {
+        "mean": sum(n * c for n, c in by_value.items()) / pairs,
+        "min": min(by_value),
+        "max": max(by_value),
+        "counts": {str(n): c for n, c in by_value.items()},
+    }
+
+
 def evaluate_pairs(
     f: torch.nn.Module,
     g: torch.nn.Module | None,
     pairs: ShardPairs,
-    iterations: int,
+    iterations: int | AutoIterations,
     device: torch.device,
     rank: int = 0,
     world: int = 1,
@@ -60,10 +72,14 @@ def evaluate_pairs(
     final, sharp). `tile`: run on overlapping tiles of that side (golf_dist.inference.tiling); None: whole frames.
     `ensemble`: average over flips and transposes (golf_dist.inference.ensemble; x1: none). `seconds_per_pair`: the
     mean wall time of one frame's restoration (F, the G iterations, tiles and ensemble; not the metrics).
+    `iterations` may be AutoIterations (G until each frame's update is small, golf_dist.inference.engine.restore):
+    a frame that stopped keeps its estimate in the later entries of psnr_per_iteration (0..the maximum), and
+    `iterations_used` gives the iterations the frames ran (mean, min, max, count per value) in either case.
     """
-    steps = iterations if g is not None else 0
-    # sums: count, psnr, ssim, input psnr, input ssim, seconds, psnr after iteration 0..steps
-    sums = torch.zeros(6 + steps + 1, dtype=torch.float64)
+    steps = most_iterations(iterations) if g is not None else 0
+    # sums: count, psnr, ssim, input psnr, input ssim, seconds, psnr after iteration 0..steps, frames that used
+    # 0..steps G iterations
+    sums = torch.zeros(6 + 2 * (steps + 1), dtype=torch.float64)
     shown, kept = [], []
     loader = full_frame_loader(pairs, rank, world, limit=limit, num_workers=1)
     frames = tqdm(unwrapped_errors(loader), total=len(loader), desc="evaluate", disable=not progress, leave=False)
@@ -72,8 +88,8 @@ def evaluate_pairs(
         sharp = sharp.unsqueeze(0).to(device)
         started = time.perf_counter()
         with autocast() if autocast is not None else contextlib.nullcontext():
-            estimates = restore_iterates(f, g, blur, steps, tile, overlap, ensemble)
-        estimates = [e.float() for e in estimates]
+            restored = restore(f, g, blur, iterations if g is not None else 0, tile, overlap, ensemble)
+        estimates = [e.float() for e in restored.iterates]
         if estimates[-1].is_cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
@@ -82,7 +98,9 @@ def evaluate_pairs(
         if with_ssim:
             row[2] = ssim(final, sharp).item()
             row[4] = ssim(blur, sharp).item()
+        estimates += estimates[-1:] * (steps + 1 - len(estimates))  # stopped early (auto): held at its last
         row += [psnr(e, sharp).item() for e in estimates]
+        row += [float(n == int(restored.used[0])) for n in range(steps + 1)]
         sums += torch.tensor(row, dtype=torch.float64)
         if len(shown) < samples:
             shown_estimate = estimates[-1 if sample_iteration is None else sample_iteration]
@@ -108,7 +126,8 @@ def evaluate_pairs(
         "pairs": count,
         "psnr": mean[1],
         "input_psnr": mean[3],
-        "psnr_per_iteration": mean[6:],
+        "psnr_per_iteration": mean[6 : 6 + steps + 1],
+        "iterations_used": iterations_used(sums[6 + steps + 1 :].tolist()),
         "seconds_per_pair": mean[5],
         "samples": shown,
         "frames": kept,

@@ -13,7 +13,7 @@ from golf_dist.data.split_check import open_pairs
 from golf_dist.evaluation import plots
 from golf_dist.evaluation.validation import evaluate_pairs
 from golf_dist.files import write_atomic
-from golf_dist.inference.engine import load_trained
+from golf_dist.inference.engine import AutoIterations, iteration_fields, load_trained
 from golf_dist.metrics import SSIM_VARIANT
 from golf_dist.perf.speed import FALLBACK_FILE, fallback_json, fallback_tag, fallbacks_of, for_inference
 
@@ -22,7 +22,7 @@ def run_evaluation(
     output_dir: Path,
     shards: str,
     split: str,
-    iterations: int,
+    iterations: int | AutoIterations,
     limit: int | None,
     tracking_cfg,
     tile: int | None = None,
@@ -78,8 +78,8 @@ def run_evaluation(
     if not accelerator.is_main_process:
         return None
     samples, frames = result.pop("samples"), result.pop("frames")
+    result.update(iteration_fields(iterations))
     result.update(
-        iterations=iterations,
         split=split,
         shards=str(shards),
         tile=tile,
@@ -93,11 +93,12 @@ def run_evaluation(
             result["psnr_per_iteration"],
             result["input_psnr"],
             output_dir / "psnr_by_iteration.png",
-            title=f"{result['pairs']} {split} pairs of {output_dir.name}: PSNR against G iteration",
+            title=f"{result['pairs']} {split} pairs of {output_dir.name}: PSNR against G iteration"
+            + (" (auto: a pair that stopped holds its last)" if isinstance(iterations, AutoIterations) else ""),
         )
     }
     if frames:
-        figures["comparison"] = plots.comparison(frames, output_dir / "comparison.png", iterations=iterations)
+        figures["comparison"] = plots.comparison(frames, output_dir / "comparison.png", iterations=result["iterations"])
     result["figures"] = {k: str(v) for k, v in figures.items()}
     tracker = Tracker(True, tracking_cfg.uri, tracking_cfg.experiment)
     fallbacks = fallbacks_of(f, g)
@@ -112,7 +113,7 @@ def run_evaluation(
             "output_dir": str(output_dir.resolve()),
             "shards": str(shards),
             "split": split,
-            "iterations": iterations,
+            **iteration_fields(iterations),
             "pairs": result["pairs"],
             "ssim_variant": SSIM_VARIANT,
             "tile": tile or "whole",
@@ -122,7 +123,11 @@ def run_evaluation(
     )
     metrics = {k: result[k] for k in ("psnr", "ssim", "input_psnr", "input_ssim")}
     metrics.update(seconds_per_pair=result["seconds_per_pair"], bad_samples_skipped=float(pairs.checked.n_bad))
+    used = result["iterations_used"]
+    metrics.update({f"iterations_used_{k}": float(used[k]) for k in ("mean", "min", "max")})
     tracker.log_metrics({f"test_{k}": v for k, v in metrics.items()}, step=0)
+    for value, count in used["counts"].items():  # how many pairs used each number of G iterations
+        tracker.log_metrics({"test_pairs_by_iterations_used": float(count)}, step=int(value))
     for i, value in enumerate(result["psnr_per_iteration"]):
         tracker.log_metrics({"test_psnr_by_iteration": value}, step=i)
     for key, image in samples:
@@ -154,6 +159,14 @@ def print_result(result: dict) -> None:
         f"gain {result['psnr'] - result['input_psnr']:+.2f} dB), SSIM {result['ssim']:.4f} "
         f"(input {result['input_ssim']:.4f}; {result['ssim_variant']})\n"
         f"PSNR after F and each G iteration: {per_iteration}",
+        flush=True,
+    )
+    used = result["iterations_used"]
+    counts = ", ".join(f"{n}: {c}" for n, c in used["counts"].items())
+    print(
+        f"G iterations used ({result['iterations']}"
+        + (f", tolerance {result['tolerance']:g}, at most {result['max_iterations']}" if "tolerance" in result else "")
+        + f"): mean {used['mean']:.2f}, {used['min']} to {used['max']} (pairs per count: {counts})",
         flush=True,
     )
     if result.get("figures"):

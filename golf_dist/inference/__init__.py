@@ -1,6 +1,7 @@
 """A trained F + G at work on images, as parts a reader finds by name:
 
-engine.py             how F + G run on an image (PyTorch or ONNX Runtime), load_trained (an output folder's F, G)
+engine.py             how F + G run on an image (PyTorch or ONNX Runtime; a count of G iterations or auto),
+                      load_trained (an output folder's F, G)
 tiling.py             overlapping tiles for frames larger than memory allows
 ensemble.py           the self-ensemble: averaged over flips and transposes
 deblur.py             golf-deblur's work: images in, deblurred PNGs out

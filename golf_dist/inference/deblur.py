@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,10 +18,11 @@ from golf_dist.files import write_atomic
 from golf_dist.inference.engine import (
     ENGINES,
     MIN_SIDE,
+    AutoIterations,
     check_iterations,
     load_onnx,
     load_trained,
-    restore_iterates,
+    restore,
     to_uint8,
 )
 from golf_dist.inference.ensemble import check_ensemble
@@ -128,7 +130,7 @@ def deblur_files(
     output_dir: Path,
     inputs: list[str],
     out_dir: Path,
-    iterations: int = 3,
+    iterations: int | AutoIterations = 3,
     device: str | None = None,
     tile: int | None = None,
     overlap: int = 32,
@@ -136,14 +138,18 @@ def deblur_files(
     engine: str = "torch",
     overwrite: bool = False,
     speed_cfg=None,
+    on_image: Callable[[Path, int], None] | None = None,
 ) -> list[Path]:
-    """Run F then `iterations` G steps on every input image (whole, or on overlapping tiles of side `tile`:
+    """Run F then `iterations` G steps (AutoIterations: until each image's update is small, per image:
+    golf_dist.inference.engine.restore) on every input image (whole, or on overlapping tiles of side `tile`:
     golf_dist.inference.tiling; averaged over flips and transposes with `ensemble`: golf_dist.inference.ensemble)
     with PyTorch on OUTPUT_DIR's safetensors or with ONNX Runtime on its f.onnx and g.onnx (`engine`); write PNGs
     under out_dir.
     The whole plan (flags, inputs, output paths: plan_outputs) is checked before the model loads, so a refusal
-    writes nothing; an existing output is replaced only with `overwrite`, an input never."""
-    check_iterations(iterations)
+    writes nothing; an existing output is replaced only with `overwrite`, an input never. `on_image(path, used)`
+    is called after each image is written, with the G iterations it took."""
+    if not isinstance(iterations, AutoIterations):
+        check_iterations(iterations)
     check_tiling(tile, overlap)
     check_ensemble(ensemble)
     if engine not in ENGINES:
@@ -169,10 +175,12 @@ def deblur_files(
         image = decode_pil(src.read_bytes(), f"image {src}")
         with torch.no_grad():
             blur = to_tensor(image).unsqueeze(0).to(dev)
-            restored = restore_iterates(f, g, blur, iterations, tile, overlap, ensemble)[-1]
+            restored = restore(f, g, blur, iterations, tile, overlap, ensemble)
         png = io.BytesIO()
-        Image.fromarray(to_uint8(restored[0])).save(png, format="PNG")
+        Image.fromarray(to_uint8(restored.iterates[-1][0])).save(png, format="PNG")
         dest.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(dest, png.getvalue())
         written.append(dest)
+        if on_image is not None:
+            on_image(dest, int(restored.used[0]))
     return written

@@ -8,6 +8,7 @@ full restoration per transform (docs/using-a-model.md measures the gain and the 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -55,3 +56,29 @@ def ensemble_iterates(restore: Callable[[Tensor], list[Tensor]], blur: Tensor, m
         outputs = [_inverse(out, *transform) for out in restore(_forward(blur, *transform))]
         sums = outputs if sums is None else [total + out for total, out in zip(sums, outputs)]
     return [total / len(transforms) for total in sums]
+
+
+class EnsembleSteps:
+    """The steps of a batch (GolfSteps or TiledSteps, made by `start` from an image) on each transform of `mode`,
+    all in step: `estimate` and each `step` are their outputs mapped back and averaged, so an adaptive stop is
+    decided on the ensemble's average (golf_dist.inference.engine.restore). x1: the plain steps, bit for bit."""
+
+    def __init__(self, start: Callable[[Tensor], Any], blur: Tensor, mode: str = "x1"):
+        check_ensemble(mode)
+        self.transforms = ENSEMBLES[mode]
+        self.members = [start(_forward(blur, *transform)) for transform in self.transforms]
+        self.estimate = self._average([member.estimate for member in self.members])
+
+    def _average(self, outputs: list[Tensor]) -> Tensor:
+        if len(outputs) == 1:
+            return outputs[0]
+        restored = [_inverse(out, *transform) for out, transform in zip(outputs, self.transforms)]
+        total = restored[0]
+        for out in restored[1:]:
+            total = total + out
+        return total / len(restored)
+
+    def step(self, active: Tensor | None = None) -> Tensor:
+        """The averaged batch after one more G iteration of every transform's `active` images (None: all)."""
+        self.estimate = self._average([member.step(active) for member in self.members])
+        return self.estimate

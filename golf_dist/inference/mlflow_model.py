@@ -23,10 +23,12 @@ import pandas as pd
 import torch
 
 from golf_dist.errors import ConfigError, DataError
-from golf_dist.inference.engine import MIN_SIDE, check_iterations
+from golf_dist.inference.engine import MIN_SIDE, AutoIterations, iteration_fields, most_iterations, parse_iterations
 from golf_dist.log import get_logger
 
 IMAGE, PATH = "image", "path"
+# how the model's config names its G iterations to the user, in errors (golf_dist.inference.engine.parse_iterations)
+CONFIG_FLAGS = ("the model's iterations", "the model's tolerance", "the model's max_iterations")
 log = get_logger(__name__)
 
 
@@ -93,22 +95,23 @@ def _decode_row(row: pd.Series, index: int, path_root: Path | None) -> np.ndarra
 
 class GolfModel(mlflow.pyfunc.PythonModel):
     """F, then `iterations` G steps, self-ensembled as `ensemble` says (model_config: what the evaluation
-    that registered it measured), on whole images, on the CPU or the first GPU."""
+    that registered it measured), on whole images, on the CPU or the first GPU. `iterations` "auto" (with
+    `tolerance` and `max_iterations`, each optional): G runs on each image until its update is small."""
 
     def load_context(self, context) -> None:
         from golf_dist.checkpoints import load_into
         from golf_dist.models import f_net, g_net
 
         config = context.model_config or {}
-        self.iterations, self.ensemble = int(config.get("iterations", 3)), str(config.get("ensemble", "x1"))
-        check_iterations(self.iterations, "the model's iterations")
+        self.iterations = model_iterations(config)
+        self.ensemble = str(config.get("ensemble", "x1"))
         root = config.get("path_root")
         self.path_root = Path(root) if root else None
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.f = load_into(f_net(), Path(context.artifacts["f"]), "F").to(self.device).eval()
         self.g = (
             load_into(g_net(), Path(context.artifacts["g"]), "G").to(self.device).eval()
-            if self.iterations > 0
+            if most_iterations(self.iterations) > 0
             else None
         )
 
@@ -119,7 +122,7 @@ class GolfModel(mlflow.pyfunc.PythonModel):
         from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
         from golf_dist.data.torch_loader import to_tensor
-        from golf_dist.inference.engine import restore_iterates, to_uint8
+        from golf_dist.inference.engine import restore, to_uint8
 
         if isinstance(model_input, dict):
             model_input = pd.DataFrame([model_input])
@@ -131,7 +134,7 @@ class GolfModel(mlflow.pyfunc.PythonModel):
                 raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
             try:
                 with torch.no_grad():
-                    restored = restore_iterates(self.f, self.g, blur, self.iterations, ensemble=self.ensemble)[-1]
+                    restored = restore(self.f, self.g, blur, self.iterations, ensemble=self.ensemble).iterates[-1]
             except Exception:  # out of memory, a device error ...: the details stay in the server's log
                 log.exception(f"row {index}: the model failed")
                 raise MlflowException(
@@ -142,21 +145,34 @@ class GolfModel(mlflow.pyfunc.PythonModel):
         return pd.DataFrame({IMAGE: outputs})
 
 
+def model_iterations(config: dict) -> int | AutoIterations:
+    """The G iterations a model config asks for: `iterations` a count (default 3) or "auto", with `tolerance` and
+    `max_iterations` (auto only); a ConfigError naming the config's key otherwise."""
+    return parse_iterations(
+        config.get("iterations", 3), config.get("tolerance"), config.get("max_iterations"), CONFIG_FLAGS
+    )
+
+
 def log_model(
-    output_dir: Path, iterations: int, ensemble: str = "x1", name: str = "model", path_root: Path | None = None
+    output_dir: Path,
+    iterations: int | AutoIterations,
+    ensemble: str = "x1",
+    name: str = "model",
+    path_root: Path | None = None,
 ):
     """Log F + G of a training output folder as a pyfunc model into the active MLflow run; the ModelInfo.
     `path_root`: the folder whose images the served model may read through the `path` column (None: none)."""
     import golf_dist
 
-    check_iterations(iterations, "iterations")
+    config = iteration_fields(iterations)
+    model_iterations(config)  # the checks the model makes when it loads, made before anything is logged
     if path_root is not None:
         path_root = Path(path_root).resolve()
         if not path_root.is_dir():
             raise ConfigError(f"path_root {path_root} is not a folder: the model could read no images there")
     output_dir = Path(output_dir)
     artifacts = {"f": str(output_dir / "f.safetensors")}
-    if iterations > 0:
+    if most_iterations(iterations) > 0:
         artifacts["g"] = str(output_dir / "g.safetensors")
     for what, path in artifacts.items():
         if not Path(path).is_file():
@@ -170,7 +186,7 @@ def log_model(
     }
     requirements = [f"{package}=={version}" for package, version in versions.items()]
     requirements += ["safetensors", "pillow"]
-    config = {"iterations": iterations, "ensemble": ensemble}
+    config["ensemble"] = ensemble
     if path_root is not None:
         config["path_root"] = str(path_root)
     return mlflow.pyfunc.log_model(
@@ -186,7 +202,13 @@ def log_model(
 
 
 def register_model(
-    tracker, output_dir: Path, iterations: int, ensemble: str, name: str, test_psnr: float, path_root: str | None = None
+    tracker,
+    output_dir: Path,
+    iterations: int | AutoIterations,
+    ensemble: str,
+    name: str,
+    test_psnr: float,
+    path_root: str | None = None,
 ) -> dict[str, str]:
     """Log F + G (run as evaluated: `iterations`, `ensemble`; reading the `path` column under `path_root` only)
     as a pyfunc model into the evaluation's MLflow run and register it as NAME, its test PSNR a tag of the new

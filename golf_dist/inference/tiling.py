@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from golf_dist.errors import ConfigError
-from golf_dist.models import golf_iterates
+from golf_dist.models import GolfSteps, golf_iterates
 
 MIN_TILE = 16
 # Tiles per image (and per pass of the self-ensemble): a 16-pixel tile with an overlap of 8 on a 12-megapixel
@@ -60,6 +60,50 @@ def _ramp(length: int, overlap: int, device: torch.device) -> Tensor:
     return torch.clamp((to_edge + 0.5) / overlap, max=1.0)
 
 
+class TiledSteps:
+    """GolfSteps run on overlapping tiles of a batch larger than one tile, all tiles in step: `estimate` and each
+    `step` are the tiles' estimates blended into the whole image's (so an adaptive stop is decided on the whole
+    image, golf_dist.inference.engine.restore). Every tile keeps its own estimate between steps."""
+
+    def __init__(self, f: torch.nn.Module, g: torch.nn.Module | None, blur: Tensor, tile: int, overlap: int):
+        self.size = tuple(blur.shape[-2:])
+        self.tiles: list[tuple[tuple, Tensor, GolfSteps]] = []  # (window, blending weight, the tile's steps)
+        self.weights = torch.zeros(1, 1, *self.size, device=blur.device)
+        for top in tile_starts(self.size[0], tile, overlap):
+            for left in tile_starts(self.size[1], tile, overlap):
+                window = (..., slice(top, top + tile), slice(left, left + tile))
+                steps = GolfSteps(f, g, blur[window])
+                h, w = steps.estimate.shape[-2:]
+                weight = _ramp(h, overlap, blur.device)[:, None] * _ramp(w, overlap, blur.device)[None, :]
+                self.tiles.append((window, weight, steps))
+                self.weights[window] += weight
+        self.estimate = self._blend([steps.estimate for _, _, steps in self.tiles])
+
+    def _blend(self, outputs: list[Tensor]) -> Tensor:
+        first = outputs[0]
+        total = torch.zeros(first.shape[:-2] + self.size, device=first.device, dtype=first.dtype)
+        for (window, weight, _), out in zip(self.tiles, outputs):
+            total[window] += out * weight
+        return total / self.weights
+
+    def step(self, active: Tensor | None = None) -> Tensor:
+        """The blended batch after one more G iteration on every tile of its `active` images (None: all)."""
+        self.estimate = self._blend([steps.step(active) for _, _, steps in self.tiles])
+        return self.estimate
+
+
+def tiled_steps(
+    f: torch.nn.Module, g: torch.nn.Module | None, blur: Tensor, tile: int | None, overlap: int = 32
+) -> GolfSteps | TiledSteps:
+    """The batch's steps on tiles when `tile` is set and the image is larger than one tile, else whole."""
+    height, width = blur.shape[-2:]
+    if tile is None or (height <= tile and width <= tile):
+        return GolfSteps(f, g, blur)
+    check_tiling(tile, overlap)
+    check_tile_count(height, width, tile, overlap, "the image")
+    return TiledSteps(f, g, blur, tile, overlap)
+
+
 @torch.no_grad()
 def tiled_iterates(
     f: torch.nn.Module, g: torch.nn.Module | None, blur: Tensor, iterations: int, tile: int | None, overlap: int = 32
@@ -69,22 +113,5 @@ def tiled_iterates(
     height, width = blur.shape[-2:]
     if tile is None or (height <= tile and width <= tile):
         return golf_iterates(f, g, blur, iterations)
-    check_tiling(tile, overlap)
-    check_tile_count(height, width, tile, overlap, "the image")
-    sums: list[Tensor] | None = None
-    weights = torch.zeros(1, 1, height, width, device=blur.device)
-    for top in tile_starts(height, tile, overlap):
-        for left in tile_starts(width, tile, overlap):
-            window = (..., slice(top, top + tile), slice(left, left + tile))
-            outputs = golf_iterates(f, g, blur[window], iterations)
-            h, w = outputs[0].shape[-2:]
-            weight = _ramp(h, overlap, blur.device)[:, None] * _ramp(w, overlap, blur.device)[None, :]
-            if sums is None:
-                sums = [
-                    torch.zeros(out.shape[:-2] + (height, width), device=blur.device, dtype=out.dtype)
-                    for out in outputs
-                ]
-            for total, out in zip(sums, outputs):
-                total[window] += out * weight
-            weights[window] += weight
-    return [total / weights for total in sums]
+    steps = tiled_steps(f, g, blur, tile, overlap)
+    return [steps.estimate] + [steps.step() for _ in range(iterations if g is not None else 0)]
