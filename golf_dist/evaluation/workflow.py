@@ -40,8 +40,6 @@ def run_evaluation(
     naming the shard and key before any network runs (on_bad_sample=error) or is left out and counted (skip)."""
     from accelerate import Accelerator
 
-    from golf_dist.tracking import Tracker
-
     accelerator = Accelerator()
     output_dir = Path(output_dir)
     f, g = load_trained(output_dir, accelerator.device, iterations)
@@ -87,7 +85,15 @@ def run_evaluation(
         ensemble=ensemble,
         bad_samples_skipped=pairs.checked.n_bad,
     )
-    # what a person looks at, beside the numbers: PSNR against G iteration and blur | F | F + N G | sharp
+    result["figures"] = {k: str(v) for k, v in _figures(result, frames, output_dir, split, iterations).items()}
+    result["mlflow_run_id"] = _log_run(result, samples, f, g, output_dir, iterations, tracking_cfg, register, path_root)
+    write_atomic(output_dir / "evaluation.json", json.dumps(result, indent=2, sort_keys=True).encode())
+    result["figures"]["json"] = str(output_dir / "evaluation.json")
+    return result
+
+
+def _figures(result: dict, frames, output_dir: Path, split: str, iterations) -> dict[str, Path]:
+    """What a person looks at, beside the numbers: PSNR against G iteration and blur | F | F + N G | sharp."""
     figures = {
         "psnr_by_iteration": plots.psnr_by_iteration(
             result["psnr_per_iteration"],
@@ -99,7 +105,17 @@ def run_evaluation(
     }
     if frames:
         figures["comparison"] = plots.comparison(frames, output_dir / "comparison.png", iterations=result["iterations"])
-    result["figures"] = {k: str(v) for k, v in figures.items()}
+    return figures
+
+
+def _log_run(result: dict, samples, f, g, output_dir: Path, iterations, tracking_cfg, register, path_root) -> str:
+    """The evaluation's MLflow run: params, metrics (per G iteration too), sample images, figures, and with
+    `register` the MLflow model; returns the run's id."""
+    from golf_dist.tracking import Tracker
+
+    shards, split, tile, ensemble = result["shards"], result["split"], result["tile"], result["ensemble"]
+    overlap = result["overlap"]
+    figures = {name: Path(path) for name, path in result["figures"].items()}
     tracker = Tracker(True, tracking_cfg.uri, tracking_cfg.experiment)
     fallbacks = fallbacks_of(f, g)
     if fallbacks:
@@ -121,8 +137,8 @@ def run_evaluation(
             "ensemble": ensemble,
         }
     )
-    metrics = {k: result[k] for k in ("psnr", "ssim", "input_psnr", "input_ssim")}
-    metrics.update(seconds_per_pair=result["seconds_per_pair"], bad_samples_skipped=float(pairs.checked.n_bad))
+    metrics = {k: float(result[k]) for k in ("psnr", "ssim", "input_psnr", "input_ssim", "bad_samples_skipped")}
+    metrics["seconds_per_pair"] = result["seconds_per_pair"]
     used = result["iterations_used"]
     metrics.update({f"iterations_used_{k}": float(used[k]) for k in ("mean", "min", "max")})
     tracker.log_metrics({f"test_{k}": v for k, v in metrics.items()}, step=0)
@@ -145,10 +161,7 @@ def run_evaluation(
             tracker.end("FAILED")  # the run asked for a model it did not get
             raise
     tracker.end()
-    result["mlflow_run_id"] = tracker.run_id
-    write_atomic(output_dir / "evaluation.json", json.dumps(result, indent=2, sort_keys=True).encode())
-    result["figures"]["json"] = str(output_dir / "evaluation.json")
-    return result
+    return tracker.run_id
 
 
 def print_result(result: dict) -> None:
