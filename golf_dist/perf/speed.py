@@ -159,18 +159,19 @@ def tolerance(x: torch.Tensor) -> float:
 
 
 def compare_outputs(
-    prepared: Sequence[torch.Tensor], eager: Sequence[torch.Tensor], rtol: float = NUMERICS_RTOL
+    prepared: Sequence[torch.Tensor],
+    eager: Sequence[torch.Tensor],
+    rtol: float = NUMERICS_RTOL,
+    what: str = "outputs differ from eager PyTorch's",
 ) -> None:
-    """Raise NumericsMismatch unless each prepared output is within rtol of eager's scale."""
+    """Raise NumericsMismatch unless each prepared output is within rtol of eager's scale (`what`: how the
+    message names the two sides)."""
     for got, want in zip(prepared, eager):
         got, want = got.detach().float(), want.detach().float()
         scale = want.abs().max().item()
         err = (got - want).abs().max().item() if got.shape == want.shape else float("inf")
         if not err <= rtol * max(scale, 1e-6):  # also catches NaN
-            raise NumericsMismatch(
-                f"outputs differ from eager PyTorch's by {err:.3g}, more than "
-                f"{rtol:g} x their largest magnitude {scale:.3g}"
-            )
+            raise NumericsMismatch(f"{what} by {err:.3g}, more than {rtol:g} x their largest magnitude {scale:.3g}")
 
 
 @contextmanager
