@@ -56,8 +56,9 @@ then:    python data_prep/shard_gopro.py --src data/synth --out data/synth_shard
         "--content",
         default="photos",
         choices=CONTENTS,
-        help="scene content: the photographs (default), every other scene procedural (mixed: "
-        "dead leaves with textures, gradients, edges), or only procedural scenes",
+        help="the training split's scene content: the photographs (default), every other scene procedural "
+        "(mixed: dead leaves with textures, gradients, edges), or only procedural scenes; the test split "
+        "is always photographs",
     )
     parser.add_argument(
         "--kernels",
@@ -65,7 +66,7 @@ then:    python data_prep/shard_gopro.py --src data/synth --out data/synth_shard
         choices=KERNEL_FAMILIES,
         help="blur kernels: the demo's camera shake (default), or the wide family (camera shake "
         "of three lengths, straight and curved motion, small defocus; canvas about "
-        "min(height, width)/16, at least 15)",
+        "min(height, width)/16, at least 15; a test pair's blurred frame is at most 30 dB)",
     )
     parser.add_argument(
         "--clean-share",

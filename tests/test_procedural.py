@@ -16,7 +16,7 @@ from scipy.signal import fftconvolve
 
 from golf_dist.data.prep import kernels, scenes
 from golf_dist.data.prep.held_out import HELD_OUT_PHOTOGRAPHS, held_out_photographs, real_blur_photograph
-from golf_dist.data.prep.synthetic import SOURCE_NAMES, Variety, make_synthetic_gopro
+from golf_dist.data.prep.synthetic import CONTENTS, SOURCE_NAMES, Variety, make_synthetic_gopro
 from golf_dist.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -249,6 +249,21 @@ def test_mixed_content_and_wide_kernels_repeat_per_seed_and_differ_from_the_demo
     assert all(a[k] != demo[k] for k in a if "/blur/" in k)
 
 
+def test_the_test_split_is_photographs_whatever_the_content(tmp_path):
+    """--content shapes the training split alone: the test split of mixed or procedural content is the same
+    bytes as the photographs' (the same views, kernels and noise), while their training splits differ."""
+    trees = {}
+    for content in CONTENTS:
+        make_synthetic_gopro(tmp_path / content, seed=5, variety=Variety(content=content), **TINY)
+        trees[content] = _tree(tmp_path / content)
+    split = {c: {k: v for k, v in tree.items() if k.startswith("test/")} for c, tree in trees.items()}
+    assert split["photos"] and split["photos"] == split["mixed"] == split["procedural"]
+    train = {
+        c: {k: v for k, v in tree.items() if k.startswith("train/") and "/sharp/" in k} for c, tree in trees.items()
+    }
+    assert train["photos"] != train["mixed"] != train["procedural"] != train["photos"]
+
+
 def test_a_clean_share_leaves_exactly_that_many_pairs_noise_free(tmp_path):
     # A noise-free pair is drawn from the same streams as a pair of --noise 0 0: its blurred frame is the same bytes.
     kw = dict(TINY, train_pairs=24, seed=2)
@@ -260,6 +275,29 @@ def test_a_clean_share_leaves_exactly_that_many_pairs_noise_free(tmp_path):
     blurred = [k for k in silent if "/blur/" in k]
     clean = sum(half[k] == silent[k] for k in blurred)
     assert 0.25 * len(blurred) <= clean <= 0.75 * len(blurred), (clean, len(blurred))
+
+
+def _input_psnrs(root: Path, split: str) -> list[float]:
+    from golf_dist.data.prep.synthetic import frame_psnr
+
+    return [
+        frame_psnr(np.asarray(Image.open(blur)), np.asarray(Image.open(blur.parent.parent / "sharp" / blur.name)))
+        for blur in sorted((root / split).glob("*/blur/*.png"))
+    ]
+
+
+def test_wide_kernels_keep_every_test_frame_blurred_to_30_db_or_less_and_train_frames_as_drawn(tmp_path):
+    """The wide family's nearly sharp draws stay in training (a model must leave a sharp input alone) but a test
+    pair of the wide family is redrawn until its blurred frame is at most 30 dB from its sharp frame."""
+    kw = dict(TINY, train_pairs=40, test_pairs=40, height=64, width=96, seed=4, noise=(0.0, 8.0))
+    make_synthetic_gopro(tmp_path / "wide", variety=Variety("mixed", "wide", 0.5), **kw)
+    test, train = _input_psnrs(tmp_path / "wide", "test"), _input_psnrs(tmp_path / "wide", "train")
+    assert len(test) == 40 and max(test) <= 30.0, sorted(test)[-3:]
+    assert sum(p > 30.0 for p in train) >= 4, sorted(train)[-5:]  # the rule is the test split's alone
+    # the train split does not depend on the test split's redraws: the same bytes with a single test pair
+    make_synthetic_gopro(tmp_path / "one", variety=Variety("mixed", "wide", 0.5), **{**kw, "test_pairs": 1})
+    train_a = {k: v for k, v in _tree(tmp_path / "wide").items() if k.startswith("train/")}
+    assert train_a == {k: v for k, v in _tree(tmp_path / "one").items() if k.startswith("train/")}
 
 
 def test_bad_variety_exits_2_naming_the_flag(tmp_path):
