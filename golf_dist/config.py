@@ -31,7 +31,8 @@ Loader = Literal["auto", "dali", "torch"]  # golf_dist.data.loaders.resolve_load
 OnBadSample = Literal["error", "skip"]
 Schedule = Literal["exp", "cosine", "constant"]  # golf_dist.training.optim.make_scheduler
 UnrollWeighting = Literal["uniform", "linear", "last"]  # golf_dist.losses.iterate_weights
-MixedPrecision = Literal["no", "bf16", "fp16"]
+ContentLoss = Literal["mse", "psnr"]  # golf_dist.losses.CONTENT_LOSSES
+MixedPrecision = Literal["no", "bf16", "fp16", "auto"]  # auto: golf_dist.perf.speed.auto_precision
 NonFinite = Literal["skip", "stop"]
 Switch = Literal["auto", "try", "on", "off"]  # golf_dist.perf.speed
 
@@ -55,6 +56,7 @@ class DataConfig:
 class LossConfig:
     perceptual_weight: float = 5e-6  # lambda of L = Lc + lambda * Lp; 0 turns the VGG term off
     vgg_weights: str | None = None  # vgg11_bn-6002323d.pth; default: the PyTorch hub cache
+    content: ContentLoss = "mse"  # Lc: the paper's pixel MSE, or psnr (each image's -PSNR: golf_dist.losses.psnr_loss)
 
 
 @dataclass
@@ -75,7 +77,7 @@ class TrainConfig:
     unroll_weighting: UnrollWeighting = "uniform"
     gradient_checkpointing: bool = True  # checkpoint each unrolled G step (stage g)
     grad_accum: int = 1
-    mixed_precision: MixedPrecision = "no"  # no | bf16 | fp16
+    mixed_precision: MixedPrecision = "no"  # no | bf16 | fp16 | auto (bf16 where the device has fast bf16 kernels)
     log_every: int = 100
     val_every: int = 5000
     checkpoint_every: int = 5000

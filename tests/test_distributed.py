@@ -20,6 +20,8 @@ import torch
 from conftest import ROOT, TINY_DATA, free_port, run_cli, write_config
 from safetensors.torch import load_file
 
+from golf_dist.training.distributed import resolve_mixed_precision
+
 CONFIGS = ROOT / "configs" / "accelerate"
 SHORT = {"steps": 3, "checkpoint_every": 3, "val_every": 3}
 # the PyTorch loader: its sample order is a function of the global position only, so it does not depend
@@ -203,6 +205,34 @@ def test_one_node_config_asks_the_trainer_for_bf16(tiny_shards, tmp_path):
     assert all(v.dtype == torch.float32 for v in weights.values())
 
 
+# Sets up a Trainer for stage f of the config in argv[1] and prints its config's and its own mixed precision.
+_PRECISION_SCRIPT = (
+    "import json, sys\n"
+    "from golf_dist.config import load_config\n"
+    "from golf_dist.training.trainer import Trainer\n"
+    "cfg = load_config(sys.argv[1], 'f')\n"
+    "trainer = Trainer(cfg, 'f')\n"
+    "trainer.setup()\n"
+    "trainer.close()\n"
+    "print(json.dumps({'config': cfg.train.mixed_precision, 'trainer': trainer.mixed_precision}))\n"
+)
+
+
+def _trainer_precision(tiny_shards, tmp_path, configured: str, env) -> tuple[dict, subprocess.CompletedProcess]:
+    """({"config": ..., "trainer": ...}, the process) of a Trainer set up on a tiny config of
+    train.mixed_precision=`configured`, under `env`."""
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        tiny_shards,
+        tmp_path / "out",
+        data={**TINY_DATA, **TORCH_LOADER},
+        val=BF16_VAL,
+        train={"steps": 1, "mixed_precision": configured},
+    )
+    proc = _ok(_run([sys.executable, "-c", _PRECISION_SCRIPT, str(cfg)], env, timeout=300))
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc
+
+
 @pytest.mark.slow
 def test_the_launchers_precision_is_kept_on_the_trainer_and_the_config_is_left_as_written(tiny_shards, tmp_path):
     """ACCELERATE_MIXED_PRECISION=bf16 (what `accelerate launch --mixed_precision bf16` sets) and a config saying
@@ -210,29 +240,27 @@ def test_the_launchers_precision_is_kept_on_the_trainer_and_the_config_is_left_a
     while the validated config object still says no."""
     import yaml
 
-    cfg = write_config(
-        tmp_path / "c.yaml",
-        tiny_shards,
-        tmp_path / "out",
-        data={**TINY_DATA, **TORCH_LOADER},
-        val=BF16_VAL,
-        train={"steps": 1, "mixed_precision": "no"},
-    )
-    script = (
-        "import json, sys\n"
-        "from golf_dist.config import load_config\n"
-        "from golf_dist.training.trainer import Trainer\n"
-        "cfg = load_config(sys.argv[1], 'f')\n"
-        "trainer = Trainer(cfg, 'f')\n"
-        "trainer.setup()\n"
-        "trainer.close()\n"
-        "print(json.dumps({'config': cfg.train.mixed_precision, 'trainer': trainer.mixed_precision}))\n"
-    )
-    proc = _ok(_run([sys.executable, "-c", script, str(cfg)], _env(ACCELERATE_MIXED_PRECISION="bf16"), timeout=300))
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"config": "no", "trainer": "bf16"}
+    got, _ = _trainer_precision(tiny_shards, tmp_path, "no", _env(ACCELERATE_MIXED_PRECISION="bf16"))
+    assert got == {"config": "no", "trainer": "bf16"}
     record = yaml.safe_load((tmp_path / "out" / "f" / "config.yaml").read_text())
     assert record["train"]["mixed_precision"] == "bf16"
     assert _params(tmp_path / "mlflow.db")["train.mixed_precision"] == "bf16"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("isa", ["native", "AVX2"])
+def test_auto_precision_is_bf16_where_onednn_has_bf16_kernels_and_fp32_elsewhere(tiny_shards, tmp_path, isa):
+    """train.mixed_precision=auto on a CPU: bf16 where oneDNN has bf16 kernels (this AVX-512 CPU as it is), fp32
+    where it has not (the same CPU with oneDNN held to AVX2, as an AVX2-only CPU is); the log says which and why,
+    and the run records what it ran with. A launcher's precision still wins over auto."""
+    env = _env() if isa == "native" else _env(ONEDNN_MAX_CPU_ISA=isa)
+    got, proc = _trainer_precision(tiny_shards, tmp_path, "auto", env)
+    native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    expected = "bf16" if isa == "native" and native_bf16 else "no"
+    assert got == {"config": "auto", "trainer": expected}
+    assert f"train.mixed_precision=auto: {expected} (this CPU's oneDNN has" in proc.stdout + proc.stderr
+    assert _params(tmp_path / "mlflow.db")["train.mixed_precision"] == expected
+    assert resolve_mixed_precision("auto", "bf16") == "bf16" and resolve_mixed_precision("auto", "no") == "auto"
 
 
 def test_mixed_precision_of_config_and_launcher_that_disagree(shards, tmp_path):

@@ -13,6 +13,7 @@ untouched (`skips_nonfinite`); DeepSpeed's engine has already stepped by then, s
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import torch
 
 from golf_dist.errors import GolfError
 from golf_dist.log import get_logger
+from golf_dist.perf.speed import auto_precision
 from golf_dist.training import distributed as dist_utils
 from golf_dist.training.optim import clip_gradients
 
@@ -214,8 +216,14 @@ def make_accelerator(cfg):
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     # bf16 asked for by the launch config (configs/accelerate/*.yaml) counts as well as train.mixed_precision
+    precision = dist_utils.resolve_mixed_precision(cfg.train.mixed_precision)
+    if precision == "auto":
+        # the device Accelerate will pick: this process's GPU where there is one, else the CPU
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else None
+        precision, why = auto_precision(device or torch.device("cpu"))
+        get_logger(__name__).info(f"train.mixed_precision=auto: {precision} ({why})")
     return Accelerator(
-        mixed_precision=dist_utils.resolve_mixed_precision(cfg.train.mixed_precision),
+        mixed_precision=precision,
         kwargs_handlers=[
             DistributedDataParallelKwargs(find_unused_parameters=False),
             # a hung rank fails the collectives after GOLF_DIST_TIMEOUT_S instead of blocking the others

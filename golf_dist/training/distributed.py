@@ -32,13 +32,14 @@ def resolve_mixed_precision(configured: str, launcher: str | None = None) -> str
 
     `accelerate launch --config_file configs/accelerate/one_node.yaml` asks for bf16 through
     ACCELERATE_MIXED_PRECISION; an explicit Accelerator(mixed_precision=...) would silently override
-    it. Rule: whichever of the two is not "no" wins; both set and different is a ConfigError.
+    it. Rule: whichever of the two is not "no" wins (the launcher's over the config's auto); both set and
+    different is a ConfigError. auto that no launcher overrides comes back as auto (make_accelerator resolves it).
     """
     launcher = (launcher if launcher is not None else os.environ.get("ACCELERATE_MIXED_PRECISION", "no")).lower()
     configured = configured.lower()
     if launcher in ("", "no"):
         return configured
-    if configured == "no" or configured == launcher:
+    if configured in ("no", "auto") or configured == launcher:
         return launcher
     raise ConfigError(
         f"config key 'train.mixed_precision'={configured} disagrees with the launcher's mixed precision "
