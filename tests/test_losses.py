@@ -15,6 +15,7 @@ from golf_dist.losses import (
     find_vgg_weights,
     iterate_weights,
     load_vgg_features,
+    psnr_loss,
     unrolled_loss,
     vgg_weights_missing_message,
 )
@@ -191,6 +192,31 @@ def test_golf_loss_terms():
 
     with pytest.raises(ValueError):
         GolfLoss(1e-6, None)
+
+
+def test_psnr_loss_is_the_mean_negative_psnr_and_weighs_images_by_their_relative_error():
+    torch.manual_seed(0)
+    target = torch.rand(2, 3, 16, 16)
+    # image 0 ten times the error of image 1: MSE is led by image 0, the PSNR loss by neither
+    out = target + torch.cat([0.1 * torch.randn(1, 3, 16, 16), 0.01 * torch.randn(1, 3, 16, 16)])
+    loss = GolfLoss(0.0, None, content="psnr")(out, target)
+    by_hand = -sum(10 * torch.log10(1 / ((out[i] - target[i]) ** 2).mean()) for i in range(2)) / 2
+    torch.testing.assert_close(loss["content"], by_hand)
+    torch.testing.assert_close(psnr_loss(out, target), loss["content"])
+    torch.testing.assert_close(loss["total"], loss["content"])
+
+    grads = []
+    for content in ("mse", "psnr"):
+        estimate = out.clone().requires_grad_(True)
+        GolfLoss(0.0, None, content=content)(estimate, target)["total"].backward()
+        grads.append([estimate.grad[i].norm().item() for i in range(2)])
+    mse_ratio, psnr_ratio = grads[0][0] / grads[0][1], grads[1][0] / grads[1][1]
+    assert mse_ratio > 8  # the MSE's gradient grows with the error
+    assert psnr_ratio < 0.2  # the PSNR loss's is the MSE's over the image's MSE: the small error counts more
+    assert psnr_loss(target, target).item() == pytest.approx(-100.0)  # equal images: the floor, not -inf
+
+    with pytest.raises(ValueError, match="unknown content loss 'l1'"):
+        GolfLoss(0.0, None, content="l1")
 
 
 def test_target_features_carry_no_gradient():

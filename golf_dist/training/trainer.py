@@ -129,7 +129,7 @@ class Trainer:
         apply_backend_flags(self.speed)
         stage_class = FStage if self.stage_name == "f" else GStage
         model = stage_class.network().to(self.device)  # before F is loaded: the seed alone decides the weights
-        loss_fn = GolfLoss(cfg.loss.perceptual_weight, self.vgg).to(self.device)
+        loss_fn = GolfLoss(cfg.loss.perceptual_weight, self.vgg, cfg.loss.content).to(self.device)
         f_model = None
         if stage_class is GStage:
             f_model = load_into(f_net(), self.f_path, "F").requires_grad_(False).eval().to(self.device)
