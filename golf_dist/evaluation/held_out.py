@@ -171,7 +171,8 @@ def blurred_crop(
 
 
 def _tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(image).permute(2, 0, 1).float().div(255).unsqueeze(0).to(device)
+    # a copy: a decoded photograph's array may be read-only, which torch.from_numpy warns about
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255).unsqueeze(0).to(device)
 
 
 def interior_psnr(image: torch.Tensor, sharp: torch.Tensor) -> float:
