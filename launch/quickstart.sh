@@ -13,12 +13,14 @@ OUT=${OUT:-runs/demo}
 SET=("data.shards=$OUT/shards" "tracking.uri=sqlite:///$OUT/mlflow.db" "$@")
 bash launch/setup.sh
 if [ ! -d "$OUT/GOPRO_Large" ]; then
-  # 960 training pairs: each its own view and blur kernel (48 pairs were 48 kernels to memorise, not
-  # deblurring to learn); 16 test pairs of 8 scenes whose views, kernels and noise training never saw.
-  # Camera noise of sigma 4-8 (of 255): with sigma 1-2 F left G almost nothing to correct (+0.006 dB);
-  # with it, G removes what F's one step leaves (docs/training-recipe.md)
+  # 960 training pairs, each its own view and blur kernel: every other scene a procedural image (dead leaves
+  # with textures, man-made shapes), the wide kernel family (camera shake of three lengths, straight and
+  # curved motion, small defocus; up to 15 pixels), a quarter of the pairs noise-free and the rest noise of
+  # sigma 0-8 (of 255). 16 test pairs: photographs, with views, kernels and noise training never saw, each
+  # blurred to 30 dB or less (docs/data.md)
   "$PY" data_prep/synth_gopro.py --out "$OUT/GOPRO_Large" --train-pairs 960 --test-pairs 16 \
-    --frames-per-scene 2 --height 256 --width 448 --seed 0 --noise 4 8
+    --frames-per-scene 2 --height 256 --width 448 --seed 0 \
+    --content mixed --kernels wide --noise 0 8 --clean-share 0.25
 fi
 if [ ! -f "$OUT/shards/manifest.json" ]; then
   "$PY" data_prep/shard_gopro.py --src "$OUT/GOPRO_Large" --out "$OUT/shards" --maxcount 32
