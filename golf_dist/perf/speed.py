@@ -299,10 +299,16 @@ def bf16_is_slow_here(precision: str, device: torch.device) -> bool:
     --precision bf16` against fp32 on such a CPU shows it (docs/benchmark.md)."""
     if precision != "bf16" or device.type != "cpu":
         return False
+    return cpu_has_bf16_kernels() is False
+
+
+def cpu_has_bf16_kernels() -> bool | None:
+    """Whether this CPU's oneDNN has bf16 kernels (AVX-512 BF16, AMX); None where torch cannot tell (a build
+    without oneDNN, or one that no longer has the query)."""
     try:
-        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    except (AttributeError, RuntimeError):  # a build without oneDNN, or one that no longer has the query
-        return False
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def auto_precision(device: torch.device) -> tuple[str, str]:
@@ -315,11 +321,7 @@ def auto_precision(device: torch.device) -> tuple[str, str]:
             return "bf16", f"{torch.cuda.get_device_name(device)} supports bf16"
         return "no", f"{torch.cuda.get_device_name(device)} has no bf16 support"
     if device.type == "cpu":
-        try:
-            fast = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            fast = False
-        if fast:
+        if cpu_has_bf16_kernels():
             return "bf16", "this CPU's oneDNN has bf16 kernels"
         return "no", "this CPU's oneDNN has no bf16 kernels (no AVX-512 BF16), so bf16 would be slower than fp32"
     return "no", f"no bf16 rule for device type {device.type}"
