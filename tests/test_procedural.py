@@ -16,7 +16,7 @@ from scipy.signal import fftconvolve
 
 from golf_dist.data.prep import kernels, scenes
 from golf_dist.data.prep.held_out import HELD_OUT_PHOTOGRAPHS, held_out_photographs, real_blur_photograph
-from golf_dist.data.prep.synthetic import CONTENTS, SOURCE_NAMES, Variety, make_synthetic_gopro
+from golf_dist.data.prep.synthetic import CONTENTS, SOURCE_NAMES, Variety, frame_psnr, make_synthetic_gopro
 from golf_dist.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -278,8 +278,6 @@ def test_a_clean_share_leaves_exactly_that_many_pairs_noise_free(tmp_path):
 
 
 def _input_psnrs(root: Path, split: str) -> list[float]:
-    from golf_dist.data.prep.synthetic import frame_psnr
-
     return [
         frame_psnr(np.asarray(Image.open(blur)), np.asarray(Image.open(blur.parent.parent / "sharp" / blur.name)))
         for blur in sorted((root / split).glob("*/blur/*.png"))

@@ -219,8 +219,9 @@ def make_accelerator(cfg):
     precision = dist_utils.resolve_mixed_precision(cfg.train.mixed_precision)
     if precision == "auto":
         # the device Accelerate will pick: this process's GPU where there is one, else the CPU
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else None
-        precision, why = auto_precision(device or torch.device("cpu"))
+        cuda = torch.cuda.is_available()
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+        precision, why = auto_precision(device)
         get_logger(__name__).info(f"train.mixed_precision=auto: {precision} ({why})")
     return Accelerator(
         mixed_precision=precision,
