@@ -314,8 +314,8 @@ def cpu_has_bf16_kernels() -> bool | None:
 def auto_precision(device: torch.device) -> tuple[str, str]:
     """(precision, why) for train.mixed_precision=auto on `device`: bf16 where it has fast bf16 kernels (a CUDA
     GPU that supports bf16; a CPU whose oneDNN has bf16 kernels, AVX-512 BF16 or AMX), else no (fp32). On the
-    2-core AVX-512 EPYC a demo F step takes 0.33 s in bf16 against 0.62 s in fp32; on an AVX2-only CPU bf16
-    would be many times slower (bf16_is_slow_here)."""
+    2-core AVX-512 EPYC a demo F step takes 0.34 s in bf16 against 0.59 s in fp32 (docs/benchmark.md has the
+    command); on an AVX2-only CPU bf16 would be many times slower (bf16_is_slow_here)."""
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return "bf16", f"{torch.cuda.get_device_name(device)} supports bf16"
