@@ -66,8 +66,8 @@ DEFAULT_NOISE = (1.0, 2.0)
 # The wide family draws nearly sharp kernels (a 1-pixel line, a half-pixel disk), which training needs (a
 # model must leave a sharp input alone) but a test frame must not be: a pair of the test split whose blurred
 # frame is within MAX_TEST_INPUT_PSNR dB of its sharp frame draws its kernel and noise again, up to
-# MAX_TEST_REDRAWS draws (the quick start's 16 test pairs took 22 draws, gpu_quick.sh's 32 took 55), so
-# the test split's mean gain measures deblurring.
+# MAX_TEST_REDRAWS draws (the quick start's and gpu_quick.sh's test pairs each need a few at most), so the
+# test split's mean gain measures deblurring.
 MAX_TEST_INPUT_PSNR = 30.0
 MAX_TEST_REDRAWS = 50
 
