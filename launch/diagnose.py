@@ -7,6 +7,7 @@
     python launch/diagnose.py curves runs/demo --out runs/demo/curves.png       # validation / loss / grad norm
     python launch/diagnose.py crops --output-dir runs/demo                       # G's gain on crops vs frames
     python launch/diagnose.py headroom --output-dir runs/demo                    # what a linear fix of F gains
+    python launch/diagnose.py headroom --output-dir runs/demo --on-input --kernel 15   # the linear baseline
 
 overfit: Adam on one fixed batch of training crops; passes (exit 0) when the loss falls by --factor within
 --steps. loaders: the same statistics for the first crops of each loader, and every crop checked against
@@ -16,7 +17,8 @@ iteration on random crops (F run on the crop, as stage g trains) and on the same
 evaluation measures). headroom: the best linear correction of F's output (a k x k filter fitted by least
 squares on training frames) scored on test frames, beside G's gain on the same frames: how much a simple
 corrector finds left to correct; with --instance-norm also that correction as an InstanceNorm on G's
-paths leaves it. The last line printed is one JSON object.
+paths leaves it; with --on-input the filter works on the blurred input instead, the linear baseline F
+should beat. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -167,6 +169,8 @@ def _headroom(args) -> int:
     shards = _shards_of(out, args.shards)
     with_g = (out / "g.safetensors").is_file()
     f, g = load_trained(out, torch.device("cpu"), args.iterations if with_g else 0)
+    if args.on_input:  # the filter from the blurred input itself: the linear baseline a trained F should beat
+        f, g = torch.nn.Identity(), None
     train, test = ShardPairs(shards, "train"), ShardPairs(shards, "test")
     result = linear_headroom(
         f,
@@ -179,9 +183,10 @@ def _headroom(args) -> int:
         seed=args.seed,
         instance_norm=args.instance_norm,
     )
+    of, over = ("the blurred input", "the input") if args.on_input else ("F's output", "F")
     print(
-        f"best linear {args.kernel}x{args.kernel} correction of F's output, fitted on {result['train_frames']} "
-        f"training frames: {result['linear_gain']:+.4f} dB over F on {result['test_frames']} test frames"
+        f"best linear {args.kernel}x{args.kernel} correction of {of}, fitted on {result['train_frames']} "
+        f"training frames: {result['linear_gain']:+.4f} dB over {over} on {result['test_frames']} test frames"
     )
     if "normalised_gain" in result:
         print(
@@ -253,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also score the filter's correction through an InstanceNorm (per frame and channel: zero mean, "
         "unit deviation, one fitted factor per channel), as every path through G passes one",
+    )
+    p.add_argument(
+        "--on-input",
+        action="store_true",
+        help="fit the filter on the blurred input instead of F's output (no F, no G): the linear baseline, one "
+        "fixed deblurring filter for all frames, that a trained F should beat",
     )
     p.set_defaults(func=_headroom)
     args = parser.parse_args(argv)

@@ -376,7 +376,7 @@ def test_gain_on_crops_and_frames_measures_each_iteration():
         assert len(worse[where]) == 3 and 0 > worse[where][0] > worse[where][1] > worse[where][2], worse
 
 
-def test_crops_command_on_a_trained_run(small_run):
+def test_crops_command_on_a_trained_run(small_run, shards):
     proc = run_cli(
         "launch/diagnose.py",
         "crops",
@@ -422,6 +422,41 @@ def test_crops_command_on_a_trained_run(small_run):
         and math.isfinite(result["normalised_gain"])
     )
     assert "best linear 5x5 correction of F's output" in proc.stdout and "through an InstanceNorm" in proc.stdout
+
+    # --on-input: the same fit on the blurred input itself (F the identity, no G), the linear baseline
+    proc = run_cli(
+        "launch/diagnose.py",
+        "headroom",
+        "--output-dir",
+        small_run["out"],
+        "--shards",
+        shards,
+        "--train-pairs",
+        "4",
+        "--test-pairs",
+        "2",
+        "--samples",
+        "500",
+        "--kernel",
+        "5",
+        "--on-input",
+        check=True,
+    )
+    baseline = json.loads(proc.stdout.strip().splitlines()[-1])
+    from golf_dist.data.torch_loader import ShardPairs
+    from golf_dist.evaluation.diagnostics import linear_headroom
+
+    train, test = ShardPairs(shards, "train"), ShardPairs(shards, "test")
+    expected = linear_headroom(
+        torch.nn.Identity(),
+        None,
+        [train.load(i)[:2] for i in range(4)],
+        [test.load(i)[:2] for i in range(2)],
+        kernel=5,
+        samples_per_frame=500,
+    )
+    assert "g_gains" not in baseline and "correction of the blurred input" in proc.stdout
+    assert baseline["linear_gain"] == pytest.approx(expected["linear_gain"], abs=1e-9)
 
 
 def test_deblur_on_tiles_writes_the_whole_image(small_run, tmp_path):
