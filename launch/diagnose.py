@@ -167,10 +167,11 @@ def _headroom(args) -> int:
 
     out = Path(args.output_dir)
     shards = _shards_of(out, args.shards)
-    with_g = (out / "g.safetensors").is_file()
-    f, g = load_trained(out, torch.device("cpu"), args.iterations if with_g else 0)
     if args.on_input:  # the filter from the blurred input itself: the linear baseline a trained F should beat
         f, g = torch.nn.Identity(), None
+    else:
+        with_g = (out / "g.safetensors").is_file()
+        f, g = load_trained(out, torch.device("cpu"), args.iterations if with_g else 0)
     train, test = ShardPairs(shards, "train"), ShardPairs(shards, "test")
     result = linear_headroom(
         f,
