@@ -395,25 +395,20 @@ def test_crops_command_on_a_trained_run(small_run, shards):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["pairs"] == 2 and len(result["crops"]) == len(result["frames"]) == 2
     assert all(math.isfinite(v) for v in result["crops"] + result["frames"])
+
+    def headroom(*flags):  # 5x5 filters fitted on 4 training frames, scored on 2 test frames
+        return run_cli(
+            "launch/diagnose.py",
+            "headroom",
+            "--output-dir",
+            small_run["out"],
+            *("--train-pairs", "4", "--test-pairs", "2", "--samples", "500", "--kernel", "5"),
+            *flags,
+            check=True,
+        )
+
     # the headroom instrument on the same run: the linear filter and G side by side
-    proc = run_cli(
-        "launch/diagnose.py",
-        "headroom",
-        "--output-dir",
-        small_run["out"],
-        "--train-pairs",
-        "4",
-        "--test-pairs",
-        "2",
-        "--samples",
-        "500",
-        "--kernel",
-        "5",
-        "--iterations",
-        "2",
-        "--instance-norm",
-        check=True,
-    )
+    proc = headroom("--iterations", "2", "--instance-norm")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["train_frames"] == 4 and result["test_frames"] == 2 and result["samples"] == 2000
     assert (
@@ -424,24 +419,7 @@ def test_crops_command_on_a_trained_run(small_run, shards):
     assert "best linear 5x5 correction of F's output" in proc.stdout and "through an InstanceNorm" in proc.stdout
 
     # --on-input: the same fit on the blurred input itself (F the identity, no G), the linear baseline
-    proc = run_cli(
-        "launch/diagnose.py",
-        "headroom",
-        "--output-dir",
-        small_run["out"],
-        "--shards",
-        shards,
-        "--train-pairs",
-        "4",
-        "--test-pairs",
-        "2",
-        "--samples",
-        "500",
-        "--kernel",
-        "5",
-        "--on-input",
-        check=True,
-    )
+    proc = headroom("--shards", shards, "--on-input")
     baseline = json.loads(proc.stdout.strip().splitlines()[-1])
     from golf_dist.data.torch_loader import ShardPairs
     from golf_dist.evaluation.diagnostics import linear_headroom
