@@ -32,7 +32,7 @@ def _unroll_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 4,8,16, got {text!r}") from None
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--what", choices=["model", "data"], default="model", help="the networks (default) or the loaders")
     p.add_argument("--device", choices=["cpu", "cuda", "gpu"], default="cpu", help="gpu is cuda")
@@ -89,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         help="model: also write each step's top operators (kernels on cuda) to DIR/profile_*.txt, "
         'eager and speed layer, and put them in the JSON under "profile"',
     )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
     a = p.parse_args(argv)
     if a.what == "data" and a.profile:
         p.error("--profile belongs to --what model")

@@ -31,7 +31,7 @@ def _positive(value: str) -> int:
     return number
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="experiment", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -84,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     sweep.add_argument("--limit", type=_positive, help="score on the first N test pairs only")
     sweep.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
 
     if args.experiment == "two-pixel":
         from golf_dist.experiments.two_pixel import ToyConfig, run_experiment
