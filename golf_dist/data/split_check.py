@@ -18,6 +18,7 @@ import math
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -175,6 +176,45 @@ class CheckedSplit:
         return sum(b.count for b in self.bad)
 
 
+def _salvage_listed(path: Path, shard_dir: Path, listed_shards: list[dict]) -> tuple[list[SampleRef], list[BadSample]]:
+    """A damaged shard's readable samples (_salvage) and its problems, plus one for the samples the manifest lists
+    that the damage lost."""
+    refs, problems = _salvage(path)
+    listed = next((s.get("samples") for s in listed_shards if (shard_dir / s["path"]) == path), None)
+    lost = (listed or 0) - len(refs) - sum(1 for b in problems if b.key)
+    if lost > 0:
+        problems.append(
+            BadSample(path, None, f"{lost} more sample(s) listed in the manifest are lost to the damage", lost)
+        )
+    return refs, problems
+
+
+def _sample_problem(fh: BinaryIO, ref: SampleRef, fmt: str, min_side: int) -> str | None:
+    """What is wrong with one sample of the open shard `fh` (its image members, their format, headers and sizes,
+    a side shorter than `min_side`), or None."""
+    sizes = []
+    for kind in ("blur", "sharp"):
+        member = image_member(ref.members, kind)
+        if member is None:
+            return f"no {kind} image member"
+        suffix, (offset, length) = member
+        if suffix != f"{kind}.{fmt}":
+            return f"member {ref.key}.{suffix}, but the split's format is {fmt}"
+        fh.seek(offset)
+        head = fh.read(min(length, 4096))
+        try:
+            sizes.append(image_size(head, fmt, length))
+        except AlphaChannelError as err:
+            return f"{kind} image is {err}"
+        except ValueError as err:
+            return f"{kind} image cannot be decoded ({err})"
+    if sizes[0] != sizes[1]:
+        return f"blur {sizes[0]} and sharp {sizes[1]} differ in size"
+    if min(sizes[0]) < min_side:
+        return f"frame {sizes[0][1]}x{sizes[0][0]} is smaller than the {min_side}x{min_side} training crop (data.crop)"
+    return None
+
+
 def check_split(
     shard_dir: str | Path,
     split: str,
@@ -212,53 +252,16 @@ def check_split(
         except DataError as err:
             if on_bad_sample == "error":
                 raise DataError(f"bad shard: {err}") from None
-            refs, problems = _salvage(path)
-            listed = next(
-                (s.get("samples") for s in manifest["splits"][split]["shards"] if (shard_dir / s["path"]) == path), None
-            )
-            lost = (listed or 0) - len(refs) - sum(1 for b in problems if b.key)
-            if lost > 0:
-                problems.append(
-                    BadSample(path, None, f"{lost} more sample(s) listed in the manifest are lost to the damage", lost)
-                )
+            refs, problems = _salvage_listed(path, shard_dir, manifest["splits"][split]["shards"])
             bad.extend(problems)
         good = []
         with open(path, "rb") as fh:
             for ref in refs:
-                sizes = []
-                for kind in ("blur", "sharp"):
-                    member = image_member(ref.members, kind)
-                    if member is None:
-                        found(BadSample(path, ref.key, f"no {kind} image member"))
-                        break
-                    suffix, (offset, length) = member
-                    if suffix != f"{kind}.{fmt}":
-                        found(BadSample(path, ref.key, f"member {ref.key}.{suffix}, but the split's format is {fmt}"))
-                        break
-                    fh.seek(offset)
-                    head = fh.read(min(length, 4096))
-                    try:
-                        sizes.append(image_size(head, fmt, length))
-                    except AlphaChannelError as err:
-                        found(BadSample(path, ref.key, f"{kind} image is {err}"))
-                        break
-                    except ValueError as err:
-                        found(BadSample(path, ref.key, f"{kind} image cannot be decoded ({err})"))
-                        break
+                problem = _sample_problem(fh, ref, fmt, 0 if declared_small else min_side)
+                if problem is None:
+                    good.append(ref)
                 else:
-                    if sizes[0] != sizes[1]:
-                        found(BadSample(path, ref.key, f"blur {sizes[0]} and sharp {sizes[1]} differ in size"))
-                    elif not declared_small and min(sizes[0]) < min_side:
-                        found(
-                            BadSample(
-                                path,
-                                ref.key,
-                                f"frame {sizes[0][1]}x{sizes[0][0]} is smaller than "
-                                f"the {min_side}x{min_side} training crop (data.crop)",
-                            )
-                        )
-                    else:
-                        good.append(ref)
+                    found(BadSample(path, ref.key, problem))
         shards.append((path, good))
     checked = CheckedSplit(shard_dir, split, manifest, fmt, shards, bad, source)
     if checked.n_samples == 0:
