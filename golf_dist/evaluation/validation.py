@@ -94,14 +94,8 @@ def evaluate_pairs(
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
         final = estimates[-1]
-        row = [1.0, psnr(final, sharp).item(), 0.0, psnr(blur, sharp).item(), 0.0, seconds]
-        if with_ssim:
-            row[2] = ssim(final, sharp).item()
-            row[4] = ssim(blur, sharp).item()
         estimates += estimates[-1:] * (steps + 1 - len(estimates))  # stopped early (auto): held at its last
-        row += [psnr(e, sharp).item() for e in estimates]
-        row += [float(n == int(restored.used[0])) for n in range(steps + 1)]
-        sums += torch.tensor(row, dtype=torch.float64)
+        sums += _frame_sums(blur, sharp, estimates, int(restored.used[0]), seconds, with_ssim)
         if len(shown) < samples:
             shown_estimate = estimates[-1 if sample_iteration is None else sample_iteration]
             shown.append((key, triplet(blur[0], shown_estimate[0], sharp[0])))
@@ -118,6 +112,26 @@ def evaluate_pairs(
             )
     if reduce_sum is not None:
         sums = reduce_sum(sums.to(device)).cpu()
+    return _summary(sums, steps, shown, kept, with_ssim)
+
+
+def _frame_sums(
+    blur: torch.Tensor, sharp: torch.Tensor, estimates: list[torch.Tensor], used: int, seconds: float, with_ssim: bool
+) -> torch.Tensor:
+    """One frame's row of evaluate_pairs' sums: count, psnr, ssim, input psnr, input ssim, seconds, the psnr of
+    each estimate (after iteration 0..N) and a one-hot of the G iterations `used`."""
+    final = estimates[-1]
+    row = [1.0, psnr(final, sharp).item(), 0.0, psnr(blur, sharp).item(), 0.0, seconds]
+    if with_ssim:
+        row[2] = ssim(final, sharp).item()
+        row[4] = ssim(blur, sharp).item()
+    row += [psnr(e, sharp).item() for e in estimates]
+    row += [float(n == used) for n in range(len(estimates))]
+    return torch.tensor(row, dtype=torch.float64)
+
+
+def _summary(sums: torch.Tensor, steps: int, shown: list, kept: list, with_ssim: bool) -> dict[str, Any]:
+    """evaluate_pairs' result from the sums over every frame (of every rank)."""
     count = int(sums[0].item())
     if count == 0:
         raise RuntimeError("evaluation saw no pairs")
