@@ -120,12 +120,12 @@ def _frame_sums(
 ) -> torch.Tensor:
     """One frame's row of evaluate_pairs' sums: count, psnr, ssim, input psnr, input ssim, seconds, the psnr of
     each estimate (after iteration 0..N) and a one-hot of the G iterations `used`."""
-    final = estimates[-1]
-    row = [1.0, psnr(final, sharp).item(), 0.0, psnr(blur, sharp).item(), 0.0, seconds]
+    per_estimate = [psnr(e, sharp).item() for e in estimates]
+    row = [1.0, per_estimate[-1], 0.0, psnr(blur, sharp).item(), 0.0, seconds]
     if with_ssim:
-        row[2] = ssim(final, sharp).item()
+        row[2] = ssim(estimates[-1], sharp).item()
         row[4] = ssim(blur, sharp).item()
-    row += [psnr(e, sharp).item() for e in estimates]
+    row += per_estimate
     row += [float(n == used) for n in range(len(estimates))]
     return torch.tensor(row, dtype=torch.float64)
 
