@@ -8,6 +8,7 @@
     python launch/diagnose.py crops --output-dir runs/demo                       # G's gain on crops vs frames
     python launch/diagnose.py headroom --output-dir runs/demo                    # what a linear fix of F gains
     python launch/diagnose.py headroom --output-dir runs/demo --on-input --kernel 15   # the linear baseline
+    python launch/diagnose.py held-out-scale --output-dir runs/demo --held-out-kernels double_exposure
 
 overfit: Adam on one fixed batch of training crops; passes (exit 0) when the loss falls by --factor within
 --steps. loaders: the same statistics for the first crops of each loader, and every crop checked against
@@ -18,7 +19,10 @@ evaluation measures). headroom: the best linear correction of F's output (a k x 
 squares on training frames) scored on test frames, beside G's gain on the same frames: how much a simple
 corrector finds left to correct; with --instance-norm also that correction as an InstanceNorm on G's
 paths leaves it; with --on-input the filter works on the blurred input instead, the linear baseline F
-should beat. The last line printed is one JSON object.
+should beat. held-out-scale: on the held-out photographs (golf-evaluate --held-out's cases), the gain of
+the blurred input plus a fraction s of the restoration's correction, for each --scales s: a correction that
+points the wrong way loses more as s grows; with --linear-baseline the restoration is the linear baseline
+(headroom --on-input's filter) instead of F + G. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -204,6 +208,64 @@ def _headroom(args) -> int:
     return 0
 
 
+def _held_out_scale(args) -> int:
+    import torch
+
+    from golf_dist.data.torch_loader import ShardPairs, to_tensor
+    from golf_dist.evaluation.diagnostics import fit_linear_correction
+    from golf_dist.evaluation.held_out import (
+        kernels_of,
+        load_photographs,
+        parse_options,
+        scaled_correction_gains,
+        summarise_scales,
+    )
+    from golf_dist.inference.engine import load_trained, restore_iterates
+
+    if not args.scales or any(not s > 0 for s in args.scales):
+        raise ConfigError(f"--scales takes fractions of the correction above 0, e.g. 0.5 1; got {args.scales}")
+    if args.kernel < 1 or args.kernel % 2 == 0:
+        raise ConfigError(f"--kernel must be an odd number >= 1, got {args.kernel}")
+    options = parse_options(args.held_out_crop, args.held_out_kernels, args.held_out_noise, args.held_out_seed, None)
+    photographs = load_photographs(options)
+    out = Path(args.output_dir)
+    if args.linear_baseline:  # headroom --on-input's filter: blurred training frames to their sharp frames
+        train = ShardPairs(_shards_of(out, args.shards), "train")
+        frames = [train.load(i)[:2] for i in range(min(args.train_pairs, len(train)))]
+        blurs = [to_tensor(blur) for blur, _ in frames]
+        residuals = [to_tensor(sharp) - b for b, (_, sharp) in zip(blurs, frames)]
+        linear = fit_linear_correction(blurs, residuals, args.kernel, args.samples, args.seed)
+        name = f"the linear {args.kernel}x{args.kernel} baseline fitted on {len(frames)} training frames"
+
+        def restore(blur):
+            return blur + linear(blur[0])[None].float()
+    else:
+        f, g = load_trained(out, torch.device("cpu"), args.iterations)
+        name = f"F + {args.iterations} G" if args.iterations else "F"
+
+        def restore(blur):
+            return restore_iterates(f, g, blur, args.iterations)[-1]
+
+    cases = scaled_correction_gains(
+        restore, photographs, kernels_of(options), options, args.scales, torch.device("cpu")
+    )
+    print(f"held-out gain (dB) of the blurred input plus s times the correction of {name}:")
+    print(f"{'photograph':<18} {'kernel':<21} {'noise':>5} " + "".join(f"{f's={s:g}':>9}" for s in args.scales))
+    for c in cases:
+        print(f"{c['photograph']:<18} {c['kernel']:<21} {c['noise']:>5g} " + "".join(f"{v:>+9.2f}" for v in c["gains"]))
+    rows = summarise_scales(cases, args.scales)
+    for row in rows:
+        worst, clean = row["worst"], row["clean_mean_gain"]
+        print(
+            f"s={row['scale']:g}: mean {row['mean_gain']:+.2f} dB, noise-free "
+            + ("-" if clean is None else f"{clean:+.2f} dB")
+            + f", {row['improved']} of {len(cases)} improved, worst {worst['gain']:+.2f} dB "
+            f"({worst['photograph']}, {worst['kernel']}, noise {worst['noise']:g})"
+        )
+    print(json.dumps({"restoration": name, "scales": args.scales, "summary": rows, "cases": cases}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -267,6 +329,35 @@ def main(argv: list[str] | None = None) -> int:
         "fixed deblurring filter for all frames, that a trained F should beat",
     )
     p.set_defaults(func=_headroom)
+    p = sub.add_parser(
+        "held-out-scale",
+        help="held-out gain of the input plus a fraction of the restoration's correction: does it point the right way?",
+    )
+    p.add_argument("--output-dir", required=True, help="training output folder holding f.safetensors (g.safetensors)")
+    p.add_argument("--iterations", type=int, default=3, help="G iterations after F; 0: F alone (default: %(default)s)")
+    p.add_argument(
+        "--scales",
+        type=float,
+        nargs="+",
+        default=[0.25, 0.5, 0.75, 1.0],
+        help="fractions of the correction, each above 0 (default: %(default)s)",
+    )
+    p.add_argument("--held-out-kernels", help="held-out kernel shapes, comma-separated (default: all)")
+    p.add_argument("--held-out-noise", help="noise sigmas of 255, comma-separated (default: 0,5)")
+    p.add_argument("--held-out-crop", type=int, help="side of the photographs' central crop (default: 384)")
+    p.add_argument("--held-out-seed", type=int, help="seed of the kernels and noise (default: 0)")
+    p.add_argument(
+        "--linear-baseline",
+        action="store_true",
+        help="scale the linear baseline's correction instead of F + G's: headroom --on-input's least-squares "
+        "filter, fitted on the run's training frames (--kernel, --train-pairs, --samples, --seed, --shards)",
+    )
+    p.add_argument("--shards", help="with --linear-baseline: shard folder (default: data.shards of the run's config)")
+    p.add_argument("--kernel", type=int, default=15, help="with --linear-baseline: filter side (default: %(default)s)")
+    p.add_argument("--train-pairs", type=int, default=200, help="with --linear-baseline (default: %(default)s)")
+    p.add_argument("--samples", type=int, default=6000, help="with --linear-baseline: pixels per training frame")
+    p.add_argument("--seed", type=int, default=0, help="with --linear-baseline: seed of the sampled pixels")
+    p.set_defaults(func=_held_out_scale)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -25,11 +25,14 @@ TOLERANCE = 5e-3  # dB: the blur here is float64 and direct, the command's float
 # then differs by one level, which moves a 32x32 interior's input PSNR by less than this (0.0013 dB seen)
 
 
-def _own_case(image: np.ndarray, photo_index: int, shape: str, sigma: float, f, g) -> tuple[float, float]:
+def _own_case(
+    image: np.ndarray, photo_index: int, shape: str, sigma: float, f, g, scale: float = 1.0
+) -> tuple[float, float]:
     """PSNR of the blurred input and of F + G's output against the sharp crop, computed here as the module doc of
     golf_dist/evaluation/held_out.py describes the case, with other means: scipy.ndimage and numpy. The output is
     F + G's on the module's own blurred crop, once that is checked against the one made here: one 8-bit level on a
-    few pixels (float32 FFT against float64 direct sums) moves a 32x32 interior's output PSNR by up to 0.01 dB."""
+    few pixels (float32 FFT against float64 direct sums) moves a 32x32 interior's output PSNR by up to 0.01 dB.
+    With `scale`, the output is that blurred crop plus `scale` times F + G's correction of it."""
     height, width = image.shape[:2]
     crop_h, crop_w = min(CROP, height), min(CROP, width)
     top, left = (height - crop_h) // 2, (width - crop_w) // 2
@@ -45,7 +48,8 @@ def _own_case(image: np.ndarray, photo_index: int, shape: str, sigma: float, f, 
     sharp = image[top : top + crop_h, left : left + crop_w] / 255
     with torch.no_grad():
         x = torch.from_numpy(module_blur / 255).permute(2, 0, 1)[None].float()
-        out = golf_iterates(f, g, x, ITERATIONS)[-1][0].permute(1, 2, 0).clamp(0, 1).double().numpy()
+        restored = x + scale * (golf_iterates(f, g, x, ITERATIONS)[-1] - x)
+        out = restored[0].permute(1, 2, 0).clamp(0, 1).double().numpy()
 
     def interior_psnr(a: np.ndarray) -> float:
         return float(10 * np.log10(1 / ((a - sharp)[16:-16, 16:-16] ** 2).mean()))
@@ -251,3 +255,111 @@ def test_a_side_shorter_than_the_crop_is_kept_whole(random_out, tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [(c["photograph"], c["size"]) for c in result["cases"]] == [("wide.png", [60, 70])]
     assert result["summary"]["clean_mean_gain"] is None and "noise-free inputs: none asked for" in proc.stdout
+
+
+def _interior_psnr(image: np.ndarray, sharp: np.ndarray) -> float:
+    return float(10 * np.log10(1 / ((image - sharp)[16:-16, 16:-16] ** 2).mean()))
+
+
+def _scale_cli(out, *flags, check=True):
+    return run_cli(
+        "launch/diagnose.py", "held-out-scale", "--output-dir", out, "--held-out-crop", CROP,
+        "--held-out-seed", SEED, *flags, check=check,
+    )  # fmt: skip
+
+
+def test_scaled_corrections_match_the_evaluation_and_a_computation_of_their_own(held_out_run):
+    """diagnose held-out-scale on held_out_run's F + G and cases: at s = 1 each case's gain is the evaluation's;
+    at s = 0.5 the gain of the input plus half of F + G's correction, computed here (_own_case); each summary row
+    from the cases."""
+    out, evaluated = held_out_run["out"], held_out_run["result"]["cases"]
+    flags = ("--iterations", ITERATIONS, "--scales", "0.5", "1", "--held-out-kernels", ",".join(KERNELS))
+    proc = _scale_cli(out, *flags, "--held-out-noise", "0,5")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["restoration"] == f"F + {ITERATIONS} G" and len(result["cases"]) == len(evaluated)
+    for case, ev in zip(result["cases"], evaluated):
+        assert [case[k] for k in ("photograph", "kernel", "noise")] == [
+            ev[k] for k in ("photograph", "kernel", "noise")
+        ]
+        assert case["gains"][1] == pytest.approx(ev["gain"], abs=1e-6), case
+    f = load_into(f_net(), out / "f.safetensors", "F").eval()
+    g = load_into(g_net(), out / "g.safetensors", "G").eval()
+    for index, photo in enumerate(held_out_photographs()[:2]):
+        image = np.asarray(Image.open(photo.path).convert("RGB"))
+        for shape in KERNELS:
+            for sigma in NOISE:
+                input_psnr, output_psnr = _own_case(image, index, shape, sigma, f, g, scale=0.5)
+                case = next(
+                    c
+                    for c in result["cases"]
+                    if (c["photograph"], c["kernel"], c["noise"]) == (photo.name, shape, sigma)
+                )
+                assert case["gains"][0] == pytest.approx(output_psnr - input_psnr, abs=2 * TOLERANCE), case
+    for i, row in enumerate(result["summary"]):
+        gains = np.array([c["gains"][i] for c in result["cases"]])
+        clean = np.array([c["noise"] == 0 for c in result["cases"]])
+        assert row["scale"] == [0.5, 1.0][i] and row["improved"] == int((gains > 0).sum())
+        assert row["mean_gain"] == pytest.approx(gains.mean()) and row["clean_mean_gain"] == pytest.approx(
+            gains[clean].mean()
+        )
+        assert row["worst"]["gain"] == gains.min()
+        assert f"s={row['scale']:g}: mean {row['mean_gain']:+.2f} dB" in proc.stdout
+
+
+def test_the_linear_baselines_held_out_gains_match_a_numpy_fit(small_run, shards):
+    """--linear-baseline: a 3x3 filter fitted on every pixel of 2 training frames (--samples above their pixel
+    count, so the sampling draws them all), against the same least-squares fit made here with numpy, applied to
+    the module's blurred crops."""
+    from golf_dist.data.torch_loader import ShardPairs
+    from golf_dist.evaluation.held_out import crop_box
+
+    flags = ("--linear-baseline", "--shards", shards, "--kernel", "3", "--train-pairs", "2", "--samples", "100000")
+    proc = _scale_cli(
+        small_run["out"], *flags, "--scales", "1", "--held-out-kernels", "zigzag", "--held-out-noise", "5"
+    )
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["restoration"] == "the linear 3x3 baseline fitted on 2 training frames"
+
+    def patches(image: np.ndarray) -> np.ndarray:  # HxWx3 in [0, 1] -> (H*W) x 28: 3x3 in each channel, and 1
+        height, width = image.shape[:2]
+        padded = np.pad(image, ((1, 1), (1, 1), (0, 0)), mode="reflect")
+        cols = [
+            padded[dy : dy + height, dx : dx + width, c].ravel() for c in range(3) for dy in range(3) for dx in range(3)
+        ]
+        return np.stack(cols + [np.ones(height * width)], axis=1)
+
+    train = ShardPairs(shards, "train")
+    frames = [[a.astype(np.float64) / 255 for a in train.load(i)[:2]] for i in range(2)]
+    weights = np.linalg.lstsq(
+        np.concatenate([patches(b) for b, _ in frames]),
+        np.concatenate([(s - b).reshape(-1, 3) for b, s in frames]),
+        rcond=None,
+    )[0]
+    kernel = held_out_kernel("zigzag", np.random.default_rng([SEED, HELD_OUT_SHAPES.index("zigzag")]), 17)
+    own = []
+    for index, photo in enumerate(held_out_photographs()):
+        image = np.asarray(Image.open(photo.path).convert("RGB"))
+        box = crop_box(*image.shape[:2], CROP)
+        top, left, height, width = box
+        rng = np.random.default_rng([SEED, index, HELD_OUT_SHAPES.index("zigzag"), 5000])
+        blur = blurred_crop(image, box, kernel, 5.0, rng).astype(np.float32).astype(np.float64) / 255
+        out = np.clip(blur + (patches(blur) @ weights).reshape(blur.shape), 0, 1)
+        sharp = image[top : top + height, left : left + width] / 255
+
+        own.append(_interior_psnr(out, sharp) - _interior_psnr(blur, sharp))
+    assert [c["photograph"] for c in result["cases"]] == [p.name for p in held_out_photographs()]
+    assert [c["gains"][0] for c in result["cases"]] == pytest.approx(own, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--scales", "0", "1"], "--scales takes fractions of the correction above 0"),
+        (["--linear-baseline", "--kernel", "4"], "--kernel must be an odd number"),
+        (["--held-out-kernels", "spiral"], "spiral"),
+        (["--held-out-noise", "99"], "--held-out-noise"),
+    ],
+)
+def test_held_out_scale_refuses_bad_flags_naming_them(random_out, flags, named):
+    proc = _scale_cli(random_out[0], *flags, check=False)
+    assert proc.returncode == 2 and named in proc.stderr, proc.stderr[-2000:]

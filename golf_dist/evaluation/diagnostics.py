@@ -8,11 +8,14 @@ out the same data?
                       defect: how many distinct pairs, value range, blur-to-sharp error, blur/sharp alignment,
                       for every crop whether it equals the crop of its source pair decoded independently, and
                       a digest of the crops in order (the DALI and PyTorch loaders' must be equal).
+  linear_headroom     the least-squares linear filter (fit_linear_correction) on F's output, or on the blurred
+                      input: what a simple corrector gains, beside G's gain.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -203,6 +206,38 @@ def _patches(image: torch.Tensor, kernel: int) -> torch.Tensor:
     return torch.cat([cols, torch.ones(len(cols), 1, dtype=cols.dtype)], 1)
 
 
+@dataclass(frozen=True)
+class LinearCorrection:
+    """A k x k linear filter, 3 -> 3 channels plus an offset, applied to a 3xHxW image (reflected at its border):
+    a (3k^2 + 1) x 3 weight matrix, applied in float64."""
+
+    weights: torch.Tensor
+    kernel: int
+    samples: int  # pixels it was fitted on
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return (_patches(image, self.kernel) @ self.weights).T.reshape(image.shape)
+
+
+@torch.no_grad()
+def fit_linear_correction(
+    inputs: list[torch.Tensor], targets: list[torch.Tensor], kernel: int, samples_per_frame: int, seed: int
+) -> LinearCorrection:
+    """The least-squares LinearCorrection from 3xHxW `inputs` to `targets`, fitted on `samples_per_frame` random
+    pixels of each frame."""
+    if kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"kernel must be an odd number >= 1, got {kernel}")
+    gen = torch.Generator().manual_seed(seed)
+    rows, picked = [], []
+    for image, target in zip(inputs, targets):
+        feats = _patches(image, kernel)
+        pick = torch.randperm(len(feats), generator=gen)[:samples_per_frame]
+        rows.append(feats[pick])
+        picked.append(target.double().reshape(3, -1).T[pick])
+    solution = torch.linalg.lstsq(torch.cat(rows), torch.cat(picked)).solution
+    return LinearCorrection(solution, kernel, int(sum(len(r) for r in rows)))
+
+
 @torch.no_grad()
 def linear_headroom(
     f: torch.nn.Module,
@@ -234,28 +269,11 @@ def linear_headroom(
     from golf_dist.data.torch_loader import to_tensor
     from golf_dist.metrics import psnr
 
-    if kernel < 1 or kernel % 2 == 0:
-        raise ValueError(f"kernel must be an odd number >= 1, got {kernel}")
-    gen = torch.Generator().manual_seed(seed)
-    rows, targets, estimates = [], [], []
-    for blur, sharp in train_frames:
-        x0 = f(to_tensor(blur)[None])[0]
-        if instance_norm:
-            estimates.append(x0)  # the frames the InstanceNorm's factors are fitted on
-        feats = _patches(x0, kernel)
-        pick = torch.randperm(len(feats), generator=gen)[:samples_per_frame]
-        rows.append(feats[pick])
-        targets.append((to_tensor(sharp).double() - x0.double()).reshape(3, -1).T[pick])
-    weights = torch.linalg.lstsq(torch.cat(rows), torch.cat(targets)).solution  # (3k^2 + 1) x 3
-
-    def correction(x0: torch.Tensor) -> torch.Tensor:
-        return (_patches(x0, kernel) @ weights).T.reshape(x0.shape)
-
+    estimates = [f(to_tensor(blur)[None])[0] for blur, _ in train_frames]
+    residuals = [to_tensor(sharp) - x0 for x0, (_, sharp) in zip(estimates, train_frames)]
+    correction = fit_linear_correction(estimates, residuals, kernel, samples_per_frame, seed)
     if instance_norm:
-        scale = _instance_norm_scale(
-            [correction(x0) for x0 in estimates],
-            [to_tensor(sharp).double() - x0.double() for x0, (_, sharp) in zip(estimates, train_frames)],
-        )
+        scale = _instance_norm_scale([correction(x0) for x0 in estimates], residuals)
     linear, normalised, by_iteration = [], [], []
     for blur, sharp in test_frames:
         target = to_tensor(sharp)[None]
@@ -271,7 +289,7 @@ def linear_headroom(
         "kernel": kernel,
         "train_frames": len(train_frames),
         "test_frames": len(test_frames),
-        "samples": int(sum(len(r) for r in rows)),
+        "samples": correction.samples,
         "linear_gain": float(np.mean(linear)),
     }
     if instance_norm:

@@ -181,10 +181,9 @@ def interior_psnr(image: torch.Tensor, sharp: torch.Tensor) -> float:
     return float(psnr(image[inner], sharp[inner])[0])
 
 
-def run_cases(f, g, photographs, kernels, options: HeldOutOptions, iterations: int, device, restore_kw) -> list[dict]:
-    """Every photograph x kernel x noise case through F + G: a record each (PSNR in, after F and each G
-    iteration, out, gain), in photograph, kernel, noise order."""
-    cases = []
+def case_inputs(photographs, kernels, options: HeldOutOptions, device):
+    """Every photograph x kernel x noise case, in photograph, kernel, noise order: (its record: photograph, kernel,
+    noise, size), its blurred input and its sharp crop, both 1x3xHxW in [0, 1] on `device`."""
     for p, (name, image) in enumerate(photographs):
         box = crop_box(*image.shape[:2], options.crop)
         top, left, crop_h, crop_w = box
@@ -193,22 +192,40 @@ def run_cases(f, g, photographs, kernels, options: HeldOutOptions, iterations: i
             for sigma in options.noise:
                 rng = np.random.default_rng([options.seed, p, HELD_OUT_SHAPES.index(shape), round(1000 * sigma)])
                 blur = _tensor(blurred_crop(image, box, kernel, sigma, rng), device)
-                with torch.no_grad():
-                    iterates = restore_iterates(f, g, blur, iterations, **restore_kw)
-                by_iteration = [interior_psnr(x, sharp) for x in iterates]
-                input_psnr = interior_psnr(blur, sharp)
-                cases.append(
-                    {
-                        "photograph": name,
-                        "kernel": shape,
-                        "noise": sigma,
-                        "size": [crop_h, crop_w],
-                        "input_psnr": input_psnr,
-                        "psnr": by_iteration[-1],
-                        "gain": by_iteration[-1] - input_psnr,
-                        "psnr_per_iteration": by_iteration,
-                    }
-                )
+                yield {"photograph": name, "kernel": shape, "noise": sigma, "size": [crop_h, crop_w]}, blur, sharp
+
+
+def run_cases(f, g, photographs, kernels, options: HeldOutOptions, iterations: int, device, restore_kw) -> list[dict]:
+    """Every case through F + G: a record each (PSNR in, after F and each G iteration, out, gain)."""
+    cases = []
+    for case, blur, sharp in case_inputs(photographs, kernels, options, device):
+        with torch.no_grad():
+            iterates = restore_iterates(f, g, blur, iterations, **restore_kw)
+        by_iteration = [interior_psnr(x, sharp) for x in iterates]
+        input_psnr = interior_psnr(blur, sharp)
+        cases.append(
+            {
+                **case,
+                "input_psnr": input_psnr,
+                "psnr": by_iteration[-1],
+                "gain": by_iteration[-1] - input_psnr,
+                "psnr_per_iteration": by_iteration,
+            }
+        )
+    return cases
+
+
+@torch.no_grad()
+def scaled_correction_gains(restore, photographs, kernels, options: HeldOutOptions, scales, device) -> list[dict]:
+    """Per case, the gain over the blurred input y of y + s * (restore(y) - y) for each scale s: whether the
+    restoration's correction points the right way (the gain rising with s up to 1) or the wrong way (falling
+    from s = 0, where it is 0). `restore`: 1x3xHxW -> 1x3xHxW."""
+    cases = []
+    for case, blur, sharp in case_inputs(photographs, kernels, options, device):
+        correction = restore(blur) - blur
+        base = interior_psnr(blur, sharp)
+        gains = [interior_psnr(blur + s * correction, sharp) - base for s in scales]
+        cases.append({**case, "input_psnr": base, "gains": gains})
     return cases
 
 
@@ -233,6 +250,25 @@ def summarise(cases: list[dict]) -> dict[str, Any]:
         "psnr": _mean([c["psnr"] for c in cases]),
         "psnr_per_iteration": np.mean([c["psnr_per_iteration"] for c in cases], axis=0).tolist(),
     }
+
+
+def summarise_scales(cases: list[dict], scales) -> list[dict[str, Any]]:
+    """Per scale of scaled_correction_gains' cases: the mean gain (all, noise-free), the count improved and the
+    worst case."""
+    rows = []
+    for i, scale in enumerate(scales):
+        gains = [c["gains"][i] for c in cases]
+        worst = cases[int(np.argmin(gains))]
+        rows.append(
+            {
+                "scale": scale,
+                "mean_gain": _mean(gains),
+                "clean_mean_gain": _mean([c["gains"][i] for c in cases if c["noise"] == 0]),
+                "improved": sum(g > 0 for g in gains),
+                "worst": {**{k: worst[k] for k in ("photograph", "kernel", "noise")}, "gain": min(gains)},
+            }
+        )
+    return rows
 
 
 def _restore_real_blur(f, g, iterations: int, device, restore_kw) -> tuple[str, np.ndarray, np.ndarray]:
