@@ -118,13 +118,34 @@ CONTENT_LOSSES = ("mse", "psnr")
 _PSNR_LOSS_EPS = 1e-10
 
 
-def psnr_loss(output: Tensor, target: Tensor) -> Tensor:
+def psnr_loss(output: Tensor, target: Tensor, keep: Tensor | None = None) -> Tensor:
     """The batch mean of each image's -PSNR in dB (peak 1), i.e. of 10 log10(MSE of the image): NAFNet's and
     HINet's PSNRLoss. Its gradient on an image is the MSE's divided by that image's MSE, so every image of a
     batch counts by its relative error, as the mean PSNR gain it is judged by does; with the plain MSE a
-    strongly blurred image outweighs a lightly blurred one by their errors' ratio (10x at 17 dB against 27)."""
+    strongly blurred image outweighs a lightly blurred one by their errors' ratio (10x at 17 dB against 27).
+    `keep`: the mean over those images only (kept_mean)."""
     per_image = (output.float() - target.float()).pow(2).flatten(1).mean(1)
-    return 10.0 * torch.log10(per_image + _PSNR_LOSS_EPS).mean()
+    per_image_loss = 10.0 * torch.log10(per_image + _PSNR_LOSS_EPS)
+    return per_image_loss.mean() if keep is None else kept_mean(per_image_loss, keep)
+
+
+def one_colour(images: Tensor) -> Tensor:
+    """[B] bool: which images of a [B,C,H,W] batch are one colour, every channel constant over the image.
+
+    Such a crop (a patch of clipped sky, a flat region of a noise-free synthetic pair) is a degenerate input
+    for the Golf networks: every layer's features stay constant over it, each InstanceNorm divides by
+    sqrt(0 + eps), and the gradient grows by 1/sqrt(1e-5) = 316 per norm on its way back. Measured: one such
+    crop among 8 gives F a gradient norm of 7e15 (fp32; 3e18 in bf16) against 0.004 without it, and a single
+    such step leaves Adam's second moments inflated for the rest of a run. A crop differing by one pixel of
+    1/255 is harmless. The trainer leaves these crops out of the loss (golf_dist.training.stages)."""
+    return (images.amax(dim=(2, 3)) == images.amin(dim=(2, 3))).all(dim=1)
+
+
+def kept_mean(per_image: Tensor, keep: Tensor) -> Tensor:
+    """The mean of `per_image` ([B]) over the images `keep` marks; 0 (with a zero gradient) when none is kept.
+    The others get a gradient of exactly 0, so nothing of them reaches the network's weights."""
+    weights = keep.to(per_image.dtype)
+    return (per_image * weights).sum() / weights.sum().clamp(min=1.0)
 
 
 class GolfLoss(nn.Module):
@@ -150,9 +171,18 @@ class GolfLoss(nn.Module):
         with torch.no_grad():
             return self.vgg(target)
 
-    def forward(self, output: Tensor, target: Tensor, target_feats: Tensor | None = None) -> dict[str, Tensor]:
-        """`target_feats` lets a caller pass `target_features(target)` computed once for many outputs."""
-        content = F.mse_loss(output, target) if self.content == "mse" else psnr_loss(output, target)
+    def forward(
+        self, output: Tensor, target: Tensor, target_feats: Tensor | None = None, keep: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """`target_feats` lets a caller pass `target_features(target)` computed once for many outputs. `keep`
+        ([B] bool): each term is the mean over those images only (kept_mean); None: over all, the batch means
+        of every earlier run, bit for bit."""
+        if self.content == "psnr":
+            content = psnr_loss(output, target, keep)
+        elif keep is None:
+            content = F.mse_loss(output, target)
+        else:
+            content = kept_mean((output.float() - target.float()).pow(2).flatten(1).mean(1), keep)
         if self.vgg is None:
             perceptual = torch.zeros((), dtype=content.dtype, device=content.device)
             total = content
@@ -161,7 +191,10 @@ class GolfLoss(nn.Module):
                 target_feats = self.target_features(target)
             feats = self.vgg(output)
             # mean over B*d*h*w elements == the batch mean of ||P(x)-P(x~)||^2 / (w h d)
-            perceptual = F.mse_loss(feats.float(), target_feats.float())
+            if keep is None:
+                perceptual = F.mse_loss(feats.float(), target_feats.float())
+            else:
+                perceptual = kept_mean((feats.float() - target_feats.float()).pow(2).flatten(1).mean(1), keep)
             total = content + self.perceptual_weight * perceptual
         return {"total": total, "content": content, "perceptual": perceptual}
 
@@ -187,9 +220,11 @@ def unrolled_loss(
     target: Tensor,
     checkpoint: bool,
     weighting: str = "uniform",
+    keep: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Eq. 4: the mean over i = 1..N of loss_fn(iterate_i, target), for each key (`weighting` linear: the
     mean weighted by i; last: iterate N alone; see iterate_weights). Iterates of weight 0 are not scored.
+    `keep` ([B] bool, or None for all) goes to each loss_fn call: the images it scores.
 
     With `checkpoint` (and grad enabled) each loss call is checkpointed, so VGG activations are
     not held for all N iterates at once. A GolfLoss gets the target's VGG features once.
@@ -201,11 +236,15 @@ def unrolled_loss(
         extra = (loss_fn.target_features(target),)
     use_ckpt = checkpoint and torch.is_grad_enabled()
     weights = iterate_weights(len(iterates), weighting)
+    kw = {} if keep is None else {"keep": keep}
     sums: dict[str, Tensor] = {}
     for x, weight in zip(iterates, weights):
         if weight == 0.0:
             continue
-        terms = _checkpoint(loss_fn, x, target, *extra, use_reentrant=False) if use_ckpt else loss_fn(x, target, *extra)
+        if use_ckpt:
+            terms = _checkpoint(loss_fn, x, target, *extra, use_reentrant=False, **kw)
+        else:
+            terms = loss_fn(x, target, *extra, **kw)
         for k, v in terms.items():
             # uniform keeps the plain sum / N, the arithmetic of every earlier run (bitwise resume of old runs)
             term = v if weighting == "uniform" else v * weight

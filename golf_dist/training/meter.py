@@ -1,7 +1,8 @@
 """StepMeter: what the training loop measures, kept out of the loop. It sums the losses and gradient norms
 of a logging window, times the wait for data and the pauses (validation, checkpoints: not training time),
 and hands the loop one dict of metrics per window. A step skipped for a NaN/Inf loss or gradient norm is
-counted (nonfinite_steps_skipped) and left out of the loss and norm means."""
+counted (nonfinite_steps_skipped) and left out of the loss and norm means. One-colour crops the stage left out
+of the loss (its `left_out`) are summed over the window and the processes (flat_crops_left_out)."""
 
 from __future__ import annotations
 
@@ -17,11 +18,17 @@ LOSS_KEYS = ("total", "content", "perceptual")
 
 class StepMeter:
     def __init__(
-        self, device: torch.device, global_batch: int, reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None
+        self,
+        device: torch.device,
+        global_batch: int,
+        reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None,
+        world: int = 1,
     ):
         self.device = device
         self.global_batch = global_batch
         self.reduce_mean = reduce_mean  # the mean over ranks of a tensor (None: one process)
+        self.world = world
+        self.left_out = torch.zeros((), dtype=torch.float64, device=device)  # one-colour crops, this window
         self.sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=device)
         self.step_sums = torch.zeros_like(self.sums)  # the step in progress, added to `sums` once it is taken
         self.grad_norms = torch.zeros(2, dtype=torch.float64, device=device)  # sum and max of the window's norms
@@ -32,6 +39,7 @@ class StepMeter:
         self.skipped = 0  # steps of the window not taken (non-finite)
         self.sums.zero_()
         self.grad_norms.zero_()
+        self.left_out.zero_()
 
     @contextmanager
     def _timed(self, counter: str) -> Iterator[None]:
@@ -52,6 +60,8 @@ class StepMeter:
     def add_losses(self, losses: dict[str, torch.Tensor], accum: int) -> None:
         """One micro-batch's losses (of `accum` per optimizer step)."""
         self.step_sums += torch.stack([losses[k].detach().double() for k in LOSS_KEYS]) / accum
+        if "left_out" in losses:
+            self.left_out += losses["left_out"].to(self.left_out)
 
     def step_loss(self) -> torch.Tensor:
         """The total loss of the step in progress (this rank's)."""
@@ -75,6 +85,7 @@ class StepMeter:
         # every rank skips the same steps (backend.all_finite), so `taken` is the same on every rank
         taken = self.steps - self.skipped
         mean = (self.reduce_mean(self.sums) if self.reduce_mean is not None else self.sums) / (taken or math.nan)
+        left_out = self.reduce_mean(self.left_out) * self.world if self.reduce_mean is not None else self.left_out
         elapsed = time.perf_counter() - self.start - self.paused
         metrics = {
             "loss": mean[0].item(),
@@ -84,6 +95,7 @@ class StepMeter:
             "grad_norm": self.grad_norms[0].item() / (taken or math.nan),
             "grad_norm_max": self.grad_norms[1].item() if taken else math.nan,
             "nonfinite_steps_skipped": self.skipped,
+            "flat_crops_left_out": round(left_out.item()),
             "crops_per_s": self.steps * self.global_batch / elapsed,
             "data_wait_share": self.waited / elapsed,
         }

@@ -4,6 +4,10 @@ Stage f trains F alone: L(F(y), x~). Stage g trains G on top of a frozen F: x0 =
 (InstanceNorm statistics are per image, so F must see the crop G trains on), then the mean of
 L(G^(i)(x0), x~) over i = 1..N (Eq. 4), each unrolled step checkpointed when asked. The trainer, the
 benchmark and the DeepSpeed comparison all take their loss from here.
+
+Both leave one-colour crops (golf_dist.losses.one_colour) out of the loss: on such a crop the networks'
+gradient is about 1e15 times its usual size. A batch without one is scored exactly as before; the losses
+say how many were left out (`left_out`, logged as flat_crops_left_out).
 """
 
 from __future__ import annotations
@@ -13,10 +17,19 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from golf_dist.losses import unrolled_loss
+from golf_dist.losses import one_colour, unrolled_loss
 from golf_dist.models import f_net, g_net, unroll
 
 LossFn = Callable[..., dict[str, Tensor]]
+
+
+def crops_to_score(blur: Tensor) -> tuple[Tensor | None, Tensor]:
+    """(keep, left_out): `keep` marks the crops that are not one colour, or is None when that is all of them
+    (the loss then takes its plain batch means); `left_out` counts the others. One host sync, as the finite
+    check of each step already has."""
+    flat = one_colour(blur)
+    left_out = flat.sum()
+    return (None if left_out.item() == 0 else ~flat), left_out.to(torch.float64)
 
 
 class FStage:
@@ -33,7 +46,9 @@ class FStage:
         return f_net()
 
     def loss(self, model: nn.Module, blur: Tensor, sharp: Tensor) -> dict[str, Tensor]:
-        return self.loss_fn(model(blur), sharp)
+        keep, left_out = crops_to_score(blur)
+        losses = self.loss_fn(model(blur), sharp) if keep is None else self.loss_fn(model(blur), sharp, keep=keep)
+        return {**losses, "left_out": left_out}
 
     @staticmethod
     def eval_networks(trained: nn.Module) -> tuple[nn.Module, None]:
@@ -73,10 +88,14 @@ class GStage:
     def loss(self, model: nn.Module, blur: Tensor, sharp: Tensor) -> dict[str, Tensor]:
         """Eq. 4: the mean over i = 1..N of L(G^(i)(x0), sharp), x0 = F(blur) without gradients (weighted
         by i with weighting linear; iterate N alone with last)."""
+        keep, left_out = crops_to_score(blur)  # F maps a one-colour crop to one colour: G's input is flat too
         with torch.no_grad():
             x0 = self.f_model(blur)
         iterates = unroll(model, x0, self.unroll_steps, checkpoint=self.checkpointing)
-        return unrolled_loss(self.loss_fn, iterates, sharp, checkpoint=self.checkpointing, weighting=self.weighting)
+        losses = unrolled_loss(
+            self.loss_fn, iterates, sharp, checkpoint=self.checkpointing, weighting=self.weighting, keep=keep
+        )
+        return {**losses, "left_out": left_out}
 
     def eval_networks(self, trained: nn.Module) -> tuple[nn.Module, nn.Module]:
         """(F, G) that validation runs: the frozen F, then the G being trained."""

@@ -308,7 +308,10 @@ class Trainer:
         acc.wait_for_everyone()  # a leftover STOP file is gone before any rank looks for one
         self.backend.model.train()
         self.meter = StepMeter(
-            self.device, self.global_batch, (lambda x: acc.reduce(x, "mean")) if self.world > 1 else None
+            self.device,
+            self.global_batch,
+            (lambda x: acc.reduce(x, "mean")) if self.world > 1 else None,
+            world=self.world,
         )
         bar = tqdm(
             total=t.steps,
@@ -318,6 +321,7 @@ class Trainer:
             dynamic_ncols=True,
         )
         self.nonfinite = NonFiniteSteps(t, self.backend.skips_nonfinite, self.paths.checkpoints, self.rank)
+        self.told_flat_crops = False  # the first window with one-colour crops says so once
         try:
             for step in range(self.start_step + 1, t.steps + 1):
                 self.watchdog.beat(f"step {step}", LONG_ALLOWANCE if step == self.start_step + 1 else 1.0)
@@ -373,6 +377,13 @@ class Trainer:
             log.info(
                 f"skipped {int(metrics['bad_samples_skipped'])} bad training sample(s) "
                 "(data.on_bad_sample=skip; MLflow metric bad_samples_skipped)"
+            )
+        if metrics["flat_crops_left_out"] and not self.told_flat_crops:
+            self.told_flat_crops = True
+            log.info(
+                f"step {step}: {metrics['flat_crops_left_out']} one-colour training crop(s) left out of the loss "
+                "in the last steps (every channel constant: the networks' gradient on such a crop is about 1e15 "
+                "times its usual size; MLflow metric flat_crops_left_out, docs/training.md)"
             )
         self.tracker.log_metrics(metrics, step)
         bar.set_postfix(loss=f"{metrics['loss']:.5f}", crops_s=f"{metrics['crops_per_s']:.1f}")
