@@ -13,6 +13,9 @@ from contextlib import contextmanager
 
 import torch
 
+from golf_dist.log import get_logger
+
+log = get_logger(__name__)
 LOSS_KEYS = ("total", "content", "perceptual")
 
 
@@ -29,6 +32,7 @@ class StepMeter:
         self.reduce_mean = reduce_mean  # the mean over ranks of a tensor (None: one process)
         self.world = world
         self.left_out = torch.zeros((), dtype=torch.float64, device=device)  # one-colour crops, this window
+        self.told_flat_crops = False  # the first window with one-colour crops says so, once
         self.sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=device)
         self.step_sums = torch.zeros_like(self.sums)  # the step in progress, added to `sums` once it is taken
         self.grad_norms = torch.zeros(2, dtype=torch.float64, device=device)  # sum and max of the window's norms
@@ -80,8 +84,8 @@ class StepMeter:
             self.skipped += 1
         self.step_sums.zero_()
 
-    def window(self) -> dict[str, float]:
-        """The metrics of the window that ends now (means over its steps and over ranks); starts the next."""
+    def window(self, step: int | None = None) -> dict[str, float]:
+        """The metrics of the window that ends at `step` (means over its steps and over ranks); starts the next."""
         # every rank skips the same steps (backend.all_finite), so `taken` is the same on every rank
         taken = self.steps - self.skipped
         mean = (self.reduce_mean(self.sums) if self.reduce_mean is not None else self.sums) / (taken or math.nan)
@@ -99,6 +103,13 @@ class StepMeter:
             "crops_per_s": self.steps * self.global_batch / elapsed,
             "data_wait_share": self.waited / elapsed,
         }
+        if metrics["flat_crops_left_out"] and not self.told_flat_crops:
+            self.told_flat_crops = True
+            log.info(
+                f"step {step}: {metrics['flat_crops_left_out']} one-colour training crop(s) left out of the loss "
+                "in the last steps (every channel constant: the networks' gradient on such a crop is about 1e15 "
+                "times its usual size; MLflow metric flat_crops_left_out, docs/training.md)"
+            )
         if self.device.type == "cuda":
             metrics["gpu_memory_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / 2**30
         self._reset()

@@ -321,7 +321,6 @@ class Trainer:
             dynamic_ncols=True,
         )
         self.nonfinite = NonFiniteSteps(t, self.backend.skips_nonfinite, self.paths.checkpoints, self.rank)
-        self.told_flat_crops = False  # the first window with one-colour crops says so once
         try:
             for step in range(self.start_step + 1, t.steps + 1):
                 self.watchdog.beat(f"step {step}", LONG_ALLOWANCE if step == self.start_step + 1 else 1.0)
@@ -366,7 +365,7 @@ class Trainer:
             self.ema.update(self.backend.raw_model)
 
     def _log_window(self, step: int, bar) -> None:
-        metrics = self.meter.window()
+        metrics = self.meter.window(step)
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         # bad samples: those left out at start-up (the same on every rank) + those skipped while loading
         skipped = torch.tensor(float(self.loader.skipped_runtime), dtype=torch.float64, device=self.device)
@@ -377,13 +376,6 @@ class Trainer:
             log.info(
                 f"skipped {int(metrics['bad_samples_skipped'])} bad training sample(s) "
                 "(data.on_bad_sample=skip; MLflow metric bad_samples_skipped)"
-            )
-        if metrics["flat_crops_left_out"] and not self.told_flat_crops:
-            self.told_flat_crops = True
-            log.info(
-                f"step {step}: {metrics['flat_crops_left_out']} one-colour training crop(s) left out of the loss "
-                "in the last steps (every channel constant: the networks' gradient on such a crop is about 1e15 "
-                "times its usual size; MLflow metric flat_crops_left_out, docs/training.md)"
             )
         self.tracker.log_metrics(metrics, step)
         bar.set_postfix(loss=f"{metrics['loss']:.5f}", crops_s=f"{metrics['crops_per_s']:.1f}")
