@@ -124,9 +124,13 @@ def psnr_loss(output: Tensor, target: Tensor, keep: Tensor | None = None) -> Ten
     batch counts by its relative error, as the mean PSNR gain it is judged by does; with the plain MSE a
     strongly blurred image outweighs a lightly blurred one by their errors' ratio (10x at 17 dB against 27).
     `keep`: the mean over those images only (kept_mean)."""
-    per_image = (output.float() - target.float()).pow(2).flatten(1).mean(1)
-    per_image_loss = 10.0 * torch.log10(per_image + _PSNR_LOSS_EPS)
+    per_image_loss = 10.0 * torch.log10(per_image_mse(output, target) + _PSNR_LOSS_EPS)
     return per_image_loss.mean() if keep is None else kept_mean(per_image_loss, keep)
+
+
+def per_image_mse(output: Tensor, target: Tensor) -> Tensor:
+    """[B]: each image's mean squared error, in fp32."""
+    return (output.float() - target.float()).pow(2).flatten(1).mean(1)
 
 
 def one_colour(images: Tensor) -> Tensor:
@@ -182,7 +186,7 @@ class GolfLoss(nn.Module):
         elif keep is None:
             content = F.mse_loss(output, target)
         else:
-            content = kept_mean((output.float() - target.float()).pow(2).flatten(1).mean(1), keep)
+            content = kept_mean(per_image_mse(output, target), keep)
         if self.vgg is None:
             perceptual = torch.zeros((), dtype=content.dtype, device=content.device)
             total = content
@@ -194,7 +198,7 @@ class GolfLoss(nn.Module):
             if keep is None:
                 perceptual = F.mse_loss(feats.float(), target_feats.float())
             else:
-                perceptual = kept_mean((feats.float() - target_feats.float()).pow(2).flatten(1).mean(1), keep)
+                perceptual = kept_mean(per_image_mse(feats, target_feats), keep)
             total = content + self.perceptual_weight * perceptual
         return {"total": total, "content": content, "perceptual": perceptual}
 
