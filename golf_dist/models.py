@@ -4,7 +4,7 @@ Both networks share one structure and differ in width: F (f=32) takes the aggres
 G (f=16) is applied recurrently, x_{i+1} = G(x_i) = x_i + r(x_i) (Eq. 11).
 
 Convolutions pad by reflection. Table 1 fixes kernel sizes and widths, not the padding, and the
-receptive field of either network is about 93x93 pixels: every pixel of a 64x64 training crop, and most
+receptive field of either network is about 93x93 pixels: every pixel of the demo's 48x48 training crops, and most
 of a 256x256 one, sees the padding. With zero padding the networks learn features calibrated to black
 surroundings and then, on whole frames, shift colours and over-sharpen (measured on the demo: frames
 of mild blur lost up to 2.8 dB against their blurred input); reflected borders look like the inside,
