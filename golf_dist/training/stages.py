@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from golf_dist.losses import one_colour, unrolled_loss
 from golf_dist.models import f_net, g_net, unroll
 
-LossFn = Callable[..., dict[str, Tensor]]
+LossFn = Callable[..., dict[str, Tensor]]  # a GolfLoss: (output, target, keep=None) -> its terms
 
 
 def crops_to_score(blur: Tensor) -> tuple[Tensor | None, Tensor]:
@@ -29,7 +29,7 @@ def crops_to_score(blur: Tensor) -> tuple[Tensor | None, Tensor]:
     check of each step already has."""
     flat = one_colour(blur)
     left_out = flat.sum()
-    return (None if left_out.item() == 0 else ~flat), left_out.to(torch.float64)
+    return (None if left_out.item() == 0 else ~flat), left_out
 
 
 class FStage:
@@ -47,8 +47,7 @@ class FStage:
 
     def loss(self, model: nn.Module, blur: Tensor, sharp: Tensor) -> dict[str, Tensor]:
         keep, left_out = crops_to_score(blur)
-        losses = self.loss_fn(model(blur), sharp) if keep is None else self.loss_fn(model(blur), sharp, keep=keep)
-        return {**losses, "left_out": left_out}
+        return {**self.loss_fn(model(blur), sharp, keep=keep), "left_out": left_out}
 
     @staticmethod
     def eval_networks(trained: nn.Module) -> tuple[nn.Module, None]:
