@@ -138,9 +138,10 @@ def one_colour(images: Tensor) -> Tensor:
 
     Such a crop (a patch of clipped sky, a flat region of a noise-free synthetic pair) is a degenerate input
     for the Golf networks: every layer's features stay constant over it, each InstanceNorm divides by
-    sqrt(0 + eps), and the gradient grows by 1/sqrt(1e-5) = 316 per norm on its way back. Measured: one such
-    crop among 8 gives F a gradient norm of 7e15 (fp32; 3e18 in bf16) against 0.004 without it, and a single
-    such step leaves Adam's second moments inflated for the rest of a run. A crop differing by one pixel of
+    sqrt(0 + eps), and the gradient grows by 1/sqrt(1e-5) = 316 per norm on its way back. Measured once: one
+    such crop among 8 gave the demo's F a gradient norm of 7e15 (fp32; 3e18 in bf16) against 0.004 without it
+    (tests/test_flat_crops.py checks a factor above 1e8), and a single such step leaves Adam's second moments
+    inflated for the rest of a run. A crop differing by one pixel of
     1/255 is harmless. The trainer leaves these crops out of the loss (golf_dist.training.stages)."""
     return (images.amax(dim=(2, 3)) == images.amin(dim=(2, 3))).all(dim=1)
 
